@@ -1,0 +1,258 @@
+"""The `lorabound` command: parses arguments, calls pipeline functions, prints. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .analysis import CURVES
+from .boundary import CRITERIA
+from .errors import LoraboundError
+from .surgery import EXPORT_FORMATS
+from .training import TrainSettings
+
+EXAMPLES = {
+    "train": "lorabound train --model smollm2-135m --data e2e --out adapter --epochs 1",
+    "analyze": "lorabound analyze --model smollm2-135m --adapter adapter --data e2e --out run",
+    "search": "lorabound search --model smollm2-135m --adapter adapter --data e2e --criterion auto",
+    "prune": "lorabound prune --adapter adapter --boundary 19 --out adapter-b19",
+    "evaluate": "lorabound evaluate --model smollm2-135m --adapter adapter --data e2e --boundaries 14 19 --out eval",
+    "run": "lorabound run --model smollm2-135m --adapter adapter --data e2e --out run",
+    "demo": "lorabound demo --out lorabound-demo",
+}
+DESCRIPTIONS = {
+    "train": "Fine-tune LoRA on every layer (loss on target tokens only) and save a PEFT adapter.",
+    "analyze": "Per-layer teacher-forced curves on validation: truncation, logit lens, single-layer ablation.",
+    "search": "Choose the boundary b: LoRA is kept on layers 0..b and dropped above.",
+    "prune": "Write a new adapter with LoRA on layers 0..b only (peft, zero-fill or merged).",
+    "evaluate": "Generate on test for base, full and pruned variants; BLEU, ROUGE, chrF and bootstrap tests.",
+    "run": "analyze, search, prune, evaluate and report into one folder; rerun to resume.",
+    "demo": "Train SmolLM2-135M with LoRA on E2E, then the whole run, and print the results table.",
+}
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --option per dataclass field, with the field's help text and default."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f.metadata.get("help", "")
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, action="store_true", help=text)
+        elif kind.startswith("list[int]"):
+            parser.add_argument(flag, type=int, nargs="+", default=default, help=text)
+        elif kind.startswith("list[str]"):
+            parser.add_argument(flag, nargs="+", default=default, help=f"{text} (default: {default})")
+        else:
+            convert = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, type=convert, default=default, help=f"{text} (default: {default})")
+
+
+def _picked(args: argparse.Namespace, cls, **overrides):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import DataOptions, GenerationOptions, ModelOptions
+
+    parser = argparse.ArgumentParser(
+        prog="lorabound",
+        description="Find the layer above which a LoRA adapter can be dropped, prune it, and measure the cost.",
+        epilog="Start with: lorabound demo",
+    )
+    parser.add_argument("--version", action="version", version=f"lorabound {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
+                                   epilog=f"example:\n  {EXAMPLES[name]}",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def model_and_data(p, adapter=True):
+        _add_fields(p, ModelOptions)
+        if adapter:
+            p.add_argument("--adapter", required=True, help="the LoRA adapter folder (PEFT format)")
+        _add_fields(p, DataOptions)
+
+    p = command("train")
+    model_and_data(p, adapter=False)
+    p.add_argument("--out", required=True, help="folder for the new adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--lr", dest="learning_rate", type=float, default=TrainSettings.learning_rate,
+                   help=f"AdamW learning rate (default: {TrainSettings.learning_rate})")
+    _add_fields(p, TrainSettings, skip=("seed", "max_length", "learning_rate"))
+
+    p = command("analyze")
+    model_and_data(p)
+    p.add_argument("--out", required=True, help="run folder for curves.json and plots")
+    p.add_argument("--curves", nargs="+", choices=CURVES, default=list(CURVES), help="which curves to compute")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    p = command("search")
+    model_and_data(p)
+    p.add_argument("--criterion", choices=CRITERIA, default="auto", help="how to pick b (default: auto)")
+    p.add_argument("--boundary", type=int, help="your own b (skips the search)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="smallest b within this many points of the best")
+    p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
+    p.add_argument("--candidates", type=int, nargs="+", help="boundaries to generate for (metric criteria)")
+    p.add_argument("--out", help="optional folder to keep curves, generations and search.json")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_fields(p, GenerationOptions)
+
+    p = command("prune")
+    p.add_argument("--adapter", required=True, help="the LoRA adapter folder to prune (read only)")
+    p.add_argument("--boundary", type=int, required=True, help="keep LoRA on layers 0..B")
+    p.add_argument("--out", required=True, help="folder for the new adapter (written atomically)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="peft", help="export format (default: peft)")
+    p.add_argument("--model", help="base model: needed for --format merged, and to check the boundary's range")
+    p.add_argument("--dtype", default="float32", help="dtype for --format merged (default: float32)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    p = command("evaluate")
+    model_and_data(p)
+    p.add_argument("--boundaries", type=int, nargs="+", default=[], help="also evaluate LoRA kept up to each b")
+    p.add_argument("--adapters", nargs="+", default=[], help="also evaluate these exported adapter folders")
+    p.add_argument("--out", required=True, help="folder for generations and evaluation.json")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_fields(p, GenerationOptions)
+
+    p = command("run")
+    model_and_data(p)
+    p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
+    p.add_argument("--criterion", choices=CRITERIA, default="auto", help="how to pick b (default: auto)")
+    p.add_argument("--boundary", type=int, help="your own b (skips the search)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="smallest b within this many points of the best")
+    p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
+    p.add_argument("--boundaries", type=int, nargs="+", default=[], help="also evaluate LoRA kept up to each b")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
+    p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
+    _add_fields(p, GenerationOptions)
+
+    p = command("demo")
+    p.add_argument("--out", default="lorabound-demo", help="folder for the adapter and the run (default: lorabound-demo)")
+    p.add_argument("--train-size", type=int, default=64, help="E2E training inputs (each has several references)")
+    p.add_argument("--validation-size", type=int, default=30, help="E2E validation inputs")
+    p.add_argument("--test-size", type=int, default=100, help="E2E test inputs")
+    p.add_argument("--epochs", type=float, default=1.0, help="training epochs")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per example at most")
+    p.add_argument("--seed", type=int, default=0, help="seed for everything")
+    p.add_argument("--overwrite", action="store_true", help="start the demo folder afresh")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
+    try:
+        return _dispatch(args)
+    except LoraboundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import pipeline
+    from .pipeline import DataOptions, GenerationOptions, ModelOptions
+
+    progress = not args.quiet
+    name = args.command
+    if name == "prune":
+        result = pipeline.prune(args.adapter, args.boundary, args.out, format=args.format, model=args.model,
+                                overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        print(result.summary())
+        return 0
+    if name == "demo":
+        pipeline.demo(args.out, train_size=args.train_size, validation_size=args.validation_size,
+                      test_size=args.test_size, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
+                      seed=args.seed, overwrite=args.overwrite, progress=progress)
+        return 0
+
+    data_options, model_options = _picked(args, DataOptions), _picked(args, ModelOptions)
+    common = dict(data_options=data_options, model_options=model_options, progress=progress)
+    if name == "train":
+        settings = _picked(args, TrainSettings, seed=args.seed, max_length=args.max_length,
+                           target_modules=_target_modules(args.target_modules))
+        result = pipeline.train(args.model, args.data, args.out, settings=settings, overwrite=args.overwrite, **common)
+        print(f"saved adapter to {result.adapter_dir} ({result.trainable_params:,} LoRA parameters, "
+              f"{result.steps} steps, {result.seconds:.0f} s)")
+        print(f"train loss: {result.train_loss_first:.3f} -> {result.train_loss_last:.3f}")
+        if result.validation_loss_after is not None:
+            print(f"validation loss: {result.validation_loss_before:.3f} -> {result.validation_loss_after:.3f}")
+        return 0
+    if name == "analyze":
+        curves = pipeline.analyze(args.model, args.adapter, args.data, args.out, curves=tuple(args.curves),
+                                  batch_size=args.batch_size, overwrite=args.overwrite, **common)
+        _print_truncation(curves)
+        print(f"wrote {Path(args.out) / 'curves.json'} and plots")
+        return 0
+    generation = _picked(args, GenerationOptions)
+    if name == "search":
+        result = pipeline.search(args.model, args.adapter, args.data, criterion=args.criterion,
+                                 boundary=args.boundary, tolerance=args.tolerance, knee_fraction=args.knee_fraction,
+                                 candidates=args.candidates, out=args.out, batch_size=args.batch_size,
+                                 generation=generation, overwrite=args.overwrite, **common)
+        print(f"boundary b = {result.boundary} ({result.reason})")
+        print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
+              f"({result.kept_fraction:.1%})")
+        for row in result.candidates:
+            if any(row[m] is not None for m in ("bleu", "rougeL", "chrf")) or len(result.candidates) <= 3:
+                print("  " + json.dumps(row))
+        return 0
+    if name == "evaluate":
+        result = pipeline.evaluate(args.model, args.adapter, args.data, boundaries=args.boundaries,
+                                   adapters=args.adapters, out=args.out, generation=generation,
+                                   bootstrap=args.bootstrap, overwrite=args.overwrite, **common)
+        from .report import format_table
+        print(format_table(result))
+        for test in result["significance"]:
+            print(test["sentence"])
+        print(f"BLEU signature: {result['bleu_signature']}")
+        return 0
+    if name == "run":
+        report = pipeline.run(args.model, args.adapter, args.data, args.out, criterion=args.criterion,
+                              boundary=args.boundary, tolerance=args.tolerance, knee_fraction=args.knee_fraction,
+                              boundaries=args.boundaries, batch_size=args.batch_size, bootstrap=args.bootstrap,
+                              generation=generation, overwrite=args.overwrite, **common)
+        from .report import format_table
+        print(format_table(report))
+        print(report["verdict"])
+        print(f"report: {Path(args.out) / 'report.html'}")
+        return 0
+    raise AssertionError(name)
+
+
+def _target_modules(value):
+    if value is None or value == ["all-linear"] or value == "all-linear":
+        return "all-linear"
+    return list(value)
+
+
+def _print_truncation(curves: dict) -> None:
+    if "truncation" not in curves:
+        return
+    t = curves["truncation"]
+    print("   b  mean p(truth)    NLL   accuracy")
+    for b, p, nll, acc in zip(t["boundary"], t["mean_prob"], t["nll"], t["accuracy"]):
+        print(f"{b:4d}  {p:12.4f}  {nll:6.3f}  {acc:8.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+"""The commands as Python functions (same names and defaults as the CLI), and the resumable `run`.
+
+RUN_DIR layout:
+  run.json                    what the run was asked (a rerun with other settings is refused)
+  curves.json, *.png          analysis (analysis.partial.json while it is under way)
+  search.json                 the chosen boundary and the candidates' validation scores
+  generations/*.jsonl         every hypothesis, per split and variant (cached: a rerun skips finished ones)
+  adapter-pruned/             the exported PEFT adapter with LoRA on layers 0..b
+  report.json / .md / .html   the report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .analysis import CURVES
+from .analysis import analyze as analyze_curves
+from .boundary import KNEE_FRACTIONS, SearchResult, SearchSettings, knee
+from .boundary import search as search_boundary
+from .data import Example, Splits, Task, encode_pairs, first_reference_pairs, load_task, require_nonempty, split_task
+from .errors import LoraboundError
+from .evaluate import describe_significance, generate, paired_bootstrap, score
+from .files import check_output_dir, folder_hashes, write_json_atomic, write_text_atomic
+from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
+from .report import format_table, plot_curves, write_report
+from .surgery import ADAPTER_WEIGHTS, AdapterFiles, PruneResult, keep_lora, lora_params_per_layer, prune_adapter
+from .training import TrainResult, TrainSettings
+from .training import train as train_adapter
+
+
+# ---------------------------------------------------------------------------
+# Shared options
+# ---------------------------------------------------------------------------
+
+@dataclass
+class DataOptions:
+    data: str = field(default="e2e", metadata={"help": "built-in task (e2e, webnlg, xsum) or a .jsonl/.csv file"})
+    input_field: str = field(default="input", metadata={"help": "field holding the input, for user files"})
+    target_field: str = field(default="target", metadata={"help": "field holding the reference(s), for user files"})
+    template: str | None = field(default=None, metadata={"help": "prompt template with {input}, inline or a file"})
+    train_size: int | None = field(default=None, metadata={"help": "training examples (default: all the rest)"})
+    validation_size: int = field(default=40, metadata={"help": "validation examples (analysis and search)"})
+    test_size: int = field(default=100, metadata={"help": "test examples (evaluation)"})
+    seed: int = field(default=0, metadata={"help": "seed for the split (and everything else)"})
+    max_length: int = field(default=256, metadata={"help": "max tokens of prompt + target"})
+
+    def load(self) -> tuple[Task, Splits]:
+        task = load_task(self.data, input_field=self.input_field, target_field=self.target_field,
+                         template=self.template)
+        for name, size in (("validation", self.validation_size), ("test", self.test_size),
+                           ("train", self.train_size or 0)):
+            if size < 0:
+                raise LoraboundError(f"--{name}-size {size} is negative; pass 0 or more")
+        train = self.train_size
+        if train is None:
+            train = max(0, len(task.examples) - self.validation_size - self.test_size)
+        return task, split_task(task, train=train, validation=self.validation_size, test=self.test_size,
+                                seed=self.seed)
+
+
+@dataclass
+class ModelOptions:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m, a model folder, a .gguf file or a hub id"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run the model repository's own code"})
+    allow_pickle: bool = field(default=False, metadata={"help": "allow a pickled adapter_model.bin (weights_only)"})
+
+    def load(self, adapter: str | Path | None = None):
+        model, tokenizer = load_model(self.model, dtype=self.dtype, device=self.device,
+                                      trust_remote_code=self.trust_remote_code)
+        if adapter is not None:
+            model = load_adapter(model, adapter, allow_pickle=self.allow_pickle)
+        model.eval()
+        return model, tokenizer
+
+
+def _progress_print(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+
+def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adapter", *,
+          settings: TrainSettings | None = None, data_options: DataOptions | None = None,
+          model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune LoRA on all layers of `model` on the training split of `data`; save a PEFT adapter to `out`."""
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
+    check_output_dir(out, overwrite, "--out")
+    task, splits = data_options.load()
+    base, tokenizer = model_options.load()
+    settings = settings or TrainSettings(max_length=data_options.max_length, seed=data_options.seed)
+    result = train_adapter(base, tokenizer, task, splits, out, settings, model_spec=model_options.model,
+                           overwrite=overwrite, progress=progress)
+    _record_training_inputs(Path(out), splits)
+    return result
+
+
+def _input_hashes(examples: list[Example]) -> list[str]:
+    return sorted(hashlib.sha1(e.input.encode()).hexdigest()[:16] for e in examples)
+
+
+def _record_training_inputs(adapter_dir: Path, splits: Splits) -> None:
+    """Remember which inputs the adapter saw, so a later run can prove its test split is held out."""
+    info_file = adapter_dir / "lorabound_train.json"
+    info = json.loads(info_file.read_text())
+    info["train_input_hashes"] = _input_hashes(splits.train)
+    write_json_atomic(info_file, info)
+
+
+def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
+    """Refuse validation or test examples the adapter was trained on (when lorabound trained it)."""
+    info_file = Path(adapter_dir) / "lorabound_train.json"
+    if not info_file.is_file():
+        return
+    trained = set(json.loads(info_file.read_text()).get("train_input_hashes", []))
+    for name, examples in (("validation", splits.validation), ("test", splits.test)):
+        seen = len(trained & set(_input_hashes(examples)))
+        if seen:
+            raise LoraboundError(
+                f"{seen} {name} examples were in the adapter's training data; use the same --seed and "
+                f"--validation-size / --test-size as when training, so the held-out splits stay held out")
+
+
+# ---------------------------------------------------------------------------
+# analyze
+# ---------------------------------------------------------------------------
+
+def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", out: str | Path = "run", *,
+            curves: tuple[str, ...] = CURVES, batch_size: int = 8, data_options: DataOptions | None = None,
+            model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Teacher-forced curves on the validation split into OUT/curves.json and PNG plots."""
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
+    out = Path(out)
+    check_output_dir(out, overwrite, "--out")
+    task, splits = data_options.load()
+    check_held_out(adapter, splits)
+    peft_model, tokenizer = model_options.load(adapter)
+    result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
+                      model_options, adapter, progress)
+    plot_curves(result, None, out)
+    return result
+
+
+def _analyze(peft_model, tokenizer, task, splits, out: Path, curves, batch_size, data_options, model_options,
+             adapter, progress) -> dict:
+    require_nonempty(splits.validation, "validation")
+    encoded = encode_pairs(tokenizer, task, first_reference_pairs(splits.validation), data_options.max_length)
+    meta = {"model": model_options.model, "adapter": str(adapter), "task": task.name, "task_source": task.source,
+            "split": "validation", "sizes": _sizes(splits), "seed": data_options.seed,
+            "max_length": data_options.max_length}
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "analysis.partial.json"
+    result = analyze_curves(peft_model, encoded, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
+                            curves=tuple(curves), checkpoint=partial, progress=progress, meta=meta)
+    write_json_atomic(out / "curves.json", result)
+    partial.unlink(missing_ok=True)
+    return result
+
+
+def _sizes(splits: Splits) -> dict:
+    return {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)}
+
+
+# ---------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per example at most"})
+    batch_size: int = field(default=16, metadata={"help": "examples per generation batch"})
+    stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
+
+
+def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
+           criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
+           candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
+           data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
+           generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> SearchResult:
+    """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
+    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
+                              knee_fraction=knee_fraction, candidates=candidates)
+    task, splits = data_options.load()
+    check_held_out(adapter, splits)
+    peft_model, tokenizer = model_options.load(adapter)
+    if out is not None:
+        check_output_dir(out, overwrite, "--out")
+    folder = Path(out) if out is not None else None
+    return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
+                   folder, batch_size, data_options, model_options, adapter, progress)
+
+
+def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
+            out: Path | None, batch_size, data_options, model_options, adapter, progress) -> SearchResult:
+    num_layers = find_layer_stack(peft_model).num_layers
+    if settings.boundary is not None:
+        truncation = {"boundary": [settings.boundary], "mean_prob": [float("nan")]}
+    else:
+        curves = _cached_json(out, "curves.json") or _analyze(
+            peft_model, tokenizer, task, splits, out or _scratch(), ("truncation",), batch_size, data_options,
+            model_options, adapter, progress)
+        truncation = curves["truncation"]
+
+    def score_boundary(b: int) -> dict:
+        texts = _generate_cached(peft_model, tokenizer, task, splits.validation, b, "validation", out,
+                                 generation, progress)
+        return score(texts, [list(e.references) for e in splits.validation])
+
+    result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
+    if out is not None:
+        write_json_atomic(out / "search.json", result.to_dict())
+    return result
+
+
+def _scratch() -> Path:
+    import tempfile
+    return Path(tempfile.mkdtemp(prefix="lorabound-"))
+
+
+def _cached_json(folder: Path | None, name: str) -> dict | None:
+    if folder is not None and (folder / name).is_file():
+        return json.loads((folder / name).read_text())
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Generation per variant, cached as JSONL
+# ---------------------------------------------------------------------------
+
+BASE, FULL = "base model", "full adapter"
+
+
+def variant_name(boundary: int | None, num_layers: int) -> str:
+    if boundary is None or boundary >= num_layers - 1:
+        return FULL
+    if boundary < 0:
+        return BASE
+    return f"pruned (b={boundary})"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example], boundary: int | None, split: str,
+                     out: Path | None, generation: GenerationOptions, progress) -> list[str]:
+    """Generate with LoRA kept on 0..boundary (None: full; -1: adapters off), reusing a finished file."""
+    num_layers = find_layer_stack(peft_model).num_layers
+    name = variant_name(boundary, num_layers)
+    path = out / "generations" / f"{split}-{_slug(name)}.jsonl" if out is not None else None
+    key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
+    if path is not None and path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if rows and rows[0].get("key") == key and len(rows) == len(examples):
+            return [r["output"] for r in rows]
+    prompts = [task.prompt(e) for e in examples]
+    label = f"generate {split}: {name}"
+    if boundary is not None and boundary < 0:
+        with peft_model.disable_adapter():
+            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
+    else:
+        layers = range(num_layers if boundary is None else boundary + 1)
+        with keep_lora(peft_model, layers):
+            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
+    if path is not None:
+        rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
+                for i, (e, t) in enumerate(zip(examples, texts))]
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return texts
+
+
+def _run_generate(model, tokenizer, prompts, generation: GenerationOptions, label, progress) -> list[str]:
+    result = generate(model, tokenizer, prompts, max_new_tokens=generation.max_new_tokens,
+                      batch_size=generation.batch_size, stop_at_newline=generation.stop_at_newline,
+                      progress=label if progress else False)
+    return result.texts
+
+
+# ---------------------------------------------------------------------------
+# prune
+# ---------------------------------------------------------------------------
+
+def prune(adapter: str | Path, boundary: int, out: str | Path, *, format: str = "peft", model: str | None = None,
+          overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
+    """Export a new adapter with LoRA on layers 0..boundary (the input folder is never written to)."""
+    return prune_adapter(adapter, boundary, out, format=format, model_spec=model, overwrite=overwrite,
+                         dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+# ---------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------
+
+def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
+             boundaries: list[int] | None = None, adapters: list[str | Path] | None = None,
+             out: str | Path = "run", data_options: DataOptions | None = None,
+             model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
+             bootstrap: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
+    """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
+    out = Path(out)
+    check_output_dir(out, overwrite, "--out")
+    task, splits = data_options.load()
+    check_held_out(adapter, splits)
+    peft_model, tokenizer = model_options.load(adapter)
+    result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out,
+                       generation or GenerationOptions(), bootstrap, data_options.seed, progress)
+    for extra in adapters or []:
+        other, _ = model_options.load(extra)
+        texts = _generate_cached(other, tokenizer, task, splits.test, None, f"test-{_slug(str(extra))}", out,
+                                 generation or GenerationOptions(), progress)
+        result["variants"].append(_variant_row(str(extra), None, texts, splits.test, _adapter_params(extra),
+                                               _adapter_mb(extra), out))
+    write_json_atomic(out / "evaluation.json", result)
+    return result
+
+
+def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
+              seed: int, progress) -> dict:
+    require_nonempty(splits.test, "test")
+    num_layers = find_layer_stack(peft_model).num_layers
+    per_layer = lora_params_per_layer(peft_model)
+    total_params = sum(per_layer.values())
+    wanted = [-1, None] + sorted({b for b in boundaries if -1 <= b < num_layers - 1} - {-1})
+    for b in boundaries:
+        if not -1 <= b <= num_layers - 1:
+            raise LoraboundError(f"boundary {b} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
+                                 f"pass --boundaries between -1 and {num_layers - 1}")
+    references = [list(e.references) for e in splits.test]
+    outputs, variants = {}, []
+    for b in wanted:
+        name = variant_name(b, num_layers)
+        texts = _generate_cached(peft_model, tokenizer, task, splits.test, b, "test", out, generation, progress)
+        outputs[name] = texts
+        params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
+        variants.append(_variant_row(name, b, texts, splits.test, params,
+                                     None if b == -1 else _mb(params, peft_model), out))
+    significance = []
+    for row in variants:
+        if row["boundary"] is not None and row["boundary"] >= 0:
+            for metric in ("bleu", "rougeL"):
+                test = paired_bootstrap(outputs[row["name"]], outputs[FULL], references, metric=metric,
+                                        n_resamples=bootstrap, seed=seed)
+                significance.append({**test, "a": row["name"], "b": FULL,
+                                     "sentence": describe_significance(test, row["name"], FULL)})
+    examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
+                for i, e in enumerate(splits.test[:5])]
+    return {"variants": variants, "significance": significance, "examples": examples,
+            "bleu_signature": score(outputs[FULL], references)["bleu_signature"],
+            "lora_params_total": total_params}
+
+
+def _variant_row(name, boundary, texts, examples, params, mb, out: Path) -> dict:
+    metrics = score(texts, [list(e.references) for e in examples])
+    return {"name": name, "boundary": boundary, "lora_params": params, "adapter_mb": mb,
+            "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
+            "hypotheses_file": f"generations/test-{_slug(name)}.jsonl"}
+
+
+def _mb(params: int, model) -> float:
+    """Size of a safetensors adapter holding `params` LoRA parameters in the model's dtype."""
+    element = next(p for n, p in model.named_parameters() if "lora_" in n).element_size()
+    return params * element / 1e6
+
+
+def _adapter_params(folder) -> int:
+    return AdapterFiles.read(folder).lora_params()
+
+
+def _adapter_mb(folder) -> float:
+    return (Path(folder) / ADAPTER_WEIGHTS).stat().st_size / 1e6
+
+
+# ---------------------------------------------------------------------------
+# run: every stage into one folder, resumable
+# ---------------------------------------------------------------------------
+
+def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", out: str | Path = "run", *,
+        criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
+        boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
+        data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
+        generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped."""
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
+    generation = generation or GenerationOptions()
+    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction)
+    out = Path(out)
+    asked = {"model": model_options.model, "adapter": str(Path(adapter).resolve()),
+             "adapter_hashes": folder_hashes(adapter) if Path(adapter).is_dir() else {},
+             "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation),
+             "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
+             "dtype": model_options.dtype}
+    _claim_run_dir(out, asked, overwrite)
+
+    task, splits = data_options.load()
+    check_held_out(adapter, splits)
+    peft_model, tokenizer = model_options.load(adapter)
+    num_layers = find_layer_stack(peft_model).num_layers
+
+    _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
+    curves = _cached_json(out, "curves.json") or _analyze(
+        peft_model, tokenizer, task, splits, out, CURVES, batch_size, data_options, model_options, adapter, progress)
+
+    _progress_print(progress, "[2/5] search: choosing the boundary")
+    found = _cached_json(out, "search.json")
+    if found is None:
+        found = _search(peft_model, tokenizer, task, splits, settings, generation, out, batch_size, data_options,
+                        model_options, adapter, progress).to_dict()
+    b = found["boundary"]
+
+    _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b}")
+    pruned_dir = out / "adapter-pruned"
+    export = None
+    if 0 <= b < max(curves["meta"]["adapter_layers"]) and not (pruned_dir / ADAPTER_WEIGHTS).is_file():
+        export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
+
+    _progress_print(progress, "[4/5] evaluate: generation on test")
+    compare = {b, knee(curves["truncation"], knee_fraction)} | set(boundaries or [])
+    evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
+                           data_options.seed, progress)
+    if (pruned_dir / ADAPTER_WEIGHTS).is_file():
+        for row in evaluation["variants"]:
+            if row["boundary"] == b:
+                row["adapter_mb"], row["exported_to"] = _adapter_mb(pruned_dir), str(pruned_dir)
+    for row in evaluation["variants"]:
+        if row["name"] == FULL and Path(adapter, ADAPTER_WEIGHTS).is_file():
+            row["adapter_mb"] = _adapter_mb(adapter)
+
+    _progress_print(progress, "[5/5] report")
+    report = {
+        "meta": {"model": model_options.model, "adapter": str(adapter), "task": task.name, "sizes": _sizes(splits),
+                 "seed": data_options.seed, "lorabound_version": __version__,
+                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "max_new_tokens": generation.max_new_tokens, "num_layers": num_layers},
+        "curves": curves, "search": found, **evaluation,
+        "verdict": verdict(found, evaluation, num_layers),
+        "notes": _notes(curves, export),
+    }
+    write_report(out, report)
+    return report
+
+
+def _claim_run_dir(out: Path, asked: dict, overwrite: bool) -> None:
+    """Resume a run folder of the same settings; refuse one of other settings unless --overwrite."""
+    marker = out / "run.json"
+    if out.is_dir() and any(out.iterdir()):
+        same = marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(asked))
+        if not same and not overwrite:
+            why = "holds a run with other settings" if marker.is_file() else "is not empty"
+            raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
+        if not same:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, asked)
+
+
+def verdict(search: dict, evaluation: dict, num_layers: int) -> str:
+    """One plain sentence on what dropping the upper-layer LoRA did on the test split."""
+    b = search["boundary"]
+    tests = {(s["a"], s["metric"]): s for s in evaluation["significance"]}
+    if b >= num_layers - 1 or (variant_name(b, num_layers), "bleu") not in tests:
+        others = sorted({a for a, _ in tests})
+        text = (f"The search kept LoRA on every layer (b = {b}): on validation no smaller boundary matched the "
+                f"full adapter, so nothing was dropped.")
+        if others:
+            text += " For comparison on test: " + " ".join(tests[(a, "rougeL")]["sentence"] for a in others)
+        return text
+    name = variant_name(b, num_layers)
+    bleu, rouge = tests[(name, "bleu")], tests[(name, "rougeL")]
+    share = 1 - search.get("kept_fraction", 0.0)
+    return (f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters. On test: "
+            f"{bleu['sentence']} {rouge['sentence']}")
+
+
+def _notes(curves: dict, export: PruneResult | None) -> list[str]:
+    meta = curves["meta"]
+    notes = []
+    if meta.get("n_truncated"):
+        notes.append(f"{meta['n_truncated']} validation targets were cut to --max-length for the curves.")
+    if meta.get("n_skipped"):
+        notes.append(f"{meta['n_skipped']} validation examples were skipped: their prompt alone exceeds --max-length.")
+    if export is not None:
+        notes.append(export.summary().replace("\n", "; "))
+    return notes
+
+
+# ---------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------
+
+def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation_size: int = 30,
+         test_size: int = 100, epochs: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
+         overwrite: bool = False, progress: bool = True) -> dict:
+    """Fine-tune SmolLM2-135M with LoRA on E2E, then the whole `run`, into OUT (resumable)."""
+    out = Path(out)
+    data_options = DataOptions(data="e2e", train_size=train_size, validation_size=validation_size,
+                               test_size=test_size, seed=seed)
+    adapter = out / "adapter"
+    if out.is_dir() and any(out.iterdir()) and not (out / "demo.json").is_file() and not overwrite:
+        raise LoraboundError(f"--out {out} is not empty and holds no demo; pass a new folder or --overwrite")
+    if overwrite and out.is_dir() and not (out / "demo.json").is_file():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "demo.json", {"train_size": train_size, "validation_size": validation_size,
+                                          "test_size": test_size, "epochs": epochs, "seed": seed})
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        _progress_print(progress, "[0/5] train: LoRA on every layer of SmolLM2-135M, E2E")
+        result = train(DEFAULT_MODEL, "e2e", adapter, settings=TrainSettings(epochs=epochs, seed=seed),
+                       data_options=data_options, progress=progress)
+        if progress:
+            print(f"trained {result.steps} steps in {result.seconds:.0f} s; validation loss "
+                  f"{result.validation_loss_before:.3f} -> {result.validation_loss_after:.3f}")
+    report = run(DEFAULT_MODEL, adapter, "e2e", out / "run", data_options=data_options,
+                 generation=GenerationOptions(max_new_tokens=max_new_tokens), overwrite=overwrite, progress=progress)
+    if progress:
+        print()
+        print(format_table(report))
+        print()
+        print(report["verdict"])
+        print(f"\nreport: {out / 'run' / 'report.html'}")
+    return report

@@ -1,0 +1,345 @@
+"""Keep or drop LoRA per layer: in memory (reversible) and as exported adapters.
+
+Dropping LoRA on a layer removes only the adapter's update there; the layer's base weights
+stay and no transformer layer is ever skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+
+from .errors import LoraboundError
+from .files import atomic_dir, write_json_atomic
+from .model import find_layer_stack
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPORT_FORMATS = ("peft", "zero-fill", "merged")
+MODULE_GROUPS = {"attention": ("attn", "attention"), "mlp": ("mlp", "feed_forward", "ffn")}
+
+
+# ---------------------------------------------------------------------------
+# In memory
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraModule:
+    name: str          # path inside its transformer layer, e.g. "self_attn.q_proj"
+    layer: int         # index of the transformer layer that holds it
+    module: LoraLayer
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def group(self) -> str:
+        """"attention", "mlp" or "other", from the module's path inside the layer."""
+        parent = self.name.split(".")[0].lower()
+        for group, words in MODULE_GROUPS.items():
+            if any(w in parent for w in words):
+                return group
+        return "other"
+
+    def matches(self, module_types: Iterable[str] | None) -> bool:
+        if module_types is None:
+            return True
+        return any(t in (self.group, self.short_name) for t in module_types)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for n, p in self.module.named_parameters() if "lora_" in n)
+
+
+def lora_modules(model) -> list[LoraModule]:
+    """Every LoRA module inside the transformer layer stack, in layer order."""
+    stack = find_layer_stack(model)
+    found = []
+    for index, layer in enumerate(stack.layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, LoraLayer):
+                found.append(LoraModule(name=name, layer=index, module=module))
+    if not found:
+        raise LoraboundError("the model has no LoRA modules in its layer stack; load a LoRA adapter with --adapter")
+    return found
+
+
+def adapter_layers(model) -> list[int]:
+    """Indices of the layers that carry LoRA (all layers, or the adapter's layers_to_transform)."""
+    return sorted({m.layer for m in lora_modules(model)})
+
+
+def lora_params_per_layer(model) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for m in lora_modules(model):
+        counts[m.layer] = counts.get(m.layer, 0) + m.num_params()
+    return counts
+
+
+def kept_layers(boundary: int, num_layers: int) -> list[int]:
+    """Layers 0..b: the layers whose LoRA is kept at boundary b."""
+    check_boundary(boundary, num_layers)
+    return list(range(boundary + 1))
+
+
+def check_boundary(boundary: int, num_layers: int) -> None:
+    if not -1 <= boundary <= num_layers - 1:
+        raise LoraboundError(
+            f"boundary {boundary} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
+            f"pass --boundary between -1 (base model) and {num_layers - 1} (full adapter)"
+        )
+
+
+@contextlib.contextmanager
+def keep_lora(model, layers: Iterable[int], module_types: Iterable[str] | None = None) -> Iterator[None]:
+    """Run the model with LoRA on `layers` only (optionally only on some module types); restore on exit.
+
+    Exact: a disabled LoRA module returns its base layer's output untouched, the same as a model whose
+    adapter never had that module. LoRA outside the layer stack (e.g. on the output head) is left as is.
+    """
+    keep = set(layers)
+    types = None if module_types is None else tuple(module_types)
+    modules = lora_modules(model)
+    if any(m.module.merged for m in modules):
+        raise LoraboundError("the adapter is merged into the base weights; load it unmerged to drop layers")
+    saved = [(m.module, m.module.disable_adapters,
+              {n: p.requires_grad for n, p in m.module.named_parameters()}) for m in modules]
+    try:
+        for m in modules:
+            if m.layer in keep and m.matches(types):
+                if m.module.disable_adapters:
+                    m.module.enable_adapters(True)
+            else:
+                m.module.enable_adapters(False)
+        yield
+    finally:
+        for module, was_disabled, grads in saved:
+            module.enable_adapters(not was_disabled)
+            for n, p in module.named_parameters():
+                p.requires_grad_(grads[n])
+
+
+def keep_up_to(model, boundary: int, module_types: Iterable[str] | None = None):
+    """keep_lora for the common case: LoRA on layers 0..boundary."""
+    return keep_lora(model, kept_layers(boundary, find_layer_stack(model).num_layers), module_types)
+
+
+# ---------------------------------------------------------------------------
+# On disk: export a pruned adapter
+# ---------------------------------------------------------------------------
+
+# Tensor names look like "base_model.model.model.layers.12.self_attn.q_proj.lora_A.weight".
+_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_[A-Za-z_]+)(?:\.|$)")
+_DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "block", "layer")
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter folder read into memory: its config and tensors."""
+    path: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def read(cls, path: str | Path) -> "AdapterFiles":
+        path = Path(path)
+        config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+        if not config_file.is_file():
+            raise LoraboundError(f"{path} has no {ADAPTER_CONFIG}; pass a folder written by PEFT's save_pretrained")
+        if not weights.is_file():
+            raise LoraboundError(
+                f"{path} has no {ADAPTER_WEIGHTS}; export works on safetensors adapters "
+                "(load it once with --allow-pickle and save it with PEFT to convert)")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if str(config.get("peft_type", "")).upper() != "LORA":
+            raise LoraboundError(
+                f"{path} is a {config.get('peft_type')} adapter; lorabound works on LoRA adapters only (peft_type LORA)")
+        return cls(path=path, config=config, tensors=load_file(str(weights)))
+
+    def layer_patterns(self) -> tuple[str, ...]:
+        pattern = self.config.get("layers_pattern")
+        if pattern:
+            return (pattern,) if isinstance(pattern, str) else tuple(pattern)
+        return _DEFAULT_LAYER_PATTERNS
+
+    def layer_of(self, tensor_name: str) -> tuple[str, int] | None:
+        """(layers pattern, layer index) of a LoRA tensor, or None for tensors outside the layer stack."""
+        match = _TENSOR.match(tensor_name)
+        if match is None:
+            return None
+        module = match["module"]
+        for pattern in self.layer_patterns():
+            found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", module)
+            if found:
+                return pattern, int(found.group(1))
+        return None
+
+    def layers(self) -> list[int]:
+        return sorted({lp[1] for name in self.tensors if (lp := self.layer_of(name))})
+
+    def lora_params(self, up_to: int | None = None) -> int:
+        """LoRA parameter count, optionally only of tensors outside the stack or on layers <= up_to."""
+        def counted(name: str) -> bool:
+            layer = self.layer_of(name)
+            return up_to is None or layer is None or layer[1] <= up_to
+        return sum(t.numel() for name, t in self.tensors.items() if ".lora_" in name and counted(name))
+
+    def is_dora(self) -> bool:
+        return bool(self.config.get("use_dora")) or any("lora_magnitude_vector" in n for n in self.tensors)
+
+
+@dataclass
+class PruneResult:
+    boundary: int
+    format: str
+    out_dir: Path
+    layers_kept: list[int]
+    lora_params_before: int
+    lora_params_after: int
+    bytes_before: int
+    bytes_after: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        def mb(n: int) -> str:
+            return f"{n / 1e6:.2f} MB"
+        share = self.lora_params_after / self.lora_params_before if self.lora_params_before else 0.0
+        lines = [
+            f"wrote {self.format} adapter with LoRA on layers 0..{self.boundary} to {self.out_dir}",
+            f"LoRA parameters: {self.lora_params_before:,} -> {self.lora_params_after:,} ({share:.1%} kept)",
+            f"adapter size: {mb(self.bytes_before)} -> {mb(self.bytes_after)}",
+        ]
+        return "\n".join(lines + self.notes)
+
+
+def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *, format: str = "peft",
+                  model_spec: str | None = None, num_layers: int | None = None, overwrite: bool = False,
+                  dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
+    """Write a new adapter with LoRA kept on layers 0..boundary. The input folder is only read.
+
+    format "peft": tensors above b removed, config restricted to the kept layers.
+    format "zero-fill": every tensor name kept, lora_B zeroed above b (for servers that need every layer).
+    format "merged": a full model (needs model_spec) with the kept LoRA merged into its weights.
+    """
+    if format not in EXPORT_FORMATS:
+        raise LoraboundError(f"unknown export format '{format}'; choose one of {', '.join(EXPORT_FORMATS)}")
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if out_dir.resolve() == adapter_dir.resolve():
+        raise LoraboundError(f"--out {out_dir} is the input adapter folder; lorabound never writes into its input, "
+                             "choose a new folder")
+    source = AdapterFiles.read(adapter_dir)
+    if num_layers is not None:
+        check_boundary(boundary, num_layers)
+    elif boundary < -1:
+        raise LoraboundError(f"boundary {boundary} is below -1; pass --boundary -1 (base model) or higher")
+    if format == "merged" and model_spec is None:
+        raise LoraboundError("--format merged needs the base model; pass --model")
+
+    tensors = _pruned_tensors(source, boundary, zero_fill=(format == "zero-fill"))
+    kept = [layer for layer in source.layers() if layer <= boundary]
+    notes = [f"note: the adapter's layers are {_ranges(source.layers())}; boundary {boundary} keeps all of them"] \
+        if kept == source.layers() else []
+
+    with atomic_dir(out_dir, overwrite=overwrite, what="--out") as tmp:
+        if format == "merged":
+            _write_merged(source, tensors, kept, boundary, model_spec, tmp, dtype, trust_remote_code)
+        else:
+            if format == "peft" and not kept:
+                raise LoraboundError(f"boundary {boundary} keeps no LoRA layer, so a peft adapter would be empty; "
+                                     "use the base model itself, or --format zero-fill / merged")
+            if format == "zero-fill" and source.is_dora():
+                raise LoraboundError("zero-fill cannot drop a DoRA layer (its magnitude vector still rescales the "
+                                     "base weight); use --format peft or --format merged")
+            config = _pruned_config(source, kept) if format == "peft" else dict(source.config)
+            _write_adapter(tmp, config, tensors, source.path)
+        bytes_after = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        write_json_atomic(tmp / "lorabound.json", {
+            "pruned_from": str(adapter_dir.resolve()), "boundary": boundary, "format": format,
+            "layers_kept": kept, "layers_in_source": source.layers(),
+        })
+
+    return PruneResult(
+        boundary=boundary, format=format, out_dir=out_dir, layers_kept=kept,
+        lora_params_before=source.lora_params(),
+        lora_params_after=source.lora_params(up_to=boundary),
+        bytes_before=(adapter_dir / ADAPTER_WEIGHTS).stat().st_size,
+        bytes_after=bytes_after, notes=notes,
+    )
+
+
+def _pruned_tensors(source: AdapterFiles, boundary: int, zero_fill: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in source.tensors.items():
+        layer = source.layer_of(name)
+        if layer is None or layer[1] <= boundary:
+            out[name] = tensor
+        elif zero_fill:
+            # lora_B = 0 makes the update exactly zero; lora_A is kept so every tensor name still exists.
+            out[name] = torch.zeros_like(tensor) if _is_lora_b(name) else tensor
+    return out
+
+
+def _is_lora_b(name: str) -> bool:
+    return ".lora_B." in name or ".lora_embedding_B" in name
+
+
+def _pruned_config(source: AdapterFiles, kept: list[int]) -> dict:
+    """The config restricted to the kept layers, so PEFT builds LoRA exactly where tensors exist."""
+    config = dict(source.config)
+    patterns = {lp[0] for name in source.tensors if (lp := source.layer_of(name))}
+    original_layers = config.get("layers_to_transform")
+    if isinstance(original_layers, int):
+        original_layers = [original_layers]
+    if original_layers:
+        kept = [layer for layer in kept if layer in original_layers]
+    config["layers_to_transform"] = kept
+    config["layers_pattern"] = sorted(patterns)[0] if len(patterns) == 1 else sorted(patterns)
+    if isinstance(config.get("target_modules"), str):
+        # PEFT ignores layers_to_transform for a string (regex / all-linear) target: list the modules explicitly.
+        modules = {m["module"] for name in source.tensors
+                   if (m := _TENSOR.match(name)) and (lp := source.layer_of(name)) and lp[1] in kept}
+        config["target_modules"] = sorted(modules)
+    return config
+
+
+def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], source_dir: Path) -> None:
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    readme = source_dir / "README.md"
+    if readme.is_file():
+        shutil.copyfile(readme, folder / "README.md")
+
+
+def _write_merged(source: AdapterFiles, tensors, kept, boundary, model_spec, folder: Path, dtype, trust_remote_code):
+    from peft import PeftModel
+
+    from .model import load_model
+
+    model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_boundary(boundary, find_layer_stack(model).num_layers)
+    if kept:
+        staging = folder / ".pruned-adapter"
+        staging.mkdir()
+        _write_adapter(staging, _pruned_config(source, kept), tensors, source.path)
+        model = PeftModel.from_pretrained(model, str(staging)).merge_and_unload()
+        shutil.rmtree(staging)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return ",".join(map(str, layers))

@@ -1,0 +1,210 @@
+"""Ordinary LoRA fine-tuning on all layers: the adapter the rest of the pipeline analyses.
+
+Loss is on target tokens only. Training checkpoints into a hidden folder beside the output after every
+`checkpoint_every` steps, so an interrupted run continues where it stopped; the adapter folder itself
+is written atomically at the end, in PEFT's own format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import Encoded, Splits, Task, batches, encode_pairs, require_nonempty, training_pairs
+from .errors import LoraboundError
+from .files import atomic_dir, check_output_dir, write_json_atomic
+
+
+@dataclass
+class TrainSettings:
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] | str = field(default="all-linear", metadata={
+        "help": "modules to adapt: a list of names (q_proj v_proj ...) or all-linear"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (may be fractional)"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per optimiser step"})
+    max_length: int = field(default=256, metadata={"help": "tokens per prompt + target; longer targets are cut"})
+    warmup: float = field(default=0.1, metadata={"help": "share of steps with a linearly rising learning rate"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling and dropout"})
+    checkpoint_every: int = field(default=10, metadata={"help": "steps between resumable checkpoints"})
+
+    def __post_init__(self):
+        checks = [(self.rank >= 1, f"--rank {self.rank} must be at least 1"),
+                  (0 <= self.dropout < 1, f"--dropout {self.dropout} must be in [0, 1)"),
+                  (self.learning_rate > 0, f"--lr {self.learning_rate} must be positive"),
+                  (self.epochs > 0, f"--epochs {self.epochs} must be positive"),
+                  (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
+                  (self.max_length >= 8, f"--max-length {self.max_length} must be at least 8")]
+        for ok, message in checks:
+            if not ok:
+                raise LoraboundError(message + "; pass a valid value")
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    train_loss_first: float
+    train_loss_last: float
+    validation_loss_before: float | None
+    validation_loss_after: float | None
+    trainable_params: int
+    seconds: float
+    n_truncated: int
+    n_skipped: int
+
+
+def lora_config(settings: TrainSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=settings.target_modules, use_rslora=settings.use_rslora, use_dora=settings.use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+@torch.no_grad()
+def mean_loss(model, encoded: Encoded, batch_size: int, pad_token_id: int) -> float:
+    """Token-weighted mean cross-entropy on target tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches(encoded, batch_size, pad_token_id):
+        n = int((batch.labels[:, 1:] != -100).sum())
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        total, count = total + out.loss.item() * n, count + n
+    return total / max(count, 1)
+
+
+def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, settings: TrainSettings | None = None,
+          *, model_spec: str = "", overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune LoRA on every layer and save a PEFT adapter to `out_dir`."""
+    settings = settings or TrainSettings()
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite, "--out")
+    require_nonempty(splits.train, "train")
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+
+    train_set = encode_pairs(tokenizer, task, training_pairs(splits.train), settings.max_length)
+    valid_set = (encode_pairs(tokenizer, task, training_pairs(splits.validation), settings.max_length)
+                 if splits.validation else None)
+    pad = tokenizer.pad_token_id
+
+    peft_model = get_peft_model(model, lora_config(settings))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    steps_per_epoch = math.ceil(len(train_set.input_ids) / settings.batch_size)
+    total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.learning_rate)
+    warmup = max(1, int(settings.warmup * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+
+    checkpoint = out_dir.parent / f".{out_dir.name}.train-checkpoint"
+    fingerprint = json.dumps([asdict(settings), model_spec, task.name, train_set.input_ids[:50]], default=str)
+    step, losses, validation_before = _resume(checkpoint, fingerprint, peft_model, optimizer, scheduler)
+    if step == 0 and valid_set is not None:
+        validation_before = mean_loss(peft_model, valid_set, settings.batch_size, pad)
+
+    started = time.time()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
+    peft_model.train()
+    for epoch in range(math.ceil(settings.epochs)):
+        for index, batch in enumerate(batches(train_set, settings.batch_size, pad, shuffle_seed=settings.seed + epoch)):
+            global_step = epoch * steps_per_epoch + index
+            if global_step < step:
+                continue  # done before an interruption
+            if global_step >= total_steps:
+                break
+            torch.manual_seed(settings.seed * 1_000_003 + global_step)  # dropout masks independent of resumes
+            loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              labels=batch.labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step = global_step + 1
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+            if step % settings.checkpoint_every == 0 and step < total_steps:
+                _save_checkpoint(checkpoint, fingerprint, peft_model, optimizer, scheduler, step, losses,
+                                 validation_before)
+    bar.close()
+
+    validation_after = mean_loss(peft_model, valid_set, settings.batch_size, pad) if valid_set else None
+    result = TrainResult(
+        adapter_dir=out_dir, steps=step, train_loss_first=losses[0], train_loss_last=sum(losses[-5:]) / len(losses[-5:]),
+        validation_loss_before=validation_before, validation_loss_after=validation_after,
+        trainable_params=trainable, seconds=time.time() - started,
+        n_truncated=train_set.n_truncated, n_skipped=train_set.n_skipped,
+    )
+    with atomic_dir(out_dir, overwrite=overwrite, what="--out") as tmp:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        write_json_atomic(tmp / "lorabound_train.json", {
+            "settings": asdict(settings), "model": model_spec, "task": task.name, "task_source": task.source,
+            "template": task.template, "sizes": {"train": len(splits.train), "validation": len(splits.validation)},
+            "seed": splits.seed, "train_pairs": len(train_set.input_ids), "losses": losses,
+            **{k: v for k, v in asdict(result).items() if k != "adapter_dir"},
+        })
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    peft_model.eval()
+    return result
+
+
+def _save_checkpoint(folder: Path, fingerprint, model, optimizer, scheduler, step, losses, validation_before):
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    opt = optimizer.state_dict()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    moments = {}
+    for i, name in enumerate(names):
+        for key, value in opt["state"].get(i, {}).items():
+            moments[f"{key}/{name}"] = value.detach().clone().reshape(-1) if value.dim() == 0 else value
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    write_json_atomic(tmp / "state.json", {"fingerprint": fingerprint, "step": step, "losses": losses,
+                                           "validation_before": validation_before,
+                                           "scheduler": scheduler.state_dict()})
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _resume(folder: Path, fingerprint, model, optimizer, scheduler):
+    """Load a matching checkpoint (pickle-free); returns (step, losses, validation_before)."""
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        return 0, [], None
+    state = json.loads(state_file.read_text())
+    if state["fingerprint"] != fingerprint:
+        raise LoraboundError(f"{folder} holds a checkpoint of a different training run; delete it to start afresh")
+    params = dict(model.named_parameters())
+    for name, value in load_file(str(folder / "trainable.safetensors")).items():
+        params[name].data.copy_(value)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    opt = optimizer.state_dict()
+    for i, name in enumerate(names):
+        entry = {key.split("/", 1)[0]: value for key, value in moments.items() if key.split("/", 1)[1] == name}
+        if entry:
+            entry["step"] = entry["step"].reshape(())
+            opt["state"][i] = entry
+    optimizer.load_state_dict(opt)
+    scheduler.load_state_dict(state["scheduler"])
+    print(f"resuming training from step {state['step']} ({folder})")
+    return state["step"], state["losses"], state["validation_before"]

@@ -1,0 +1,269 @@
+"""Metrics, the paired bootstrap, and batched generation (against a naive one-prompt greedy loop)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import sacrebleu
+import torch
+
+from lorabound.errors import LoraboundError
+from lorabound.evaluate import (describe_significance, generate, paired_bootstrap, score, score_from_stats,
+                                segment_stats)
+
+SENTENCES = [
+    "the cat sat on the mat", "a dog ran across the busy road", "we had fish and chips for dinner",
+    "the train left the station at noon", "she plays the violin every morning", "rain is expected later today",
+    "the museum opens at nine on sundays", "he forgot his keys in the car", "birds sing loudly in the spring",
+    "the soup was too hot to eat", "our team won the final match", "coffee tastes better with fresh milk",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# score
+# --------------------------------------------------------------------------------------------
+
+def test_identical_texts_score_100():
+    result = score(SENTENCES[:3], [[s] for s in SENTENCES[:3]])
+    for key in ("bleu", "chrf", "rouge1", "rouge2", "rougeL"):
+        assert result[key] == pytest.approx(100.0), key
+    assert result["n"] == 3
+    assert "nrefs:1" in result["bleu_signature"] and "nc:6" in result["chrf_signature"]
+
+
+def test_disjoint_texts_score_0():
+    result = score(["aaa bbb"], [["ccc ddd"]])
+    for key in ("bleu", "rouge1", "rouge2", "rougeL", "chrf"):
+        assert result[key] == pytest.approx(0.0), key
+
+
+def test_hypothesis_equal_to_second_reference_scores_100():
+    hyp = "the museum opens at nine on sundays"
+    result = score([hyp], [["completely unrelated words here", hyp]])
+    for key in ("bleu", "chrf", "rougeL"):
+        assert result[key] == pytest.approx(100.0), key
+
+
+def test_uneven_reference_counts_do_not_count_missing_refs_as_empty():
+    # A short hypothesis: an empty padding reference (length 0) would be the "closest" reference length and
+    # lift the brevity penalty. Repeating an example's own reference changes nothing in BLEU, so the right
+    # answer for the uneven case is the score with the single reference duplicated.
+    hyps = ["cat", "a dog ran across the road"]
+    uneven = [["the cat sat"], ["a dog ran across the busy road", "a dog crossed the road"]]
+    duplicated = [["the cat sat", "the cat sat"], uneven[1]]
+    right = score(hyps, duplicated)
+    got = score(hyps, uneven)
+    assert got["bleu"] == pytest.approx(right["bleu"])
+    assert got["chrf"] == pytest.approx(right["chrf"])
+    assert got["rougeL"] == pytest.approx(right["rougeL"])
+    wrong = sacrebleu.corpus_bleu(hyps, [["the cat sat", uneven[1][0]], ["", uneven[1][1]]]).score
+    assert wrong != pytest.approx(right["bleu"])  # the case really tells the two paddings apart
+
+
+def test_score_rejects_bad_input():
+    with pytest.raises(LoraboundError):
+        score(["a", "b"], [["a"]])
+    with pytest.raises(LoraboundError):
+        score(["a"], [[]])
+    with pytest.raises(LoraboundError):
+        score([], [])
+
+
+# --------------------------------------------------------------------------------------------
+# paired bootstrap
+# --------------------------------------------------------------------------------------------
+
+def _damaged(text: str) -> str:
+    words = text.split()
+    return " ".join(words[: len(words) // 2] + ["zzz"] * (len(words) - len(words) // 2))
+
+
+def test_identical_systems_have_no_difference():
+    refs = [[s] for s in SENTENCES]
+    hyps = [_damaged(s) for s in SENTENCES]
+    for metric in ("bleu", "chrf", "rougeL"):
+        result = paired_bootstrap(hyps, list(hyps), refs, metric=metric, n_resamples=200)
+        assert result["mean_diff"] == 0.0
+        assert result["p_value"] == 1.0
+        assert result["ci_low"] == 0.0 and result["ci_high"] == 0.0
+
+
+def test_a_system_better_on_every_example_is_significant():
+    refs = [[s] for s in SENTENCES * 3]
+    better = [s for s in SENTENCES * 3]
+    worse = [_damaged(s) for s in SENTENCES * 3]
+    for metric in ("bleu", "chrf", "rougeL"):
+        result = paired_bootstrap(better, worse, refs, metric=metric, n_resamples=1000, seed=1)
+        assert result["p_value"] < 0.01, metric
+        assert result["ci_low"] > 0, metric
+        assert result["a_score"] > result["b_score"]
+        assert result["mean_diff"] > 0
+        reverse = paired_bootstrap(worse, better, refs, metric=metric, n_resamples=1000, seed=1)
+        assert reverse["ci_high"] < 0 and reverse["p_value"] < 0.01
+
+
+def test_bootstrap_is_deterministic_for_a_seed():
+    refs = [[s] for s in SENTENCES]
+    a = [_damaged(s) if i % 2 else s for i, s in enumerate(SENTENCES)]
+    b = [_damaged(s) if i % 3 else s for i, s in enumerate(SENTENCES)]
+    first = paired_bootstrap(a, b, refs, n_resamples=300, seed=7)
+    assert paired_bootstrap(a, b, refs, n_resamples=300, seed=7) == first
+    assert paired_bootstrap(a, b, refs, n_resamples=300, seed=8)["mean_diff"] != first["mean_diff"]
+    assert first["n"] == len(SENTENCES) and first["n_resamples"] == 300 and first["seed"] == 7
+
+
+def test_statistics_path_matches_sacrebleu_exactly():
+    hyps = [_damaged(s) if i % 2 else s[::-1] for i, s in enumerate(SENTENCES)]
+    refs = [[s, SENTENCES[(i + 1) % len(SENTENCES)]] for i, s in enumerate(SENTENCES)]
+    streams = [[r[0] for r in refs], [r[1] for r in refs]]
+    n = len(hyps)
+    bleu_stats, chrf_stats = segment_stats("bleu", hyps, refs), segment_stats("chrf", hyps, refs)
+    assert score_from_stats("bleu", bleu_stats.sum(axis=0), n) == sacrebleu.corpus_bleu(hyps, streams).score
+    assert score_from_stats("chrf", chrf_stats.sum(axis=0), n) == sacrebleu.corpus_chrf(hyps, streams).score
+    # a resample with repeated examples: the summed statistics give the corpus score of the repeated corpus
+    idx = [0, 0, 3, 5, 5, 5, 11, 2]
+    sub_hyps, sub_streams = [hyps[i] for i in idx], [[s[i] for i in idx] for s in streams]
+    assert (score_from_stats("bleu", bleu_stats[idx].sum(axis=0), len(idx))
+            == sacrebleu.corpus_bleu(sub_hyps, sub_streams).score)
+    assert (score_from_stats("chrf", chrf_stats[idx].sum(axis=0), len(idx))
+            == sacrebleu.corpus_chrf(sub_hyps, sub_streams).score)
+    result = paired_bootstrap(hyps, SENTENCES, refs, n_resamples=10)
+    assert result["a_score"] == sacrebleu.corpus_bleu(hyps, streams).score
+    rouge = paired_bootstrap(hyps, SENTENCES, refs, metric="rougeL", n_resamples=10)
+    assert rouge["a_score"] == pytest.approx(score(hyps, refs)["rougeL"])
+
+
+def test_bootstrap_of_1000_resamples_on_200_examples_is_fast():
+    rng = np.random.default_rng(0)
+    words = "the a cat dog sat ran on in mat road fish noon rain car team won".split()
+    refs = [[" ".join(rng.choice(words, 12))] for _ in range(200)]
+    a = [" ".join(rng.choice(words, 11)) for _ in range(200)]
+    b = [" ".join(rng.choice(words, 13)) for _ in range(200)]
+    start = time.perf_counter()
+    paired_bootstrap(a, b, refs, metric="bleu", n_resamples=1000)
+    assert time.perf_counter() - start < 15  # calling corpus_bleu 1,000 times would take far longer
+
+
+def test_describe_significance_is_honest_both_ways():
+    drop = {"metric": "bleu", "a_score": 40.0, "b_score": 41.2, "mean_diff": -1.2, "ci_low": -2.3,
+            "ci_high": -0.1, "p_value": 0.03}
+    text = describe_significance(drop, "pruned (b=14)", "full adapter")
+    assert text.startswith("pruned (b=14) scores 1.2 BLEU lower than full adapter")
+    assert "-2.3 to -0.1" in text and "p = 0.030" in text
+    assert "statistically significant at the 5% level" in text and "not" not in text
+    same = dict(drop, a_score=41.6, ci_low=-0.8, ci_high=1.6, p_value=0.41, metric="rougeL")
+    text = describe_significance(same, "pruned (b=14)", "full adapter")
+    assert "0.4 ROUGE-L higher" in text and "not statistically significant (p = 0.41)" in text
+    tiny = dict(drop, p_value=0.0001)
+    assert "p < 0.001" in describe_significance(tiny, "x", "y")
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------
+
+WORDS = ["<pad>", "<eos>", "<unk>", "\n", "the", "cat", "dog", "sat", "on", "mat", "a", "red", "blue",
+         "ran", "far", "and", "big", "small"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random 2-layer Llama and a word-level tokenizer in which "\\n" is a token of its own."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[^\s]+"), behavior="removed", invert=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=None, eos_token_id=1, initializer_range=0.5)
+    model = LlamaForCausalLM(config).eval()
+    return model, tokenizer
+
+
+PROMPTS = ["the cat", "a big red dog sat on the mat and ran far", "blue", "small cat sat", "the dog ran",
+           "a red mat", "cat and dog and cat and dog on the blue mat", "far"]
+
+
+def naive_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """One prompt, no padding, no cache: argmax of the full forward pass, token by token, until EOS."""
+    return tokenizer.decode(naive_tokens(model, tokenizer, prompt, max_new_tokens), skip_special_tokens=True)
+
+
+def naive_tokens(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    ids = tokenizer(prompt)["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids + new])).logits[0, -1]
+            token = int(logits.argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return new
+
+
+def test_batched_generation_matches_one_by_one_greedy(tiny):
+    model, tokenizer = tiny
+    raw = [naive_greedy(model, tokenizer, p, 12) for p in PROMPTS]
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=3, progress=False)
+    single = generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=1, progress=False)
+    expected = [r.split("\n", 1)[0].strip() for r in raw]
+    assert batched.texts == expected
+    assert single.texts == expected
+    assert batched.n_prompt_truncated == 0
+    assert any(expected), "the test model should produce some text"
+    assert tokenizer.padding_side == "right" and tokenizer.truncation_side == "right"  # restored
+
+
+def test_newline_stops_generation_early(tiny):
+    model, tokenizer = tiny
+    raw = {p: naive_greedy(model, tokenizer, p, 20) for p in PROMPTS}
+    with_newline = [p for p, r in raw.items() if "\n" in r.strip()]
+    assert with_newline, "the test model should emit a newline inside some output"
+    prompt = with_newline[0]
+    full = generate(model, tokenizer, [prompt], max_new_tokens=20, stop_at_newline=False, progress=False).texts[0]
+    assert "\n" in full and full == raw[prompt].strip()
+
+    calls = []
+    hook = model.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        cut = generate(model, tokenizer, [prompt], max_new_tokens=20, progress=False).texts[0]
+    finally:
+        hook.remove()
+    assert cut == raw[prompt].split("\n", 1)[0].strip()
+    assert "\n" not in cut
+    newline_id = tokenizer.convert_tokens_to_ids("\n")
+    tokens_until_newline = naive_tokens(model, tokenizer, prompt, 20).index(newline_id) + 1
+    assert len(calls) <= tokens_until_newline < 20  # stopped at the newline, not at max_new_tokens
+
+
+def test_long_prompts_are_cut_from_the_left_and_counted(tiny):
+    model, tokenizer = tiny
+    prompts = ["the cat sat on the mat and the dog ran far", "blue mat"]
+    result = generate(model, tokenizer, prompts, max_new_tokens=6, max_prompt_length=4, progress=False)
+    assert result.n_prompt_truncated == 1
+    kept = " ".join(prompts[0].split()[-4:])  # the last four words
+    assert result.texts[0] == naive_greedy(model, tokenizer, kept, 6).split("\n", 1)[0].strip()
+    assert result.texts[1] == naive_greedy(model, tokenizer, prompts[1], 6).split("\n", 1)[0].strip()
+
+
+def test_generation_of_nothing(tiny):
+    model, tokenizer = tiny
+    assert generate(model, tokenizer, [], progress=False).texts == []
+
+
+@pytest.mark.real
+def test_real_model_batched_equals_single(real_model):
+    model, tokenizer = real_model
+    prompts = ["The capital of France is", "Translate to German: good morning\nGerman:",
+               "List three colours:", "2 + 2 ="]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4, progress=False)
+    single = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1, progress=False)
+    assert batched.texts == single.texts
+    assert any(batched.texts)

@@ -1,0 +1,212 @@
+"""In-memory dropping and exported adapters give the same model, exactly where they should."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from lorabound.errors import LoraboundError
+from lorabound.files import folder_hashes
+from lorabound.model import load_model
+from lorabound.surgery import adapter_layers, keep_lora, keep_up_to, lora_modules, prune_adapter
+
+from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+
+INPUT = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT).logits
+
+
+def restricted_copy(peft_model, layers, **config):
+    """A fresh PeftModel whose adapter only ever had `layers`, with the same LoRA weights there."""
+    base = tiny_llama()
+    cfg = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+           "gate_proj", "up_proj", "down_proj"], "layers_to_transform": list(layers), "layers_pattern": "layers",
+           **config}
+    other = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **cfg)).eval()
+    source = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "lora_" in name:
+                p.copy_(source[name])
+    return other
+
+
+@pytest.fixture
+def peft_model():
+    return tiny_lora()
+
+
+@pytest.fixture
+def saved(tmp_path, peft_model):
+    """The tiny base model saved as a model folder, and its adapter saved by PEFT."""
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_llama().save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    peft_model.save_pretrained(adapter_dir)
+    return base_dir, adapter_dir
+
+
+def test_keep_lora_equals_adapter_without_those_layers(peft_model):
+    with keep_lora(peft_model, [0, 1]):
+        dropped = logits(peft_model)
+    assert torch.equal(dropped, logits(restricted_copy(peft_model, [0, 1])))
+    assert not torch.allclose(dropped, logits(peft_model))  # the upper layers' LoRA mattered
+
+
+def test_keep_lora_restores_model_on_exit_and_on_error(peft_model):
+    before = logits(peft_model)
+    grads = {n: p.requires_grad for n, p in peft_model.named_parameters()}
+    with pytest.raises(RuntimeError):
+        with keep_up_to(peft_model, 0):
+            assert not torch.equal(logits(peft_model), before)
+            raise RuntimeError("boom")
+    assert torch.equal(logits(peft_model), before)
+    assert grads == {n: p.requires_grad for n, p in peft_model.named_parameters()}
+
+
+def test_keep_lora_by_module_type(peft_model):
+    with keep_lora(peft_model, range(4), module_types=["attention"]):
+        attention_only = logits(peft_model)
+    reference = restricted_copy(peft_model, range(4))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name and "mlp" in name:
+                p.zero_()
+    assert torch.allclose(attention_only, logits(reference), atol=1e-6)
+    assert {m.group for m in lora_modules(peft_model)} == {"attention", "mlp"}
+
+
+def test_boundary_extremes_in_memory(peft_model):
+    with keep_up_to(peft_model, 3):
+        assert torch.equal(logits(peft_model), logits(peft_model))
+        full = logits(peft_model)
+    assert torch.equal(full, logits(peft_model))
+    with keep_up_to(peft_model, -1):
+        none = logits(peft_model)
+    with peft_model.disable_adapter():
+        assert torch.equal(none, logits(peft_model))
+    with pytest.raises(LoraboundError, match="outside -1..3"):
+        keep_up_to(peft_model, 4)
+
+
+def load_exported(folder):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(tiny_llama(), str(folder)).eval()
+    problems = [str(w.message) for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    assert not problems, problems
+    return model
+
+
+@pytest.mark.parametrize("boundary", [0, 2, 3])
+def test_peft_export_matches_in_memory_drop(tmp_path, peft_model, saved, boundary):
+    _, adapter_dir = saved
+    result = prune_adapter(adapter_dir, boundary, tmp_path / "out", num_layers=4)
+    exported = load_exported(tmp_path / "out")
+    with keep_up_to(peft_model, boundary):
+        expected = logits(peft_model)
+    assert torch.allclose(logits(exported), expected, atol=1e-6)
+    assert adapter_layers(exported) == list(range(boundary + 1))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == list(range(boundary + 1))
+    assert isinstance(config["target_modules"], list)  # all-linear became an explicit list
+    per_layer = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) // 4
+    assert result.lora_params_after == per_layer * (boundary + 1)
+
+
+def test_full_boundary_reproduces_original(tmp_path, peft_model, saved):
+    _, adapter_dir = saved
+    prune_adapter(adapter_dir, 3, tmp_path / "out", num_layers=4)
+    assert torch.allclose(logits(load_exported(tmp_path / "out")), logits(peft_model), atol=1e-6)
+
+
+@pytest.mark.parametrize("boundary", [-1, 1])
+def test_zero_fill_export(tmp_path, peft_model, saved, boundary):
+    _, adapter_dir = saved
+    prune_adapter(adapter_dir, boundary, tmp_path / "out", format="zero-fill", num_layers=4)
+    exported = load_exported(tmp_path / "out")
+    assert adapter_layers(exported) == [0, 1, 2, 3]  # every tensor name is still there
+    with keep_up_to(peft_model, boundary):
+        expected = logits(peft_model)
+    assert torch.allclose(logits(exported), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("boundary", [-1, 2])
+def test_merged_export(tmp_path, peft_model, saved, boundary):
+    base_dir, adapter_dir = saved
+    prune_adapter(adapter_dir, boundary, tmp_path / "merged", format="merged", model_spec=str(base_dir))
+    merged, _ = load_model(str(tmp_path / "merged"))
+    with keep_up_to(peft_model, boundary):
+        expected = logits(peft_model)
+    assert torch.allclose(logits(merged), expected, atol=1e-5)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_input_adapter_is_never_written(tmp_path, saved):
+    base_dir, adapter_dir = saved
+    before = folder_hashes(adapter_dir)
+    prune_adapter(adapter_dir, 1, tmp_path / "a", num_layers=4)
+    prune_adapter(adapter_dir, 1, tmp_path / "b", format="zero-fill")
+    prune_adapter(adapter_dir, 1, tmp_path / "c", format="merged", model_spec=str(base_dir))
+    with pytest.raises(LoraboundError, match="input adapter folder"):
+        prune_adapter(adapter_dir, 1, adapter_dir, overwrite=True)
+    assert folder_hashes(adapter_dir) == before
+
+
+def test_export_refusals(tmp_path, saved):
+    _, adapter_dir = saved
+    with pytest.raises(LoraboundError, match="outside -1..3"):
+        prune_adapter(adapter_dir, 7, tmp_path / "x", num_layers=4)
+    with pytest.raises(LoraboundError, match="keeps no LoRA layer"):
+        prune_adapter(adapter_dir, -1, tmp_path / "x")
+    with pytest.raises(LoraboundError, match="needs the base model"):
+        prune_adapter(adapter_dir, 1, tmp_path / "x", format="merged")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(LoraboundError, match="--overwrite"):
+        prune_adapter(adapter_dir, 1, tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "x").exists()
+
+
+def test_patterns_and_modules_to_save_are_preserved(tmp_path):
+    model = tiny_lora(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2},
+                      alpha_pattern={"v_proj": 16}, modules_to_save=["lm_head"])
+    model.save_pretrained(tmp_path / "adapter")
+    prune_adapter(tmp_path / "adapter", 1, tmp_path / "out", num_layers=4)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"down_proj": 2}
+    assert config["alpha_pattern"] == {"v_proj": 16}
+    assert config["modules_to_save"] == ["lm_head"]
+    assert config["target_modules"] and set(config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+    exported = load_exported(tmp_path / "out")
+    with keep_up_to(model, 1):
+        assert torch.allclose(logits(exported), logits(model), atol=1e-6)
+
+
+def test_dora_drop_and_export(tmp_path):
+    model = tiny_lora(use_dora=True)
+    model.save_pretrained(tmp_path / "adapter")
+    prune_adapter(tmp_path / "adapter", 1, tmp_path / "out", num_layers=4)
+    exported = load_exported(tmp_path / "out")
+    with keep_up_to(model, 1):
+        assert torch.allclose(logits(exported), logits(model), atol=1e-5)
+    with pytest.raises(LoraboundError, match="DoRA"):
+        prune_adapter(tmp_path / "adapter", 1, tmp_path / "zf", format="zero-fill")
+
+
+def test_restricted_adapter_keeps_its_own_layers(tmp_path):
+    model = tiny_lora(target_modules=["q_proj", "v_proj"], layers_to_transform=[1, 2], layers_pattern="layers")
+    assert adapter_layers(model) == [1, 2]
+    model.save_pretrained(tmp_path / "adapter")
+    result = prune_adapter(tmp_path / "adapter", 1, tmp_path / "out", num_layers=4)
+    assert result.layers_kept == [1]
+    exported = load_exported(tmp_path / "out")
+    with keep_up_to(model, 1):
+        assert torch.allclose(logits(exported), logits(model), atol=1e-6)
