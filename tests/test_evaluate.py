@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -267,3 +268,28 @@ def test_real_model_batched_equals_single(real_model):
     single = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1, progress=False)
     assert batched.texts == single.texts
     assert any(batched.texts)
+
+
+def test_generation_through_a_peft_adapter(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = tiny
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), config).eval()
+    expected = [naive_greedy(model, tokenizer, p, 8).split("\n", 1)[0].strip() for p in PROMPTS[:4]]
+    got = generate(model, tokenizer, PROMPTS[:4], max_new_tokens=8, batch_size=4, progress=False)
+    assert got.texts == expected
+    with model.disable_adapter():  # the adapter really changes something
+        plain = [naive_greedy(model, tokenizer, p, 8) for p in PROMPTS[:4]]
+    assert plain != [naive_greedy(model, tokenizer, p, 8) for p in PROMPTS[:4]]
+
+
+def test_generation_without_a_pad_token(tiny):
+    model, tokenizer = tiny
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    got = generate(model, bare, PROMPTS[:3], max_new_tokens=6, batch_size=3, progress=False)
+    assert got.texts == [naive_greedy(model, tokenizer, p, 6).split("\n", 1)[0].strip() for p in PROMPTS[:3]]
+    assert bare.pad_token is None  # left as it was

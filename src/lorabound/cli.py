@@ -45,7 +45,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         default = f.default if f.default is not dataclasses.MISSING else None
         text = f.metadata.get("help", "")
         kind = str(f.type)
-        if kind == "bool":
+        if kind == "bool" and default:
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f"do not: {text}")
+        elif kind == "bool":
             parser.add_argument(flag, action="store_true", help=text)
         elif kind.startswith("list[int]"):
             parser.add_argument(flag, type=int, nargs="+", default=default, help=text)

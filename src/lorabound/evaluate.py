@@ -143,7 +143,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
                 bar.update(len(chunk))
     finally:
         bar.close()
-        model.train(was_training)
+        if was_training:
+            model.train()
     return GenerationResult(texts=texts, n_prompt_truncated=n_truncated)
 
 

@@ -181,7 +181,7 @@ def _sizes(splits: Splits) -> dict:
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per example at most"})
-    batch_size: int = field(default=16, metadata={"help": "examples per generation batch"})
+    generation_batch_size: int = field(default=16, metadata={"help": "examples per generation batch"})
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
 
 
@@ -286,7 +286,7 @@ def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example],
 
 def _run_generate(model, tokenizer, prompts, generation: GenerationOptions, label, progress) -> list[str]:
     result = generate(model, tokenizer, prompts, max_new_tokens=generation.max_new_tokens,
-                      batch_size=generation.batch_size, stop_at_newline=generation.stop_at_newline,
+                      batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
                       progress=label if progress else False)
     return result.texts
 
@@ -425,14 +425,22 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
                         model_options, adapter, progress).to_dict()
     b = found["boundary"]
 
-    _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b}")
     pruned_dir = out / "adapter-pruned"
     export = None
-    if 0 <= b < max(curves["meta"]["adapter_layers"]) and not (pruned_dir / ADAPTER_WEIGHTS).is_file():
-        export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
+    if 0 <= b < max(curves["meta"]["adapter_layers"]):
+        _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
+        if not (pruned_dir / ADAPTER_WEIGHTS).is_file():
+            export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
+    else:
+        _progress_print(progress, f"[3/5] prune: b = {b} keeps every LoRA layer, nothing to export")
 
     _progress_print(progress, "[4/5] evaluate: generation on test")
     compare = {b, knee(curves["truncation"], knee_fraction)} | set(boundaries or [])
+    if compare <= {num_layers - 1}:
+        # The search kept everything: still show on test what the best smaller candidate would have cost.
+        below = [c for c in found["candidates"] if 0 <= c["boundary"] < num_layers - 1]
+        if below:
+            compare.add(max(below, key=lambda c: (c["rougeL"] or 0, c["boundary"]))["boundary"])
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
                            data_options.seed, progress)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():

@@ -206,5 +206,7 @@ def _resume(folder: Path, fingerprint, model, optimizer, scheduler):
             opt["state"][i] = entry
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the scheduler sets it only at its next step
     print(f"resuming training from step {state['step']} ({folder})")
     return state["step"], state["losses"], state["validation_before"]

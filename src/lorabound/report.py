@@ -1,0 +1,462 @@
+"""The run report: report.json (every figure), report.md, a self-contained report.html, and the plots.
+
+Read top to bottom:
+
+1. :func:`plot_curves` draws the truncation curve, the logit lens and the single-layer ablation as PNGs, each
+   with the chosen boundary marked;
+2. :func:`format_table` is the variant table shown in the terminal and in report.md;
+3. :func:`write_report` writes everything into the run folder. The HTML has inline CSS and the plots as
+   base64 data URIs, so it opens anywhere with no network.
+
+Every part of the report dict except ``meta`` is optional: what is missing is left out.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .evaluate import describe_significance
+from .files import write_json_atomic, write_text_atomic
+
+PLOT_FILES = {"truncation": "truncation_curve.png", "logit_lens": "logit_lens.png", "ablation": "layer_ablation.png"}
+PLOT_TITLES = {"truncation": "Truncation curve: LoRA kept on layers 0..b",
+               "logit_lens": "Logit lens: base model vs full adapter",
+               "ablation": "Single-layer ablation: NLL change when one layer's LoRA is removed"}
+PLOT_CAPTIONS = {
+    "truncation": "Mean probability of the ground-truth token (top) and NLL (bottom) with LoRA kept on layers 0..b "
+                  "and dropped above; b = -1 is the base model, the last point the full adapter. "
+                  "The dashed line marks the chosen boundary.",
+    "logit_lens": "Ground-truth probability read out after each layer through the final norm and LM head, for the "
+                  "base model and the full adapter. Shaded: layers whose LoRA the pruned adapter drops.",
+    "ablation": "Rise in NLL when only that layer's LoRA is removed (higher: the layer's LoRA matters more). "
+                "Shaded: layers whose LoRA the pruned adapter drops.",
+}
+MAX_EXAMPLES = 5
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Plots
+# --------------------------------------------------------------------------------------------
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _figure(rows: int = 1):
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 3.0 + 2.2 * (rows - 1)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+
+
+def _mark_boundary(ax, x: float, boundary: int, shade_from: float | None = None) -> None:
+    """A dashed vertical line labelled 'b = N'; optionally shade the layers whose LoRA is dropped."""
+    ax.axvline(x, color="#c0392b", linestyle="--", linewidth=1.3)
+    if shade_from is not None:
+        lo, hi = ax.get_xlim()
+        ax.axvspan(shade_from, hi, color="#c0392b", alpha=0.07, linewidth=0)
+        ax.set_xlim(lo, hi)
+    ax.text(x, 0.97, f" b = {boundary}", transform=ax.get_xaxis_transform(), color="#c0392b",
+            ha="left", va="top", fontsize=9, fontweight="bold")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _plot_truncation(curve: dict, boundary: int | None) -> bytes:
+    x = curve["boundary"]
+    fig, (top, bottom) = _figure(rows=2)
+    top.plot(x, curve["mean_prob"], marker="o", markersize=3, color="#1f77b4", label="mean ground-truth prob")
+    if curve.get("accuracy"):
+        top.plot(x, curve["accuracy"], marker=".", markersize=3, color="#2ca02c", alpha=0.7,
+                 label="top-1 accuracy")
+    top.set_ylabel("probability")
+    top.legend(loc="lower right", fontsize=8)
+    top.set_title(PLOT_TITLES["truncation"], fontsize=10)
+    if curve.get("nll"):
+        bottom.plot(x, curve["nll"], marker="o", markersize=3, color="#ff7f0e")
+    bottom.set_ylabel("NLL (nats/token)")
+    bottom.set_xlabel("boundary b  (-1 = base model, last = full adapter)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        if boundary is not None:
+            _mark_boundary(ax, boundary, boundary)
+    return _png(fig)
+
+
+def _plot_logit_lens(curve: dict, boundary: int | None) -> bytes:
+    fig, (ax,) = _figure()
+    ax.plot(curve["layer"], curve["base_prob"], marker="o", markersize=3, color="#7f7f7f", label="base model")
+    ax.plot(curve["layer"], curve["full_prob"], marker="o", markersize=3, color="#1f77b4", label="full adapter")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean ground-truth prob")
+    ax.set_title(PLOT_TITLES["logit_lens"], fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    if boundary is not None:
+        _mark_boundary(ax, boundary + 0.5, boundary, shade_from=boundary + 0.5)
+    return _png(fig)
+
+
+def _ablation_deltas(curve: dict) -> list[float] | None:
+    if curve.get("delta_nll") is not None:
+        return curve["delta_nll"]
+    if curve.get("nll") is not None and curve.get("full_nll") is not None:
+        return [nll - curve["full_nll"] for nll in curve["nll"]]
+    return None
+
+
+def _plot_ablation(curve: dict, boundary: int | None) -> bytes:
+    deltas = _ablation_deltas(curve)
+    fig, (ax,) = _figure()
+    colors = ["#1f77b4" if d > 0 else "#9467bd" for d in deltas]
+    ax.bar(curve["layer"], deltas, color=colors, width=0.8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("layer whose LoRA is removed")
+    ax.set_ylabel("delta NLL vs full adapter")
+    ax.set_title(PLOT_TITLES["ablation"], fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    if boundary is not None:
+        _mark_boundary(ax, boundary + 0.5, boundary, shade_from=boundary + 0.5)
+    return _png(fig)
+
+
+def _plot_bytes(curves: dict, boundary: int | None) -> dict[str, bytes]:
+    """PNG bytes of each plot whose curve is present, keyed by curve name."""
+    curves = curves or {}
+    out = {}
+    if (curves.get("truncation") or {}).get("mean_prob"):
+        out["truncation"] = _plot_truncation(curves["truncation"], boundary)
+    if (curves.get("logit_lens") or {}).get("layer"):
+        out["logit_lens"] = _plot_logit_lens(curves["logit_lens"], boundary)
+    if (curves.get("ablation") or {}).get("layer") and _ablation_deltas(curves["ablation"]) is not None:
+        out["ablation"] = _plot_ablation(curves["ablation"], boundary)
+    return out
+
+
+def plot_curves(curves: dict, boundary: int | None, out_dir) -> dict[str, Path]:
+    """Write truncation_curve.png, logit_lens.png and layer_ablation.png (those whose data exist) into out_dir.
+
+    The boundary, if given, is a dashed vertical line labelled 'b = N' on each. Returns {curve name: path}.
+    """
+    paths = {}
+    for name, data in _plot_bytes(curves, boundary).items():
+        paths[name] = Path(out_dir) / PLOT_FILES[name]
+        _write_bytes_atomic(paths[name], data)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The variant table
+# --------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("Variant", "BLEU", "ROUGE-L", "chrF", "LoRA params", "Adapter (MB)")
+
+
+def _number(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _table_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for variant in report.get("variants") or []:
+        metrics = variant.get("metrics") or {}
+        rows.append([str(variant.get("name", "?")), _number(metrics.get("bleu")), _number(metrics.get("rougeL")),
+                     _number(metrics.get("chrf")), _number(variant.get("lora_params")),
+                     _number(_as_float(variant.get("adapter_mb")))])
+    return rows
+
+
+def _as_float(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _markdown_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    """A padded markdown table (readable as plain text too); columns from `right_from` on are right-aligned."""
+    cells = [[_md_cell(c) for c in row] for row in [header] + rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row):
+        return "| " + " | ".join(c.rjust(w) if i >= right_from else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= right_from else ("-" * (w + 2))
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def format_table(report: dict) -> str:
+    """Variant x BLEU, ROUGE-L, chrF, LoRA parameters, adapter size (MB), as a markdown table."""
+    return _markdown_table(list(TABLE_COLUMNS), _table_rows(report))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Writing the report
+# --------------------------------------------------------------------------------------------
+
+def _significance_sentences(report: dict) -> list[str]:
+    sentences = []
+    for entry in report.get("significance") or []:
+        sentence = entry.get("sentence")
+        if not sentence and {"metric", "a_score", "b_score", "ci_low", "ci_high", "p_value"} <= set(entry):
+            sentence = describe_significance(entry, entry.get("a", "A"), entry.get("b", "B"))
+        if sentence:
+            sentences.append(sentence)
+    return sentences
+
+
+def _find_variant(report: dict, prefix: str, boundary: int | None = None) -> dict | None:
+    variants = report.get("variants") or []
+    by_name = [v for v in variants if str(v.get("name", "")).startswith(prefix)]
+    if by_name:
+        return by_name[0]
+    if boundary is not None:
+        return next((v for v in variants if v.get("boundary") == boundary), None)
+    return None
+
+
+def _savings(report: dict) -> list[tuple[str, str]]:
+    """(label, value) rows: kept fraction, LoRA parameters and adapter size before and after pruning."""
+    search = report.get("search") or {}
+    rows = []
+    if search.get("boundary") is not None:
+        rows.append(("Boundary b", f"{search['boundary']} (LoRA kept on layers 0..{search['boundary']}"
+                     + (f" of {search['num_layers']})" if search.get("num_layers") else ")")))
+    if search.get("kept_fraction") is not None:
+        rows.append(("Kept fraction of LoRA parameters", f"{100 * search['kept_fraction']:.1f}%"))
+    if search.get("lora_params_total") is not None and search.get("lora_params_kept") is not None:
+        total, kept = search["lora_params_total"], search["lora_params_kept"]
+        rows.append(("LoRA parameters, full -> pruned", f"{total:,} -> {kept:,} (saves {total - kept:,})"))
+    num_layers = search.get("num_layers")
+    full = _find_variant(report, "full", num_layers - 1 if num_layers else None)
+    pruned = _find_variant(report, "pruned", search.get("boundary"))
+    if full and pruned and full is not pruned and full.get("adapter_mb") is not None \
+            and pruned.get("adapter_mb") is not None:
+        before, after = float(full["adapter_mb"]), float(pruned["adapter_mb"])
+        rows.append(("Adapter size, full -> pruned",
+                     f"{before:.2f} MB -> {after:.2f} MB (saves {before - after:.2f} MB)"))
+    return rows
+
+
+def _example_columns(report: dict) -> list[str]:
+    """Output columns in the variants' order (base / full / pruned), then any others the examples name."""
+    names = [str(v.get("name")) for v in report.get("variants") or [] if v.get("name") is not None]
+    for example in report.get("examples") or []:
+        names += [n for n in (example.get("outputs") or {}) if n not in names]
+    return names
+
+
+def _notes(report: dict) -> list[str]:
+    notes = [str(n) for n in report.get("notes") or []]
+    meta = (report.get("curves") or {}).get("meta") or {}
+    if meta:
+        parts = [f"{key.replace('_', ' ')}: {meta[key]}" for key in
+                 ("split", "n_examples", "n_target_tokens", "n_truncated", "n_skipped") if key in meta]
+        notes.append("Curves computed on " + ", ".join(parts) + ".")
+    if report.get("bleu_signature"):
+        notes.append(f"BLEU signature: {report['bleu_signature']}")
+    return notes
+
+
+def _title(meta: dict) -> str:
+    return "lorabound report: " + " / ".join(str(meta[k]) for k in ("model", "adapter", "task") if meta.get(k))
+
+
+def _meta_line(meta: dict) -> str:
+    parts = []
+    sizes = meta.get("sizes") or {}
+    if sizes:
+        parts.append("split sizes " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    for key, label in (("seed", "seed"), ("max_new_tokens", "max new tokens"),
+                       ("lorabound_version", "lorabound"), ("created", "created")):
+        if meta.get(key) is not None:
+            parts.append(f"{label} {meta[key]}")
+    return "; ".join(parts)
+
+
+def _candidate_rows(report: dict) -> list[list[str]]:
+    rows = []
+    for c in (report.get("search") or {}).get("candidates") or []:
+        rows.append([str(c.get("boundary")), _number(c.get("mean_prob"), 4), _number(c.get("bleu")),
+                     _number(c.get("rougeL")), _number(c.get("chrf"))])
+    return rows
+
+
+CANDIDATE_COLUMNS = ["b", "mean prob", "BLEU", "ROUGE-L", "chrF"]
+
+
+def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
+    """report.md: the same sections as the HTML, with the plots linked as files beside it."""
+    meta = report.get("meta") or {}
+    out = [f"# {_title(meta)}", ""]
+    if _meta_line(meta):
+        out += [f"_{_meta_line(meta)}_", ""]
+    if report.get("verdict"):
+        out += [f"**Verdict:** {report['verdict']}", ""]
+    out += [f"- {s}" for s in _significance_sentences(report)]
+    out += ["", "## Metrics", "", format_table(report), ""]
+    savings = _savings(report)
+    if savings:
+        out += ["## Savings", "", _markdown_table(["Quantity", "Value"], [list(r) for r in savings], right_from=2), ""]
+    search = report.get("search") or {}
+    if search:
+        out += ["## Boundary search", ""]
+        if search.get("criterion"):
+            out += [f"Criterion: {search['criterion']}. {search.get('reason', '')}".strip(), ""]
+        if _candidate_rows(report):
+            out += [_markdown_table(CANDIDATE_COLUMNS, _candidate_rows(report)), ""]
+    if plot_files:
+        out += ["## Curves", ""]
+        out += [f"![{PLOT_TITLES[name]}]({file})\n\n{PLOT_CAPTIONS[name]}\n" for name, file in plot_files.items()]
+    examples = (report.get("examples") or [])[:MAX_EXAMPLES]
+    if examples:
+        columns = _example_columns(report)
+        rows = [[e.get("input", ""), " / ".join(e.get("references") or [])]
+                + [(e.get("outputs") or {}).get(c, "") for c in columns] for e in examples]
+        out += ["## Example generations", "", _markdown_table(["Input", "References"] + columns, rows, right_from=99),
+                ""]
+    notes = _notes(report)
+    if notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1100px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.meta { color: #666; font-size: 0.9em; }
+.verdict { background: #eef6ff; border-left: 5px solid #1f77b4; padding: 0.8em 1em; font-size: 1.1em; }
+.significance li { margin: 0.3em 0; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; vertical-align: top; }
+th { background: #f4f4f4; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.examples td { max-width: 260px; font-size: 0.9em; white-space: pre-wrap; }
+figure { margin: 1em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+"""
+
+
+def _esc(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _html_table(header: list[str], rows: list[list[str]], *, table_id: str | None = None,
+                css_class: str | None = None, numeric_from: int = 1) -> str:
+    attrs = (f' id="{_esc(table_id)}"' if table_id else "") + (f' class="{_esc(css_class)}"' if css_class else "")
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{_esc(c)}</td>' if i >= numeric_from else f"<td>{_esc(c)}</td>"
+                         for i, c in enumerate(row)) + "</tr>\n" for row in rows)
+    return f"<table{attrs}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+
+def render_html(report: dict, plots: dict[str, bytes]) -> str:
+    """report.html: one file, inline CSS, plots as data URIs, every text from the data escaped."""
+    meta = report.get("meta") or {}
+    title = _title(meta)
+    parts = [f"<h1>{_esc(title)}</h1>"]
+    if _meta_line(meta):
+        parts.append(f'<p class="meta">{_esc(_meta_line(meta))}</p>')
+    if report.get("verdict"):
+        parts.append(f'<p class="verdict" id="verdict"><strong>Verdict:</strong> {_esc(report["verdict"])}</p>')
+    sentences = _significance_sentences(report)
+    if sentences:
+        parts.append('<ul class="significance">' + "".join(f"<li>{_esc(s)}</li>" for s in sentences) + "</ul>")
+
+    parts.append("<h2>Metrics</h2>")
+    parts.append(_html_table(list(TABLE_COLUMNS), _table_rows(report), table_id="metrics"))
+    savings = _savings(report)
+    if savings:
+        parts.append("<h2>Savings</h2>")
+        parts.append(_html_table(["Quantity", "Value"], [list(r) for r in savings], table_id="savings",
+                                 numeric_from=99))
+
+    search = report.get("search") or {}
+    if search:
+        parts.append("<h2>Boundary search</h2>")
+        if search.get("criterion"):
+            parts.append(f"<p>Criterion: <strong>{_esc(search['criterion'])}</strong>. "
+                         f"{_esc(search.get('reason', ''))}</p>")
+        if _candidate_rows(report):
+            parts.append(_html_table(CANDIDATE_COLUMNS, _candidate_rows(report), table_id="candidates"))
+
+    if plots:
+        parts.append("<h2>Curves</h2>")
+        for name, data in plots.items():
+            uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+            parts.append(f'<figure><img src="{uri}" alt="{_esc(PLOT_TITLES[name])}">'
+                         f"<figcaption>{_esc(PLOT_CAPTIONS[name])}</figcaption></figure>")
+
+    examples = (report.get("examples") or [])[:MAX_EXAMPLES]
+    if examples:
+        columns = _example_columns(report)
+        rows = [[e.get("input", ""), "\n".join(e.get("references") or [])]
+                + [(e.get("outputs") or {}).get(c, "") for c in columns] for e in examples]
+        parts.append("<h2>Example generations</h2>")
+        parts.append(_html_table(["Input", "References"] + columns, rows, table_id="examples",
+                                 css_class="examples", numeric_from=99))
+
+    notes = _notes(report)
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
+
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def write_report(run_dir, report: dict) -> dict[str, Path]:
+    """Write report.json, report.md, report.html and the plot PNGs into run_dir, each file atomically.
+
+    Returns {"json", "markdown", "html", and one key per plot written}: paths.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    boundary = (report.get("search") or {}).get("boundary")
+    plots = _plot_bytes(report.get("curves") or {}, boundary)
+    paths: dict[str, Path] = {}
+    for name, data in plots.items():
+        paths[name] = run_dir / PLOT_FILES[name]
+        _write_bytes_atomic(paths[name], data)
+    paths["json"] = run_dir / "report.json"
+    write_json_atomic(paths["json"], report)
+    paths["markdown"] = run_dir / "report.md"
+    write_text_atomic(paths["markdown"], render_markdown(report, {n: PLOT_FILES[n] for n in plots}))
+    paths["html"] = run_dir / "report.html"
+    write_text_atomic(paths["html"], render_html(report, plots))
+    return paths

@@ -1,0 +1,99 @@
+"""LoRA fine-tuning: tiny models for the mechanics, the real embedded model for the claim."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lorabound.data import Splits, load_task, split_task
+from lorabound.errors import LoraboundError
+from lorabound.model import load_adapter, load_model
+from lorabound.surgery import adapter_layers
+from lorabound.training import TrainSettings, train
+
+from tiny import tiny_llama, tiny_task, tiny_tokenizer
+
+
+def tiny_splits():
+    task = tiny_task()
+    return task, split_task(task, train=5, validation=2, test=0, seed=0)
+
+
+def test_tiny_training_saves_a_peft_adapter_and_lowers_loss(tmp_path):
+    task, splits = tiny_splits()
+    tok = tiny_tokenizer()
+    settings = TrainSettings(rank=4, alpha=8, epochs=8, batch_size=4, learning_rate=5e-3, max_length=64,
+                             checkpoint_every=3)
+    result = train(tiny_llama(), tok, task, splits, tmp_path / "adapter", settings, progress=False)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(tmp_path.glob(".adapter.train-checkpoint*"))  # checkpoint removed at the end
+    assert result.validation_loss_after < result.validation_loss_before
+    assert result.train_loss_last < result.train_loss_first
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
+    assert adapter_layers(loaded) == [0, 1, 2, 3]
+    log = json.loads((tmp_path / "adapter" / "lorabound_train.json").read_text())
+    assert log["steps"] == result.steps == len(log["losses"])
+
+
+def test_interrupted_training_resumes_from_checkpoint(tmp_path, monkeypatch):
+    task, splits = tiny_splits()
+    tok = tiny_tokenizer()
+    settings = TrainSettings(rank=4, epochs=6, batch_size=2, learning_rate=5e-3, max_length=64, checkpoint_every=2,
+                             dropout=0.0)
+    whole = train(tiny_llama(), tok, task, splits, tmp_path / "whole", settings, progress=False)
+
+    import lorabound.training as training
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def dies(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llama(), tok, task, splits, tmp_path / "resumed", settings, progress=False)
+    assert not (tmp_path / "resumed").exists()  # no half-written adapter
+    assert (tmp_path / ".resumed.train-checkpoint" / "state.json").is_file()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = train(tiny_llama(), tok, task, splits, tmp_path / "resumed", settings, progress=False)
+    assert resumed.steps == whole.steps
+    a = load_adapter(tiny_llama(), tmp_path / "whole")
+    b = load_adapter(tiny_llama(), tmp_path / "resumed")
+    x = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(a(input_ids=x).logits, b(input_ids=x).logits, atol=1e-5)
+
+
+def test_training_refuses_existing_adapter_and_empty_split(tmp_path):
+    task, splits = tiny_splits()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(LoraboundError, match="--overwrite"):
+        train(tiny_llama(), tiny_tokenizer(), task, splits, tmp_path / "adapter", progress=False)
+    empty = Splits(train=[], validation=splits.validation, test=[], seed=0)
+    with pytest.raises(LoraboundError, match="train split is empty"):
+        train(tiny_llama(), tiny_tokenizer(), task, empty, tmp_path / "new", progress=False)
+    with pytest.raises(LoraboundError, match="--rank"):
+        TrainSettings(rank=0)
+
+
+@pytest.mark.real
+def test_real_model_trains_saves_and_reloads(tmp_path):
+    """SmolLM2-135M on real E2E data: a few steps lower the loss; the saved adapter reloads exactly."""
+    model, tok = load_model("smollm2-135m")
+    task = load_task("e2e")
+    splits = split_task(task, train=4, validation=4, test=0, seed=0)
+    settings = TrainSettings(epochs=2, batch_size=8, learning_rate=1e-3, max_length=96)
+    result = train(model, tok, task, splits, tmp_path / "adapter", settings, model_spec="smollm2-135m",
+                   progress=False)
+    assert result.train_loss_last < result.train_loss_first
+    assert result.validation_loss_after < result.validation_loss_before
+    reloaded = load_adapter(load_model("smollm2-135m")[0], tmp_path / "adapter")
+    ids = tok("Describe the restaurant.\nData: name: The Eagle\nText:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    assert adapter_layers(reloaded) == list(range(30))
