@@ -252,7 +252,7 @@ def test_load_adapter_more_layers_than_model(tmp_path):
     with pytest.raises(LoraboundError) as err:
         M.load_adapter(tiny_llama(layers=2), tmp_path / "ad")
     msg = str(err.value)
-    assert "was trained for a different base model: module model.layers.2." in msg
+    assert "was trained for a different base model than LlamaForCausalLM: module model.layers.2." in msg
     assert "not found (this model has 2 layers); pass the --model it was trained on" in msg
 
 

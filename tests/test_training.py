@@ -43,7 +43,6 @@ def test_interrupted_training_resumes_from_checkpoint(tmp_path, monkeypatch):
                              dropout=0.0)
     whole = train(tiny_llama(), tok, task, splits, tmp_path / "whole", settings, progress=False)
 
-    import lorabound.training as training
     real_step = torch.optim.AdamW.step
     calls = {"n": 0}
 

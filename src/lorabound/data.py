@@ -12,7 +12,6 @@ on PyPI. The first use downloads that sdist once, extracts only the three ``task
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os

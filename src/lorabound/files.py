@@ -22,14 +22,14 @@ def cache_dir() -> Path:
     return path
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write a file through a temporary sibling and a rename, so readers never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +37,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -53,20 +57,36 @@ def check_output_dir(path: str | Path, overwrite: bool, what: str = "output fold
     return path
 
 
+def check_not_input(out: str | Path, inputs, what: str = "--out") -> None:
+    """Refuse an output folder that is, holds, or lies inside an input folder: inputs are only ever read."""
+    target = Path(out).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise LoraboundError(f"{what} {out} is, holds or lies inside the input adapter folder {given}; "
+                                 "lorabound never writes into its input, choose a new folder outside it")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False, what: str = "output folder") -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
     If the body raises (or the process dies), `path` keeps its old state and the temporary
-    folder is removed (or, after a kill, left as a hidden `.name.tmp-*` sibling, never at `path`).
+    folder is removed (or, after a kill, left as a hidden `.name.tmp-PID-*` sibling, never at `path`;
+    the next atomic_dir for the same `path` removes such leftovers of dead processes).
+    An existing `path` is swapped with the new folder in one atomic exchange where Linux offers it.
     """
+    path = Path(path)
+    _clean_stale_siblings(path)
     path = check_output_dir(path, overwrite, what)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+        if path.exists() and _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old state
+        elif path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-{os.getpid()}-"))
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -75,6 +95,48 @@ def atomic_dir(path: str | Path, overwrite: bool = False, what: str = "output fo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists
+        return True
+    return True
+
+
+def _clean_stale_siblings(path: Path) -> None:
+    """Remove the hidden `.name.tmp-PID-*` / `.name.old-PID-*` folders that killed processes left beside `path`.
+
+    An old state parked in `.name.old-PID-*/x` (a kill between two renames) is first put back at `path`.
+    """
+    if not path.parent.is_dir() or not path.name:
+        return
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[^/]+")
+    for sibling in sorted(path.parent.iterdir()):
+        found = pattern.fullmatch(sibling.name)
+        if not found or not sibling.is_dir() or _pid_alive(int(found.group(2))):
+            continue
+        if found.group(1) == "old" and (sibling / "x").exists() and not path.exists():
+            os.replace(sibling / "x", path)
+        shutil.rmtree(sibling, ignore_errors=True)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -87,9 +87,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {}
-    if trust_remote_code:
-        kwargs["trust_remote_code"] = True
+    # Explicit either way: a repository's own code runs only when the user asked for it.
+    kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
     model_kwargs: dict = {}
     if is_hub and _hub_offline():
         kwargs["local_files_only"] = True
@@ -119,6 +118,30 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def model_num_layers(spec: str, *, trust_remote_code: bool = False) -> int:
+    """The number of transformer layers of a model spec, read from its config alone (no weights loaded)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    source = resolve_model_dir(spec)
+    kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
+    if not Path(source).is_dir() and _hub_offline():
+        kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise LoraboundError(
+            f"cannot read the config of model '{spec}' [{_first_line(err)}]: pass a local model folder, "
+            f"a .gguf file, or {DEFAULT_MODEL}"
+        ) from err
+    layers = _num_hidden_layers(SimpleNamespace(config=config))
+    if layers is None:
+        raise LoraboundError(f"the config of model '{spec}' gives no layer count (num_hidden_layers); "
+                             f"pass a decoder-only model ({SUPPORTED_LAYOUTS})")
+    return layers
 
 
 def embedded_gguf_path() -> Path:
@@ -534,11 +557,12 @@ def adapter_tensor_names(adapter_dir: str | Path, *, allow_pickle: bool = False)
     return list(adapter_tensor_shapes(adapter_dir, allow_pickle=allow_pickle))
 
 
-def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, is_trainable: bool = False):
+def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, is_trainable: bool = False,
+                 model_name: str | None = None):
     """Wrap `model` in a PeftModel with the LoRA adapter at `adapter_dir`, after validating it.
 
     `model` is modified in place (PEFT injects LoRA layers into it): pass a freshly loaded base model.
-    Nothing is written into `adapter_dir`.
+    Nothing is written into `adapter_dir`. `model_name` (the --model spec) names the model in errors.
     """
     from peft import PeftModel
 
@@ -546,13 +570,10 @@ def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, 
         raise LoraboundError("the model already carries a PEFT adapter; load a fresh base model for each adapter")
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise LoraboundError(
-            f"{adapter_dir} is a {peft_type or 'untyped'} adapter; lorabound works on LoRA adapters only (peft_type LORA)"
-        )
+    check_lora_config(config, adapter_dir)
     shapes = adapter_tensor_shapes(adapter_dir, allow_pickle=allow_pickle)
-    check_adapter_matches(model, adapter_dir, shapes)
+    check_adapter_matches(model, adapter_dir, shapes, model_name=model_name,
+                          trained_on=config.get("base_model_name_or_path"))
     try:
         # PEFT reads adapter_model.safetensors if present, else adapter_model.bin with torch.load(weights_only=True).
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
@@ -566,15 +587,27 @@ def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, 
     return peft_model
 
 
-def check_adapter_matches(model, adapter_dir: str | Path, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_lora_config(config: dict, adapter_dir: str | Path) -> None:
+    """Refuse adapters of other PEFT types (IA3, prefix tuning, ...): only LoRA has per-layer updates to drop."""
+    peft_type = str(config.get("peft_type") or "").upper()
+    if peft_type != "LORA":
+        raise LoraboundError(
+            f"{adapter_dir} is a {peft_type or 'untyped'} adapter; lorabound works on LoRA adapters only (peft_type LORA): "
+            "pass a LoRA, rsLoRA or DoRA adapter folder"
+        )
+
+
+def check_adapter_matches(model, adapter_dir: str | Path, shapes: dict[str, tuple[int, ...]], *,
+                          model_name: str | None = None, trained_on: str | None = None) -> None:
     """Every LoRA tensor must target an existing module of `model` with matching in/out features."""
     base = unwrap_model(model)
     try:
         stack: LayerStack | None = find_layer_stack(base)
     except LoraboundError:
         stack = None
-    mismatch = f"adapter {adapter_dir} was trained for a different base model"
-    fix = "pass the --model it was trained on"
+    name = model_name or getattr(getattr(base, "config", None), "name_or_path", None) or type(base).__name__
+    mismatch = f"adapter {adapter_dir} was trained for a different base model than {name}"
+    fix = "pass the --model it was trained on" + (f" (its adapter_config.json names {trained_on})" if trained_on else "")
     lora_tensors = 0
     for name, shape in shapes.items():
         match = _LORA_TENSOR.match(name.removeprefix(_PEFT_PREFIX))

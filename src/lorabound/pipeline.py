@@ -22,7 +22,7 @@ from pathlib import Path
 from . import __version__
 from .analysis import CURVES
 from .analysis import analyze as analyze_curves
-from .boundary import KNEE_FRACTIONS, SearchResult, SearchSettings, knee
+from .boundary import SearchResult, SearchSettings, knee
 from .boundary import search as search_boundary
 from .data import Example, Splits, Task, encode_pairs, first_reference_pairs, load_task, require_nonempty, split_task
 from .errors import LoraboundError
@@ -77,9 +77,19 @@ class ModelOptions:
         model, tokenizer = load_model(self.model, dtype=self.dtype, device=self.device,
                                       trust_remote_code=self.trust_remote_code)
         if adapter is not None:
-            model = load_adapter(model, adapter, allow_pickle=self.allow_pickle)
+            model = load_adapter(model, adapter, allow_pickle=self.allow_pickle, model_name=self.model)
         model.eval()
         return model, tokenizer
+
+
+def _load(model: str, adapter, data: str, data_options: DataOptions | None, model_options: ModelOptions | None):
+    """Options (the given ones, or defaults for `model` and `data`), the task and its splits, and the adapted model."""
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
+    task, splits = data_options.load()
+    check_held_out(adapter, splits)
+    peft_model, tokenizer = model_options.load(adapter)
+    return data_options, model_options, task, splits, peft_model, tokenizer
 
 
 def _progress_print(progress: bool, message: str) -> None:
@@ -141,13 +151,9 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
             curves: tuple[str, ...] = CURVES, batch_size: int = 8, data_options: DataOptions | None = None,
             model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Teacher-forced curves on the validation split into OUT/curves.json and PNG plots."""
-    data_options = data_options or DataOptions(data=data)
-    model_options = model_options or ModelOptions(model=model)
-    out = Path(out)
-    check_output_dir(out, overwrite, "--out")
-    task, splits = data_options.load()
-    check_held_out(adapter, splits)
-    peft_model, tokenizer = model_options.load(adapter)
+    out = check_output_dir(out, overwrite, "--out")
+    data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
+                                                                              model_options)
     result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
                       model_options, adapter, progress)
     plot_curves(result, None, out)
@@ -191,16 +197,11 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
            generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> SearchResult:
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
-    data_options = data_options or DataOptions(data=data)
-    model_options = model_options or ModelOptions(model=model)
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
                               knee_fraction=knee_fraction, candidates=candidates)
-    task, splits = data_options.load()
-    check_held_out(adapter, splits)
-    peft_model, tokenizer = model_options.load(adapter)
-    if out is not None:
-        check_output_dir(out, overwrite, "--out")
-    folder = Path(out) if out is not None else None
+    folder = check_output_dir(out, overwrite, "--out") if out is not None else None
+    data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
+                                                                              model_options)
     return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
                    folder, batch_size, data_options, model_options, adapter, progress)
 
@@ -312,13 +313,9 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
              bootstrap: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
-    data_options = data_options or DataOptions(data=data)
-    model_options = model_options or ModelOptions(model=model)
-    out = Path(out)
-    check_output_dir(out, overwrite, "--out")
-    task, splits = data_options.load()
-    check_held_out(adapter, splits)
-    peft_model, tokenizer = model_options.load(adapter)
+    out = check_output_dir(out, overwrite, "--out")
+    data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
+                                                                              model_options)
     result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out,
                        generation or GenerationOptions(), bootstrap, data_options.seed, progress)
     for extra in adapters or []:
@@ -409,9 +406,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "dtype": model_options.dtype}
     _claim_run_dir(out, asked, overwrite)
 
-    task, splits = data_options.load()
-    check_held_out(adapter, splits)
-    peft_model, tokenizer = model_options.load(adapter)
+    _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options)
     num_layers = find_layer_stack(peft_model).num_layers
 
     _progress_print(progress, "[1/5] analysis: per-layer curves on validation")

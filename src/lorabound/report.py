@@ -14,16 +14,13 @@ Every part of the report dict except ``meta`` is optional: what is missing is le
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from .evaluate import describe_significance
-from .files import write_json_atomic, write_text_atomic
+from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 PLOT_FILES = {"truncation": "truncation_curve.png", "logit_lens": "logit_lens.png", "ablation": "layer_ablation.png"}
 PLOT_TITLES = {"truncation": "Truncation curve: LoRA kept on layers 0..b",
@@ -44,21 +41,6 @@ MAX_EXAMPLES = 5
 # --------------------------------------------------------------------------------------------
 # 1. Plots
 # --------------------------------------------------------------------------------------------
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
 
 def _figure(rows: int = 1):
     """A matplotlib Figure on the Agg canvas (no pyplot, no global backend switch)."""
@@ -166,7 +148,7 @@ def plot_curves(curves: dict, boundary: int | None, out_dir) -> dict[str, Path]:
     paths = {}
     for name, data in _plot_bytes(curves, boundary).items():
         paths[name] = Path(out_dir) / PLOT_FILES[name]
-        _write_bytes_atomic(paths[name], data)
+        write_bytes_atomic(paths[name], data)
     return paths
 
 
@@ -452,7 +434,7 @@ def write_report(run_dir, report: dict) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for name, data in plots.items():
         paths[name] = run_dir / PLOT_FILES[name]
-        _write_bytes_atomic(paths[name], data)
+        write_bytes_atomic(paths[name], data)
     paths["json"] = run_dir / "report.json"
     write_json_atomic(paths["json"], report)
     paths["markdown"] = run_dir / "report.md"

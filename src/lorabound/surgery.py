@@ -19,8 +19,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from .errors import LoraboundError
-from .files import atomic_dir, write_json_atomic
-from .model import find_layer_stack
+from .files import atomic_dir, check_not_input, write_json_atomic
+from .model import check_lora_config, find_layer_stack, model_num_layers, read_adapter_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -159,11 +159,15 @@ class AdapterFiles:
             raise LoraboundError(
                 f"{path} has no {ADAPTER_WEIGHTS}; export works on safetensors adapters "
                 "(load it once with --allow-pickle and save it with PEFT to convert)")
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        if str(config.get("peft_type", "")).upper() != "LORA":
+        config = read_adapter_config(path)
+        check_lora_config(config, path)
+        try:
+            tensors = load_file(str(weights))
+        except Exception as err:  # safetensors raises its own error type on a truncated or altered file
             raise LoraboundError(
-                f"{path} is a {config.get('peft_type')} adapter; lorabound works on LoRA adapters only (peft_type LORA)")
-        return cls(path=path, config=config, tensors=load_file(str(weights)))
+                f"cannot read adapter weights {weights} ({type(err).__name__}: {str(err).strip()[:200]}); "
+                "restore the file from the adapter's source") from err
+        return cls(path=path, config=config, tensors=tensors)
 
     def layer_patterns(self) -> tuple[str, ...]:
         pattern = self.config.get("layers_pattern")
@@ -233,10 +237,10 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
     if format not in EXPORT_FORMATS:
         raise LoraboundError(f"unknown export format '{format}'; choose one of {', '.join(EXPORT_FORMATS)}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if out_dir.resolve() == adapter_dir.resolve():
-        raise LoraboundError(f"--out {out_dir} is the input adapter folder; lorabound never writes into its input, "
-                             "choose a new folder")
+    check_not_input(out_dir, [adapter_dir])
     source = AdapterFiles.read(adapter_dir)
+    if num_layers is None and model_spec is not None and format != "merged":
+        num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     if num_layers is not None:
         check_boundary(boundary, num_layers)
     elif boundary < -1:
@@ -248,6 +252,10 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
     kept = [layer for layer in source.layers() if layer <= boundary]
     notes = [f"note: the adapter's layers are {_ranges(source.layers())}; boundary {boundary} keeps all of them"] \
         if kept == source.layers() else []
+    saved_whole = source.config.get("modules_to_save") or []
+    if saved_whole:
+        notes.append("note: modules_to_save kept whole: "
+                     + ", ".join([saved_whole] if isinstance(saved_whole, str) else map(str, saved_whole)))
 
     with atomic_dir(out_dir, overwrite=overwrite, what="--out") as tmp:
         if format == "merged":
