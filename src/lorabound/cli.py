@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo")
     p.add_argument("--out", default="lorabound-demo", help="folder for the adapter and the run (default: lorabound-demo)")
     p.add_argument("--train-size", type=int, default=64, help="E2E training inputs (each has several references)")
-    p.add_argument("--validation-size", type=int, default=30, help="E2E validation inputs")
+    p.add_argument("--validation-size", type=int, default=40, help="E2E validation inputs")
     p.add_argument("--test-size", type=int, default=100, help="E2E test inputs")
     p.add_argument("--epochs", type=float, default=1.0, help="training epochs")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per example at most")

@@ -36,7 +36,7 @@ class GenerationResult:
 
 
 def _newline_criteria(tokenizer, prompt_length: int):
-    """A StoppingCriteria that marks a row done once its generated text contains a newline."""
+    """A StoppingCriteria that marks a row done once its answer line (the first non-blank one) has ended."""
     import torch
     from transformers import StoppingCriteria
 
@@ -51,7 +51,7 @@ def _newline_criteria(tokenizer, prompt_length: int):
             if rows:
                 texts = tokenizer.batch_decode(input_ids[rows, prompt_length:], skip_special_tokens=True)
                 for row, text in zip(rows, texts):
-                    if "\n" in text:
+                    if "\n" in text.lstrip():  # leading blank lines are not the answer line yet
                         self.done[row] = True
             return self.done.clone()
 
@@ -82,14 +82,14 @@ def _tokenizer_sides(tokenizer):
 
 def _clean(text: str, stop_at_newline: bool) -> str:
     if stop_at_newline:
-        text = text.split("\n", 1)[0]
+        text = text.lstrip().split("\n", 1)[0]
     return text.strip()
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
              stop_at_newline: bool = True, max_prompt_length: int | None = None,
              progress: bool | str = True) -> GenerationResult:
-    """Greedy outputs for `prompts` (new text only, cut at the first newline when `stop_at_newline`, stripped).
+    """Greedy outputs for `prompts` (new text only, only the first non-blank line when `stop_at_newline`, stripped).
 
     Prompts are sorted by length into left-padded batches and the outputs put back in the prompts' order.
     Prompts longer than `max_prompt_length` tokens lose their beginning; they are counted in the result.

@@ -27,10 +27,11 @@ from .boundary import search as search_boundary
 from .data import Example, Splits, Task, encode_pairs, first_reference_pairs, load_task, require_nonempty, split_task
 from .errors import LoraboundError
 from .evaluate import describe_significance, generate, paired_bootstrap, score
-from .files import check_output_dir, folder_hashes, write_json_atomic, write_text_atomic
+from .files import check_not_input, check_output_dir, folder_hashes, write_json_atomic, write_text_atomic
 from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
 from .report import format_table, plot_curves, write_report
-from .surgery import ADAPTER_WEIGHTS, AdapterFiles, PruneResult, keep_lora, lora_params_per_layer, prune_adapter
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, check_boundary, keep_lora, lora_params_per_layer,
+                      prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 
@@ -151,6 +152,7 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
             curves: tuple[str, ...] = CURVES, batch_size: int = 8, data_options: DataOptions | None = None,
             model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Teacher-forced curves on the validation split into OUT/curves.json and PNG plots."""
+    check_not_input(out, [adapter])
     out = check_output_dir(out, overwrite, "--out")
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
@@ -199,6 +201,8 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
                               knee_fraction=knee_fraction, candidates=candidates)
+    if out is not None:
+        check_not_input(out, [adapter])
     folder = check_output_dir(out, overwrite, "--out") if out is not None else None
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
@@ -313,6 +317,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
              bootstrap: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
+    check_not_input(out, [adapter, *(adapters or [])])
     out = check_output_dir(out, overwrite, "--out")
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
@@ -404,10 +409,15 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation),
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
              "dtype": model_options.dtype}
+    check_not_input(out, [adapter])
     _claim_run_dir(out, asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options)
     num_layers = find_layer_stack(peft_model).num_layers
+    for given in ([boundary] if boundary is not None else []) + list(boundaries or []):
+        check_boundary(given, num_layers)  # before the analysis, not after it
+    require_nonempty(splits.validation, "validation")
+    require_nonempty(splits.test, "test")
 
     _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
     curves = _cached_json(out, "curves.json") or _analyze(
@@ -463,7 +473,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
 def _claim_run_dir(out: Path, asked: dict, overwrite: bool) -> None:
     """Resume a run folder of the same settings; refuse one of other settings unless --overwrite."""
     marker = out / "run.json"
-    if out.is_dir() and any(out.iterdir()):
+    # A folder holding only run.json is a run that stopped on a bad input before any work: start it afresh.
+    if out.is_dir() and any(p.name != marker.name for p in out.iterdir()):
         same = marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(asked))
         if not same and not overwrite:
             why = "holds a run with other settings" if marker.is_file() else "is not empty"
@@ -483,7 +494,8 @@ def verdict(search: dict, evaluation: dict, num_layers: int) -> str:
         text = (f"The search kept LoRA on every layer (b = {b}): on validation no smaller boundary matched the "
                 f"full adapter, so nothing was dropped.")
         if others:
-            text += " For comparison on test: " + " ".join(tests[(a, "rougeL")]["sentence"] for a in others)
+            text += " For comparison on test: " + " ".join(tests[(a, m)]["sentence"] for a in others
+                                                           for m in ("bleu", "rougeL"))
         return text
     name = variant_name(b, num_layers)
     bleu, rouge = tests[(name, "bleu")], tests[(name, "rougeL")]
@@ -508,7 +520,7 @@ def _notes(curves: dict, export: PruneResult | None) -> list[str]:
 # demo
 # ---------------------------------------------------------------------------
 
-def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation_size: int = 30,
+def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation_size: int = 40,
          test_size: int = 100, epochs: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
          overwrite: bool = False, progress: bool = True) -> dict:
     """Fine-tune SmolLM2-135M with LoRA on E2E, then the whole `run`, into OUT (resumable)."""

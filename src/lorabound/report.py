@@ -42,6 +42,12 @@ MAX_EXAMPLES = 5
 # 1. Plots
 # --------------------------------------------------------------------------------------------
 
+def _shown_references(example: dict, most: int = 3) -> list[str]:
+    """The first few references of an example; the rest are counted, not printed."""
+    refs = list(example.get("references") or [])
+    return refs[:most] + ([f"(+{len(refs) - most} more)"] if len(refs) > most else [])
+
+
 def _figure(rows: int = 1):
     """A matplotlib Figure on the Agg canvas (no pyplot, no global backend switch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -323,7 +329,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     examples = (report.get("examples") or [])[:MAX_EXAMPLES]
     if examples:
         columns = _example_columns(report)
-        rows = [[e.get("input", ""), " / ".join(e.get("references") or [])]
+        rows = [[e.get("input", ""), " / ".join(_shown_references(e))]
                 + [(e.get("outputs") or {}).get(c, "") for c in columns] for e in examples]
         out += ["## Example generations", "", _markdown_table(["Input", "References"] + columns, rows, right_from=99),
                 ""]
@@ -406,7 +412,7 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
     examples = (report.get("examples") or [])[:MAX_EXAMPLES]
     if examples:
         columns = _example_columns(report)
-        rows = [[e.get("input", ""), "\n".join(e.get("references") or [])]
+        rows = [[e.get("input", ""), "\n".join(_shown_references(e))]
                 + [(e.get("outputs") or {}).get(c, "") for c in columns] for e in examples]
         parts.append("<h2>Example generations</h2>")
         parts.append(_html_table(["Input", "References"] + columns, rows, table_id="examples",
