@@ -152,6 +152,7 @@ def head_logits(stack: LayerStack, hidden: torch.Tensor, targets: Targets) -> to
 @torch.inference_mode()
 def score_batch(model, stack: LayerStack, batch, boundaries: list[int], lora_layers: list[int],
                 curves: tuple[str, ...], scores: dict[str, TokenScores]) -> None:
+    batch = batch.to(next(model.parameters()).device)
     targets = Targets.from_labels(batch.labels)
     if targets.tokens.numel() == 0:
         return
@@ -275,7 +276,9 @@ def truncation_curve_plain(model, encoded: Encoded, *, batch_size: int, pad_toke
     lora_layers = adapter_layers(model)
     boundaries = [-1] + lora_layers
     scores = TokenScores(len(boundaries))
+    device = next(model.parameters()).device
     for batch in batches(encoded, batch_size, pad_token_id):
+        batch = batch.to(device)
         targets = Targets.from_labels(batch.labels)
         scores.tokens += targets.tokens.numel()
         for i, b in enumerate(boundaries):

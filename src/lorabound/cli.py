@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -214,9 +213,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"boundary b = {result.boundary} ({result.reason})")
         print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
               f"({result.kept_fraction:.1%})")
+        print("   b  mean p(truth)   BLEU  ROUGE-L   chrF")
         for row in result.candidates:
-            if any(row[m] is not None for m in ("bleu", "rougeL", "chrf")) or len(result.candidates) <= 3:
-                print("  " + json.dumps(row))
+            generated = any(row[m] is not None for m in ("bleu", "rougeL", "chrf"))
+            if generated or abs(row["boundary"] - result.boundary) <= 2:  # the scores around b
+                metrics = "".join(f"{row[m]:>8.2f}" if row[m] is not None else f"{'-':>8}"
+                                  for m in ("bleu", "rougeL", "chrf"))
+                print(f"{row['boundary']:4d}  {row['mean_prob']:13.4f}{metrics}")
         return 0
     if name == "evaluate":
         result = pipeline.evaluate(args.model, args.adapter, args.data, boundaries=args.boundaries,

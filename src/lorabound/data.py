@@ -458,6 +458,9 @@ class Batch:
     labels: torch.Tensor          # (B, T) -100 on prompt and padding
     indices: list[int] = field(default_factory=list)  # row of each sequence in the Encoded given
 
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.indices)
+
 
 def batches(encoded: Encoded, batch_size: int, pad_token_id: int, *, shuffle_seed: int | None = None):
     """Yield Batch objects in order (or shuffled with the seed)."""

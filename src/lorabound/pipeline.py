@@ -158,7 +158,8 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
                                                                               model_options)
     result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
                       model_options, adapter, progress)
-    plot_curves(result, None, out)
+    # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
+    plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
     return result
 
 
@@ -493,6 +494,9 @@ def verdict(search: dict, evaluation: dict, num_layers: int) -> str:
         others = sorted({a for a, _ in tests})
         text = (f"The search kept LoRA on every layer (b = {b}): on validation no smaller boundary matched the "
                 f"full adapter, so nothing was dropped.")
+        if b < 0:
+            text = ("The search chose the base model (b = -1): on validation it did at least as well as every "
+                    "candidate, the full adapter included, so this adapter brings no measurable gain here.")
         if others:
             text += " For comparison on test: " + " ".join(tests[(a, m)]["sentence"] for a in others
                                                            for m in ("bleu", "rougeL"))

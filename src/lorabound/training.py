@@ -81,7 +81,9 @@ def mean_loss(model, encoded: Encoded, batch_size: int, pad_token_id: int) -> fl
     """Token-weighted mean cross-entropy on target tokens."""
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for batch in batches(encoded, batch_size, pad_token_id):
+        batch = batch.to(device)
         n = int((batch.labels[:, 1:] != -100).sum())
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
         total, count = total + out.loss.item() * n, count + n
@@ -118,6 +120,7 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
     if step == 0 and valid_set is not None:
         validation_before = mean_loss(peft_model, valid_set, settings.batch_size, pad)
 
+    device = next(peft_model.parameters()).device
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
     peft_model.train()
@@ -129,6 +132,7 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
             if global_step >= total_steps:
                 break
             torch.manual_seed(settings.seed * 1_000_003 + global_step)  # dropout masks independent of resumes
+            batch = batch.to(device)
             loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               labels=batch.labels).loss
             loss.backward()
