@@ -5,7 +5,7 @@ RUN_DIR layout:
   curves.json, *.png          analysis (analysis.partial.json while it is under way)
   search.json                 the chosen boundary and the candidates' validation scores
   generations/*.jsonl         every hypothesis, per split and variant (cached: a rerun skips finished ones)
-  adapter-pruned/             the exported PEFT adapter with LoRA on layers 0..b
+  adapter-pruned/, prune.json the exported PEFT adapter with LoRA on layers 0..b, and its summary
   report.json / .md / .html   the report
 """
 
@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,11 +84,17 @@ class ModelOptions:
         return model, tokenizer
 
 
-def _load(model: str, adapter, data: str, data_options: DataOptions | None, model_options: ModelOptions | None):
-    """Options (the given ones, or defaults for `model` and `data`), the task and its splits, and the adapted model."""
+def _load(model: str, adapter, data: str, data_options: DataOptions | None, model_options: ModelOptions | None,
+          needs: tuple[str, ...] = ("validation",)):
+    """Options (the given ones, or defaults for `model` and `data`), the task and its splits, and the adapted model.
+
+    The splits named in `needs` must be non-empty; that is checked before the model is loaded.
+    """
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     task, splits = data_options.load()
+    for name in needs:
+        require_nonempty(getattr(splits, name), name)
     check_held_out(adapter, splits)
     peft_model, tokenizer = model_options.load(adapter)
     return data_options, model_options, task, splits, peft_model, tokenizer
@@ -216,11 +223,12 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
     num_layers = find_layer_stack(peft_model).num_layers
     if settings.boundary is not None:
         truncation = {"boundary": [settings.boundary], "mean_prob": [float("nan")]}
+    elif (cached := _cached_json(out, "curves.json")) is not None:
+        truncation = cached["truncation"]
     else:
-        curves = _cached_json(out, "curves.json") or _analyze(
-            peft_model, tokenizer, task, splits, out or _scratch(), ("truncation",), batch_size, data_options,
-            model_options, adapter, progress)
-        truncation = curves["truncation"]
+        with tempfile.TemporaryDirectory(prefix="lorabound-") as scratch:
+            truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
+                                  batch_size, data_options, model_options, adapter, progress)["truncation"]
 
     def score_boundary(b: int) -> dict:
         texts = _generate_cached(peft_model, tokenizer, task, splits.validation, b, "validation", out,
@@ -231,11 +239,6 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
     if out is not None:
         write_json_atomic(out / "search.json", result.to_dict())
     return result
-
-
-def _scratch() -> Path:
-    import tempfile
-    return Path(tempfile.mkdtemp(prefix="lorabound-"))
 
 
 def _cached_json(folder: Path | None, name: str) -> dict | None:
@@ -321,7 +324,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     check_not_input(out, [adapter, *(adapters or [])])
     out = check_output_dir(out, overwrite, "--out")
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
-                                                                              model_options)
+                                                                              model_options, needs=("test",))
     result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out,
                        generation or GenerationOptions(), bootstrap, data_options.seed, progress)
     for extra in adapters or []:
@@ -413,12 +416,11 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     check_not_input(out, [adapter])
     _claim_run_dir(out, asked, overwrite)
 
-    _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options)
+    _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
+                                                      needs=("validation", "test"))
     num_layers = find_layer_stack(peft_model).num_layers
     for given in ([boundary] if boundary is not None else []) + list(boundaries or []):
         check_boundary(given, num_layers)  # before the analysis, not after it
-    require_nonempty(splits.validation, "validation")
-    require_nonempty(splits.test, "test")
 
     _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
     curves = _cached_json(out, "curves.json") or _analyze(
@@ -432,11 +434,11 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     b = found["boundary"]
 
     pruned_dir = out / "adapter-pruned"
-    export = None
     if 0 <= b < max(curves["meta"]["adapter_layers"]):
         _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
-        if not (pruned_dir / ADAPTER_WEIGHTS).is_file():
+        if _cached_json(out, "prune.json") is None:
             export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
+            write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
     else:
         _progress_print(progress, f"[3/5] prune: b = {b} keeps every LoRA layer, nothing to export")
 
@@ -465,7 +467,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
                  "max_new_tokens": generation.max_new_tokens, "num_layers": num_layers},
         "curves": curves, "search": found, **evaluation,
         "verdict": verdict(found, evaluation, num_layers),
-        "notes": _notes(curves, export),
+        "notes": _notes(curves, _cached_json(out, "prune.json")),
     }
     write_report(out, report)
     return report
@@ -508,7 +510,7 @@ def verdict(search: dict, evaluation: dict, num_layers: int) -> str:
             f"{bleu['sentence']} {rouge['sentence']}")
 
 
-def _notes(curves: dict, export: PruneResult | None) -> list[str]:
+def _notes(curves: dict, export: dict | None) -> list[str]:
     meta = curves["meta"]
     notes = []
     if meta.get("n_truncated"):
@@ -516,7 +518,7 @@ def _notes(curves: dict, export: PruneResult | None) -> list[str]:
     if meta.get("n_skipped"):
         notes.append(f"{meta['n_skipped']} validation examples were skipped: their prompt alone exceeds --max-length.")
     if export is not None:
-        notes.append(export.summary().replace("\n", "; "))
+        notes.append("; ".join(export["summary"]))
     return notes
 
 
