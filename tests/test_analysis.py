@@ -116,3 +116,23 @@ def test_interrupted_analysis_resumes_with_identical_numbers(tmp_path, tok, monk
     assert resumed["truncation"] == whole["truncation"]
     assert resumed["ablation"] == whole["ablation"]
     assert resumed["logit_lens"] == whole["logit_lens"]
+
+
+@pytest.mark.real
+def test_real_model_sweep_equals_plain_loop():
+    """On SmolLM2-135M (30 layers) and real E2E examples, the shared sweep is the plain loop's curve."""
+    from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
+    from lorabound.model import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_lora(model, scale=0.02)
+    model.eval()
+    task = load_task("e2e")
+    examples = split_task(task, train=0, validation=2, test=0, seed=0).validation
+    encoded = encode_pairs(tokenizer, task, first_reference_pairs(examples), 128)
+    fast = analyze(model, encoded, batch_size=2, pad_token_id=tokenizer.pad_token_id, progress=False,
+                   curves=("truncation",))["truncation"]
+    plain = truncation_curve_plain(model, encoded, batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    assert fast["boundary"] == plain["boundary"] == list(range(-1, 30))
+    assert close(fast["nll"], plain["nll"], tol=1e-4) and close(fast["mean_prob"], plain["mean_prob"], tol=1e-4)

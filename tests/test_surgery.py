@@ -210,3 +210,27 @@ def test_restricted_adapter_keeps_its_own_layers(tmp_path):
     exported = load_exported(tmp_path / "out")
     with keep_up_to(model, 1):
         assert torch.allclose(logits(exported), logits(model), atol=1e-6)
+
+
+@pytest.mark.real
+def test_real_model_export_equals_in_memory_drop(tmp_path):
+    """SmolLM2-135M with a LoRA on every layer: the exported b=14 adapter is the in-memory drop at b=14."""
+    from tiny import randomize_lora
+
+    model = get_peft_model(load_model("smollm2-135m")[0], LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora(model, scale=0.02)
+    model.eval().save_pretrained(tmp_path / "adapter")
+    result = prune_adapter(tmp_path / "adapter", 14, tmp_path / "b14", num_layers=30)
+    assert result.layers_kept == list(range(15))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exported = PeftModel.from_pretrained(load_model("smollm2-135m")[0], str(tmp_path / "b14")).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower()]
+    ids = torch.tensor([[504, 2389, 314, 253, 1345, 30, 198, 11624, 42]])
+    with torch.no_grad():
+        with keep_up_to(model, 14):
+            expected = model(input_ids=ids).logits
+        full = model(input_ids=ids).logits
+        got = exported(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(got, full, atol=1e-3)
