@@ -257,16 +257,17 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
         notes.append("note: modules_to_save kept whole: "
                      + ", ".join([saved_whole] if isinstance(saved_whole, str) else map(str, saved_whole)))
 
+    if format == "peft" and not kept:
+        raise LoraboundError(f"boundary {boundary} keeps no LoRA layer, so a peft adapter would be empty; "
+                             "use the base model itself, or --format zero-fill / merged")
+    if format == "zero-fill" and source.is_dora():
+        raise LoraboundError("zero-fill cannot drop a DoRA layer (its magnitude vector still rescales the "
+                             "base weight); use --format peft or --format merged")
+
     with atomic_dir(out_dir, overwrite=overwrite, what="--out") as tmp:
         if format == "merged":
             _write_merged(source, tensors, kept, boundary, model_spec, tmp, dtype, trust_remote_code)
         else:
-            if format == "peft" and not kept:
-                raise LoraboundError(f"boundary {boundary} keeps no LoRA layer, so a peft adapter would be empty; "
-                                     "use the base model itself, or --format zero-fill / merged")
-            if format == "zero-fill" and source.is_dora():
-                raise LoraboundError("zero-fill cannot drop a DoRA layer (its magnitude vector still rescales the "
-                                     "base weight); use --format peft or --format merged")
             config = _pruned_config(source, kept) if format == "peft" else dict(source.config)
             _write_adapter(tmp, config, tensors, source.path)
         bytes_after = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
