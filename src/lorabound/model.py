@@ -628,23 +628,15 @@ def check_adapter_matches(model, adapter_dir: str | Path, shapes: dict[str, tupl
         if features is None or len(shape) < 2:
             continue
         in_features, out_features = features
-        if kind == "lora_A" and shape[1] != in_features:
-            raise LoraboundError(
-                f"{mismatch}: lora_A of {module_name} expects in_features {shape[1]}, the model has {in_features}; {fix}"
-            )
-        if kind == "lora_B" and shape[0] != out_features:
-            raise LoraboundError(
-                f"{mismatch}: lora_B of {module_name} expects out_features {shape[0]}, the model has {out_features}; {fix}"
-            )
-        if kind == "lora_embedding_A" and shape[1] != in_features:
-            raise LoraboundError(
-                f"{mismatch}: lora_embedding_A of {module_name} expects {shape[1]} embeddings, the model has {in_features}; {fix}"
-            )
-        if kind == "lora_embedding_B" and shape[0] != out_features:
-            raise LoraboundError(
-                f"{mismatch}: lora_embedding_B of {module_name} expects embedding size {shape[0]}, "
-                f"the model has {out_features}; {fix}"
-            )
+        # lora_A / lora_embedding_A read the module's input side, lora_B / lora_embedding_B write its output side.
+        checks = {"lora_A": (shape[1], in_features, "in_features"),
+                  "lora_B": (shape[0], out_features, "out_features"),
+                  "lora_embedding_A": (shape[1], in_features, "embeddings"),
+                  "lora_embedding_B": (shape[0], out_features, "embedding size")}
+        if kind in checks and checks[kind][0] != checks[kind][1]:
+            expected, actual, what = checks[kind]
+            raise LoraboundError(f"{mismatch}: {kind} of {module_name} expects {what} {expected}, "
+                                 f"the model has {actual}; {fix}")
     if lora_tensors == 0:
         raise LoraboundError(
             f"{adapter_dir} holds no LoRA tensors (lora_A / lora_B); pass a LoRA adapter folder written by PEFT"

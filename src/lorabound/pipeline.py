@@ -414,7 +414,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
              "dtype": model_options.dtype}
     check_not_input(out, [adapter])
-    _claim_run_dir(out, asked, overwrite)
+    _claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
                                                       needs=("validation", "test"))
@@ -473,10 +473,10 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     return report
 
 
-def _claim_run_dir(out: Path, asked: dict, overwrite: bool) -> None:
-    """Resume a run folder of the same settings; refuse one of other settings unless --overwrite."""
-    marker = out / "run.json"
-    # A folder holding only run.json is a run that stopped on a bad input before any work: start it afresh.
+def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
+    """Resume a run (or demo) folder of the same settings; refuse one of other settings unless --overwrite."""
+    marker = out / marker_name
+    # A folder holding only its marker stopped on a bad input before any work: start it afresh.
     if out.is_dir() and any(p.name != marker.name for p in out.iterdir()):
         same = marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(asked))
         if not same and not overwrite:
@@ -534,13 +534,8 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
     data_options = DataOptions(data="e2e", train_size=train_size, validation_size=validation_size,
                                test_size=test_size, seed=seed)
     adapter = out / "adapter"
-    if out.is_dir() and any(out.iterdir()) and not (out / "demo.json").is_file() and not overwrite:
-        raise LoraboundError(f"--out {out} is not empty and holds no demo; pass a new folder or --overwrite")
-    if overwrite and out.is_dir() and not (out / "demo.json").is_file():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "demo.json", {"train_size": train_size, "validation_size": validation_size,
-                                          "test_size": test_size, "epochs": epochs, "seed": seed})
+    _claim_folder(out, "demo.json", {"train_size": train_size, "validation_size": validation_size,
+                                     "test_size": test_size, "epochs": epochs, "seed": seed}, overwrite)
     if not (adapter / ADAPTER_WEIGHTS).is_file():
         _progress_print(progress, "[0/5] train: LoRA on every layer of SmolLM2-135M, E2E")
         result = train(DEFAULT_MODEL, "e2e", adapter, settings=TrainSettings(epochs=epochs, seed=seed),
