@@ -89,6 +89,8 @@ def test_cli_prune_and_evaluate_exported_adapter(workspace, capsys):
     rows = {v["name"]: v for v in result["variants"]}
     # The exported adapter generates exactly what the in-memory drop at the same b generates.
     assert rows[str(root / "b1")]["metrics"] == rows["pruned (b=1)"]["metrics"]
+    for row in rows.values():
+        assert len((out / row["hypotheses_file"]).read_text().splitlines()) == 8
 
 
 def test_cli_search_and_analyze(workspace, capsys):

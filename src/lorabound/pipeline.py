@@ -267,10 +267,13 @@ def _slug(name: str) -> str:
 
 
 def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example], boundary: int | None, split: str,
-                     out: Path | None, generation: GenerationOptions, progress) -> list[str]:
-    """Generate with LoRA kept on 0..boundary (None: full; -1: adapters off), reusing a finished file."""
+                     out: Path | None, generation: GenerationOptions, progress, name: str | None = None) -> list[str]:
+    """Generate with LoRA kept on 0..boundary (None: full; -1: adapters off), reusing a finished file.
+
+    The file is OUT/generations/SPLIT-NAME.jsonl; NAME defaults to the variant's name ("pruned (b=14)", ...).
+    """
     num_layers = find_layer_stack(peft_model).num_layers
-    name = variant_name(boundary, num_layers)
+    name = name or variant_name(boundary, num_layers)
     path = out / "generations" / f"{split}-{_slug(name)}.jsonl" if out is not None else None
     key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
     if path is not None and path.is_file():
@@ -325,12 +328,13 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     out = check_output_dir(out, overwrite, "--out")
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
-    result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out,
-                       generation or GenerationOptions(), bootstrap, data_options.seed, progress)
+    generation = generation or GenerationOptions()
+    result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
+                       data_options.seed, progress)
     for extra in adapters or []:
         other, _ = model_options.load(extra)
-        texts = _generate_cached(other, tokenizer, task, splits.test, None, f"test-{_slug(str(extra))}", out,
-                                 generation or GenerationOptions(), progress)
+        texts = _generate_cached(other, tokenizer, task, splits.test, None, "test", out, generation, progress,
+                                 name=str(extra))
         result["variants"].append(_variant_row(str(extra), None, texts, splits.test, _adapter_params(extra),
                                                _adapter_mb(extra), out))
     write_json_atomic(out / "evaluation.json", result)
