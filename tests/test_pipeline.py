@@ -123,3 +123,14 @@ def test_demo_path_on_real_model(tmp_path, capsys):
     assert len(report["curves"]["truncation"]["boundary"]) == 31
     assert (tmp_path / "demo" / "run" / "report.html").is_file()
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_run_refuses_test_examples_the_adapter_was_trained_on(workspace, capsys):
+    """The adapter was trained with validation 6 / test 8; other sizes move trained inputs into the test split."""
+    root, common = workspace
+    trained = json.loads((root / "adapter" / "lorabound_train.json").read_text())["train_input_hashes"]
+    assert len(trained) == 30 - 6 - 8
+    moved = [a if a not in ("6", "8") else {"6": "2", "8": "20"}[a] for a in common]
+    assert main(["--quiet", "evaluate", *moved, "--adapter", str(root / "adapter"), "--out", str(root / "leak")]) == 2
+    assert "were in the adapter's training data" in capsys.readouterr().err
+    assert not (root / "leak").exists()

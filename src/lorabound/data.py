@@ -12,6 +12,7 @@ on PyPI. The first use downloads that sdist once, extracts only the three ``task
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -395,6 +396,11 @@ def require_nonempty(examples: list[Example], split_name: str) -> list[Example]:
     if not examples:
         raise LoraboundError(f"the {split_name} split is empty; pass --{split_name}-size N with N >= 1")
     return examples
+
+
+def input_fingerprints(examples: list[Example]) -> list[str]:
+    """Short hashes of the examples' inputs: enough to prove two splits share no input, without storing data."""
+    return sorted(hashlib.sha1(e.input.encode("utf-8")).hexdigest()[:16] for e in examples)
 
 
 def training_pairs(examples: list[Example]) -> list[tuple[Example, str]]:

@@ -25,7 +25,8 @@ from .analysis import CURVES
 from .analysis import analyze as analyze_curves
 from .boundary import SearchResult, SearchSettings, knee
 from .boundary import search as search_boundary
-from .data import Example, Splits, Task, encode_pairs, first_reference_pairs, load_task, require_nonempty, split_task
+from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
+                   require_nonempty, split_task)
 from .errors import LoraboundError
 from .evaluate import describe_significance, generate, paired_bootstrap, score
 from .files import check_not_input, check_output_dir, folder_hashes, write_json_atomic, write_text_atomic
@@ -119,22 +120,8 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
     task, splits = data_options.load()
     base, tokenizer = model_options.load()
     settings = settings or TrainSettings(max_length=data_options.max_length, seed=data_options.seed)
-    result = train_adapter(base, tokenizer, task, splits, out, settings, model_spec=model_options.model,
-                           overwrite=overwrite, progress=progress)
-    _record_training_inputs(Path(out), splits)
-    return result
-
-
-def _input_hashes(examples: list[Example]) -> list[str]:
-    return sorted(hashlib.sha1(e.input.encode()).hexdigest()[:16] for e in examples)
-
-
-def _record_training_inputs(adapter_dir: Path, splits: Splits) -> None:
-    """Remember which inputs the adapter saw, so a later run can prove its test split is held out."""
-    info_file = adapter_dir / "lorabound_train.json"
-    info = json.loads(info_file.read_text())
-    info["train_input_hashes"] = _input_hashes(splits.train)
-    write_json_atomic(info_file, info)
+    return train_adapter(base, tokenizer, task, splits, out, settings, model_spec=model_options.model,
+                         overwrite=overwrite, progress=progress)
 
 
 def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
@@ -144,7 +131,7 @@ def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
         return
     trained = set(json.loads(info_file.read_text()).get("train_input_hashes", []))
     for name, examples in (("validation", splits.validation), ("test", splits.test)):
-        seen = len(trained & set(_input_hashes(examples)))
+        seen = len(trained & set(input_fingerprints(examples)))
         if seen:
             raise LoraboundError(
                 f"{seen} {name} examples were in the adapter's training data; use the same --seed and "

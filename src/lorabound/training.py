@@ -20,7 +20,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import Encoded, Splits, Task, batches, encode_pairs, require_nonempty, training_pairs
+from .data import (Encoded, Splits, Task, batches, encode_pairs, input_fingerprints, require_nonempty,
+                   training_pairs)
 from .errors import LoraboundError
 from .files import atomic_dir, check_output_dir, write_json_atomic
 
@@ -162,6 +163,7 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
             "settings": asdict(settings), "model": model_spec, "task": task.name, "task_source": task.source,
             "template": task.template, "sizes": {"train": len(splits.train), "validation": len(splits.validation)},
             "seed": splits.seed, "train_pairs": len(train_set.input_ids), "losses": losses,
+            "train_input_hashes": input_fingerprints(splits.train),
             **{k: v for k, v in asdict(result).items() if k != "adapter_dir"},
         })
     shutil.rmtree(checkpoint, ignore_errors=True)
