@@ -134,3 +134,13 @@ def test_run_refuses_test_examples_the_adapter_was_trained_on(workspace, capsys)
     assert main(["--quiet", "evaluate", *moved, "--adapter", str(root / "adapter"), "--out", str(root / "leak")]) == 2
     assert "were in the adapter's training data" in capsys.readouterr().err
     assert not (root / "leak").exists()
+
+
+def test_quiet_is_accepted_before_and_after_the_command():
+    from lorabound.cli import build_parser
+
+    parser = build_parser()
+    rest = ["--adapter", "a", "--boundary", "1", "--out", "o"]
+    assert parser.parse_args(["--quiet", "prune", *rest]).quiet
+    assert parser.parse_args(["prune", *rest, "--quiet"]).quiet
+    assert not parser.parse_args(["prune", *rest]).quiet

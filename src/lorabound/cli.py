@@ -75,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
-                                   epilog=f"example:\n  {EXAMPLES[name]}",
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(name, help=DESCRIPTIONS[name], description=DESCRIPTIONS[name],
+                                  epilog=f"example:\n  {EXAMPLES[name]}",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        # Also accepted after the command; SUPPRESS keeps a --quiet given before it.
+        sub.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        return sub
 
     def model_and_data(p, adapter=True):
         _add_fields(p, ModelOptions)
@@ -174,6 +177,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
 
     progress = not args.quiet
+    if not progress:
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
     name = args.command
     if name == "prune":
         result = pipeline.prune(args.adapter, args.boundary, args.out, format=args.format, model=args.model,
