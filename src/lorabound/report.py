@@ -224,13 +224,9 @@ def _significance_sentences(report: dict) -> list[str]:
 
 
 def _find_variant(report: dict, prefix: str, boundary: int | None = None) -> dict | None:
-    variants = report.get("variants") or []
-    by_name = [v for v in variants if str(v.get("name", "")).startswith(prefix)]
-    if by_name:
-        return by_name[0]
-    if boundary is not None:
-        return next((v for v in variants if v.get("boundary") == boundary), None)
-    return None
+    """The variant whose name starts with `prefix` (and, when given, evaluated at `boundary`)."""
+    return next((v for v in report.get("variants") or [] if str(v.get("name", "")).startswith(prefix)
+                 and (boundary is None or v.get("boundary") == boundary)), None)
 
 
 def _savings(report: dict) -> list[tuple[str, str]]:
@@ -245,9 +241,8 @@ def _savings(report: dict) -> list[tuple[str, str]]:
     if search.get("lora_params_total") is not None and search.get("lora_params_kept") is not None:
         total, kept = search["lora_params_total"], search["lora_params_kept"]
         rows.append(("LoRA parameters, full -> pruned", f"{total:,} -> {kept:,} (saves {total - kept:,})"))
-    num_layers = search.get("num_layers")
-    full = _find_variant(report, "full", num_layers - 1 if num_layers else None)
-    pruned = _find_variant(report, "pruned", search.get("boundary"))
+    full = _find_variant(report, "full")
+    pruned = _find_variant(report, "pruned", search.get("boundary"))  # the chosen b, not a comparison
     if full and pruned and full is not pruned and full.get("adapter_mb") is not None \
             and pruned.get("adapter_mb") is not None:
         before, after = float(full["adapter_mb"]), float(pruned["adapter_mb"])
