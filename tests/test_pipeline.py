@@ -144,3 +144,30 @@ def test_quiet_is_accepted_before_and_after_the_command():
     assert parser.parse_args(["--quiet", "prune", *rest]).quiet
     assert parser.parse_args(["prune", *rest, "--quiet"]).quiet
     assert not parser.parse_args(["prune", *rest]).quiet
+
+
+def test_overwrite_starts_from_an_empty_folder(workspace):
+    """--overwrite must not let caches of an earlier call (other adapter, other data) leak into the new one."""
+    root, common = workspace
+    out = root / "again"
+    out.mkdir()
+    (out / "curves.json").write_text('{"truncation": {"boundary": [-1], "mean_prob": [0.5]}}')
+    assert main(["--quiet", "search", *common, "--adapter", str(root / "adapter"), "--criterion", "knee",
+                 "--out", str(out), "--overwrite"]) == 0
+    curves = json.loads((out / "curves.json").read_text())
+    assert curves["truncation"]["boundary"] == [-1, 0, 1, 2, 3]
+
+
+def test_run_does_not_resume_over_changed_data(workspace, tmp_path, capsys):
+    root, common = workspace
+    data = tmp_path / "data.jsonl"
+    data.write_text((root / "data.jsonl").read_text())
+    args = [a if a != str(root / "data.jsonl") else str(data) for a in common]
+    run_args = ["--quiet", "run", *args, "--adapter", str(root / "adapter"), "--out", str(tmp_path / "run"),
+                "--boundary", "1", "--max-new-tokens", "4", "--bootstrap", "50"]
+    assert main(run_args) == 0
+    with data.open("a") as f:
+        f.write(json.dumps({"input": "name: New Place", "target": "New Place is new."}) + "\n")
+    capsys.readouterr()
+    assert main(run_args) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err

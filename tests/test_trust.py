@@ -525,14 +525,19 @@ def test_same_seed_gives_identical_curves_boundary_and_report(run_a, world):
     assert a["report.json"]["search"]["boundary"] == b["search.json"]["boundary"]
 
 
-def test_verdict_when_the_base_model_wins_does_not_claim_every_layer_was_kept():
+def test_verdict_says_what_the_chosen_boundary_does_and_why():
     from lorabound.pipeline import verdict
 
-    sentence = verdict({"boundary": -1, "kept_fraction": 0.0}, {"significance": []}, 4)
-    assert sentence.startswith("The search chose the base model (b = -1)")
-    assert "kept LoRA on every layer" not in sentence
-    assert verdict({"boundary": 3, "kept_fraction": 1.0}, {"significance": []}, 4).startswith(
-        "The search kept LoRA on every layer (b = 3)")
+    evaluation = {"significance": [], "variants": [{"name": "base model"}, {"name": "full adapter"}]}
+    base = verdict({"boundary": -1, "kept_fraction": 0.0, "reason": "b = -1 was given with --boundary"},
+                   evaluation, 3)
+    assert base.startswith("Every LoRA layer was dropped: the base model") and "--boundary" in base
+    assert "kept on every layer" not in base
+    full = verdict({"boundary": 3, "kept_fraction": 1.0, "reason": "smallest b by validation rougeL"}, evaluation, 3)
+    assert full.startswith("LoRA was kept on every layer") and "validation rougeL" in full
+    # An adapter on layers 0..1 of a 4-layer model: b = 1 is its full adapter, not a pruned one.
+    assert verdict({"boundary": 1, "kept_fraction": 1.0, "reason": "knee"}, evaluation, 1).startswith(
+        "LoRA was kept on every layer")
 
 
 # ---------------------------------------------------------------------------
@@ -599,8 +604,28 @@ def test_output_folder_overlapping_the_input_is_refused_even_with_overwrite(caps
                  ["analyze", *world.small, "--adapter", adapter, "--out", adapter / "curves"],
                  ["evaluate", *world.small, "--adapter", world.adapter, "--adapters", adapter, "--out", project]):
         line = refused(capsys, *args, "--overwrite")
-        assert "input adapter folder" in line and "never writes into its input" in line
+        assert f"inside the input {adapter}" in line and "never writes into its inputs" in line
         assert folder_hashes(project) == before, args
+
+
+def test_output_folder_holding_the_data_or_the_model_is_refused_even_with_overwrite(capsys, tmp_path, world):
+    """--overwrite must never empty a folder that holds the user's data file or model."""
+    project = tmp_path / "project"
+    project.mkdir()
+    data = project / "data.jsonl"
+    shutil.copyfile(world.data, data)
+    before = folder_hashes(project)
+    small = [str(data) if a == str(world.data) else a for a in map(str, world.small)]
+    for name in ("run", "analyze", "evaluate", "train"):
+        args = [name, *small, "--out", project] + ([] if name == "train" else ["--adapter", world.adapter])
+        line = refused(capsys, *args, "--overwrite")
+        assert f"inside the input {data}" in line, (name, line)
+        assert folder_hashes(project) == before, name
+    model_copy = tmp_path / "model"
+    shutil.copytree(world.base, model_copy)
+    line = refused(capsys, "analyze", *world.small, "--model", model_copy, "--adapter", world.adapter,
+                   "--out", model_copy, "--overwrite")
+    assert f"inside the input {model_copy}" in line
 
 
 SLOW_EXPORT = """

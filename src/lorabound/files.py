@@ -58,14 +58,50 @@ def check_output_dir(path: str | Path, overwrite: bool, what: str = "output fold
     return path
 
 
+def existing_path(value) -> Path | None:
+    """`value` as a Path if it names an existing file or folder; None for inline text, hub ids, built-in names."""
+    if value is None:
+        return None
+    try:
+        path = Path(value)
+        return path if path.exists() else None
+    except (OSError, ValueError):  # e.g. an inline template longer than a file name may be
+        return None
+
+
 def check_not_input(out: str | Path, inputs, what: str = "--out") -> None:
-    """Refuse an output folder that is, holds, or lies inside an input folder: inputs are only ever read."""
+    """Refuse an output folder that is, holds, or lies inside an input (adapter, data, template, model).
+
+    Inputs are only ever read; paths in `inputs` that do not exist (a hub id, a built-in task) are skipped.
+    """
     target = Path(out).resolve()
     for given in inputs:
+        if existing_path(given) is None:
+            continue
         source = Path(given).resolve()
         if target == source or source in target.parents or target in source.parents:
-            raise LoraboundError(f"{what} {out} is, holds or lies inside the input adapter folder {given}; "
-                                 "lorabound never writes into its input, choose a new folder outside it")
+            raise LoraboundError(f"{what} {out} is, holds or lies inside the input {given}; "
+                                 "lorabound never writes into its inputs, choose a new folder outside it")
+
+
+def fresh_output_dir(path: str | Path, overwrite: bool, what: str = "--out") -> Path:
+    """check_output_dir, then with --overwrite empty the folder, so nothing cached there for other inputs is reused."""
+    path = check_output_dir(path, overwrite, what)
+    if overwrite and path.is_dir():
+        for child in path.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    return path
+
+
+def input_identity(path: str | Path | None) -> dict | str | None:
+    """What a rerun must find unchanged to resume: sha256 of small files, size and mtime of large ones."""
+    path = existing_path(path)
+    if path is None:
+        return None
+    if path.is_file():
+        stat = path.stat()
+        return sha256_file(path) if stat.st_size < 64 << 20 else f"{stat.st_size}:{stat.st_mtime_ns}"
+    return {str(p.relative_to(path)): input_identity(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @contextlib.contextmanager

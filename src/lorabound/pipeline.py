@@ -23,17 +23,18 @@ from pathlib import Path
 from . import __version__
 from .analysis import CURVES
 from .analysis import analyze as analyze_curves
-from .boundary import SearchResult, SearchSettings, knee
+from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, knee
 from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
 from .errors import LoraboundError
 from .evaluate import describe_significance, generate, paired_bootstrap, score
-from .files import check_not_input, check_output_dir, folder_hashes, write_json_atomic, write_text_atomic
+from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
+                    write_json_atomic, write_text_atomic)
 from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, check_boundary, keep_lora, lora_params_per_layer,
-                      prune_adapter)
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, check_boundary, keep_lora,
+                      lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 
@@ -101,6 +102,11 @@ def _load(model: str, adapter, data: str, data_options: DataOptions | None, mode
     return data_options, model_options, task, splits, peft_model, tokenizer
 
 
+def _inputs(adapter, data_options: DataOptions, model_options: ModelOptions, *others) -> list:
+    """Every path a command reads (those that exist): an output folder must not touch any of them."""
+    return [adapter, data_options.data, data_options.template, model_options.model, *others]
+
+
 def _progress_print(progress: bool, message: str) -> None:
     if progress:
         print(message, flush=True)
@@ -116,6 +122,7 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
     """Fine-tune LoRA on all layers of `model` on the training split of `data`; save a PEFT adapter to `out`."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
+    check_not_input(out, _inputs(None, data_options, model_options))
     check_output_dir(out, overwrite, "--out")
     task, splits = data_options.load()
     base, tokenizer = model_options.load()
@@ -129,7 +136,10 @@ def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
     info_file = Path(adapter_dir) / "lorabound_train.json"
     if not info_file.is_file():
         return
-    trained = set(json.loads(info_file.read_text()).get("train_input_hashes", []))
+    try:
+        trained = set(json.loads(info_file.read_text()).get("train_input_hashes", []))
+    except (ValueError, AttributeError):
+        raise LoraboundError(f"cannot parse {info_file}; restore it, or delete it to skip the held-out check") from None
     for name, examples in (("validation", splits.validation), ("test", splits.test)):
         seen = len(trained & set(input_fingerprints(examples)))
         if seen:
@@ -146,8 +156,10 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
             curves: tuple[str, ...] = CURVES, batch_size: int = 8, data_options: DataOptions | None = None,
             model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Teacher-forced curves on the validation split into OUT/curves.json and PNG plots."""
-    check_not_input(out, [adapter])
-    out = check_output_dir(out, overwrite, "--out")
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
+    check_not_input(out, _inputs(adapter, data_options, model_options))
+    out = fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
@@ -196,9 +208,11 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
                               knee_fraction=knee_fraction, candidates=candidates)
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
     if out is not None:
-        check_not_input(out, [adapter])
-    folder = check_output_dir(out, overwrite, "--out") if out is not None else None
+        check_not_input(out, _inputs(adapter, data_options, model_options))
+    folder = fresh_output_dir(out, overwrite) if out is not None else None
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
@@ -208,10 +222,10 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
             out: Path | None, batch_size, data_options, model_options, adapter, progress) -> SearchResult:
     num_layers = find_layer_stack(peft_model).num_layers
-    if settings.boundary is not None:
-        truncation = {"boundary": [settings.boundary], "mean_prob": [float("nan")]}
-    elif (cached := _cached_json(out, "curves.json")) is not None:
+    if (cached := _cached_json(out, "curves.json")) is not None:
         truncation = cached["truncation"]
+    elif settings.boundary is not None:
+        truncation = {"boundary": [settings.boundary], "mean_prob": [None]}  # the user's b needs no curve
     else:
         with tempfile.TemporaryDirectory(prefix="lorabound-") as scratch:
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
@@ -241,8 +255,9 @@ def _cached_json(folder: Path | None, name: str) -> dict | None:
 BASE, FULL = "base model", "full adapter"
 
 
-def variant_name(boundary: int | None, num_layers: int) -> str:
-    if boundary is None or boundary >= num_layers - 1:
+def variant_name(boundary: int | None, top: int) -> str:
+    """"full adapter" at or above the adapter's top LoRA layer, "base model" below 0, else "pruned (b=N)"."""
+    if boundary is None or boundary >= top:
         return FULL
     if boundary < 0:
         return BASE
@@ -260,7 +275,7 @@ def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example],
     The file is OUT/generations/SPLIT-NAME.jsonl; NAME defaults to the variant's name ("pruned (b=14)", ...).
     """
     num_layers = find_layer_stack(peft_model).num_layers
-    name = name or variant_name(boundary, num_layers)
+    name = name or variant_name(boundary, max(adapter_layers(peft_model)))
     path = out / "generations" / f"{split}-{_slug(name)}.jsonl" if out is not None else None
     key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
     if path is not None and path.is_file():
@@ -311,8 +326,10 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
              bootstrap: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
-    check_not_input(out, [adapter, *(adapters or [])])
-    out = check_output_dir(out, overwrite, "--out")
+    data_options = data_options or DataOptions(data=data)
+    model_options = model_options or ModelOptions(model=model)
+    check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
+    out = fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     generation = generation or GenerationOptions()
@@ -322,8 +339,8 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
         other, _ = model_options.load(extra)
         texts = _generate_cached(other, tokenizer, task, splits.test, None, "test", out, generation, progress,
                                  name=str(extra))
-        result["variants"].append(_variant_row(str(extra), None, texts, splits.test, _adapter_params(extra),
-                                               _adapter_mb(extra), out))
+        metrics = score(texts, [list(e.references) for e in splits.test])
+        result["variants"].append(_variant_row(str(extra), None, metrics, _adapter_params(extra), _adapter_mb(extra)))
     write_json_atomic(out / "evaluation.json", result)
     return result
 
@@ -332,25 +349,25 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
               seed: int, progress) -> dict:
     require_nonempty(splits.test, "test")
     num_layers = find_layer_stack(peft_model).num_layers
-    per_layer = lora_params_per_layer(peft_model)
-    total_params = sum(per_layer.values())
-    wanted = [-1, None] + sorted({b for b in boundaries if -1 <= b < num_layers - 1} - {-1})
     for b in boundaries:
-        if not -1 <= b <= num_layers - 1:
-            raise LoraboundError(f"boundary {b} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
-                                 f"pass --boundaries between -1 and {num_layers - 1}")
+        check_boundary(b, num_layers)
+    per_layer = lora_params_per_layer(peft_model)
+    top = max(per_layer)  # the adapter's highest LoRA layer: any b from there up is the full adapter
+    wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     references = [list(e.references) for e in splits.test]
     outputs, variants = {}, []
     for b in wanted:
-        name = variant_name(b, num_layers)
-        texts = _generate_cached(peft_model, tokenizer, task, splits.test, b, "test", out, generation, progress)
-        outputs[name] = texts
+        name = variant_name(b, top)
+        outputs[name] = _generate_cached(peft_model, tokenizer, task, splits.test, b, "test", out, generation,
+                                         progress)
+        metrics = score(outputs[name], references)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
-        variants.append(_variant_row(name, b, texts, splits.test, params,
-                                     None if b == -1 else _mb(params, peft_model), out))
+        variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
+        if b is None:
+            signature = metrics["bleu_signature"]
     significance = []
     for row in variants:
-        if row["boundary"] is not None and row["boundary"] >= 0:
+        if row["name"] != FULL:
             for metric in ("bleu", "rougeL"):
                 test = paired_bootstrap(outputs[row["name"]], outputs[FULL], references, metric=metric,
                                         n_resamples=bootstrap, seed=seed)
@@ -358,13 +375,11 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
                                      "sentence": describe_significance(test, row["name"], FULL)})
     examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
                 for i, e in enumerate(splits.test[:5])]
-    return {"variants": variants, "significance": significance, "examples": examples,
-            "bleu_signature": score(outputs[FULL], references)["bleu_signature"],
-            "lora_params_total": total_params}
+    return {"variants": variants, "significance": significance, "examples": examples, "bleu_signature": signature,
+            "lora_params_total": sum(per_layer.values())}
 
 
-def _variant_row(name, boundary, texts, examples, params, mb, out: Path) -> dict:
-    metrics = score(texts, [list(e.references) for e in examples])
+def _variant_row(name, boundary, metrics: dict, params, mb) -> dict:
     return {"name": name, "boundary": boundary, "lora_params": params, "adapter_mb": mb,
             "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
             "hypotheses_file": f"generations/test-{_slug(name)}.jsonl"}
@@ -399,12 +414,13 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     generation = generation or GenerationOptions()
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction)
     out = Path(out)
+    inputs = _inputs(adapter, data_options, model_options)
+    # The run resumes only if all of this is unchanged, the contents of its input files included.
     asked = {"model": model_options.model, "adapter": str(Path(adapter).resolve()),
-             "adapter_hashes": folder_hashes(adapter) if Path(adapter).is_dir() else {},
              "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation),
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
-             "dtype": model_options.dtype}
-    check_not_input(out, [adapter])
+             "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)}}
+    check_not_input(out, inputs)
     _claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
@@ -425,21 +441,29 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     b = found["boundary"]
 
     pruned_dir = out / "adapter-pruned"
-    if 0 <= b < max(curves["meta"]["adapter_layers"]):
+    layers = curves["meta"]["adapter_layers"]
+    top = max(layers)
+    if b >= top:
+        _progress_print(progress, f"[3/5] prune: b = {b} keeps every LoRA layer, nothing to export")
+    elif not any(layer <= b for layer in layers):
+        _progress_print(progress, f"[3/5] prune: b = {b} drops every LoRA layer (the base model), nothing to export")
+    elif not Path(adapter, ADAPTER_WEIGHTS).is_file():
+        _progress_print(progress, "[3/5] prune: skipped, the adapter is a pickled adapter_model.bin "
+                                  "(convert it to safetensors to export)")
+    else:
         _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
         if _cached_json(out, "prune.json") is None:
             export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
-    else:
-        _progress_print(progress, f"[3/5] prune: b = {b} keeps every LoRA layer, nothing to export")
 
     _progress_print(progress, "[4/5] evaluate: generation on test")
     compare = {b, knee(curves["truncation"], knee_fraction)} | set(boundaries or [])
-    if compare <= {num_layers - 1}:
+    if all(c >= top for c in compare):
         # The search kept everything: still show on test what the best smaller candidate would have cost.
-        below = [c for c in found["candidates"] if 0 <= c["boundary"] < num_layers - 1]
+        metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
+        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c[metric] is not None]
         if below:
-            compare.add(max(below, key=lambda c: (c["rougeL"] or 0, c["boundary"]))["boundary"])
+            compare.add(max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"])
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
                            data_options.seed, progress)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
@@ -457,7 +481,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "max_new_tokens": generation.max_new_tokens, "num_layers": num_layers},
         "curves": curves, "search": found, **evaluation,
-        "verdict": verdict(found, evaluation, num_layers),
+        "verdict": verdict(found, evaluation, top),
         "notes": _notes(curves, _cached_json(out, "prune.json")),
     }
     write_report(out, report)
@@ -467,6 +491,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
 def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
     """Resume a run (or demo) folder of the same settings; refuse one of other settings unless --overwrite."""
     marker = out / marker_name
+    check_output_dir(out, overwrite=True)  # a file there is refused; contents are judged below
     # A folder holding only its marker stopped on a bad input before any work: start it afresh.
     if out.is_dir() and any(p.name != marker.name for p in out.iterdir()):
         same = marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(asked))
@@ -479,26 +504,26 @@ def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> 
     write_json_atomic(marker, asked)
 
 
-def verdict(search: dict, evaluation: dict, num_layers: int) -> str:
-    """One plain sentence on what dropping the upper-layer LoRA did on the test split."""
+def verdict(search: dict, evaluation: dict, top: int) -> str:
+    """Plain sentences on what the chosen boundary does on the test split, and how it was chosen."""
     b = search["boundary"]
     tests = {(s["a"], s["metric"]): s for s in evaluation["significance"]}
-    if b >= num_layers - 1 or (variant_name(b, num_layers), "bleu") not in tests:
-        others = sorted({a for a, _ in tests})
-        text = (f"The search kept LoRA on every layer (b = {b}): on validation no smaller boundary matched the "
-                f"full adapter, so nothing was dropped.")
-        if b < 0:
-            text = ("The search chose the base model (b = -1): on validation it did at least as well as every "
-                    "candidate, the full adapter included, so this adapter brings no measurable gain here.")
+    name = variant_name(b, top)
+    why = f"b = {b}: {search['reason']}"
+
+    def on_test(variant: str) -> str:
+        return " ".join(tests[(variant, m)]["sentence"] for m in ("bleu", "rougeL") if (variant, m) in tests)
+
+    if name == FULL:
+        others = [v["name"] for v in evaluation["variants"] if v["name"] not in (BASE, FULL)]
+        text = f"LoRA was kept on every layer, so nothing was dropped ({why})."
         if others:
-            text += " For comparison on test: " + " ".join(tests[(a, m)]["sentence"] for a in others
-                                                           for m in ("bleu", "rougeL"))
+            text += " For comparison on test: " + " ".join(on_test(o) for o in others)
         return text
-    name = variant_name(b, num_layers)
-    bleu, rouge = tests[(name, "bleu")], tests[(name, "rougeL")]
+    if name == BASE:
+        return f"Every LoRA layer was dropped: the base model ({why}). On test: {on_test(BASE)}"
     share = 1 - search.get("kept_fraction", 0.0)
-    return (f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters. On test: "
-            f"{bleu['sentence']} {rouge['sentence']}")
+    return f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). On test: {on_test(name)}"
 
 
 def _notes(curves: dict, export: dict | None) -> list[str]:
@@ -526,12 +551,13 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
                                test_size=test_size, seed=seed)
     adapter = out / "adapter"
     _claim_folder(out, "demo.json", {"train_size": train_size, "validation_size": validation_size,
-                                     "test_size": test_size, "epochs": epochs, "seed": seed}, overwrite)
+                                     "test_size": test_size, "epochs": epochs, "seed": seed,
+                                     "max_new_tokens": max_new_tokens}, overwrite)
     if not (adapter / ADAPTER_WEIGHTS).is_file():
         _progress_print(progress, "[0/5] train: LoRA on every layer of SmolLM2-135M, E2E")
         result = train(DEFAULT_MODEL, "e2e", adapter, settings=TrainSettings(epochs=epochs, seed=seed),
                        data_options=data_options, progress=progress)
-        if progress:
+        if progress and result.validation_loss_after is not None:
             print(f"trained {result.steps} steps in {result.seconds:.0f} s; validation loss "
                   f"{result.validation_loss_before:.3f} -> {result.validation_loss_after:.3f}")
     report = run(DEFAULT_MODEL, adapter, "e2e", out / "run", data_options=data_options,
