@@ -154,7 +154,7 @@ def test_input_adapter_is_never_written(tmp_path, saved):
     prune_adapter(adapter_dir, 1, tmp_path / "a", num_layers=4)
     prune_adapter(adapter_dir, 1, tmp_path / "b", format="zero-fill")
     prune_adapter(adapter_dir, 1, tmp_path / "c", format="merged", model_spec=str(base_dir))
-    with pytest.raises(LoraboundError, match="input adapter folder"):
+    with pytest.raises(LoraboundError, match="never writes into its inputs"):
         prune_adapter(adapter_dir, 1, adapter_dir, overwrite=True)
     assert folder_hashes(adapter_dir) == before
 
@@ -234,3 +234,20 @@ def test_real_model_export_equals_in_memory_drop(tmp_path):
         got = exported(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-4)
     assert not torch.allclose(got, full, atol=1e-3)
+
+
+def test_lora_outside_the_layer_stack_survives_export(tmp_path):
+    """LoRA on the embeddings has no layer index: every export keeps it, as the in-memory drop does."""
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model = tiny_lora(target_modules=["q_proj", "v_proj", "embed_tokens"])
+    model.save_pretrained(tmp_path / "adapter")
+    with keep_up_to(model, 1):
+        expected = logits(model)
+    prune_adapter(tmp_path / "adapter", 1, tmp_path / "peft", num_layers=4)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert "model.embed_tokens" in config["target_modules"]
+    assert torch.allclose(logits(load_exported(tmp_path / "peft")), expected, atol=1e-6)
+    prune_adapter(tmp_path / "adapter", 1, tmp_path / "merged", format="merged", model_spec=str(base_dir))
+    assert torch.allclose(logits(load_model(str(tmp_path / "merged"))[0]), expected, atol=1e-5)

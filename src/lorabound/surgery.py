@@ -220,7 +220,8 @@ class PruneResult:
         lines = [
             f"wrote {self.format} adapter with LoRA on layers 0..{self.boundary} to {self.out_dir}",
             f"LoRA parameters: {self.lora_params_before:,} -> {self.lora_params_after:,} ({share:.1%} kept)",
-            f"adapter size: {mb(self.bytes_before)} -> {mb(self.bytes_after)}",
+            f"{'model' if self.format == 'merged' else 'adapter'} weights: "
+            f"{mb(self.bytes_before)} -> {mb(self.bytes_after)}",
         ]
         return "\n".join(lines + self.notes)
 
@@ -239,7 +240,7 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_not_input(out_dir, [adapter_dir])
     source = AdapterFiles.read(adapter_dir)
-    if num_layers is None and model_spec is not None and format != "merged":
+    if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     if num_layers is not None:
         check_boundary(boundary, num_layers)
@@ -270,7 +271,7 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
         else:
             config = _pruned_config(source, kept) if format == "peft" else dict(source.config)
             _write_adapter(tmp, config, tensors, source.path)
-        bytes_after = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        bytes_after = sum(p.stat().st_size for p in tmp.rglob("*.safetensors"))
         write_json_atomic(tmp / "lorabound.json", {
             "pruned_from": str(adapter_dir.resolve()), "boundary": boundary, "format": format,
             "layers_kept": kept, "layers_in_source": source.layers(),
@@ -312,11 +313,14 @@ def _pruned_config(source: AdapterFiles, kept: list[int]) -> dict:
         kept = [layer for layer in kept if layer in original_layers]
     config["layers_to_transform"] = kept
     config["layers_pattern"] = sorted(patterns)[0] if len(patterns) == 1 else sorted(patterns)
-    if isinstance(config.get("target_modules"), str):
-        # PEFT ignores layers_to_transform for a string (regex / all-linear) target: list the modules explicitly.
+    outside_stack = {m["module"] for name in source.tensors
+                     if (m := _TENSOR.match(name)) and source.layer_of(name) is None}
+    if isinstance(config.get("target_modules"), str) or outside_stack:
+        # PEFT ignores layers_to_transform for a string (regex / all-linear) target, and with a list it would
+        # drop modules outside the layer stack (they have no layer index): name every module exactly instead.
         modules = {m["module"] for name in source.tensors
                    if (m := _TENSOR.match(name)) and (lp := source.layer_of(name)) and lp[1] in kept}
-        config["target_modules"] = sorted(modules)
+        config["target_modules"] = sorted(modules | outside_stack)
     return config
 
 
@@ -330,17 +334,15 @@ def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor],
 
 
 def _write_merged(source: AdapterFiles, tensors, kept, boundary, model_spec, folder: Path, dtype, trust_remote_code):
-    from peft import PeftModel
-
-    from .model import load_model
+    from .model import load_adapter, load_model
 
     model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
-    check_boundary(boundary, find_layer_stack(model).num_layers)
-    if kept:
+    if any(".lora_" in name for name in tensors):
         staging = folder / ".pruned-adapter"
         staging.mkdir()
         _write_adapter(staging, _pruned_config(source, kept), tensors, source.path)
-        model = PeftModel.from_pretrained(model, str(staging)).merge_and_unload()
+        # load_adapter checks the adapter against this model before PEFT touches it.
+        model = load_adapter(model, staging, model_name=model_spec).merge_and_unload()
         shutil.rmtree(staging)
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
