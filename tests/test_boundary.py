@@ -62,3 +62,16 @@ def test_user_boundary_and_errors():
         SearchSettings(criterion="best")
     with pytest.raises(LoraboundError, match="tolerance"):
         SearchSettings(tolerance=-1)
+
+
+def test_candidates_are_checked_before_any_generation():
+    def never(b):
+        raise AssertionError("generated for an impossible boundary")
+
+    with pytest.raises(LoraboundError, match="outside -1..5"):
+        search(CURVE, SearchSettings(criterion="bleu", candidates=[2, -2]), 6, {i: 1 for i in range(6)}, never)
+    # A candidate between the curve's points scores as the LoRA layer below it; below all of them, as unknown.
+    restricted = {"boundary": [-1, 2, 3], "mean_prob": [0.4, 0.5, 0.6]}
+    result = search(restricted, SearchSettings(criterion="bleu", candidates=[1, 3]), 6, {2: 1, 3: 1},
+                    lambda b: {"bleu": float(b), "rougeL": 0.0, "chrf": 0.0})
+    assert [c["mean_prob"] for c in result.candidates] == [0.4, 0.6]

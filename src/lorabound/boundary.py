@@ -43,6 +43,14 @@ class SearchSettings:
             raise LoraboundError(f"--tolerance {self.tolerance} is negative; pass 0 or a positive number of points")
 
 
+def check_boundary(boundary: int, num_layers: int) -> None:
+    if not -1 <= boundary <= num_layers - 1:
+        raise LoraboundError(
+            f"boundary {boundary} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
+            f"pass --boundary between -1 (base model) and {num_layers - 1} (full adapter)"
+        )
+
+
 def knee(truncation: dict, fraction: float = 0.9) -> int:
     """Smallest b whose probability gain over the base reaches `fraction` of the full adapter's gain.
 
@@ -96,9 +104,13 @@ def search(truncation: dict, settings: SearchSettings, num_layers: int, params_p
            score_boundary=None) -> SearchResult:
     """Pick b. `score_boundary(b) -> metrics dict` generates on validation; only metric criteria call it."""
     probs = dict(zip(truncation["boundary"], truncation["mean_prob"]))
+    for b in [settings.boundary] if settings.boundary is not None else settings.candidates or []:
+        check_boundary(b, num_layers)  # before any generation
 
     def row(b: int, metrics: dict | None = None) -> dict:
-        prob = probs.get(b, probs[max(x for x in probs if x <= b)])
+        # A b between two LoRA layers scores as the lower one (the curve lists LoRA layers only).
+        below = [x for x in probs if x <= b]
+        prob = probs[max(below)] if below else None
         return {"boundary": b, "mean_prob": prob, **{m: (metrics or {}).get(m) for m in ("bleu", "rougeL", "chrf")}}
 
     if settings.boundary is not None:
@@ -125,9 +137,6 @@ def search(truncation: dict, settings: SearchSettings, num_layers: int, params_p
         reason = (f"smallest b{within} by validation {metric} among candidates {chosen}"
                   + (" (preselected from the truncation curve)" if not settings.candidates else ""))
 
-    if not -1 <= b <= num_layers - 1:
-        raise LoraboundError(f"boundary {b} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
-                             f"pass --boundary between -1 (base model) and {num_layers - 1} (full adapter)")
     return SearchResult(
         criterion="boundary" if settings.boundary is not None else settings.criterion, boundary=b,
         num_layers=num_layers, reason=reason, candidates=candidates,

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import __version__
 from .analysis import CURVES
 from .analysis import analyze as analyze_curves
-from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, knee
+from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, check_boundary, knee
 from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
@@ -33,7 +33,7 @@ from .files import (check_not_input, check_output_dir, existing_path, fresh_outp
                     write_json_atomic, write_text_atomic)
 from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, check_boundary, keep_lora,
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, keep_lora,
                       lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter

@@ -18,6 +18,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
+from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
 from .model import check_lora_config, find_layer_stack, model_num_layers, read_adapter_config
@@ -89,14 +90,6 @@ def kept_layers(boundary: int, num_layers: int) -> list[int]:
     """Layers 0..b: the layers whose LoRA is kept at boundary b."""
     check_boundary(boundary, num_layers)
     return list(range(boundary + 1))
-
-
-def check_boundary(boundary: int, num_layers: int) -> None:
-    if not -1 <= boundary <= num_layers - 1:
-        raise LoraboundError(
-            f"boundary {boundary} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
-            f"pass --boundary between -1 (base model) and {num_layers - 1} (full adapter)"
-        )
 
 
 @contextlib.contextmanager

@@ -49,7 +49,8 @@ class TrainSettings:
                   (self.learning_rate > 0, f"--lr {self.learning_rate} must be positive"),
                   (self.epochs > 0, f"--epochs {self.epochs} must be positive"),
                   (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
-                  (self.max_length >= 8, f"--max-length {self.max_length} must be at least 8")]
+                  (self.max_length >= 8, f"--max-length {self.max_length} must be at least 8"),
+                  (self.checkpoint_every >= 1, f"--checkpoint-every {self.checkpoint_every} must be at least 1")]
         for ok, message in checks:
             if not ok:
                 raise LoraboundError(message + "; pass a valid value")
@@ -172,23 +173,18 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
 
 
 def _save_checkpoint(folder: Path, fingerprint, model, optimizer, scheduler, step, losses, validation_before):
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    opt = optimizer.state_dict()
+    """Adapter weights, AdamW moments and counters, pickle-free; the folder is replaced atomically."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    moments = {}
-    for i, name in enumerate(names):
-        for key, value in opt["state"].get(i, {}).items():
-            moments[f"{key}/{name}"] = value.detach().clone().reshape(-1) if value.dim() == 0 else value
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    write_json_atomic(tmp / "state.json", {"fingerprint": fingerprint, "step": step, "losses": losses,
-                                           "validation_before": validation_before,
-                                           "scheduler": scheduler.state_dict()})
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    params = dict(model.named_parameters())
+    opt = optimizer.state_dict()
+    moments = {f"{key}/{name}": value.detach().clone().reshape(-1) if value.dim() == 0 else value
+               for i, name in enumerate(names) for key, value in opt["state"].get(i, {}).items()}
+    with atomic_dir(folder, overwrite=True, what="training checkpoint") as tmp:
+        save_file({n: params[n].detach().clone() for n in names}, str(tmp / "trainable.safetensors"))
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        write_json_atomic(tmp / "state.json", {"fingerprint": fingerprint, "step": step, "losses": losses,
+                                               "validation_before": validation_before,
+                                               "scheduler": scheduler.state_dict()})
 
 
 def _resume(folder: Path, fingerprint, model, optimizer, scheduler):
