@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .data import Encoded, batches
 from .errors import LoraboundError
 from .files import write_json_atomic
-from .model import LayerStack, find_layer_stack
+from .model import LayerStack, apply_head, find_layer_stack, unwrap_model
 from .surgery import adapter_layers, keep_lora
 
 CURVES = ("truncation", "logit_lens", "ablation")
@@ -48,7 +48,7 @@ def _hidden_of(output) -> torch.Tensor:
 
 def _backbone(model):
     """The decoder without its output head (LlamaModel inside LlamaForCausalLM, GPT2Model, ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     return getattr(base, base.base_model_prefix, base)
 
 
@@ -136,13 +136,7 @@ class TokenScores:
 
 def head_logits(stack: LayerStack, hidden: torch.Tensor, targets: Targets) -> torch.Tensor:
     """Final norm and output head at the target positions only (the norm is applied once, here)."""
-    picked = hidden[targets.rows, targets.positions]
-    if stack.final_norm is not None:
-        picked = stack.final_norm(picked)
-    logits = stack.lm_head(picked).float()
-    if stack.logit_softcap:
-        logits = torch.tanh(logits / stack.logit_softcap) * stack.logit_softcap
-    return logits
+    return apply_head(stack, hidden[targets.rows, targets.positions]).float()
 
 
 # ---------------------------------------------------------------------------
@@ -235,13 +229,13 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
                                 "full_prob": full["mean_prob"], "base_nll": base["nll"], "full_nll": full["nll"]}
     if "ablation" in scores:
         ablated = scores["ablation"].means()
-        full_nll = _full_nll(result, scores, boundaries)
+        full_nll = _full_nll(result, scores)
         result["ablation"] = {"layer": lora_layers, "nll": ablated["nll"], "full_nll": full_nll,
                               "delta_nll": [x - full_nll for x in ablated["nll"]] if full_nll is not None else None}
     return result
 
 
-def _full_nll(result: dict, scores: dict[str, TokenScores], boundaries: list[int]) -> float | None:
+def _full_nll(result: dict, scores: dict[str, TokenScores]) -> float | None:
     if "truncation" in result:
         return result["truncation"]["nll"][-1]
     if "lens_full" in scores:

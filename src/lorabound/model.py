@@ -369,7 +369,7 @@ KNOWN_LAYER_PATHS = (
 )
 # Names of the final norm, looked up on the module that holds the block list.
 KNOWN_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "final_norm")
-SUPPORTED_LAYOUTS = "Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-3, GPT-2, GPT-NeoX, OPT"
+SUPPORTED_LAYOUTS = "Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-3, GPT-2, GPT-NeoX, OPT with a final layer norm"
 
 
 def unwrap_model(model) -> nn.Module:
@@ -435,7 +435,7 @@ def _find_layers_path(base) -> str:
 def _find_final_norm(base, parent_path: str) -> nn.Module | None:
     """The norm applied after the last block: a known attribute of the block list's parent, else its only *Norm child.
 
-    None only where the model itself has none (e.g. OPT with do_layer_norm_before=False).
+    A model without one (e.g. OPT-350m, do_layer_norm_before=False, which also projects out) cannot be mapped.
     """
     parent = base.get_submodule(parent_path) if parent_path else base
     for name in KNOWN_FINAL_NORM_NAMES:
