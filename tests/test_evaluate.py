@@ -11,8 +11,8 @@ import sacrebleu
 import torch
 
 from lorabound.errors import LoraboundError
-from lorabound.evaluate import (describe_significance, generate, paired_bootstrap, score, score_from_stats,
-                                segment_stats)
+from lorabound.evaluate import describe_significance, paired_bootstrap, score, score_from_stats, segment_stats
+from lorabound.generation import generate
 
 SENTENCES = [
     "the cat sat on the mat", "a dog ran across the busy road", "we had fish and chips for dinner",

@@ -29,8 +29,9 @@ from transformers import (
 )
 
 from lorabound import model as M
+from lorabound.model import gguf as G
 from lorabound.errors import LoraboundError
-from lorabound.files import folder_hashes
+from lorabound.files import cache_dir, folder_hashes
 
 VOCAB = 96
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
@@ -346,10 +347,10 @@ def test_unreadable_gguf(tmp_path, monkeypatch):
 def test_gguf_cache_key_tracks_the_file(tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"x")
-    key = M._gguf_cache_key(f)
-    assert len(key) == 16 and key == M._gguf_cache_key(f)
+    key = G.gguf_cache_key(f)
+    assert len(key) == 16 and key == G.gguf_cache_key(f)
     f.write_bytes(b"xy")
-    assert M._gguf_cache_key(f) != key
+    assert G.gguf_cache_key(f) != key
 
 
 @pytest.mark.parametrize("dtype", ["int8", "fp32"])
@@ -402,7 +403,7 @@ def test_real_model_layers(real_model):
 @pytest.mark.real
 def test_real_converted_folder_and_no_reconversion(real_model):
     folder = Path(M.resolve_model_dir("smollm2-135m"))
-    assert folder == M.cache_dir() / "models" / "smollm2-135m"
+    assert folder == cache_dir() / "models" / "smollm2-135m"
     files = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
     assert not any(name.endswith(".bin") for name in files)
@@ -436,13 +437,13 @@ def fake_convert(calls):
 def test_gguf_file_converted_once_into_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORABOUND_CACHE", str(tmp_path / "cache"))
     calls = []
-    monkeypatch.setattr(M, "_convert_gguf", fake_convert(calls))
+    monkeypatch.setattr(G, "_convert_gguf", fake_convert(calls))
     gguf = tmp_path / "my model.gguf"
     gguf.write_bytes(b"GGUF...")
     folder = Path(M.resolve_model_dir(str(gguf)))
-    assert folder == tmp_path / "cache" / "models" / f"gguf-{M._gguf_cache_key(gguf)}"
+    assert folder == tmp_path / "cache" / "models" / f"gguf-{G.gguf_cache_key(gguf)}"
     assert (folder / "lorabound_conversion.json").is_file() and (folder / "config.json").is_file()
-    assert folder.stat().st_mode & 0o777 == 0o777 & ~M._umask()  # not left private by mkdtemp
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~G._umask()  # not left private by mkdtemp
     assert Path(M.resolve_model_dir(str(gguf))) == folder
     assert len(calls) == 1
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folders left
@@ -455,16 +456,16 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(M, "_convert_gguf", dies_halfway)
+    monkeypatch.setattr(G, "_convert_gguf", dies_halfway)
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF...")
     with pytest.raises(KeyboardInterrupt):
         M.resolve_model_dir(str(gguf))
     assert list((tmp_path / "cache" / "models").iterdir()) == []
     # an unstamped folder at the target (e.g. copied in by hand) is redone, not trusted
-    target = tmp_path / "cache" / "models" / f"gguf-{M._gguf_cache_key(gguf)}"
+    target = tmp_path / "cache" / "models" / f"gguf-{G.gguf_cache_key(gguf)}"
     target.mkdir()
     (target / "config.json").write_text("{}")
     calls = []
-    monkeypatch.setattr(M, "_convert_gguf", fake_convert(calls))
+    monkeypatch.setattr(G, "_convert_gguf", fake_convert(calls))
     assert Path(M.resolve_model_dir(str(gguf))) == target and len(calls) == 1

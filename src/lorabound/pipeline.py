@@ -28,7 +28,8 @@ from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
 from .errors import LoraboundError
-from .evaluate import describe_significance, generate, paired_bootstrap, score
+from .evaluate import describe_significance, paired_bootstrap, score
+from .generation import generate
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
 from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model

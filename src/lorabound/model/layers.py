@@ -1,0 +1,150 @@
+"""Layer discovery: the transformer blocks, final norm and output head of any causal LM.
+
+In the spirit of tuned-lens's ``model_surgery.py``: small functions that find a model's layer stack
+(plain or wrapped in a PeftModel), and :func:`apply_head`, which turns a block's output into logits
+the way the model itself does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LoraboundError
+
+@dataclass
+class LayerStack:
+    layers: nn.ModuleList      # the transformer blocks, 0 = nearest the embeddings
+    layers_path: str           # dotted path from the base (unwrapped) model, e.g. "model.layers"
+    final_norm: nn.Module | None
+    lm_head: nn.Module
+    logit_softcap: float | None  # Gemma-2/3 final_logit_softcapping, else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+# Where known architectures keep their blocks (tried first, in order), relative to the *ForCausalLM model.
+KNOWN_LAYER_PATHS = (
+    "model.layers",                  # Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3 (text), OLMo, ...
+    "model.language_model.layers",   # Gemma-3 / Llava-style multimodal wrappers
+    "model.decoder.layers",          # OPT
+    "transformer.h",                 # GPT-2, GPT-J, Falcon, Bloom
+    "gpt_neox.layers",               # Pythia / GPT-NeoX
+    "transformer.layers",
+    "transformer.blocks",            # MPT
+)
+# Names of the final norm, looked up on the module that holds the block list.
+KNOWN_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "final_norm")
+SUPPORTED_LAYOUTS = "Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-3, GPT-2, GPT-NeoX, OPT with a final layer norm"
+
+
+def unwrap_model(model) -> nn.Module:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def find_layer_stack(model) -> LayerStack:
+    """Works on a plain transformers model or a PeftModel wrapping one."""
+    base = unwrap_model(model)
+    layers_path = _find_layers_path(base)
+    parent_path = layers_path.rpartition(".")[0]
+    return LayerStack(
+        layers=base.get_submodule(layers_path),
+        layers_path=layers_path,
+        final_norm=_find_final_norm(base, parent_path),
+        lm_head=_find_lm_head(base),
+        logit_softcap=_logit_softcap(base),
+    )
+
+
+def _cannot_map(base) -> LoraboundError:
+    return LoraboundError(
+        f"cannot find the transformer layer stack of {type(base).__name__}; supported layouts: {SUPPORTED_LAYOUTS} "
+        "(a causal LM with a ModuleList of config.num_hidden_layers blocks); open an issue with the model's class name"
+    )
+
+
+def num_hidden_layers(base) -> int | None:
+    config = getattr(base, "config", None)
+    if config is None:
+        return None
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+    for cfg in (text_config, config):
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _find_layers_path(base) -> str:
+    """The dotted path of the block list: a known path first, else the shortest ModuleList of the right length."""
+    n_layers = num_hidden_layers(base)
+    if n_layers is None:
+        raise _cannot_map(base)
+    for path in KNOWN_LAYER_PATHS:
+        try:
+            module = base.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return path
+    candidates = [name for name, module in base.named_modules()
+                  if name and isinstance(module, nn.ModuleList) and len(module) == n_layers]
+    if not candidates:
+        raise _cannot_map(base)
+    return min(candidates, key=lambda name: (name.count("."), name))
+
+
+def _find_final_norm(base, parent_path: str) -> nn.Module | None:
+    """The norm applied after the last block: a known attribute of the block list's parent, else its only *Norm child.
+
+    A model without one (e.g. OPT-350m, do_layer_norm_before=False, which also projects out) cannot be mapped.
+    """
+    parent = base.get_submodule(parent_path) if parent_path else base
+    for name in KNOWN_FINAL_NORM_NAMES:
+        if name in parent._modules:
+            return parent._modules[name]
+    norms = [child for child in parent.children() if type(child).__name__.lower().endswith("norm")]
+    if len(norms) == 1:
+        return norms[0]
+    raise _cannot_map(base)
+
+
+def _find_lm_head(base) -> nn.Module:
+    get_output_embeddings = getattr(base, "get_output_embeddings", None)
+    head = get_output_embeddings() if callable(get_output_embeddings) else None
+    if head is None:
+        raise _cannot_map(base)
+    return head
+
+
+def _logit_softcap(base) -> float | None:
+    config = base.config
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+    cap = getattr(text_config, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def apply_head(stack: LayerStack, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from a block's output: final norm, LM head, then the softcap if the model has one."""
+    if stack.final_norm is not None:
+        hidden = stack.final_norm(hidden)
+    logits = stack.lm_head(hidden)
+    if stack.logit_softcap is not None:
+        logits = torch.tanh(logits / stack.logit_softcap) * stack.logit_softcap
+    return logits
+
+
+def module_layer_index(module_name: str, layers_path: str) -> int | None:
+    """The block index of a module name such as "base_model.model.model.layers.3.self_attn.q_proj", else None."""
+    match = re.search(rf"(?:^|\.){re.escape(layers_path)}\.(\d+)(?:\.|$)", module_name)
+    return int(match.group(1)) if match else None

