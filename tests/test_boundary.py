@@ -1,5 +1,7 @@
 """Boundary criteria on curves and validation outputs whose answer is known by construction."""
 
+import re
+
 import pytest
 
 from lorabound.boundary import (SearchSettings, Validation, knee, local_maxima, max_likelihood, pick_by_metric,
@@ -240,3 +242,86 @@ def test_a_candidate_between_lora_layers_scores_as_the_layer_below():
     result = search(restricted, SearchSettings(criterion="bleu", candidates=[1, 3]), 6, {2: 1, 4: 1},
                     validation({1: 0, 3: 6, 4: 6}))
     assert [(c["boundary"], c["mean_prob"]) for c in result.candidates] == [(1, 0.4), (3, 0.5), (4, 0.6)]
+
+
+# --------------------------------------------------------------------------------------------
+# The search command on a tiny model, as a user runs it
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A tiny model folder, a random adapter on every layer, and a JSONL task with Russian references."""
+    import json
+
+    from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("search")
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    tiny_lora().save_pretrained(root / "adapter")
+    rows = [{"input": f"место {i}", "target": RUSSIAN[i % len(RUSSIAN)]} for i in range(12)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    args = ["--model", str(root / "base"), "--adapter", str(root / "adapter"), "--data", str(root / "data.jsonl"),
+            "--validation-size", "4", "--test-size", "2", "--max-length", "64", "--max-new-tokens", "3"]
+    return root, args
+
+
+def test_cli_search_prints_each_candidates_interval(tiny_world, capsys):
+    import json
+
+    from lorabound.cli import main
+
+    root, args = tiny_world
+    out = root / "searched"
+    code = main(["--quiet", "search", *args, "--criterion", "auto", "--goal", "size", "--tolerance", "100",
+                 "--bleu-tokenize", "char", "--bootstrap", "50", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    found = json.loads((out / "search.json").read_text())
+    assert found["goal"] == "size" and found["reason"].startswith(("goal size:", "every candidate scored the same"))
+    assert "tok:char" in found["validation_tests"]["bleu_signature"] and found["validation_tests"]["resamples"] == 50
+    lines = printed.splitlines()
+    assert lines[0] == f"boundary b = {found['boundary']} ({found['reason']})"
+    assert "against the full adapter (b = 3)" in printed and "mean vs full" in printed
+    for c in found["candidates"]:
+        row = next(line for line in lines if line.startswith(f"{c['boundary']:4d}  "))
+        if c["vs_full"] is None:
+            assert "(reference)" in row and row.endswith("full adapter")
+        else:
+            t = c["vs_full"]["bleu+rougeL"]
+            assert f"{t['diff']:+7.2f} [{t['ci_low']:+6.1f}, {t['ci_high']:+6.1f}]" in row
+            assert row.endswith(", ".join(c["why"]))
+
+
+def test_cli_search_refuses_a_goal_for_another_criterion(tiny_world, capsys):
+    from lorabound.cli import main
+
+    _, args = tiny_world
+    assert main(["--quiet", "search", *args, "--criterion", "bleu", "--goal", "size"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --goal applies to --criterion auto only, not bleu; "
+                                               "drop --goal or use --criterion auto")
+    assert main(["--quiet", "search", *args, "--bleu-tokenize", "klingon"]) == 2
+    assert "--bleu-tokenize 'klingon' is not a tokenizer" in capsys.readouterr().err
+
+
+def test_cli_search_with_a_given_boundary_prints_without_a_curve(tiny_world, capsys):
+    from lorabound.cli import main
+
+    _, args = tiny_world
+    assert main(["--quiet", "search", *args, "--boundary", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("boundary b = 1 (b = 1 was given with --boundary)")
+    assert "   1              -" in printed  # no curve was computed: the probability is unknown, not a crash
+
+
+def test_report_shows_candidate_intervals_and_metric_signatures():
+    from lorabound.report import render_markdown
+
+    right = {0: 2, 3: 12, 5: 12}
+    result = search(CURVE, SearchSettings(criterion="auto", candidates=[0, 3]), 6, PER_LAYER, validation(right))
+    report = {"search": result.to_dict(), "bleu_signature": "nrefs:1|tok:zh", "rouge_signature": "rouge-score:x"}
+    text = render_markdown(report, {})
+    zero = next(c for c in result.candidates if c["boundary"] == 0)["vs_full"][COMBINED]
+    assert f"{zero['diff']:+.2f} [{zero['ci_low']:+.2f}, {zero['ci_high']:+.2f}], p = {zero['p_value']:.3f}" in text
+    assert re.search(r"\|\s+reference \|\s+full adapter \|", text)
+    assert "BLEU signature: nrefs:1|tok:zh" in text and "ROUGE signature: rouge-score:x" in text
