@@ -425,7 +425,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     inputs = _inputs(adapter, data_options, model_options)
     # The run resumes only if all of this is unchanged, the contents of its input files included.
     asked = {"model": model_options.model, "adapter": str(Path(adapter).resolve()),
-             "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation), "metrics": asdict(metric_options),
+             "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation),
+             "metrics": asdict(metric_options),
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)}}
     check_not_input(out, inputs)
