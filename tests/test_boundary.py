@@ -325,3 +325,25 @@ def test_report_shows_candidate_intervals_and_metric_signatures():
     assert f"{zero['diff']:+.2f} [{zero['ci_low']:+.2f}, {zero['ci_high']:+.2f}], p = {zero['p_value']:.3f}" in text
     assert re.search(r"\|\s+reference \|\s+full adapter \|", text)
     assert "BLEU signature: nrefs:1|tok:zh" in text and "ROUGE signature: rouge-score:x" in text
+
+
+def test_cli_evaluate_and_run_record_the_bleu_tokenizer(tiny_world, capsys):
+    import json
+
+    from lorabound.cli import main
+
+    root, args = tiny_world
+    assert main(["--quiet", "evaluate", *args, "--bleu-tokenize", "zh", "--bootstrap", "20",
+                 "--out", str(root / "eval")]) == 0
+    printed = capsys.readouterr().out
+    evaluation = json.loads((root / "eval" / "evaluation.json").read_text())
+    assert "tok:zh" in evaluation["bleu_signature"]
+    assert f"BLEU signature: {evaluation['bleu_signature']}" in printed
+    assert f"ROUGE signature: {evaluation['rouge_signature']}" in printed and "tok:unicode-v1" in printed
+    assert main(["--quiet", "run", *args, "--boundary", "1", "--bleu-tokenize", "char", "--bootstrap", "20",
+                 "--out", str(root / "run")]) == 0
+    report = json.loads((root / "run" / "report.json").read_text())
+    assert "tok:char" in report["bleu_signature"]
+    assert json.loads((root / "run" / "run.json").read_text())["metrics"] == {"bleu_tokenize": "char"}
+    markdown = (root / "run" / "report.md").read_text()
+    assert f"BLEU signature: {report['bleu_signature']}" in markdown and "ROUGE signature: rouge-score:" in markdown
