@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=CRITERIA, default="auto", help="how to pick b (default: auto)")
     p.add_argument("--boundary", type=int, help="your own b (skips the search)")
     search_rule(p)
-    p.add_argument("--candidates", type=int, nargs="+", help="boundaries to generate for (metric criteria)")
+    p.add_argument("--candidates", type=int, nargs="+", help="boundaries to generate for (auto, bleu, rougeL, chrf; "
+                   "default: read off the truncation curve)")
     p.add_argument("--out", help="optional folder to keep curves, generations and search.json")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
