@@ -179,6 +179,32 @@ def test_metric_criterion_says_exactly_what_it_did():
     assert "is within 50 points of the highest (" in within.reason
 
 
+def compared(bleu: tuple, rouge: tuple) -> dict:
+    """A candidate's row with (difference, p) against the full adapter for BLEU and ROUGE-L; the mean's p given."""
+    mean_p = min(bleu[1], rouge[1])
+    tests = {"bleu": bleu, "rougeL": rouge, COMBINED: ((bleu[0] + rouge[0]) / 2, mean_p)}
+    return {"bleu": 30 + bleu[0], "rougeL": 50 + rouge[0], COMBINED: 40 + tests[COMBINED][0],
+            "vs_full": {m: {"diff": d, "ci_low": d - 1, "ci_high": d + 1, "p_value": p} for m, (d, p) in tests.items()}}
+
+
+def test_goal_rules_refuse_a_gain_that_costs_a_significant_loss_on_one_metric():
+    from lorabound.boundary import _pick_for_goal
+
+    full = {"bleu": 30, "rougeL": 50, COMBINED: 40, "vs_full": None}
+    # b = 1: a big BLEU gain, a significant ROUGE-L loss. b = 2: a modest gain on both, beyond noise.
+    scored = {1: compared((+12, 0.001), (-4, 0.01)), 2: compared((+2, 0.004), (+2, 0.004)), 5: full}
+    b, reason = _pick_for_goal(scored, "quality", 0.0, 5)
+    assert b == 2 and "neither BLEU nor ROUGE-L significantly lower" in reason
+    # For size, b = 1 is the smallest and gains on the mean, but is significantly worse on ROUGE-L.
+    b, reason = _pick_for_goal(scored, "size", 0.0, 5)
+    assert b == 2 and reason.startswith("goal size: the smallest b not significantly worse on BLEU, ROUGE-L")
+    # A gain beyond noise for one candidate alone is not enough after the Bonferroni correction for three.
+    scored = {0: compared((0, 1.0), (0, 1.0)), 1: compared((-1, 0.5), (-1, 0.5)), 2: compared((+2, 0.03), (+2, 0.03)),
+              5: full}
+    b, reason = _pick_for_goal(scored, "quality", 0.0, 5)
+    assert b == 5 and "needs p < 0.0167: 0.05 / 3 candidates" in reason
+
+
 @pytest.mark.parametrize("criterion", ["auto", "rougeL", "bleu"])
 def test_a_degenerate_tie_is_said_and_keeps_the_full_adapter(criterion):
     same = {b: 6 for b in range(6)}

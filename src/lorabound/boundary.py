@@ -23,11 +23,12 @@ How `auto` decides:
 - Goal `quality` (the default): drop layers only where validation shows a gain beyond noise, that is the
   candidate with the largest gain in the mean whose p-value is below 0.05 divided by the number of smaller
   candidates tested (Bonferroni: with several candidates, one of them beats the full adapter by chance far more
-  often than 5% of the time); otherwise keep the full adapter. It is the default because the answer must not be
+  often than 5% of the time), and whose BLEU and ROUGE-L are neither significantly lower (p < 0.05);
+  otherwise keep the full adapter. It is the default because the answer must not be
   worse than the adapter the user already has: with the usual few dozen validation examples, a 1-point edge is
   noise more often than not.
-- Goal `size`: the smallest b whose mean is not significantly below the full adapter's (p >= 0.05 or no drop;
-  uncorrected, the stricter way for this goal) and at most --tolerance points below it. With few validation
+- Goal `size`: the smallest b not significantly below the full adapter on BLEU, ROUGE-L or their mean (p >= 0.05
+  or no drop; uncorrected, the stricter way for this goal) whose mean is at most --tolerance points below it. With few validation
   examples "not significantly worse" is weak evidence: set --tolerance to the loss you accept.
 - A degenerate score (every candidate equal, e.g. all 0 because the metric cannot read the script) is said in
   the reason, and b is then the full adapter: nothing is dropped on a score that cannot tell candidates apart.
@@ -228,6 +229,11 @@ def _pick_best(scored: dict[int, dict], metric: str, tolerance: float, full: int
     return top[0], f"the highest validation {label} ({best:.2f}) among candidates {list(scored)}"
 
 
+def _significantly_worse(vs_full: dict) -> bool:
+    """Below the full adapter at p < LEVEL on BLEU, ROUGE-L or their mean (uncorrected: the cautious way here)."""
+    return any(vs_full[m]["diff"] < 0 and vs_full[m]["p_value"] < LEVEL for m in COMPARED)
+
+
 def _pick_for_goal(scored: dict[int, dict], goal: str, tolerance: float, full: int) -> tuple[int, str]:
     """auto: decide on the mean of BLEU and ROUGE-L against the full adapter, noise accounted for."""
     label = METRIC_LABELS[COMBINED]
@@ -236,6 +242,7 @@ def _pick_for_goal(scored: dict[int, dict], goal: str, tolerance: float, full: i
     notes = "".join(f" ({METRIC_LABELS[m]} was {scored[full][m]:.2f} for every candidate and did not separate them)"
                     for m in ("bleu", "rougeL") if _degenerate(scored, m))
     smaller = {b: row["vs_full"][COMBINED] for b, row in scored.items() if b < full}
+    worse = {b for b in smaller if _significantly_worse(scored[b]["vs_full"])}
     if not smaller:
         return full, f"goal {goal}: no candidate below the full adapter to compare{notes}"
 
@@ -246,16 +253,18 @@ def _pick_for_goal(scored: dict[int, dict], goal: str, tolerance: float, full: i
 
     if goal == "quality":
         level = LEVEL / len(smaller)
-        gains = [b for b, t in smaller.items() if t["diff"] > 0 and t["p_value"] < level]
-        rule = f"needs p < {level:.3g}: {LEVEL} / {len(smaller)} candidates, Bonferroni"
+        gains = [b for b, t in smaller.items() if t["diff"] > 0 and t["p_value"] < level and b not in worse]
+        rule = (f"needs p < {level:.3g}: {LEVEL} / {len(smaller)} candidates, Bonferroni, and neither BLEU nor "
+                f"ROUGE-L significantly lower")
         if gains:
             b = max(gains, key=lambda x: (smaller[x]["diff"], -x))
             return b, f"goal quality: the largest validation gain beyond noise, {said(b)}; {rule}{notes}"
         best = max(smaller, key=lambda x: (smaller[x]["diff"], -x))
         return full, (f"goal quality: no candidate beat the full adapter beyond noise ({rule}); the closest was "
                       f"{said(best)}, so LoRA stays on every layer{notes}")
-    fits = [b for b, t in smaller.items() if t["diff"] >= -tolerance and not (t["diff"] < 0 and t["p_value"] < LEVEL)]
-    rule = f"not significantly worse (p >= {LEVEL} or no drop) and at most {tolerance:g} points below it"
+    fits = [b for b, t in smaller.items() if t["diff"] >= -tolerance and b not in worse]
+    rule = (f"not significantly worse on BLEU, ROUGE-L or their mean (p >= {LEVEL} or no drop) and at most "
+            f"{tolerance:g} points below it")
     if fits:
         return min(fits), f"goal size: the smallest b {rule}, {said(min(fits))}{notes}"
     return full, f"goal size: no smaller candidate was {rule}, so LoRA stays on every layer{notes}"
