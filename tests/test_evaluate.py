@@ -231,6 +231,10 @@ def test_rouge_and_combined_bootstrap_agree_with_score():
 def test_chrf_bootstrap_is_refused_plainly():
     with pytest.raises(LoraboundError, match="unknown bootstrap metric 'chrf'; choose one of bleu, rougeL"):
         paired_bootstrap(["a"], ["b"], [["a"]], metric="chrf")
+    with pytest.raises(LoraboundError, match="no per-example statistics for 'chrf'"):
+        segment_stats("chrf", ["a"], [["a"]])
+    with pytest.raises(LoraboundError, match="no score from statistics for 'chrf'"):
+        score_from_stats("chrf", np.zeros(3), 1)
 
 
 def test_describe_significance_is_honest_both_ways():

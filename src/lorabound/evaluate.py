@@ -100,7 +100,7 @@ class UnicodeTokenizer:
     script; everything else (spaces, punctuation, symbols) separates them. Characters of scripts written without
     spaces (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar) are one token each, with their combining marks.
     The Porter stemmer (English) is applied, as rouge-score applies it, to ASCII tokens longer than 3 characters
-    only: on English text the tokens are exactly rouge-score's own.
+    only: on ASCII text the tokens are exactly rouge-score's own.
     """
 
     name = "unicode-v1"
@@ -278,6 +278,8 @@ def score_from_stats(metric: str, summed: np.ndarray, n: int) -> float:
     """The corpus score from statistics summed over `n` examples (sacrebleu's own formula for bleu)."""
     if metric == "rougeL":
         return float(summed[0] / n)
+    if metric != "bleu":
+        raise LoraboundError(f"no score from statistics for '{metric}'; the bootstrap supports bleu and rougeL")
     return _bleu_from_stats(summed)
 
 
