@@ -16,6 +16,8 @@ from typing import Iterable, Iterator
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 
 from .boundary import check_boundary
@@ -124,6 +126,34 @@ def keep_lora(model, layers: Iterable[int], module_types: Iterable[str] | None =
 def keep_up_to(model, boundary: int, module_types: Iterable[str] | None = None):
     """keep_lora for the common case: LoRA on layers 0..boundary."""
     return keep_lora(model, kept_layers(boundary, find_layer_stack(model).num_layers), module_types)
+
+
+def no_adapter(model):
+    """The base model, the same everywhere (the curve's b = -1, evaluation's "base model"): the adapter fully off,
+    including its parts outside the layer stack (LoRA on the head or embeddings, modules_to_save)."""
+    disable = getattr(model, "disable_adapter", None)
+    if callable(disable):
+        return disable()
+    if parts_outside_layers(model):
+        raise LoraboundError("cannot turn off this model's adapter outside its layer stack; wrap it with PEFT "
+                             "(load the adapter with --adapter)")
+    return keep_lora(model, [])
+
+
+def parts_outside_layers(model) -> list[str]:
+    """Adapter modules that no boundary drops: LoRA outside the layer stack (on the head, the embeddings, a vision
+    tower) and modules_to_save / trainable tokens anywhere. Empty when the boundary's b = -1 is the base model."""
+    inside = {id(m.module) for m in lora_modules(model)}
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) or (isinstance(module, BaseTunerLayer) and id(module) not in inside):
+            names.append(_short_module_name(name))
+    return names
+
+
+def _short_module_name(name: str) -> str:
+    """"base_model.model.lm_head" -> "lm_head"."""
+    return name.removeprefix("base_model.model.")
 
 
 # ---------------------------------------------------------------------------
