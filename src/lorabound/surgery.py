@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import check_lora_config, find_layer_stack, model_num_layers, read_adapter_config
+from .model import (check_lora_config, find_layer_stack, layers_path_of_names, model_layers_path, model_num_layers,
+                    module_layer_index, read_adapter_config)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -162,18 +163,24 @@ def _short_module_name(name: str) -> str:
 
 # Tensor names look like "base_model.model.model.layers.12.self_attn.q_proj.lora_A.weight".
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_[A-Za-z_]+)(?:\.|$)")
-_DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "block", "layer")
 
 
 @dataclass
 class AdapterFiles:
-    """An adapter folder read into memory: its config and tensors."""
+    """An adapter folder read into memory: its config and tensors, and where the model keeps its layers.
+
+    layers_path is the text decoder's layer stack ("model.layers", "model.language_model.layers"): the model's
+    own, found as in memory (find_layer_stack) when the model is known, else guessed from the tensor names
+    (model.layers_path_of_names states the rule). LoRA anywhere else (a vision tower, the head) is outside the
+    stack: no boundary drops it, in memory or on export.
+    """
     path: Path
     config: dict
     tensors: dict[str, torch.Tensor]
+    layers_path: str = ""
 
     @classmethod
-    def read(cls, path: str | Path) -> "AdapterFiles":
+    def read(cls, path: str | Path, layers_path: str | None = None) -> "AdapterFiles":
         path = Path(path)
         config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
         if not config_file.is_file():
@@ -190,25 +197,25 @@ class AdapterFiles:
             raise LoraboundError(
                 f"cannot read adapter weights {weights} ({type(err).__name__}: {str(err).strip()[:200]}); "
                 "restore the file from the adapter's source") from err
-        return cls(path=path, config=config, tensors=tensors)
-
-    def layer_patterns(self) -> tuple[str, ...]:
-        pattern = self.config.get("layers_pattern")
-        if pattern:
-            return (pattern,) if isinstance(pattern, str) else tuple(pattern)
-        return _DEFAULT_LAYER_PATTERNS
+        if layers_path is None:
+            modules = [m["module"] for name in tensors if (m := _TENSOR.match(name))]
+            layers_path = layers_path_of_names(modules, config.get("layers_pattern"))
+            if layers_path is None:
+                raise LoraboundError(
+                    f"the adapter {path} has LoRA in several numbered layer stacks and none is a known text decoder "
+                    "path; pass --model so lorabound finds the decoder's layers as it does in memory")
+        return cls(path=path, config=config, tensors=tensors, layers_path=layers_path)
 
     def layer_of(self, tensor_name: str) -> tuple[str, int] | None:
-        """(layers pattern, layer index) of a LoRA tensor, or None for tensors outside the layer stack."""
+        """(layers pattern, layer index) of a LoRA tensor, or None for tensors outside the layer stack.
+
+        The pattern is the stack's last name ("layers"), as PEFT's layers_pattern spells it.
+        """
         match = _TENSOR.match(tensor_name)
-        if match is None:
+        if match is None or not self.layers_path:
             return None
-        module = match["module"]
-        for pattern in self.layer_patterns():
-            found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", module)
-            if found:
-                return pattern, int(found.group(1))
-        return None
+        index = module_layer_index(match["module"], self.layers_path)
+        return None if index is None else (self.layers_path.rpartition(".")[2], index)
 
     def layers(self) -> list[int]:
         return sorted({lp[1] for name in self.tensors if (lp := self.layer_of(name))})
@@ -251,18 +258,23 @@ class PruneResult:
 
 def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *, format: str = "peft",
                   model_spec: str | None = None, num_layers: int | None = None, overwrite: bool = False,
-                  dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
+                  dtype: str = "float32", trust_remote_code: bool = False,
+                  layers_path: str | None = None) -> PruneResult:
     """Write a new adapter with LoRA kept on layers 0..boundary. The input folder is only read.
 
     format "peft": tensors above b removed, config restricted to the kept layers.
     format "zero-fill": every tensor name kept, lora_B zeroed above b (for servers that need every layer).
     format "merged": a full model (needs model_spec) with the kept LoRA merged into its weights.
+    layers_path: where the model keeps its layers (find_layer_stack's layers_path); read from model_spec's config
+    when not given, else guessed from the tensor names (see AdapterFiles).
     """
     if format not in EXPORT_FORMATS:
         raise LoraboundError(f"unknown export format '{format}'; choose one of {', '.join(EXPORT_FORMATS)}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_not_input(out_dir, [adapter_dir])
-    source = AdapterFiles.read(adapter_dir)
+    if layers_path is None and model_spec is not None:
+        layers_path = model_layers_path(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
+    source = AdapterFiles.read(adapter_dir, layers_path)
     if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     if num_layers is not None:

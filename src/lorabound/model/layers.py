@@ -188,6 +188,39 @@ def _blocks_return(stack: LayerStack, value):
 
 
 def module_layer_index(module_name: str, layers_path: str) -> int | None:
-    """The block index of a module name such as "base_model.model.model.layers.3.self_attn.q_proj", else None."""
-    match = re.search(rf"(?:^|\.){re.escape(layers_path)}\.(\d+)(?:\.|$)", module_name)
+    """The block index of a module name such as "base_model.model.model.layers.3.self_attn.q_proj", else None.
+
+    Anchored at the model's root (after PEFT's "base_model.model." prefix), so a vision tower's
+    "model.vision_tower.encoder.layers.3" is not layer 3 of the text stack "model.language_model.layers".
+    """
+    match = re.match(rf"(?:base_model\.model\.)?{re.escape(layers_path)}\.(\d+)(?:\.|$)", module_name)
     return int(match.group(1)) if match else None
+
+
+def layers_path_of_config(config, *, trust_remote_code: bool = False) -> str:
+    """The layer stack's path of a model built from `config` alone, on the meta device (no weights, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return _find_layers_path(model)
+
+
+def layers_path_of_names(module_names, layers_pattern=None) -> str | None:
+    """The layer stack's path, guessed from module names alone (an adapter exported without --model).
+
+    The rule: each name's stack is the part before its first numbered segment ("model.layers" in
+    "model.layers.3.mlp.experts.5.up_proj"); with the adapter's layers_pattern, only stacks ending in it count.
+    One stack: that one. Several (a vision tower's and the text decoder's): the one listed first in
+    KNOWN_LAYER_PATHS, else None and the caller asks for the model. No numbered name: "" (no stack).
+    """
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    stacks = set()
+    for name in module_names:
+        match = re.match(r"(.+?)\.\d+(?:\.|$)", name)
+        if match and (not patterns or match.group(1).rpartition(".")[2] in patterns):
+            stacks.add(match.group(1))
+    if len(stacks) <= 1:
+        return next(iter(stacks), "")
+    known = [path for path in KNOWN_LAYER_PATHS if path in stacks]
+    return known[0] if known else None
