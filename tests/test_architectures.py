@@ -26,7 +26,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, SiglipVisionConfig)
 
-from lorabound import analysis
+from lorabound import analysis, cli, report
 from lorabound.analysis import analyze, truncation_curve_plain
 from lorabound.data import batches
 from lorabound.errors import LoraboundError
@@ -213,7 +213,7 @@ def _mean_prob(model, encoded, pad_token_id) -> float:
 
 
 @pytest.mark.parametrize("outside", ["modules_to_save_lm_head", "lora_on_embed_tokens"])
-def test_base_is_the_model_without_any_adapter(tok, outside):
+def test_base_is_the_model_without_any_adapter(tok, outside, capsys):
     if outside == "modules_to_save_lm_head":
         model = _with_modules_to_save(tiny_adapter("llama", modules_to_save=["lm_head"]))
         part = "lm_head"
@@ -236,6 +236,11 @@ def test_base_is_the_model_without_any_adapter(tok, outside):
     assert close([result["logit_lens"]["base_prob"][-1]], [base], tol=1e-7)
     plain = truncation_curve_plain(model, encoded, batch_size=4, pad_token_id=tok.pad_token_id)
     assert close(curve["nll"], plain["nll"]) and close(curve["mean_prob"], plain["mean_prob"])
+
+    # Shown beside the curve: in the terminal and in the truncation plot.
+    cli._print_truncation(result)
+    assert f"LoRA off on every layer with {part} on: mean p {layers_only:.4f}" in capsys.readouterr().out
+    assert report._plot_truncation(curve, None).startswith(b"\x89PNG")
 
 
 # ---- export and in-memory dropping agree on the text decoder's layers (multimodal) -----------------------

@@ -165,10 +165,13 @@ def score_batch(model, stack: LayerStack, batch, boundaries: list[int], lora_lay
                 # Input of layer b+1 when LoRA is on 0..b: the embeddings (b = -1) or layer b's output.
                 start = full.inputs[0] if b < 0 else full.outputs[b]
                 hidden = run_layers(stack, full, start, b + 1)
-                # With adapter parts outside the layers, "every layer's LoRA off" is not the base model.
-                into = "layers_only" if b < 0 and "layers_only" in scores else "truncation"
-                scores[into].add(0 if into == "layers_only" else i, head_logits(stack, hidden, targets), targets)
+                logits = head_logits(stack, hidden, targets)
+                if b < 0 and "layers_only" in scores:
+                    scores["layers_only"].add(0, logits, targets)  # every layer's LoRA off, the other parts on
+                else:
+                    scores["truncation"].add(i, logits, targets)
         if "layers_only" in scores:
+            # The adapter has parts outside the layers: b = -1 is the model without any of it, as in evaluation.
             with no_adapter(model):
                 base = trace_layers(model, stack, batch.input_ids, batch.attention_mask)
                 scores["truncation"].add(0, head_logits(stack, base.outputs[-1], targets), targets)

@@ -147,7 +147,8 @@ def parts_outside_layers(model) -> list[str]:
     inside = {id(m.module) for m in lora_modules(model)}
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, AuxiliaryTrainingWrapper) or (isinstance(module, BaseTunerLayer) and id(module) not in inside):
+        lora_elsewhere = isinstance(module, BaseTunerLayer) and id(module) not in inside
+        if lora_elsewhere or isinstance(module, AuxiliaryTrainingWrapper):
             names.append(_short_module_name(name))
     return names
 
@@ -177,7 +178,7 @@ class AdapterFiles:
     path: Path
     config: dict
     tensors: dict[str, torch.Tensor]
-    layers_path: str = ""
+    layers_path: str | None = ""   # "" when no tensor is in a numbered stack; None when the names are ambiguous
 
     @classmethod
     def read(cls, path: str | Path, layers_path: str | None = None) -> "AdapterFiles":
@@ -200,10 +201,6 @@ class AdapterFiles:
         if layers_path is None:
             modules = [m["module"] for name in tensors if (m := _TENSOR.match(name))]
             layers_path = layers_path_of_names(modules, config.get("layers_pattern"))
-            if layers_path is None:
-                raise LoraboundError(
-                    f"the adapter {path} has LoRA in several numbered layer stacks and none is a known text decoder "
-                    "path; pass --model so lorabound finds the decoder's layers as it does in memory")
         return cls(path=path, config=config, tensors=tensors, layers_path=layers_path)
 
     def layer_of(self, tensor_name: str) -> tuple[str, int] | None:
@@ -211,6 +208,10 @@ class AdapterFiles:
 
         The pattern is the stack's last name ("layers"), as PEFT's layers_pattern spells it.
         """
+        if self.layers_path is None:
+            raise LoraboundError(
+                f"the adapter {self.path} has LoRA in several numbered layer stacks and none is a known text "
+                "decoder path; pass --model so lorabound finds the decoder's layers as it does in memory")
         match = _TENSOR.match(tensor_name)
         if match is None or not self.layers_path:
             return None
@@ -223,8 +224,7 @@ class AdapterFiles:
     def lora_params(self, up_to: int | None = None) -> int:
         """LoRA parameter count, optionally only of tensors outside the stack or on layers <= up_to."""
         def counted(name: str) -> bool:
-            layer = self.layer_of(name)
-            return up_to is None or layer is None or layer[1] <= up_to
+            return up_to is None or (layer := self.layer_of(name)) is None or layer[1] <= up_to
         return sum(t.numel() for name, t in self.tensors.items() if ".lora_" in name and counted(name))
 
     def is_dora(self) -> bool:

@@ -44,7 +44,8 @@ KNOWN_LAYER_PATHS = (
 )
 # Names of the final norm, looked up on the module that holds the block list.
 KNOWN_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "final_norm")
-SUPPORTED_LAYOUTS = "Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-3, GPT-2, GPT-NeoX, OPT with a final layer norm"
+SUPPORTED_LAYOUTS = ("Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Cohere, GPT-2, GPT-NeoX, "
+                     "OPT with a final layer norm")
 
 
 def unwrap_model(model) -> nn.Module:

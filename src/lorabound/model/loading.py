@@ -113,7 +113,8 @@ def model_num_layers(spec: str, *, trust_remote_code: bool = False) -> int:
 def model_layers_path(spec: str, *, trust_remote_code: bool = False) -> str:
     """Where a model spec keeps its (text decoder's) layers, e.g. "model.language_model.layers": the same
     discovery as in memory (find_layer_stack), on a model built from the config alone (no weights loaded)."""
-    return layers_path_of_config(_read_config(spec, trust_remote_code), trust_remote_code=trust_remote_code)
+    config = _read_config(spec, trust_remote_code)
+    return layers_path_of_config(config, trust_remote_code=trust_remote_code)
 
 
 def _read_config(spec: str, trust_remote_code: bool):
