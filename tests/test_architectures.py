@@ -311,3 +311,21 @@ def test_names_only_rule_picks_the_known_decoder_path():
     assert layers_path_of_names(["transformer.h.0.attn.c_attn", "lm_head"]) == "transformer.h"
     assert layers_path_of_names(["a.blocks.0.q", "b.blocks.0.q"]) is None  # ambiguous: --model needed
     assert layers_path_of_names(["lm_head"]) == ""
+
+
+def test_export_without_model_refuses_ambiguous_layer_stacks(tmp_path):
+    """Two numbered stacks, neither a known decoder path: which is the text decoder's is not guessed."""
+    import json
+
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "target_modules": ["q"]}))
+    tensors = {f"base_model.model.{tower}.blocks.{i}.q.lora_{ab}.weight": torch.zeros(2, 2)
+               for tower in ("text", "image") for i in range(2) for ab in "AB"}
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(LoraboundError, match="several numbered layer stacks.*pass --model"):
+        prune_adapter(adapter, 0, tmp_path / "out", num_layers=2)
+    assert not (tmp_path / "out").exists()
