@@ -298,6 +298,7 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
     if "truncation" in scores:
         result["truncation"] = {"boundary": boundaries, **scores["truncation"].means()}
     if "layers_only" in scores:
+        scores["layers_only"].tokens = scores["truncation"].tokens  # scored on the same tokens as the curve
         only = scores["layers_only"].means()
         result["truncation"]["layers_only_baseline"] = {
             "what": "LoRA off on every layer, the adapter's parts outside the layers on; b = -1 is the base model "

@@ -146,11 +146,11 @@ def apply_head(stack: LayerStack, hidden: torch.Tensor) -> torch.Tensor:
     Architectures differ after the last block, so no fixed "norm -> head" recipe reproduces them: Granite divides
     the logits by config.logits_scaling, HyperCLOVAX multiplies by it, MiniCPM3 divides the hidden state by it,
     Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier, Gemma-2/3 soft-cap with
-    final_logit_softcapping, OPT-350m projects out, Chameleon masks image tokens. So every block is briefly
-    replaced by one that returns `hidden`, and the model runs on it, each position a one-token sequence: the
-    embeddings and masks of that input are thrown away and everything after the blocks (final norm, head and any
-    extra step, with the adapter's current state on the head) is the model's own. analysis.check_reproduces_model
-    compares the result with model(...).logits on every analysis.
+    final_logit_softcapping, Chameleon masks image tokens. So every block is briefly replaced by one that returns
+    `hidden`, and the model runs with `hidden` as its input, each position a one-token sequence (so masks and
+    positions are trivial and ignored): everything after the blocks (final norm, head and any extra step, with the
+    adapter's current state on the head) is the model's own code. analysis.check_reproduces_model compares the
+    result with model(...).logits on every analysis.
     """
     tokens = hidden.reshape(-1, 1, hidden.shape[-1])
     if stack.block_returns_tuple is None:
