@@ -88,6 +88,10 @@ def test_grid_file_and_flags(tmp_path):
     ({"data": {"e2e": {"seed": 3}}}, "unknown key 'seed' in [data.e2e]"),
     ({"generation": {"beams": 3}}, "unknown key 'beams' in [generation]"),
     ({"bootstrap": 0}, "bootstrap 0 must be a positive"),
+    ({"data": {"train_size": "16"}}, "train_size = '16' in [data] must be int"),
+    ({"data": {"xsum": {"max_length": 5.5}}}, "max_length = 5.5 in [data.xsum] must be int"),
+    ({"training": [{"name": "a", "epochs": "4"}]}, "epochs = '4' in [[training]] 'a' must be float"),
+    ({"search": {"tolerance": "1"}}, "tolerance = '1' in [search] must be float"),
 ])
 def test_grid_refusals(values, message):
     with pytest.raises(LoraboundError) as refused:
@@ -111,16 +115,26 @@ def test_unparsable_grid_file(tmp_path):
     ({"training": [{"name": "a", "rank": 0}]}, "--rank 0 must be at least 1"),
     ({"search": {"criterion": "best"}}, "unknown criterion 'best'"),
     ({"training": [{"name": "given", "adapter": "nowhere/{task}-{seed}"}]}, "adapter folder nowhere/places-0"),
+    ({"models": ["{root}/base", "{root}/again/base"]}, "two cells would share the folder base-places-short-s0"),
 ])
 def test_study_refuses_bad_grids_before_any_work(workspace, tmp_path, monkeypatch, change, message):
     def must_not_run(*a, **k):
         raise AssertionError("work started before the grid was checked")
     monkeypatch.setattr(pipeline, "train", must_not_run)
     monkeypatch.setattr(pipeline, "run", must_not_run)
+    change = json.loads(json.dumps(change).replace("{root}", str(workspace)))
+    (workspace / "again" / "base").mkdir(parents=True, exist_ok=True)
+    (workspace / "again" / "base" / "config.json").write_text((workspace / "base" / "config.json").read_text())
     grid = tiny_grid(workspace, **change)
     with pytest.raises(LoraboundError, match=re.escape(message)):
         study(tmp_path / "out", grid_from_dict(grid), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_study_folder_inside_an_input_is_refused(workspace):
+    with pytest.raises(LoraboundError, match="never writes into its inputs"):
+        study(workspace / "base" / "study", grid_from_dict(tiny_grid(workspace)), progress=False)
+    assert not (workspace / "base" / "study").exists()
 
 
 def test_cli_refusal_is_one_line_and_exit_2(workspace, tmp_path, capsys):
@@ -184,8 +198,8 @@ def test_rerun_reuses_finished_cells(finished, monkeypatch):
     assert _numbers(study(out, grid, progress=False)) == _numbers(summary)
 
 
-def test_resume_after_an_interrupted_cell(workspace, monkeypatch):
-    grid = grid_from_dict(tiny_grid(workspace))
+def test_resume_after_an_interrupted_cell(finished, workspace, monkeypatch):
+    _, grid, summary = finished
     out = workspace / "interrupted"
     real_run, trained = pipeline.run, []
 
@@ -202,11 +216,10 @@ def test_resume_after_an_interrupted_cell(workspace, monkeypatch):
     assert not (out / "cells" / "base-places-short-s1" / "cell.json").exists()
     monkeypatch.setattr(pipeline, "run", real_run)
     trained.clear()
-    summary = study(out, grid, progress=False)
+    again = study(out, grid, progress=False)
     assert trained == []  # the first cell is finished and the second cell's adapter was already trained
-    assert [c["status"] for c in summary["cells"]] == ["ok", "ok"]
-    reference = study(workspace / "uninterrupted", grid, progress=False)
-    assert _numbers(summary) == _numbers(reference)
+    assert [c["status"] for c in again["cells"]] == ["ok", "ok"]
+    assert _numbers(again) == _numbers(summary)  # the same numbers as the uninterrupted study
 
 
 def test_a_failed_cell_is_reported_and_the_study_goes_on(workspace, monkeypatch):
@@ -243,13 +256,20 @@ def test_a_real_nan_loss_fails_the_cell(workspace):
     assert re.search(r"nan|inf|diverg", summary["failed"][0]["reason"], re.I)
 
 
-def test_another_grid_is_refused_unless_overwrite(finished, workspace, tmp_path):
+def test_another_grid_is_refused_unless_overwrite(finished, workspace, tmp_path, monkeypatch):
     out, grid, _ = finished
     other = grid_from_dict(tiny_grid(workspace, seeds=[0]))
-    with pytest.raises(LoraboundError, match="holds a run with other settings"):
+    before = sorted(p.name for p in (out / "cells").iterdir())
+    with pytest.raises(LoraboundError, match="other settings"):
         study(out, other, progress=False)
+    assert sorted(p.name for p in (out / "cells").iterdir()) == before
+
+    def fail_fast(*a, **k):
+        raise LoraboundError("stopped by the test")
+    monkeypatch.setattr(pipeline, "train", fail_fast)  # the folder handling is what is tested here
     copy = tmp_path / "copy"
     study(copy, other, progress=False)
+    assert (copy / "cells" / "base-places-short-s0").is_dir()
     summary = study(copy, grid_from_dict(tiny_grid(workspace, seeds=[1])), overwrite=True, progress=False)
     assert [c["id"] for c in summary["cells"]] == ["base-places-short-s1"]
     assert not (copy / "cells" / "base-places-short-s0").exists()
@@ -259,9 +279,9 @@ def test_given_adapters_are_used_not_trained(finished, workspace, monkeypatch):
     out, _, summary = finished
     monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("a given adapter was retrained"))
     pattern = str(out / "cells" / "base-places-short-s{seed}" / "adapter")
-    grid = grid_from_dict(tiny_grid(workspace, training=[{"name": "short", "adapter": pattern}]))
+    grid = grid_from_dict(tiny_grid(workspace, seeds=[1], training=[{"name": "short", "adapter": pattern}]))
     given = study(workspace / "given", grid, progress=False)
-    assert [c["in_domain"] for c in given["cells"]] == [c["in_domain"] for c in summary["cells"]]
+    assert given["cells"][0]["in_domain"] == summary["cells"][1]["in_domain"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,3 +385,20 @@ def test_one_cell_study_on_the_real_model(real_model, tmp_path):
     assert cell["status"] == "ok" and cell["num_layers"] == 30
     assert len(cell["truncation"]["boundary"]) == 31 and -1 <= cell["boundary"] <= 29
     assert summary["pooled"]["n_cells"] == 1 and (tmp_path / "study" / "study.html").is_file()
+
+
+@pytest.mark.real
+def test_paper_grid_parses_and_its_splits_fit_the_data():
+    """studies/paper.toml: 18 cells (3 tasks x short/long x 3 seeds), every split size fits the built-in data."""
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).parent.parent / "studies" / "paper.toml")
+    cells = grid.cells()
+    assert len(cells) == 18 and {c.training.name for c in cells} == {"short", "long"}
+    assert [c.id for c in cells[:3]] == ["smollm2-135m-e2e-short-s0", "smollm2-135m-e2e-short-s1",
+                                         "smollm2-135m-e2e-short-s2"]
+    for cell in cells:
+        options = grid.data_options(cell.task, cell.seed)
+        _, splits = options.load()
+        assert len(splits.test) == 24 and len(splits.train) == options.train_size
+    assert grid.data_options("xsum", 0).max_length == 512 and grid.data_options("e2e", 0).max_length == 256

@@ -38,7 +38,7 @@ from . import pipeline
 from .boundary import SearchSettings
 from .errors import LoraboundError
 from .evaluate import METRIC_LABELS, format_p, paired_bootstrap
-from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .files import check_not_input, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .model import DEFAULT_MODEL, model_num_layers
 from .pipeline import BASE, FULL, DataOptions, GenerationOptions, ModelOptions
 from .surgery import ADAPTER_WEIGHTS
@@ -151,6 +151,27 @@ def _refuse_unknown(given: dict, known: set[str], where: str) -> None:
         raise LoraboundError(f"unknown key {unknown[0]!r} in {where}; use {', '.join(sorted(known))}")
 
 
+def _check_types(table: dict, cls, where: str) -> None:
+    """Each value has its dataclass field's type (a whole number where an int is meant, text where a str is)."""
+    kinds = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in table.items():
+        kind = kinds.get(key, "")
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind.startswith("str"):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise LoraboundError(f"{key} = {value!r} in {where} must be {kind.replace(' | None', '')}; fix its type")
+
+
 def _list_of(value, kind, name: str) -> list:
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
@@ -187,6 +208,7 @@ def grid_from_dict(values: dict) -> Grid:
             if not isinstance(table, dict) or "name" not in table:
                 raise LoraboundError("each [[training]] table needs a name; for example name = \"short\"")
             _refuse_unknown(table, TRAINING_KEYS, f"[[training]] {table.get('name')!r}")
+            _check_types(table, Training, f"[[training]] {table.get('name')!r}")
             training.append(Training(**table))
     else:
         training = [Training(f"e{e:g}-r{r}", epochs=float(e), rank=r) for e, r in itertools.product(epochs, ranks)]
@@ -207,8 +229,11 @@ def grid_from_dict(values: dict) -> Grid:
         for name, value in table.items():
             if key == "data" and isinstance(value, dict):  # per-task overrides
                 _refuse_unknown(value, DATA_KEYS, f"[data.{name}]")
-            elif name not in known:
+                _check_types(value, DataOptions, f"[data.{name}]")
+            else:
                 _refuse_unknown({name: value}, known, f"[{key}]")
+                _check_types({name: value}, {"data": DataOptions, "generation": GenerationOptions,
+                                             "search": SearchSettings}[key], f"[{key}]")
     grid = Grid(**given)
     if grid.transfer is not None and not isinstance(grid.transfer, str):
         raise LoraboundError(f"transfer must be a task name or file, got {grid.transfer!r}; for example webnlg")
@@ -258,6 +283,10 @@ def check_grid(grid: Grid) -> dict[str, int]:
         _, splits = options.load()  # an unknown task, a bad file or sizes that do not fit are refused here
         for name in ("validation", "test") if task in grid.tasks else ("test",):
             pipeline.require_nonempty(getattr(splits, name), name)
+    ids = [cell.id for cell in grid.cells()]
+    if len(set(ids)) != len(ids):
+        raise LoraboundError(f"two cells would share the folder {next(i for i in ids if ids.count(i) > 1)} (models or "
+                             "tasks with the same name); give the model folders or task files distinct names")
     for cell in grid.cells():
         cell.training.settings(cell.seed, grid.data_options(cell.task, cell.seed).max_length)
         given = cell.given_adapter()
@@ -276,6 +305,8 @@ def study(out: str | Path, grid: Grid, *, overwrite: bool = False, retry_failed:
     """Run every cell of `grid` into OUT (resumable), then write study.json, study.md and study.html."""
     out = Path(out)
     check_grid(grid)
+    given = [c.given_adapter() for c in grid.cells()]
+    check_not_input(out, [*grid.models, *grid.tasks, grid.transfer, *given])
     pipeline._claim_folder(out, GRID_MARKER, _grid_record(grid), overwrite)
     started = time.time()
     cells = grid.cells()
