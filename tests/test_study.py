@@ -275,6 +275,21 @@ def test_another_grid_is_refused_unless_overwrite(finished, workspace, tmp_path,
     assert not (copy / "cells" / "base-places-short-s0").exists()
 
 
+def test_pipeline_study_takes_a_grid_file(finished, tmp_path, monkeypatch):
+    """pipeline.study(out, "grid.toml") reads the file and runs the same study (here: resumed, nothing recomputed)."""
+    out, grid, summary = finished
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("a finished cell was retrained"))
+    grid_file = tmp_path / "grid.toml"
+    values = tiny_grid(out.parent, transfer=grid.transfer)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()
+             if k != "training" and not isinstance(v, dict) and v is not None]  # JSON lists and strings are TOML
+    lines += ["", "[[training]]"] + [f"{k} = {json.dumps(v)}" for k, v in values["training"][0].items()]
+    for table in ("data", "generation", "search"):
+        lines += ["", f"[{table}]"] + [f"{k} = {json.dumps(v)}" for k, v in values[table].items()]
+    grid_file.write_text("\n".join(lines) + "\n")
+    assert _numbers(pipeline.study(out, str(grid_file), progress=False)) == _numbers(summary)
+
+
 def test_given_adapters_are_used_not_trained(finished, workspace, monkeypatch):
     out, _, summary = finished
     monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("a given adapter was retrained"))

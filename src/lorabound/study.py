@@ -666,7 +666,7 @@ def _num(value, digits: int = 2, sign: bool = False) -> str:
 def _cell_rows(summary: dict) -> list[list[str]]:
     rows = []
     for r in summary["cells"]:
-        label = [r["id"], r["task"], r["training"]["name"], str(r["seed"])]
+        label = [r["id"], task_label(r["task"]), r["training"]["name"], str(r["seed"])]
         d = r.get("in_domain")
         if r["status"] != "ok" or not d:
             reason = r.get("reason") or "the report has no row for the chosen b"
@@ -695,7 +695,7 @@ def _test_text(test: dict | None) -> str:
 
 def _transfer_text(row: dict) -> str:
     t = (row.get("transfer") or {}).get("tests", {}).get("rougeL")
-    return f"{row['transfer']['task']}: {_test_text(t)}" if t else "—"
+    return f"{task_label(row['transfer']['task'])}: {_test_text(t)}" if t else "—"
 
 
 POOLED_COLUMNS = ["Metric", "Cells", "Mean Δ pruned − full", "95% CI (bootstrap over cells)",
@@ -731,7 +731,9 @@ def _method_notes(summary: dict) -> list[str]:
         "resamples of the cells.",
         f"Better / worse: the cell's p-value stays below {LEVEL} after Holm correction across the cells where "
         "something was dropped (each metric its own family); cells that kept every layer count as not different.",
-        summary["timing"]["note"] + ".",
+        "A test a cell's report lacks (chrF, say) is computed from the cell's saved hypotheses with the same "
+        "paired bootstrap and seed.",
+        "Times: " + summary["timing"]["note"] + ".",
     ]
     if summary["failed"]:
         notes.insert(0, f"{len(summary['failed'])} cell(s) failed and are left out of the pooled figures: "
@@ -755,7 +757,7 @@ def render_study_markdown(summary: dict, plot_files: dict[str, str]) -> str:
         out += [f"Mean share of LoRA parameters dropped: {pooled['share_dropped']:.1%}.", ""]
     transfer = summary.get("transfer")
     if transfer and transfer["pooled"].get("n_cells"):
-        out += [f"## Transfer: each cell's b applied on {transfer['task']} test", "",
+        out += [f"## Transfer: each cell's b applied on {task_label(transfer['task'])} test", "",
                 _markdown_table(POOLED_COLUMNS, _pooled_rows(transfer["pooled"])), ""]
     out += ["## Cells", "", _markdown_table(CELL_COLUMNS, _cell_rows(summary), right_from=4), ""]
     for name, file in plot_files.items():
@@ -779,7 +781,7 @@ def render_study_html(summary: dict, plots: dict[str, bytes]) -> str:
         parts.append(f"<p>Mean share of LoRA parameters dropped: {pooled['share_dropped']:.1%}.</p>")
     transfer = summary.get("transfer")
     if transfer and transfer["pooled"].get("n_cells"):
-        parts += [f"<h2>Transfer: each cell's b applied on {_esc(transfer['task'])} test</h2>",
+        parts += [f"<h2>Transfer: each cell's b applied on {_esc(task_label(transfer['task']))} test</h2>",
                   _html_table(POOLED_COLUMNS, _pooled_rows(transfer["pooled"]), table_id="transfer")]
     parts += ["<h2>Cells</h2>", _html_table(CELL_COLUMNS, _cell_rows(summary), table_id="cells", numeric_from=4)]
     for name, data in plots.items():
