@@ -246,7 +246,7 @@ def test_a_failed_cell_is_reported_and_the_study_goes_on(workspace, monkeypatch)
     assert study(out, grid, retry_failed=True, progress=False)["failed"] == []
 
 
-def test_a_real_nan_loss_fails_the_cell(workspace):
+def test_a_diverging_training_fails_the_cell(workspace):
     """A learning rate far too high makes the loss non-finite; the cell fails with the reason, whichever
     stage notices it (training itself, or the study's check of the recorded losses)."""
     grid = grid_from_dict(tiny_grid(workspace, seeds=[0], training=[
