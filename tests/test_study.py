@@ -99,6 +99,13 @@ def test_grid_refusals(values, message):
     assert message in str(refused.value)
 
 
+def test_study_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["study", "--help"])
+    assert done.value.code == 0
+    assert "lorabound study --grid studies/paper.toml" in capsys.readouterr().out.split("example:")[1]
+
+
 def test_unparsable_grid_file(tmp_path):
     (tmp_path / "bad.toml").write_text("tasks = [e2e\n")
     with pytest.raises(LoraboundError, match="cannot parse grid file"):
