@@ -24,6 +24,7 @@ EXAMPLES = {
     "evaluate": "lorabound evaluate --model smollm2-135m --adapter adapter --data e2e --boundaries 14 19 --out eval",
     "run": "lorabound run --model smollm2-135m --adapter adapter --data e2e --out run",
     "demo": "lorabound demo --out lorabound-demo",
+    "study": "lorabound study --grid studies/paper.toml --out study",
 }
 DESCRIPTIONS = {
     "train": "Fine-tune LoRA on every layer (loss on target tokens only) and save a PEFT adapter.",
@@ -33,6 +34,7 @@ DESCRIPTIONS = {
     "evaluate": "Generate on test for base, full and pruned variants; BLEU, ROUGE, chrF and bootstrap tests.",
     "run": "analyze, search, prune, evaluate and report into one folder; rerun to resume.",
     "demo": "Train SmolLM2-135M with LoRA on E2E, then the whole run, and print the results table.",
+    "study": "Train and run every cell of a grid (models x tasks x seeds x training settings), then pool the answer.",
 }
 
 
@@ -167,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per example at most")
     p.add_argument("--seed", type=int, default=0, help="seed for everything")
     p.add_argument("--overwrite", action="store_true", help="start the demo folder afresh")
+
+    p = command("study")
+    p.add_argument("--out", required=True, help="study folder (rerun the same command to resume)")
+    p.add_argument("--grid", help="a TOML grid file (see studies/paper.toml); the flags below override it")
+    p.add_argument("--models", nargs="+", help="model specs (default: smollm2-135m)")
+    p.add_argument("--tasks", nargs="+", help="built-in tasks or .jsonl/.csv files (default: e2e)")
+    p.add_argument("--seeds", type=int, nargs="+", help="one cell per seed (default: 0)")
+    p.add_argument("--epochs", type=float, nargs="+", help="training epochs; crossed with --ranks (default: 1)")
+    p.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks, alpha = 2 x rank (default: 16)")
+    for name in ("train-size", "validation-size", "test-size", "max-length", "max-new-tokens"):
+        p.add_argument(f"--{name}", type=int, help="as in run, for every cell")
+    p.add_argument("--criterion", choices=CRITERIA, help="how each cell picks b (default: auto)")
+    p.add_argument("--bootstrap", type=int, help="paired bootstrap resamples (default: 1000)")
+    p.add_argument("--transfer", help="also apply each cell's b to this task's test split")
+    p.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep them failed)")
+    p.add_argument("--overwrite", action="store_true", help="start the study folder afresh")
     return parser
 
 
@@ -202,6 +220,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                       test_size=args.test_size, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
                       seed=args.seed, overwrite=args.overwrite, progress=progress)
         return 0
+
+    if name == "study":
+        return _study(args, progress)
 
     data_options, model_options = _picked(args, DataOptions), _picked(args, ModelOptions)
     common = dict(data_options=data_options, model_options=model_options, progress=progress)
@@ -258,6 +279,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"report: {Path(args.out) / 'report.html'}")
         return 0
     raise AssertionError(name)
+
+
+def _study(args: argparse.Namespace, progress: bool) -> int:
+    from .study import load_grid, study
+
+    grid = load_grid(args.grid, models=args.models, tasks=args.tasks, seeds=args.seeds, epochs=args.epochs,
+                     ranks=args.ranks, train_size=args.train_size, validation_size=args.validation_size,
+                     test_size=args.test_size, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+                     criterion=args.criterion, bootstrap=args.bootstrap, transfer=args.transfer)
+    summary = study(args.out, grid, overwrite=args.overwrite, retry_failed=args.retry_failed, progress=progress)
+    print(summary["paper"]["comparison"])
+    for failed in summary["failed"]:
+        print(f"failed cell {failed['id']}: {failed['reason']}")
+    print(f"report: {Path(args.out) / 'study.html'}")
+    return 0
 
 
 def _target_modules(value):

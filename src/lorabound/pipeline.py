@@ -579,3 +579,17 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
         print(report["verdict"])
         print(f"\nreport: {out / 'run' / 'report.html'}")
     return report
+
+
+# ---------------------------------------------------------------------------
+# study (lives in study.py, on top of train and run)
+# ---------------------------------------------------------------------------
+
+def study(out: str | Path, grid=None, *, overwrite: bool = False, retry_failed: bool = False,
+          progress: bool = True) -> dict:
+    """Train and run every cell of a grid (a study.Grid, or a TOML file's path) into OUT; see lorabound.study."""
+    from .study import Grid, load_grid
+    from .study import study as run_study
+
+    grid = grid if isinstance(grid, Grid) else load_grid(grid)
+    return run_study(out, grid, overwrite=overwrite, retry_failed=retry_failed, progress=progress)

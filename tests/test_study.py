@@ -1,0 +1,426 @@
+"""The study command: grid parsing and refusals, cells in a fixed order, resuming, failed cells, pooled statistics,
+the report in a real browser, and one real-model cell."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lorabound import pipeline, study as study_module
+from lorabound.cli import main
+from lorabound.errors import LoraboundError
+from lorabound.study import Training, bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
+
+from test_report import chromium_binary, run_chromium
+from tiny import tiny_llama, tiny_tokenizer
+
+
+def _rows(place: str, n: int = 30) -> str:
+    return "".join(json.dumps({"input": f"name: {place} {i}, area: riverside",
+                               "target": [f"{place} {i} is by the riverside.", f"By the river is {place} {i}."]}) + "\n"
+                   for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny model folder and two JSONL tasks."""
+    root = tmp_path_factory.mktemp("study")
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    (root / "places.jsonl").write_text(_rows("Place"))
+    (root / "inns.jsonl").write_text(_rows("Inn"))
+    return root
+
+
+def tiny_grid(root, **changes) -> dict:
+    grid = {"models": [str(root / "base")], "tasks": [str(root / "places.jsonl")], "seeds": [0, 1],
+            "training": [{"name": "short", "epochs": 1, "rank": 4, "learning_rate": 5e-3, "batch_size": 4}],
+            "data": {"train_size": 12, "validation_size": 4, "test_size": 6, "max_length": 64},
+            "generation": {"max_new_tokens": 4}, "search": {"criterion": "rougeL"}, "bootstrap": 50}
+    return {**grid, **changes}
+
+
+@pytest.fixture(scope="module")
+def finished(workspace):
+    """A 2-cell study with a transfer task, run once."""
+    grid = grid_from_dict(tiny_grid(workspace, transfer=str(workspace / "inns.jsonl")))
+    out = workspace / "first"
+    return out, grid, study(out, grid, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------
+
+def test_grid_file_and_flags(tmp_path):
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text('tasks = ["e2e", "webnlg"]\nseeds = [3, 1]\n\n[[training]]\nname = "long"\nepochs = 4\n'
+                         'rank = 8\n\n[data]\ntest_size = 30\n\n[data.webnlg]\nmax_length = 128\n')
+    grid = load_grid(grid_file)
+    assert [t.name for t in grid.training] == ["long"] and grid.training[0].settings(0, 64).alpha == 16.0
+    assert grid.data_options("webnlg", 1).max_length == 128 and grid.data_options("e2e", 1).max_length == 256
+    assert grid.data_options("e2e", 3).test_size == 30 and grid.data_options("e2e", 3).seed == 3
+    # Fixed order: models > tasks > training > seeds, seeds in the order given.
+    assert [c.id for c in grid.cells()] == ["smollm2-135m-e2e-long-s3", "smollm2-135m-e2e-long-s1",
+                                           "smollm2-135m-webnlg-long-s3", "smollm2-135m-webnlg-long-s1"]
+    # Flags override the file; epochs x ranks replace its [[training]] tables.
+    grid = load_grid(grid_file, epochs=[1, 5], ranks=[8, 16], test_size=10, max_new_tokens=20, criterion="knee")
+    assert [(t.name, t.epochs, t.rank) for t in grid.training] == [("e1-r8", 1, 8), ("e1-r16", 1, 16),
+                                                                    ("e5-r8", 5, 8), ("e5-r16", 5, 16)]
+    assert grid.data_options("e2e", 0).test_size == 10 and grid.generation_options().max_new_tokens == 20
+    assert grid.search_settings().criterion == "knee" and len(grid.cells()) == 16
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"modles": ["x"]}, "unknown key 'modles'"),
+    ({"training": [{"name": "a"}], "epochs": [1]}, "both [[training]] tables and epochs/ranks"),
+    ({"training": [{"name": "a"}, {"name": "a"}]}, "training names repeat"),
+    ({"training": [{"name": "a", "lr": 1}]}, "unknown key 'lr'"),
+    ({"training": [{"name": "a/b"}]}, "must be letters"),
+    ({"seeds": [0, 0]}, "lists a value twice"),
+    ({"seeds": ["0"]}, "seeds must be a non-empty list"),
+    ({"tasks": []}, "tasks must be a non-empty list"),
+    ({"data": {"test_sise": 3}}, "unknown key 'test_sise' in [data]"),
+    ({"data": {"e2e": {"seed": 3}}}, "unknown key 'seed' in [data.e2e]"),
+    ({"generation": {"beams": 3}}, "unknown key 'beams' in [generation]"),
+    ({"bootstrap": 0}, "bootstrap 0 must be a positive"),
+    ({"data": {"train_size": "16"}}, "train_size = '16' in [data] must be int"),
+    ({"data": {"xsum": {"max_length": 5.5}}}, "max_length = 5.5 in [data.xsum] must be int"),
+    ({"training": [{"name": "a", "epochs": "4"}]}, "epochs = '4' in [[training]] 'a' must be float"),
+    ({"search": {"tolerance": "1"}}, "tolerance = '1' in [search] must be float"),
+])
+def test_grid_refusals(values, message):
+    with pytest.raises(LoraboundError) as refused:
+        grid_from_dict(values)
+    assert message in str(refused.value)
+
+
+def test_study_help_shows_an_example(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["study", "--help"])
+    assert done.value.code == 0
+    assert "lorabound study --grid studies/paper.toml" in capsys.readouterr().out.split("example:")[1]
+
+
+def test_unparsable_grid_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("tasks = [e2e\n")
+    with pytest.raises(LoraboundError, match="cannot parse grid file"):
+        load_grid(tmp_path / "bad.toml")
+    with pytest.raises(LoraboundError, match="does not exist"):
+        load_grid(tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"models": ["no-such-model"]}, "unknown model spec 'no-such-model'"),
+    ({"tasks": ["no-such-task"]}, "unknown task 'no-such-task'"),
+    ({"transfer": "no-such-task"}, "unknown task 'no-such-task'"),
+    ({"data": {"train_size": 40, "validation_size": 4, "test_size": 6}}, "were asked for"),
+    ({"training": [{"name": "a", "rank": 0}]}, "--rank 0 must be at least 1"),
+    ({"search": {"criterion": "best"}}, "unknown criterion 'best'"),
+    ({"training": [{"name": "given", "adapter": "nowhere/{task}-{seed}"}]}, "adapter folder nowhere/places-0"),
+    ({"models": ["{root}/base", "{root}/again/base"]}, "two cells would share the folder base-places-short-s0"),
+])
+def test_study_refuses_bad_grids_before_any_work(workspace, tmp_path, monkeypatch, change, message):
+    def must_not_run(*a, **k):
+        raise AssertionError("work started before the grid was checked")
+    monkeypatch.setattr(pipeline, "train", must_not_run)
+    monkeypatch.setattr(pipeline, "run", must_not_run)
+    change = json.loads(json.dumps(change).replace("{root}", str(workspace)))
+    (workspace / "again" / "base").mkdir(parents=True, exist_ok=True)
+    (workspace / "again" / "base" / "config.json").write_text((workspace / "base" / "config.json").read_text())
+    grid = tiny_grid(workspace, **change)
+    with pytest.raises(LoraboundError, match=re.escape(message)):
+        study(tmp_path / "out", grid_from_dict(grid), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_folder_inside_an_input_is_refused(workspace):
+    with pytest.raises(LoraboundError, match="never writes into its inputs"):
+        study(workspace / "base" / "study", grid_from_dict(tiny_grid(workspace)), progress=False)
+    assert not (workspace / "base" / "study").exists()
+
+
+def test_cli_refusal_is_one_line_and_exit_2(workspace, tmp_path, capsys):
+    code = main(["--quiet", "study", "--out", str(tmp_path / "s"), "--models", str(workspace / "base"),
+                 "--tasks", str(workspace / "places.jsonl"), "nowhere.jsonl", "--train-size", "12",
+                 "--validation-size", "4", "--test-size", "6"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: unknown task 'nowhere.jsonl'") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells: order, identical reruns, resuming, failures, another grid
+# ---------------------------------------------------------------------------------------------
+
+def test_study_writes_every_cell_and_the_report(finished):
+    out, grid, summary = finished
+    assert [c["id"] for c in summary["cells"]] == [c.id for c in grid.cells()] == ["base-places-short-s0",
+                                                                                    "base-places-short-s1"]
+    for cell in summary["cells"]:
+        assert cell["status"] == "ok"
+        report = json.loads((out / "cells" / cell["id"] / "run" / "report.json").read_text())
+        assert cell["boundary"] == report["search"]["boundary"]
+        full = next(v for v in report["variants"] if v["name"] == "full adapter")
+        assert cell["in_domain"]["metrics"]["full"]["bleu"] == full["metrics"]["bleu"]
+        assert set(cell["in_domain"]["tests"]) == {"bleu", "rougeL", "chrf"}
+        assert cell["training_run"]["steps"] == 6  # 12 inputs x 2 references / batch 4
+        # Transfer: the cell's adapter at its b on the other task's test split.
+        transfer = json.loads((out / "cells" / cell["id"] / "transfer-inns" / "evaluation.json").read_text())
+        assert cell["transfer"]["metrics"]["full"] == next(v["metrics"] for v in transfer["variants"]
+                                                           if v["name"] == "full adapter")
+        assert "Inn" in transfer["examples"][0]["input"]
+    stored = json.loads((out / "study.json").read_text())
+    assert stored["pooled"] == summary["pooled"] and stored["pooled"]["n_cells"] == 2
+    assert summary["transfer"]["pooled"]["n_cells"] == 2
+    assert set(summary["timing"]["stages_seconds"]) >= {"train", "analysis", "search", "evaluate", "transfer"}
+    assert abs(sum(summary["timing"]["stage_shares"].values()) - 1) < 1e-9
+    md = (out / "study.md").read_text()
+    assert summary["paper"]["comparison"] in md and "28.6%" in md and "Holm" in md
+    assert "base-places-short-s1" in md
+
+
+def _numbers(summary: dict) -> list:
+    return [[c.get("boundary"), c.get("in_domain"), c.get("transfer"), c.get("truncation")] for c in summary["cells"]] \
+        + [summary["pooled"]]
+
+
+def test_same_seeds_give_identical_numbers(finished, workspace):
+    out, grid, summary = finished
+    again = study(workspace / "second", grid, progress=False)
+    assert _numbers(again) == _numbers(summary)
+
+
+def test_rerun_reuses_finished_cells(finished, monkeypatch):
+    out, grid, summary = finished
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a finished cell ran again")
+    for name in ("train", "run", "evaluate"):
+        monkeypatch.setattr(pipeline, name, must_not_run)
+    assert _numbers(study(out, grid, progress=False)) == _numbers(summary)
+
+
+def test_resume_after_an_interrupted_cell(finished, workspace, monkeypatch):
+    _, grid, summary = finished
+    out = workspace / "interrupted"
+    real_run, trained = pipeline.run, []
+
+    def stop_in_second_cell(model, adapter, *a, **k):
+        if "-s1" in str(adapter):
+            raise KeyboardInterrupt
+        return real_run(model, adapter, *a, **k)
+    real_train = pipeline.train
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: trained.append(str(a[2])) or real_train(*a, **k))
+    monkeypatch.setattr(pipeline, "run", stop_in_second_cell)
+    with pytest.raises(KeyboardInterrupt):
+        study(out, grid, progress=False)
+    assert json.loads((out / "cells" / "base-places-short-s0" / "cell.json").read_text())["status"] == "ok"
+    assert not (out / "cells" / "base-places-short-s1" / "cell.json").exists()
+    monkeypatch.setattr(pipeline, "run", real_run)
+    trained.clear()
+    again = study(out, grid, progress=False)
+    assert trained == []  # the first cell is finished and the second cell's adapter was already trained
+    assert [c["status"] for c in again["cells"]] == ["ok", "ok"]
+    assert _numbers(again) == _numbers(summary)  # the same numbers as the uninterrupted study
+
+
+def test_a_failed_cell_is_reported_and_the_study_goes_on(workspace, monkeypatch):
+    """A LoraboundError in one cell (as training raises on a NaN loss) fails that cell only."""
+    grid = grid_from_dict(tiny_grid(workspace))
+    real_train = pipeline.train
+
+    def diverge_on_seed_0(model, data, out, **k):
+        if k["settings"].seed == 0:
+            raise LoraboundError("training diverged: the loss was nan at step 3")
+        return real_train(model, data, out, **k)
+    monkeypatch.setattr(pipeline, "train", diverge_on_seed_0)
+    out = workspace / "one-fails"
+    summary = study(out, grid, progress=False)
+    assert [c["status"] for c in summary["cells"]] == ["failed", "ok"]
+    assert summary["failed"] == [{"id": "base-places-short-s0", "reason": "training diverged: the loss was nan at step 3"}]
+    assert summary["pooled"]["n_cells"] == 1
+    page = (out / "study.html").read_text()
+    assert "1 of 2 cells finished, 1 failed" in page and "training diverged: the loss was nan at step 3" in page
+    # A rerun keeps the failure without training again; --retry-failed tries it again.
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("a failed cell was retrained"))
+    assert study(out, grid, progress=False)["failed"] == summary["failed"]
+    monkeypatch.setattr(pipeline, "train", real_train)
+    assert study(out, grid, retry_failed=True, progress=False)["failed"] == []
+
+
+def test_a_diverging_training_fails_the_cell(workspace):
+    """A learning rate far too high makes the loss non-finite; the cell fails with the reason, whichever
+    stage notices it (training itself, or the study's check of the recorded losses)."""
+    grid = grid_from_dict(tiny_grid(workspace, seeds=[0], training=[
+        {"name": "wild", "epochs": 2, "rank": 4, "learning_rate": 1e30, "batch_size": 4}]))
+    summary = study(workspace / "nan", grid, progress=False)
+    assert summary["cells"][0]["status"] == "failed"
+    assert re.search(r"nan|inf|diverg", summary["failed"][0]["reason"], re.I)
+
+
+def test_another_grid_is_refused_unless_overwrite(finished, workspace, tmp_path, monkeypatch):
+    out, grid, _ = finished
+    other = grid_from_dict(tiny_grid(workspace, seeds=[0]))
+    before = sorted(p.name for p in (out / "cells").iterdir())
+    with pytest.raises(LoraboundError, match="other settings"):
+        study(out, other, progress=False)
+    assert sorted(p.name for p in (out / "cells").iterdir()) == before
+
+    def fail_fast(*a, **k):
+        raise LoraboundError("stopped by the test")
+    monkeypatch.setattr(pipeline, "train", fail_fast)  # the folder handling is what is tested here
+    copy = tmp_path / "copy"
+    study(copy, other, progress=False)
+    assert (copy / "cells" / "base-places-short-s0").is_dir()
+    summary = study(copy, grid_from_dict(tiny_grid(workspace, seeds=[1])), overwrite=True, progress=False)
+    assert [c["id"] for c in summary["cells"]] == ["base-places-short-s1"]
+    assert not (copy / "cells" / "base-places-short-s0").exists()
+
+
+def test_pipeline_study_takes_a_grid_file(finished, tmp_path, monkeypatch):
+    """pipeline.study(out, "grid.toml") reads the file and runs the same study (here: resumed, nothing recomputed)."""
+    out, grid, summary = finished
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("a finished cell was retrained"))
+    grid_file = tmp_path / "grid.toml"
+    values = tiny_grid(out.parent, transfer=grid.transfer)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()
+             if k != "training" and not isinstance(v, dict) and v is not None]  # JSON lists and strings are TOML
+    lines += ["", "[[training]]"] + [f"{k} = {json.dumps(v)}" for k, v in values["training"][0].items()]
+    for table in ("data", "generation", "search"):
+        lines += ["", f"[{table}]"] + [f"{k} = {json.dumps(v)}" for k, v in values[table].items()]
+    grid_file.write_text("\n".join(lines) + "\n")
+    assert _numbers(pipeline.study(out, str(grid_file), progress=False)) == _numbers(summary)
+
+
+def test_given_adapters_are_used_not_trained(finished, workspace, monkeypatch):
+    out, _, summary = finished
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("a given adapter was retrained"))
+    pattern = str(out / "cells" / "base-places-short-s{seed}" / "adapter")
+    grid = grid_from_dict(tiny_grid(workspace, seeds=[1], training=[{"name": "short", "adapter": pattern}]))
+    given = study(workspace / "given", grid, progress=False)
+    assert given["cells"][0]["in_domain"] == summary["cells"][1]["in_domain"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooled statistics, by hand
+# ---------------------------------------------------------------------------------------------
+
+def test_holm_matches_a_hand_computation():
+    # sorted: 0.005 x4 = 0.02; 0.01 x3 = 0.03; 0.03 x2 = 0.06; 0.04 x1 = 0.04 -> raised to 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5]) == [0.5] and holm([0.4, 0.9]) == pytest.approx([0.8, 0.9])
+
+
+def _test(diff, p, source="report"):
+    return {"diff": diff, "ci_low": diff - 1, "ci_high": diff + 1, "p_value": p, "source": source}
+
+
+def test_pool_on_made_up_cells():
+    cells = [
+        {"share_dropped": 0.2, "tests": {"bleu": _test(2.0, 0.001), "rougeL": _test(1.0, 0.03)}},
+        {"share_dropped": 0.4, "tests": {"bleu": _test(-3.0, 0.004), "rougeL": _test(-1.0, 0.02)}},
+        {"share_dropped": 0.0, "tests": {"bleu": _test(0.0, 1.0, "nothing dropped"),
+                                         "rougeL": _test(0.0, 1.0, "nothing dropped")}},
+        {"share_dropped": 0.3, "tests": {"bleu": _test(0.5, 0.3), "rougeL": _test(3.0, 0.001)}},
+    ]
+    pooled = pool(cells)
+    assert pooled["n_cells"] == 4 and pooled["share_dropped"] == pytest.approx(0.225)
+    bleu, rouge = pooled["bleu"], pooled["rougeL"]
+    assert bleu["mean_diff"] == pytest.approx(-0.125) and rouge["mean_diff"] == pytest.approx(0.75)
+    # BLEU family (3 cells that dropped something): 0.001 x3 = 0.003, 0.004 x2 = 0.008, 0.3 x1 = 0.3
+    assert bleu["holm_family"] == 3 and bleu["holm_adjusted_p"] == pytest.approx([0.003, 0.008, 0.3])
+    assert (bleu["better"], bleu["not_different"], bleu["worse"]) == (1, 2, 1)
+    # ROUGE-L: 0.001 x3 = 0.003, 0.02 x2 = 0.04, 0.03 x1 = 0.03 -> 0.04: all three significant
+    assert rouge["holm_adjusted_p"] == pytest.approx([0.04, 0.04, 0.003])
+    assert (rouge["better"], rouge["not_different"], rouge["worse"]) == (2, 1, 1)
+    assert bleu["ci_low"] < bleu["mean_diff"] < bleu["ci_high"]
+    assert -3.0 <= bleu["ci_low"] and bleu["ci_high"] <= 2.0
+
+
+def test_bootstrap_over_cells_is_seeded_and_sane():
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert bootstrap_mean(values) == bootstrap_mean(values)
+    mean, low, high = bootstrap_mean(values)
+    assert mean == 4.0 and 1.0 < low < mean < high < 10.0
+    assert bootstrap_mean([2.5]) == (2.5, 2.5, 2.5)
+    assert bootstrap_mean(values, seed=1) != bootstrap_mean(values, seed=2)
+
+
+def test_paper_line_says_where_the_claim_falls():
+    pooled = {"n_cells": 2, "share_dropped": 0.1,
+              "bleu": {"mean_diff": -0.5, "ci_low": -1.0, "ci_high": 0.2},
+              "rougeL": {"mean_diff": 0.5, "ci_low": -0.5, "ci_high": 1.5}}
+    line = study_module.paper_line(pooled)
+    assert "10.0% of LoRA parameters dropped" in line and "paper: 28.6% fewer" in line
+    assert "BLEU -0.50" in line and "paper: +1.4, outside our interval" in line
+    assert "ROUGE-L +0.50" in line and "paper: +0.9, inside our interval" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML report in a real browser
+# ---------------------------------------------------------------------------------------------
+
+def test_study_html_is_self_contained(finished):
+    out, _, summary = finished
+    page = (out / "study.html").read_text()
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 2
+    for ref in re.findall(r'(?:src|href)\s*=\s*["\']?([^"\'\s>]+)', page):
+        assert ref.startswith(("data:", "#")), ref
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert '<table id="pooled">' in page and '<table id="cells">' in page and '<table id="transfer">' in page
+
+
+def test_study_html_renders_in_headless_chromium(finished, tmp_path):
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    out, _, summary = finished
+    dom = run_chromium(binary, out / "study.html", tmp_path / "profile-dom", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert '<table id="cells">' in dom.stdout and "base-places-short-s1" in dom.stdout
+    assert len(re.findall(r'<img src="data:image/png;base64,', dom.stdout)) == 2
+    shot = tmp_path / "shot.png"
+    result = run_chromium(binary, out / "study.html", tmp_path / "profile-shot", f"--screenshot={shot}",
+                          "--window-size=1200,2400")
+    assert result.returncode == 0 and shot.is_file()
+    with Image.open(shot) as img:
+        pixels = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 100  # text, tables and plots rendered, not a blank page
+
+
+# ---------------------------------------------------------------------------------------------
+# The real embedded model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.real
+def test_one_cell_study_on_the_real_model(real_model, tmp_path):
+    grid = grid_from_dict({"tasks": ["e2e"], "seeds": [0], "training": [{"name": "tiny", "epochs": 1, "rank": 8}],
+                           "data": {"train_size": 4, "validation_size": 3, "test_size": 4},
+                           "generation": {"max_new_tokens": 8}, "search": {"criterion": "knee"}, "bootstrap": 100})
+    summary = study(tmp_path / "study", grid, progress=False)
+    cell = summary["cells"][0]
+    assert cell["status"] == "ok" and cell["num_layers"] == 30
+    assert len(cell["truncation"]["boundary"]) == 31 and -1 <= cell["boundary"] <= 29
+    assert summary["pooled"]["n_cells"] == 1 and (tmp_path / "study" / "study.html").is_file()
+
+
+@pytest.mark.real
+def test_paper_grid_parses_and_its_splits_fit_the_data():
+    """studies/paper.toml: 18 cells (3 tasks x short/long x 3 seeds), every split size fits the built-in data."""
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).parent.parent / "studies" / "paper.toml")
+    cells = grid.cells()
+    assert len(cells) == 18 and {c.training.name for c in cells} == {"short", "long"}
+    assert [c.id for c in cells[:3]] == ["smollm2-135m-e2e-short-s0", "smollm2-135m-e2e-short-s1",
+                                         "smollm2-135m-e2e-short-s2"]
+    for cell in cells:
+        options = grid.data_options(cell.task, cell.seed)
+        _, splits = options.load()
+        assert len(splits.test) == 24 and len(splits.train) == options.train_size
+    assert grid.data_options("xsum", 0).max_length == 512 and grid.data_options("e2e", 0).max_length == 256
