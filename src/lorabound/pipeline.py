@@ -23,13 +23,13 @@ from pathlib import Path
 from . import __version__
 from .analysis import CURVES
 from .analysis import analyze as analyze_curves
-from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, check_boundary, knee
+from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, check_boundary, knee, preselect
 from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
 from .errors import LoraboundError
 from .evaluate import describe_significance, paired_bootstrap, score
-from .generation import generate
+from .generation import generate_variants
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
 from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
@@ -232,9 +232,18 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
+    generated = {}
+    if settings.boundary is None and settings.criterion in METRIC_CRITERIA:
+        # The candidates the search will score, generated in one pass (the same list search() takes).
+        chosen = settings.candidates or preselect(truncation)
+        for b in chosen:
+            check_boundary(b, num_layers)
+        generated = _generate_variants_cached(peft_model, tokenizer, task, splits.validation, chosen, "validation",
+                                              out, generation, progress)
+
     def score_boundary(b: int) -> dict:
-        texts = _generate_cached(peft_model, tokenizer, task, splits.validation, b, "validation", out,
-                                 generation, progress)
+        texts = generated[b] if b in generated else _generate_cached(
+            peft_model, tokenizer, task, splits.validation, b, "validation", out, generation, progress)
         return score(texts, [list(e.references) for e in splits.validation])
 
     result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
@@ -275,35 +284,46 @@ def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example],
 
     The file is OUT/generations/SPLIT-NAME.jsonl; NAME defaults to the variant's name ("pruned (b=14)", ...).
     """
-    num_layers = find_layer_stack(peft_model).num_layers
-    name = name or variant_name(boundary, max(adapter_layers(peft_model)))
-    path = out / "generations" / f"{split}-{_slug(name)}.jsonl" if out is not None else None
+    return _generate_variants_cached(peft_model, tokenizer, task, examples, [boundary], split, out, generation,
+                                     progress, names=[name])[boundary]
+
+
+def _generate_variants_cached(peft_model, tokenizer, task: Task, examples: list[Example],
+                              boundaries: list[int | None], split: str, out: Path | None,
+                              generation: GenerationOptions, progress,
+                              names: list[str | None] | None = None) -> dict[int | None, list[str]]:
+    """_generate_cached for several boundaries: the ones without a finished file are generated in one pass."""
+    top = max(adapter_layers(peft_model))
+    names = [n or variant_name(b, top) for b, n in zip(boundaries, names or [None] * len(boundaries))]
     key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
-    if path is not None and path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        if rows and rows[0].get("key") == key and len(rows) == len(examples):
-            return [r["output"] for r in rows]
-    prompts = [task.prompt(e) for e in examples]
-    label = f"generate {split}: {name}"
-    if boundary is not None and boundary < 0:
-        with peft_model.disable_adapter():
-            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
-    else:
-        layers = range(num_layers if boundary is None else boundary + 1)
-        with keep_lora(peft_model, layers):
-            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
-    if path is not None:
-        rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
-                for i, (e, t) in enumerate(zip(examples, texts))]
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    paths = {b: out / "generations" / f"{split}-{_slug(n)}.jsonl" if out is not None else None
+             for b, n in zip(boundaries, names)}
+    texts = {b: cached for b in boundaries if (cached := _read_generations(paths[b], key, len(examples))) is not None}
+    missing = [(b, n) for b, n in zip(boundaries, names) if b not in texts]
+    if missing:
+        prompts = [task.prompt(e) for e in examples]
+        variants = [(n, None if b is None else range(b + 1)) for b, n in missing]
+        label = f"generate {split}: {', '.join(n for _, n in missing)}"
+        results = generate_variants(peft_model, tokenizer, prompts, variants,
+                                    max_new_tokens=generation.max_new_tokens,
+                                    batch_size=generation.generation_batch_size,
+                                    stop_at_newline=generation.stop_at_newline, progress=label if progress else False)
+        for b, n in missing:
+            texts[b] = results[n].texts
+            if paths[b] is not None:
+                rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
+                        for i, (e, t) in enumerate(zip(examples, texts[b]))]
+                write_text_atomic(paths[b], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return texts
 
 
-def _run_generate(model, tokenizer, prompts, generation: GenerationOptions, label, progress) -> list[str]:
-    result = generate(model, tokenizer, prompts, max_new_tokens=generation.max_new_tokens,
-                      batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
-                      progress=label if progress else False)
-    return result.texts
+def _read_generations(path: Path | None, key: str, count: int) -> list[str] | None:
+    if path is None or not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if rows and rows[0].get("key") == key and len(rows) == count:
+        return [r["output"] for r in rows]
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -357,10 +377,11 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     references = [list(e.references) for e in splits.test]
     outputs, variants = {}, []
+    generated = _generate_variants_cached(peft_model, tokenizer, task, splits.test, wanted, "test", out, generation,
+                                          progress)  # every variant in one pass
     for b in wanted:
         name = variant_name(b, top)
-        outputs[name] = _generate_cached(peft_model, tokenizer, task, splits.test, b, "test", out, generation,
-                                         progress)
+        outputs[name] = generated[b]
         metrics = score(outputs[name], references)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
