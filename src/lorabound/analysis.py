@@ -313,7 +313,7 @@ def truncation_curve_plain(model, encoded: Encoded, *, batch_size: int, pad_toke
     model.eval()
     lora_layers = adapter_layers(model)
     boundaries = [-1] + lora_layers
-    scores = TokenScores(len(boundaries))
+    scores = TokenScores(len(boundaries), float64=True)
     device = next(model.parameters()).device
     for batch in batches(encoded, batch_size, pad_token_id):
         batch = batch.to(device)
