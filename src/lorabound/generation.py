@@ -186,7 +186,7 @@ def generate_variants(model, tokenizer, prompts: list[str], variants: Sequence[t
     prompts, each repeated once per variant. Otherwise, or with `batched=False`, one run per variant.
     Either way the outputs are those of separate runs.
     """
-    from .surgery import keep_lora, lora_modules
+    from .surgery import keep_lora
 
     variants = [(key, None if layers is None else sorted(set(layers))) for key, layers in variants]
     keys = [key for key, _ in variants]
@@ -194,7 +194,6 @@ def generate_variants(model, tokenizer, prompts: list[str], variants: Sequence[t
         raise LoraboundError(f"variant keys {keys} repeat; give every variant its own key")
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_newline=stop_at_newline,
                     max_prompt_length=max_prompt_length)
-    every = sorted({m.layer for m in lora_modules(model)}) if variants else []
     modules = _maskable_modules(model) if batched and len(variants) > 1 else None
     if modules is None:
         results = {}
@@ -204,6 +203,7 @@ def generate_variants(model, tokenizer, prompts: list[str], variants: Sequence[t
                 results[key] = generate(model, tokenizer, prompts, progress=label, **settings)
         return results
 
+    every = {m.layer for m in modules}
     kept = [set(every if layers is None else layers) for _, layers in variants]
     mask = RowLoraMask(modules, kept)
     try:
