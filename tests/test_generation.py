@@ -264,3 +264,24 @@ def test_real_tokenizer_id_rule_stops_where_the_text_rule_does(real_model):
     for _ in range(300):
         ids = [i for _ in range(rng.randint(1, 8)) for i in rng.choice(pieces)]
         assert _stops_id_rule(rule, ids) == _stops_text_rule(tokenizer, ids), ids
+
+
+def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monkeypatch):
+    from lorabound import pipeline
+    from lorabound.pipeline import GenerationOptions
+
+    from tiny import tiny_task
+
+    model, tokenizer, task = tiny_lora(num_layers=2), tiny_tokenizer(), tiny_task()
+    asked = []
+    real = pipeline.generate_variants
+    monkeypatch.setattr(pipeline, "generate_variants",
+                        lambda m, t, p, variants, **k: asked.append([v[0] for v in variants]) or real(m, t, p, variants, **k))
+    texts = pipeline._generate_variants_cached(model, tokenizer, task, task.examples[:3], [None, 1, -1, 0], "test",
+                                               tmp_path, GenerationOptions(max_new_tokens=4), False)
+    assert asked == [["full adapter", "base model", "pruned (b=0)"]]  # b = 1 is the top LoRA layer: the full adapter
+    assert texts[None] == texts[1] and set(texts) == {None, 1, -1, 0}
+    again = pipeline._generate_variants_cached(model, tokenizer, task, task.examples[:3], [0, -1], "test", tmp_path,
+                                               GenerationOptions(max_new_tokens=4), False)
+    assert asked == [["full adapter", "base model", "pruned (b=0)"]]  # read back from the files
+    assert again == {0: texts[0], -1: texts[-1]}

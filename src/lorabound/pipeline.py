@@ -326,17 +326,21 @@ def _generate_variants_cached(peft_model, tokenizer, task: Task, examples: list[
     paths = {b: out / "generations" / f"{split}-{_slug(n)}.jsonl" if out is not None else None
              for b, n in zip(boundaries, names)}
     texts = {b: cached for b in boundaries if (cached := _read_generations(paths[b], key, len(examples))) is not None}
-    missing = [(b, n) for b, n in zip(boundaries, names) if b not in texts]
+    missing: dict[str, int | None] = {}  # one run per name: every b from the top LoRA layer up is "full adapter"
+    for b, n in zip(boundaries, names):
+        if b not in texts and n not in missing:
+            missing[n] = b
     if missing:
         prompts = [task.prompt(e) for e in examples]
-        variants = [(n, None if b is None else range(b + 1)) for b, n in missing]
-        label = f"generate {split}: {', '.join(n for _, n in missing)}"
+        variants = [(n, None if b is None else range(b + 1)) for n, b in missing.items()]
+        label = f"generate {split}: {', '.join(missing)}"
         results = generate_variants(peft_model, tokenizer, prompts, variants,
                                     max_new_tokens=generation.max_new_tokens,
                                     batch_size=generation.generation_batch_size,
                                     stop_at_newline=generation.stop_at_newline, progress=label if progress else False)
-        for b, n in missing:
+        for n, b in missing.items():
             texts[b] = results[n].texts
+            texts.update({other: texts[b] for other, name in zip(boundaries, names) if name == n})
             if paths[b] is not None:
                 rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
                         for i, (e, t) in enumerate(zip(examples, texts[b]))]
