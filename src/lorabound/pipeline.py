@@ -24,12 +24,12 @@ from pathlib import Path
 from . import __version__
 from .analysis import CURVES
 from .analysis import analyze as analyze_curves
-from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, check_boundary, knee, preselect
+from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary, knee
 from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
 from .errors import LoraboundError
-from .evaluate import describe_significance, paired_bootstrap, score
+from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
 from .generation import generate_variants
 from .runtime import torch_threads
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
@@ -232,10 +232,11 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
            candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
-           generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> SearchResult:
+           generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True,
+           goal: str | None = None, bootstrap: int = 1000, metric_options: MetricOptions | None = None) -> SearchResult:
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
-    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
-                              knee_fraction=knee_fraction, candidates=candidates)
+    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, goal=goal,
+                              knee_fraction=knee_fraction, candidates=candidates, bootstrap=bootstrap)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     if out is not None:
@@ -244,11 +245,12 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
-                   folder, batch_size, data_options, model_options, adapter, progress)
+                   folder, batch_size, data_options, model_options, adapter, progress, metric_options)
 
 
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
-            out: Path | None, batch_size, data_options, model_options, adapter, progress) -> SearchResult:
+            out: Path | None, batch_size, data_options, model_options, adapter, progress,
+            metric_options: MetricOptions | None = None) -> SearchResult:
     num_layers = find_layer_stack(peft_model).num_layers
     if (cached := _cached_json(out, "curves.json")) is not None:
         truncation = cached["truncation"]
@@ -259,21 +261,17 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
-    generated = {}
-    if settings.boundary is None and settings.criterion in METRIC_CRITERIA:
-        # The candidates the search will score, generated in one pass (the same list search() takes).
-        chosen = settings.candidates or preselect(truncation)
-        for b in chosen:
-            check_boundary(b, num_layers)
-        generated = _generate_variants_cached(peft_model, tokenizer, task, splits.validation, chosen, "validation",
-                                              out, generation, progress)
+    def generate_many(boundaries: list[int]) -> dict[int, list[str]]:  # the candidates in one batched pass
+        return _generate_variants_cached(peft_model, tokenizer, task, splits.validation, boundaries, "validation",
+                                         out, generation, progress)
 
-    def score_boundary(b: int) -> dict:
-        texts = generated[b] if b in generated else _generate_cached(
-            peft_model, tokenizer, task, splits.validation, b, "validation", out, generation, progress)
-        return score(texts, [list(e.references) for e in splits.validation])
+    def generate_for(b: int) -> list[str]:
+        return _generate_cached(peft_model, tokenizer, task, splits.validation, b, "validation", out,
+                                generation, progress)
 
-    result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
+    validation = Validation(generate_for, [list(e.references) for e in splits.validation],
+                            metric_options or MetricOptions(), data_options.seed, generate_many)
+    result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), validation)
     if out is not None:
         write_json_atomic(out / "search.json", result.to_dict())
     return result
@@ -376,7 +374,8 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              boundaries: list[int] | None = None, adapters: list[str | Path] | None = None,
              out: str | Path = "run", data_options: DataOptions | None = None,
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
-             bootstrap: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
+             bootstrap: int = 1000, overwrite: bool = False, progress: bool = True,
+             metric_options: MetricOptions | None = None) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
@@ -386,19 +385,19 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
                                                                               model_options, needs=("test",))
     generation = generation or GenerationOptions()
     result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                       data_options.seed, progress)
+                       data_options.seed, progress, metric_options)
     for extra in adapters or []:
         other, _ = model_options.load(extra)
         texts = _generate_cached(other, tokenizer, task, splits.test, None, "test", out, generation, progress,
                                  name=str(extra))
-        metrics = score(texts, [list(e.references) for e in splits.test])
+        metrics = score(texts, [list(e.references) for e in splits.test], metric_options)
         result["variants"].append(_variant_row(str(extra), None, metrics, _adapter_params(extra), _adapter_mb(extra)))
     write_json_atomic(out / "evaluation.json", result)
     return result
 
 
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
-              seed: int, progress) -> dict:
+              seed: int, progress, metric_options: MetricOptions | None = None) -> dict:
     require_nonempty(splits.test, "test")
     num_layers = find_layer_stack(peft_model).num_layers
     for b in boundaries:
@@ -413,23 +412,23 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     for b in wanted:
         name = variant_name(b, top)
         outputs[name] = generated[b]
-        metrics = score(outputs[name], references)
+        metrics = score(outputs[name], references, metric_options)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
         if b is None:
-            signature = metrics["bleu_signature"]
+            signature, rouge_signature = metrics["bleu_signature"], metrics["rouge_signature"]
     significance = []
     for row in variants:
         if row["name"] != FULL:
             for metric in ("bleu", "rougeL"):
                 test = paired_bootstrap(outputs[row["name"]], outputs[FULL], references, metric=metric,
-                                        n_resamples=bootstrap, seed=seed)
+                                        n_resamples=bootstrap, seed=seed, options=metric_options)
                 significance.append({**test, "a": row["name"], "b": FULL,
                                      "sentence": describe_significance(test, row["name"], FULL)})
     examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
                 for i, e in enumerate(splits.test[:5])]
     return {"variants": variants, "significance": significance, "examples": examples, "bleu_signature": signature,
-            "lora_params_total": sum(per_layer.values())}
+            "rouge_signature": rouge_signature, "lora_params_total": sum(per_layer.values())}
 
 
 def _variant_row(name, boundary, metrics: dict, params, mb) -> dict:
@@ -461,6 +460,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
         generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True,
+        goal: str | None = None, metric_options: MetricOptions | None = None,
         exact_curves: bool = False, earlier_stages: dict[str, float] | None = None) -> dict:
     """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped.
 
@@ -469,12 +469,15 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     generation = generation or GenerationOptions()
-    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction)
+    metric_options = metric_options or MetricOptions()
+    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
+                              goal=goal, bootstrap=bootstrap)
     out = Path(out)
     inputs = _inputs(adapter, data_options, model_options)
     # The run resumes only if all of this is unchanged, the contents of its input files included.
     asked = {"model": model_options.model, "adapter": str(Path(adapter).resolve()),
              "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation),
+             "metrics": asdict(metric_options),
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)},
              "exact_curves": exact_curves}
@@ -500,7 +503,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     found = _cached_json(out, "search.json")
     if found is None:
         found = _search(peft_model, tokenizer, task, splits, settings, generation, out, batch_size, data_options,
-                        model_options, adapter, progress).to_dict()
+                        model_options, adapter, progress, metric_options).to_dict()
     b = found["boundary"]
 
     times.next("prune")
@@ -528,11 +531,11 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     if all(c >= top for c in compare):
         # The search kept everything: still show on test what the best smaller candidate would have cost.
         metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
-        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c[metric] is not None]
+        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c.get(metric) is not None]
         if below:
             compare.add(max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"])
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
-                           data_options.seed, progress)
+                           data_options.seed, progress, metric_options)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
