@@ -56,7 +56,7 @@ def test_sweep_equals_plain_loop(tok, arch):
 
 def test_curves_agree_with_each_other(tok):
     model = tiny_lora()
-    r = analyze(model, tiny_encoded(tok), batch_size=4, pad_token_id=tok.pad_token_id, progress=False)
+    r = analyze(model, tiny_encoded(tok), batch_size=4, pad_token_id=tok.pad_token_id, progress=False, exact=True)
     t, lens, abl = r["truncation"], r["logit_lens"], r["ablation"]
     # The last layer's lens reading is the model's own output: full adapter and base model.
     assert close([lens["full_prob"][-1]], [t["mean_prob"][-1]])
@@ -71,7 +71,8 @@ def test_logit_lens_applies_final_norm_once(tok):
     """Reading the base model's last layer through norm + head must give the model's real probabilities."""
     model = tiny_lora()
     encoded = tiny_encoded(tok)
-    r = analyze(model, encoded, batch_size=7, pad_token_id=tok.pad_token_id, progress=False, curves=("logit_lens",))
+    r = analyze(model, encoded, batch_size=7, pad_token_id=tok.pad_token_id, progress=False, curves=("logit_lens",),
+                exact=True)
     from lorabound.data import batches
     batch = next(batches(encoded, 7, tok.pad_token_id))
     with model.disable_adapter(), torch.no_grad():
@@ -161,3 +162,83 @@ def test_real_model_self_check_passes(real_model, monkeypatch):
     monkeypatch.setattr(analysis, "apply_head", lambda stack, hidden: apply_head(stack, hidden) * 1.01)
     with pytest.raises(LoraboundError, match="LlamaForCausalLM's own logits"):
         analysis.check_reproduces_model(model, stack, all_batches, adapter_layers(model))
+
+
+# ---------------------------------------------------------------------------
+# The cheaper default analysis (issue 11): float32 normaliser, lens and ablation on the first batches
+# ---------------------------------------------------------------------------
+
+def _encoded_rows(encoded, n):
+    from lorabound.data import Encoded
+
+    return Encoded(input_ids=encoded.input_ids[:n], labels=encoded.labels[:n], n_truncated=0, n_skipped=0)
+
+
+def test_float32_normaliser_is_within_1e6_of_float64():
+    logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(0)) * 6
+    tokens = torch.randint(0, 5000, (64,), generator=torch.Generator().manual_seed(1))
+    fast = analysis.target_log_probs(logits, tokens)
+    exact = analysis.target_log_probs(logits, tokens, float64=True)
+    assert fast.dtype == exact.dtype == torch.float64
+    assert (fast - exact).abs().max().item() < 1e-5  # per token
+    assert abs(fast.mean().item() - exact.mean().item()) < 1e-6
+    assert (fast - exact).abs().max().item() > 0, "the two paths should really differ in rounding"
+
+
+def test_default_truncation_curve_is_within_1e6_of_the_exact_one(tok):
+    model = tiny_lora()
+    encoded = tiny_encoded(tok)
+    fast = analyze(model, encoded, batch_size=3, pad_token_id=tok.pad_token_id, progress=False)
+    exact = analyze(model, encoded, batch_size=3, pad_token_id=tok.pad_token_id, progress=False, exact=True)
+    for key in ("mean_prob", "nll", "accuracy"):
+        assert all(abs(a - b) < 1e-6 for a, b in zip(fast["truncation"][key], exact["truncation"][key])), key
+    assert fast["meta"]["n_target_tokens"] == exact["meta"]["n_target_tokens"]
+    assert "approximated" not in fast["truncation"]
+    assert fast["meta"]["exact_curves"] is False and exact["meta"]["exact_curves"] is True
+
+
+def test_approximated_lens_and_ablation_are_the_exact_curves_of_the_first_batches(tok):
+    model = tiny_lora()
+    encoded = tiny_encoded(tok)  # 7 examples: 4 batches of 2, the first one (2 examples) approximates
+    fast = analyze(model, encoded, batch_size=2, pad_token_id=tok.pad_token_id, progress=False)
+    subset = analyze(model, _encoded_rows(encoded, 2), batch_size=2, pad_token_id=tok.pad_token_id,
+                     progress=False, exact=True)
+    for curve, keys in (("logit_lens", ("base_prob", "full_prob", "base_nll", "full_nll")),
+                        ("ablation", ("nll", "delta_nll"))):
+        for key in keys:
+            assert all(abs(a - b) < 1e-6 for a, b in zip(fast[curve][key], subset[curve][key])), (curve, key)
+        assert fast[curve]["approximated"]["examples"] == 2 and fast[curve]["approximated"]["of"] == 7
+        assert "exact-curves" in fast[curve]["approximated"]["how"]
+    assert abs(fast["ablation"]["full_nll"] - subset["truncation"]["nll"][-1]) < 1e-6
+    whole = analyze(model, encoded, batch_size=2, pad_token_id=tok.pad_token_id, progress=False, exact=True)
+    assert whole["logit_lens"]["full_prob"] != fast["logit_lens"]["full_prob"]  # really a subset
+
+
+def test_approximated_plots_say_so(tok, tmp_path):
+    from lorabound.report import _approximated
+
+    model = tiny_lora()
+    fast = analyze(model, tiny_encoded(tok), batch_size=2, pad_token_id=tok.pad_token_id, progress=False)
+    assert _approximated(fast["logit_lens"]) == "\n(approximated: first 2 of 7 examples)"
+    assert _approximated(fast["truncation"]) == ""
+
+
+@pytest.mark.real
+def test_real_model_float32_normaliser_within_1e6(real_model):
+    """With SmolLM2's 49,152-token vocabulary the truncation curve moves by less than 1e-6."""
+    import copy
+
+    from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
+
+    base, tokenizer = real_model
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model, scale=0.02)
+    model.eval()
+    task = load_task("e2e")
+    examples = split_task(task, train=0, validation=4, test=0, seed=0).validation
+    encoded = encode_pairs(tokenizer, task, first_reference_pairs(examples), 128)
+    kwargs = dict(batch_size=4, pad_token_id=tokenizer.pad_token_id, progress=False, curves=("truncation",))
+    fast = analyze(model, encoded, **kwargs)["truncation"]
+    exact = analyze(model, encoded, exact=True, **kwargs)["truncation"]
+    for key in ("mean_prob", "nll"):
+        assert max(abs(a - b) for a, b in zip(fast[key], exact[key])) < 1e-6, key

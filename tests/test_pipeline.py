@@ -65,7 +65,7 @@ def test_run_resumes_from_finished_stages(workspace, monkeypatch):
     def must_not_run(*a, **k):
         raise AssertionError("a finished stage ran again")
     monkeypatch.setattr(pipeline, "analyze_curves", must_not_run)
-    monkeypatch.setattr(pipeline, "generate", must_not_run)
+    monkeypatch.setattr(pipeline, "generate_variants", must_not_run)
     again = pipeline.run(str(root / "base"), root / "adapter", out=root / "resume", **kwargs)
     for key in ("curves", "search", "variants", "significance", "verdict"):
         assert again[key] == first[key], key
@@ -171,3 +171,16 @@ def test_run_does_not_resume_over_changed_data(workspace, tmp_path, capsys):
     capsys.readouterr()
     assert main(run_args) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
+
+
+def test_run_records_each_stage_time(workspace):
+    root, common = workspace
+    data = DataOptions(data=str(root / "data.jsonl"), validation_size=6, test_size=8, max_length=64)
+    report = pipeline.run(str(root / "base"), root / "adapter", out=root / "timed", data_options=data,
+                          generation=GenerationOptions(max_new_tokens=4), bootstrap=50, progress=False,
+                          earlier_stages={"train": 1.5})
+    saved = json.loads((root / "timed" / "report.json").read_text())
+    assert list(saved["stage_seconds"]) == ["train", "analysis", "search", "prune", "evaluate", "report"]
+    assert saved["stage_seconds"]["train"] == 1.5 and all(v >= 0 for v in saved["stage_seconds"].values())
+    assert report["stage_seconds"] == saved["stage_seconds"]
+    assert saved["meta"]["torch_threads"] == torch.get_num_threads()

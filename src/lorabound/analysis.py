@@ -105,18 +105,31 @@ class Targets:
         return cls(rows=rows, positions=positions, tokens=labels[:, 1:][rows, positions])
 
 
+def target_log_probs(logits: torch.Tensor, tokens: torch.Tensor, float64: bool = False) -> torch.Tensor:
+    """log p(target) per row, in float64.
+
+    By default the normaliser (logsumexp over the vocabulary) is computed in float32 and only the per-token
+    results go on in float64: the whole-vocabulary log-softmax in float64 costs as much as the head itself,
+    and the curves move by less than 1e-6 (tests/test_analysis.py). `float64` is the exact reference.
+    """
+    if float64:
+        return torch.log_softmax(logits.double(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    target = logits.gather(1, tokens[:, None]).squeeze(1)
+    return target.double() - torch.logsumexp(logits.float(), dim=-1).double()
+
+
 class TokenScores:
     """Running sums of ground-truth probability, NLL and argmax hits (float64, in a fixed order)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, float64: bool = False):
         self.prob = [0.0] * n
         self.nll = [0.0] * n
         self.hits = [0.0] * n
         self.tokens = 0
+        self.float64 = float64  # log-softmax over the vocabulary in float64 (the exact, slower reference)
 
     def add(self, index: int, logits: torch.Tensor, targets: Targets) -> None:
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        target_logp = logp.gather(1, targets.tokens[:, None]).squeeze(1)
+        target_logp = target_log_probs(logits, targets.tokens, self.float64)
         self.prob[index] += target_logp.exp().sum().item()
         self.nll[index] += (-target_logp).sum().item()
         self.hits[index] += (logits.argmax(-1) == targets.tokens).sum().item()
@@ -130,8 +143,8 @@ class TokenScores:
         return {"prob": self.prob, "nll": self.nll, "hits": self.hits, "tokens": self.tokens}
 
     @classmethod
-    def from_state(cls, state: dict) -> "TokenScores":
-        scores = cls(len(state["prob"]))
+    def from_state(cls, state: dict, float64: bool = False) -> "TokenScores":
+        scores = cls(len(state["prob"]), float64)
         scores.prob, scores.nll, scores.hits, scores.tokens = state["prob"], state["nll"], state["hits"], state["tokens"]
         return scores
 
@@ -152,8 +165,10 @@ def score_batch(model, stack: LayerStack, batch, boundaries: list[int], lora_lay
     targets = Targets.from_labels(batch.labels)
     if targets.tokens.numel() == 0:
         return
-    for s in scores.values():
-        s.tokens += targets.tokens.numel()
+    counted = {"truncation": ["truncation"], "logit_lens": ["lens_base", "lens_full"],
+               "ablation": ["ablation", "ablation_full"]}
+    for name in (n for c in curves for n in counted[c] if n in scores):
+        scores[name].tokens += targets.tokens.numel()
     every = range(stack.num_layers)
 
     with keep_lora(model, every):
@@ -185,6 +200,8 @@ def score_batch(model, stack: LayerStack, batch, boundaries: list[int], lora_lay
             scores["lens_full"].add(layer, head_logits(stack, full.outputs[layer], targets), targets)
 
     if "ablation" in curves:
+        if "ablation_full" in scores:  # the reference NLL on the same examples as the approximated ablation
+            scores["ablation_full"].add(0, head_logits(stack, full.outputs[-1], targets), targets)
         for i, layer in enumerate(lora_layers):
             with keep_lora(model, [other for other in every if other != layer]):
                 hidden = run_layers(stack, full, full.inputs[layer], layer)
@@ -254,10 +271,24 @@ def _model_logits(model, batch, targets: Targets) -> torch.Tensor:
 # Whole split, resumable
 # ---------------------------------------------------------------------------
 
+# Without --exact-curves the logit lens and the ablation (which the boundary search does not read) run on
+# the first quarter of the validation batches: their cost is then well under the truncation sweep's.
+APPROXIMATE_SHARE = 0.25
+
+
+def approximated_batches(n_batches: int, exact: bool) -> int:
+    """How many leading batches the logit lens and the ablation run on."""
+    return n_batches if exact else min(n_batches, max(1, round(n_batches * APPROXIMATE_SHARE)))
+
+
 def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, curves: tuple[str, ...] = CURVES,
-            checkpoint: str | Path | None = None, progress: bool = True, meta: dict | None = None) -> dict:
+            checkpoint: str | Path | None = None, progress: bool = True, meta: dict | None = None,
+            exact: bool = False) -> dict:
     """Compute the curves over every encoded example. Returns the curves dict (see report.py for its shape).
 
+    The truncation curve is always exact and over every example. Unless `exact`, the logit lens and the
+    ablation run on the first batches only (APPROXIMATE_SHARE of them) and the log-softmax normaliser is
+    computed in float32 (see target_log_probs); curves.json says so under each approximated curve.
     With `checkpoint`, the running sums are saved after every batch and a rerun continues from there,
     giving the same numbers as an uninterrupted run.
     """
@@ -270,31 +301,42 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
     outside = parts_outside_layers(model)
     boundaries = [-1] + lora_layers  # b between two LoRA layers equals the lower one: no need to run it
     sizes = {"truncation": len(boundaries), "layers_only": 1, "lens_base": stack.num_layers,
-             "lens_full": stack.num_layers, "ablation": len(lora_layers)}
+             "lens_full": stack.num_layers, "ablation": len(lora_layers), "ablation_full": 1}
     wanted = {"truncation": ["truncation"] + (["layers_only"] if outside else []),
-              "logit_lens": ["lens_base", "lens_full"], "ablation": ["ablation"]}
+              "logit_lens": ["lens_base", "lens_full"],
+              "ablation": ["ablation"] + ([] if exact else ["ablation_full"])}
     names = [n for c in curves for n in wanted[c]]
     all_batches = list(batches(encoded, batch_size, pad_token_id))
     check_reproduces_model(model, stack, all_batches, lora_layers)
-    fingerprint = _fingerprint(encoded, batch_size, curves, lora_layers + outside)
+    subset = approximated_batches(len(all_batches), exact)
+    fingerprint = _fingerprint(encoded, batch_size, curves, lora_layers + outside, exact)
 
     state = _load_checkpoint(checkpoint, fingerprint)
     done = state["batches_done"] if state else 0
-    scores = ({n: TokenScores.from_state(state["scores"][n]) for n in names} if state
-              else {n: TokenScores(sizes[n]) for n in names})
+    scores = ({n: TokenScores.from_state(state["scores"][n], exact) for n in names} if state
+              else {n: TokenScores(sizes[n], exact) for n in names})
 
     bar = tqdm(total=len(all_batches), initial=done, desc="analyze", unit="batch", disable=not progress)
     for index in range(done, len(all_batches)):
-        score_batch(model, stack, all_batches[index], boundaries, lora_layers, tuple(curves), scores)
+        here = tuple(c for c in curves if c == "truncation" or index < subset)
+        score_batch(model, stack, all_batches[index], boundaries, lora_layers, here, scores)
         if checkpoint is not None:
             write_json_atomic(checkpoint, {"fingerprint": fingerprint, "batches_done": index + 1,
                                            "scores": {n: s.state() for n, s in scores.items()}})
         bar.update(1)
     bar.close()
 
+    n_examples = len(encoded.input_ids)
     result = {"meta": {**(meta or {}), "num_layers": stack.num_layers, "adapter_layers": lora_layers,
-                       "n_examples": len(encoded.input_ids), "n_target_tokens": next(iter(scores.values())).tokens,
-                       "n_truncated": encoded.n_truncated, "n_skipped": encoded.n_skipped, "batch_size": batch_size}}
+                       "n_examples": n_examples, "n_target_tokens": next(iter(scores.values())).tokens,
+                       "n_truncated": encoded.n_truncated, "n_skipped": encoded.n_skipped, "batch_size": batch_size,
+                       "exact_curves": exact}}
+    approximated = None
+    if not exact:
+        covered = min(n_examples, subset * batch_size)
+        approximated = {"examples": covered, "of": n_examples,
+                        "how": f"computed on the first {covered} of the {n_examples} validation examples, with the "
+                               "log-softmax normaliser in float32; run with --exact-curves for all of them"}
     if "truncation" in scores:
         result["truncation"] = {"boundary": boundaries, **scores["truncation"].means()}
     if "layers_only" in scores:
@@ -307,12 +349,14 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
     if "lens_base" in scores:
         base, full = scores["lens_base"].means(), scores["lens_full"].means()
         result["logit_lens"] = {"layer": list(range(stack.num_layers)), "base_prob": base["mean_prob"],
-                                "full_prob": full["mean_prob"], "base_nll": base["nll"], "full_nll": full["nll"]}
+                                "full_prob": full["mean_prob"], "base_nll": base["nll"], "full_nll": full["nll"],
+                                **({"approximated": approximated} if approximated else {})}
     if "ablation" in scores:
         ablated = scores["ablation"].means()
-        full_nll = _full_nll(result, scores)
+        full_nll = scores["ablation_full"].means()["nll"][0] if "ablation_full" in scores else _full_nll(result, scores)
         result["ablation"] = {"layer": lora_layers, "nll": ablated["nll"], "full_nll": full_nll,
-                              "delta_nll": [x - full_nll for x in ablated["nll"]] if full_nll is not None else None}
+                              "delta_nll": [x - full_nll for x in ablated["nll"]] if full_nll is not None else None,
+                              **({"approximated": approximated} if approximated else {})}
     return result
 
 
@@ -324,8 +368,8 @@ def _full_nll(result: dict, scores: dict[str, TokenScores]) -> float | None:
     return None
 
 
-def _fingerprint(encoded: Encoded, batch_size: int, curves, lora_layers) -> str:
-    blob = json.dumps([encoded.input_ids, encoded.labels, batch_size, list(curves), lora_layers])
+def _fingerprint(encoded: Encoded, batch_size: int, curves, lora_layers, exact: bool) -> str:
+    blob = json.dumps([encoded.input_ids, encoded.labels, batch_size, list(curves), lora_layers, exact])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -350,7 +394,7 @@ def truncation_curve_plain(model, encoded: Encoded, *, batch_size: int, pad_toke
     model.eval()
     lora_layers = adapter_layers(model)
     boundaries = [-1] + lora_layers
-    scores = TokenScores(len(boundaries))
+    scores = TokenScores(len(boundaries), float64=True)
     device = next(model.parameters()).device
     for batch in batches(encoded, batch_size, pad_token_id):
         batch = batch.to(device)

@@ -172,12 +172,15 @@ class Validation:
     references: list[list[str]]
     metrics: MetricOptions = field(default_factory=MetricOptions)
     seed: int = 0
+    # Optional: hypotheses for several boundaries at once (one batched pass), {b: outputs}
+    generate_many: Callable[[list[int]], dict[int, list[str]]] | None = None
 
 
 def _score_candidates(chosen: dict[int, list[str]], full: int, validation: Validation,
                       n_resamples: int) -> dict[int, dict]:
     """Per candidate: BLEU / ROUGE-L / chrF on validation, and its paired bootstrap against the full adapter."""
-    texts = {b: validation.generate(b) for b in chosen}
+    texts = (validation.generate_many(list(chosen)) if validation.generate_many is not None
+             else {b: validation.generate(b) for b in chosen})
     refs, options = validation.references, validation.metrics
     rows = {}
     for b, why in chosen.items():

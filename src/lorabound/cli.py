@@ -13,6 +13,7 @@ from .analysis import CURVES
 from .boundary import CRITERIA, GOALS
 from .evaluate import COMBINED, MetricOptions
 from .errors import LoraboundError
+from .runtime import set_threads
 from .surgery import EXPORT_FORMATS
 from .training import TrainSettings
 
@@ -36,6 +37,12 @@ DESCRIPTIONS = {
     "demo": "Train SmolLM2-135M with LoRA on E2E, then the whole run, and print the results table.",
     "study": "Train and run every cell of a grid (models x tasks x seeds x training settings), then pool the answer.",
 }
+
+
+THREADS_HELP = ("CPU threads for torch (default: the cores free at start, i.e. usable cores minus the 1-minute "
+                "load average, at least 1)")
+EXACT_HELP = ("compute the logit lens and the ablation on every validation example with a float64 log-softmax "
+              "(default: on the first quarter, labelled approximated; the truncation curve is always complete)")
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -75,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lorabound {__version__}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str) -> argparse.ArgumentParser:
@@ -83,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         # Also accepted after the command; SUPPRESS keeps a --quiet given before it.
         sub.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        sub.add_argument("--threads", type=int, default=argparse.SUPPRESS, help=THREADS_HELP)
         return sub
 
     def model_and_data(p, adapter=True):
@@ -110,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_data(p)
     p.add_argument("--out", required=True, help="run folder for curves.json and plots")
     p.add_argument("--curves", nargs="+", choices=CURVES, default=list(CURVES), help="which curves to compute")
+    p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -157,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
+    p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
     _add_fields(p, GenerationOptions)
     _add_fields(p, MetricOptions)
 
@@ -169,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per example at most")
     p.add_argument("--seed", type=int, default=0, help="seed for everything")
     p.add_argument("--overwrite", action="store_true", help="start the demo folder afresh")
+    p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
 
     p = command("study")
     p.add_argument("--out", required=True, help="study folder (rerun the same command to resume)")
@@ -206,6 +218,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
 
     progress = not args.quiet
+    set_threads(args.threads)
     if not progress:
         from transformers.utils import logging as transformers_logging
         transformers_logging.disable_progress_bar()
@@ -218,7 +231,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if name == "demo":
         pipeline.demo(args.out, train_size=args.train_size, validation_size=args.validation_size,
                       test_size=args.test_size, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
-                      seed=args.seed, overwrite=args.overwrite, progress=progress)
+                      seed=args.seed, overwrite=args.overwrite, progress=progress, exact_curves=args.exact_curves)
         return 0
 
     if name == "study":
@@ -238,7 +251,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if name == "analyze":
         curves = pipeline.analyze(args.model, args.adapter, args.data, args.out, curves=tuple(args.curves),
-                                  batch_size=args.batch_size, overwrite=args.overwrite, **common)
+                                  batch_size=args.batch_size, overwrite=args.overwrite,
+                                  exact_curves=args.exact_curves, **common)
         _print_truncation(curves)
         print(f"wrote {Path(args.out) / 'curves.json'} and plots")
         return 0
@@ -272,7 +286,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                               boundary=args.boundary, tolerance=args.tolerance, knee_fraction=args.knee_fraction,
                               boundaries=args.boundaries, batch_size=args.batch_size, bootstrap=args.bootstrap,
                               generation=generation, overwrite=args.overwrite, goal=args.goal,
-                              metric_options=metrics, **common)
+                              metric_options=metrics, exact_curves=args.exact_curves, **common)
         from .report import format_table
         print(format_table(report))
         print(report["verdict"])

@@ -2,14 +2,32 @@
 
 :func:`generate` decodes greedily, stopping each row at the end of its answer line (leading blank lines
 skipped), at EOS, or at max_new_tokens, and returns the cleaned outputs in the prompts' order.
+:func:`generate_variants` does the same for several LoRA variants of one adapter at once (base model,
+LoRA on layers 0..b, full adapter): every prompt is repeated once per variant in the same batch and each
+LoRA module's update is zeroed on the rows of the variants that drop that layer. That is exact: the
+variants differ only in which layers apply their LoRA.
+
+Speed (see bench/generation.py): the stopping check works on token ids (a row's text is decoded only when
+it emits a token that holds a newline), and a plain greedy loop over the KV cache drops finished rows from
+the batch instead of computing them until the longest row ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 from .errors import LoraboundError
+
+# Generation-config settings that make transformers' greedy search differ from a plain argmax loop: a model
+# that sets any of them goes through model.generate (still with the token-id stopping check).
+_PROCESSOR_SETTINGS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+                       "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+                       "min_length": (None, 0), "min_new_tokens": (None, 0), "suppress_tokens": (None,),
+                       "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
+                       "forced_eos_token_id": (None,), "sequence_bias": (None,), "exponential_decay_length_penalty":
+                       (None,), "renormalize_logits": (None, False), "epsilon_cutoff": (None, 0.0)}
 
 
 @dataclass
@@ -18,27 +36,42 @@ class GenerationResult:
     n_prompt_truncated: int   # prompts cut from the left to max_prompt_length tokens
 
 
-def _newline_criteria(tokenizer, prompt_length: int):
-    """A StoppingCriteria that marks a row done once its answer line (the first non-blank one) has ended."""
-    import torch
-    from transformers import StoppingCriteria
+# ---------------------------------------------------------------------------
+# Stopping on token ids
+# ---------------------------------------------------------------------------
 
-    class StopAtNewline(StoppingCriteria):
-        def __init__(self):
-            self.done = None
+def newline_token_ids(tokenizer) -> frozenset[int]:
+    """Every vocabulary id whose decoded text holds a newline (special tokens decode to nothing)."""
+    ids = list(range(len(tokenizer)))
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)
+    return frozenset(i for i, text in zip(ids, texts) if "\n" in text)
 
-        def __call__(self, input_ids, scores, **kwargs):
-            if self.done is None:
-                self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            rows = (~self.done).nonzero().flatten().tolist()
-            if rows:
-                texts = tokenizer.batch_decode(input_ids[rows, prompt_length:], skip_special_tokens=True)
-                for row, text in zip(rows, texts):
-                    if "\n" in text.lstrip():  # leading blank lines are not the answer line yet
-                        self.done[row] = True
-            return self.done.clone()
 
-    return StopAtNewline()
+def answer_line_ended(text: str) -> bool:
+    """The text-based rule: the first non-blank line has ended (leading blank lines are not the answer yet)."""
+    return "\n" in text.lstrip()
+
+
+class StopRule:
+    """When a row is done: at EOS, or (stop_at_newline) once its answer line has ended.
+
+    The answer-line rule needs the row's text, but a row's text can only come to hold a newline after its
+    first non-blank character when the row emits a token holding one: only then is the row decoded. So the
+    result equals applying :func:`answer_line_ended` to the decoded text after every token.
+    """
+
+    def __init__(self, tokenizer, eos_ids: Iterable[int], stop_at_newline: bool):
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.newline_ids = newline_token_ids(tokenizer) if stop_at_newline else frozenset()
+
+    def done(self, tokens: list[int]) -> bool:
+        """`tokens`: the row's new tokens so far, the latest last."""
+        last = tokens[-1]
+        if last in self.eos_ids:
+            return True
+        return last in self.newline_ids and answer_line_ended(
+            self.tokenizer.decode(tokens, skip_special_tokens=True))
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -50,6 +83,296 @@ def _eos_ids(model, tokenizer) -> list[int]:
         if value is not None and value not in ids:
             ids.append(int(value))
     return ids
+
+
+# ---------------------------------------------------------------------------
+# Per-row LoRA layer masks (several variants in one batch)
+# ---------------------------------------------------------------------------
+
+class RowLoraMask:
+    """Forward hooks that zero LoRA updates on the rows of variants that drop the module's layer.
+
+    `variant_layers[v]`: the stack layers whose LoRA variant v keeps. Hooks sit on lora_B of every module
+    whose layer some variants keep and others drop; the update of a dropped row becomes exactly 0, so the
+    row computes base_layer(x) + 0, the same as a disabled module. :meth:`set_rows` says which variant each
+    current batch row belongs to.
+    """
+
+    def __init__(self, modules, variant_layers: Sequence[set[int]]):
+        import torch
+
+        self.keep = {}      # layer -> bool tensor over variants, for layers that some variants drop
+        self.current = {}   # layer -> bool tensor over the current rows
+        self.handles = []
+        for m in modules:
+            kept = [m.layer in layers for layers in variant_layers]
+            if all(kept) or not any(kept):
+                continue  # the same on every row: keep_lora enables or disables the module as a whole
+            self.keep[m.layer] = torch.tensor(kept)
+            for name in m.module.active_adapters:
+                if name in m.module.lora_B:
+                    self.handles.append(m.module.lora_B[name].register_forward_hook(self._hook(m.layer)))
+
+    def _hook(self, layer: int):
+        def zero_dropped_rows(module, args, output):
+            import torch
+
+            mask = self.current[layer].to(output.device).view(-1, *[1] * (output.dim() - 1))
+            return torch.where(mask, output, torch.zeros((), dtype=output.dtype, device=output.device))
+        return zero_dropped_rows
+
+    def set_rows(self, variant_of_row) -> None:
+        self.current = {layer: keep[variant_of_row] for layer, keep in self.keep.items()}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _maskable_modules(model):
+    """The stack's LoRA modules if per-row masks are exact for this adapter, else None.
+
+    Exact for plain LoRA on linear layers (update = lora_B(lora_A(x)) * scaling). Not for DoRA or other
+    variants, LoRA on embeddings or convolutions, merged adapters, or adapters with parts outside the
+    layer stack (modules_to_save, LoRA on the output head), which the base variant must switch off too.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear
+
+    from .surgery import lora_modules
+
+    modules = lora_modules(model)
+    in_stack = {id(m.module) for m in modules}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and id(module) not in in_stack:
+            return None
+        if type(module).__name__ == "ModulesToSaveWrapper":
+            return None
+    for m in modules:
+        if type(m.module) is not Linear or m.module.merged or m.module.lora_variant:
+            return None
+    return modules
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+             stop_at_newline: bool = True, max_prompt_length: int | None = None,
+             progress: bool | str = True) -> GenerationResult:
+    """Greedy outputs for `prompts` (new text only, only the first non-blank line when `stop_at_newline`, stripped).
+
+    Prompts are sorted by length into left-padded batches and the outputs put back in the prompts' order.
+    Prompts longer than `max_prompt_length` tokens lose their beginning; they are counted in the result.
+    `model` may be a plain causal LM or a peft PeftModel (run as it is set). `progress`: show a bar (a str
+    labels it).
+    """
+    results = _generate_rows(model, tokenizer, prompts, copies=1, mask=None, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, stop_at_newline=stop_at_newline,
+                             max_prompt_length=max_prompt_length, progress=progress)
+    return results[0]
+
+
+def generate_variants(model, tokenizer, prompts: list[str], variants: Sequence[tuple[str, Iterable[int] | None]], *,
+                      max_new_tokens: int = 64, batch_size: int = 16, stop_at_newline: bool = True,
+                      max_prompt_length: int | None = None, progress: bool | str = True,
+                      batched: bool = True) -> dict[str, GenerationResult]:
+    """:func:`generate` for several LoRA variants of a peft model: {variant key: result}.
+
+    `variants`: (key, kept layers) pairs; kept layers None is the full adapter as loaded, an empty list the
+    base model (the adapter switched off), else LoRA on those stack layers only. With `batched` (and an
+    adapter for which it is exact, see _maskable_modules) all variants share each batch: `batch_size`
+    prompts, each repeated once per variant. Otherwise, or with `batched=False`, one run per variant.
+    Either way the outputs are those of separate runs.
+    """
+    from .surgery import keep_lora
+
+    variants = [(key, None if layers is None else sorted(set(layers))) for key, layers in variants]
+    keys = [key for key, _ in variants]
+    if len(set(keys)) != len(keys):
+        raise LoraboundError(f"variant keys {keys} repeat; give every variant its own key")
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_newline=stop_at_newline,
+                    max_prompt_length=max_prompt_length)
+    modules = _maskable_modules(model) if batched and len(variants) > 1 else None
+    if modules is None:
+        results = {}
+        for key, layers in variants:
+            label = f"{progress}: {key}" if isinstance(progress, str) else progress
+            with _variant_set(model, layers):
+                results[key] = generate(model, tokenizer, prompts, progress=label, **settings)
+        return results
+
+    every = {m.layer for m in modules}
+    kept = [set(every if layers is None else layers) for _, layers in variants]
+    mask = RowLoraMask(modules, kept)
+    try:
+        with keep_lora(model, set().union(*kept)):
+            rows = _generate_rows(model, tokenizer, prompts, copies=len(variants), mask=mask, progress=progress,
+                                  **settings)
+    finally:
+        mask.remove()
+    return dict(zip(keys, rows))
+
+
+@contextlib.contextmanager
+def _variant_set(model, layers):
+    from .surgery import keep_lora
+
+    if layers is None:
+        yield
+    elif not layers:
+        with model.disable_adapter():
+            yield
+    else:
+        with keep_lora(model, layers):
+            yield
+
+
+# ---------------------------------------------------------------------------
+# The batches
+# ---------------------------------------------------------------------------
+
+def _generate_rows(model, tokenizer, prompts: list[str], *, copies: int, mask: RowLoraMask | None,
+                   max_new_tokens: int, batch_size: int, stop_at_newline: bool, max_prompt_length: int | None,
+                   progress: bool | str) -> list[GenerationResult]:
+    """One result per copy: each batch of `batch_size` prompts runs `copies` times over, copy-major."""
+    import torch
+    from tqdm.auto import tqdm
+
+    prompts = list(prompts)
+    if batch_size < 1 or max_new_tokens < 1:
+        raise LoraboundError(f"batch_size {batch_size} and max_new_tokens {max_new_tokens} must be at least 1; "
+                             "pass positive numbers")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise LoraboundError(f"max_prompt_length {max_prompt_length} must be at least 1; pass a positive number "
+                             "or None")
+    if not prompts:
+        return [GenerationResult(texts=[], n_prompt_truncated=0) for _ in range(copies)]
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
+    if pad_id is None:
+        raise LoraboundError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token before "
+                             "generating")
+    rule = StopRule(tokenizer, eos_ids, stop_at_newline)
+    decode = _greedy_loop if _plain_greedy(model) else _hf_generate
+
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    n_truncated = sum(n > max_prompt_length for n in lengths) if max_prompt_length else 0
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    texts: list[list[str | None]] = [[None] * len(prompts) for _ in range(copies)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    label = progress if isinstance(progress, str) else "generating"
+    bar = tqdm(total=len(prompts) * copies, unit="ex", desc=label, disable=not progress)
+    try:
+        model.eval()
+        with _tokenizer_sides(tokenizer), torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                enc = _encode_batch(tokenizer, [prompts[i] for i in chunk], max_prompt_length, pad_id)
+                input_ids = enc["input_ids"].to(device).repeat(copies, 1)
+                attention_mask = enc["attention_mask"].to(device).repeat(copies, 1)
+                copy_of_row = torch.arange(copies).repeat_interleave(len(chunk))
+                on_rows = (lambda alive: mask.set_rows(copy_of_row[alive])) if mask is not None else None
+                new_tokens = decode(model, input_ids, attention_mask, max_new_tokens, rule, pad_id, on_rows)
+                for row, ids in enumerate(new_tokens):
+                    text = tokenizer.decode(_until_eos(ids, rule.eos_ids), skip_special_tokens=True)
+                    texts[row // len(chunk)][chunk[row % len(chunk)]] = _clean(text, stop_at_newline)
+                bar.update(len(chunk) * copies)
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return [GenerationResult(texts=t, n_prompt_truncated=n_truncated) for t in texts]
+
+
+def _plain_greedy(model) -> bool:
+    """Whether greedy search is a plain argmax for this model (no logits processors in its generation config)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    return all(getattr(config, name, None) in neutral for name, neutral in _PROCESSOR_SETTINGS.items())
+
+
+def _greedy_loop(model, input_ids, attention_mask, max_new_tokens: int, rule: StopRule, pad_id: int,
+                 on_rows) -> list[list[int]]:
+    """Greedy decoding over the KV cache; finished rows leave the batch (and the cache) at once."""
+    import torch
+
+    rows = input_ids.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    alive = torch.arange(rows)                      # original row of each current row
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as transformers
+    if on_rows:
+        on_rows(alive)
+    takes = _forward_parameters(model)
+    cache_arg = "cache" if "cache" in takes else "past_key_values"  # renamed in transformers 5.x
+    first = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # the head at the last position only
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **first)
+    cache, next_position = _cache_of(out), position_ids[:, -1:] + 1
+    for _ in range(max_new_tokens):
+        chosen = out.logits[:, -1].float().argmax(-1)
+        finished = []
+        for k, (row, token) in enumerate(zip(alive.tolist(), chosen.tolist())):
+            tokens[row].append(token)
+            finished.append(rule.done(tokens[row]) or len(tokens[row]) >= max_new_tokens)
+        if all(finished):
+            break
+        if any(finished):
+            keep = torch.tensor([not f for f in finished])
+            index = keep.nonzero().flatten().to(chosen.device)
+            cache.batch_select_indices(index)
+            alive, chosen = alive[keep], chosen[index]
+            attention_mask, next_position = attention_mask[index], next_position[index]
+            if on_rows:
+                on_rows(alive)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    use_cache=True, **{cache_arg: cache})
+        cache = _cache_of(out)
+        next_position = next_position + 1
+    return tokens
+
+
+def _forward_parameters(model) -> set[str]:
+    import inspect
+
+    from .model import unwrap_model
+
+    return set(inspect.signature(unwrap_model(model).forward).parameters)
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _hf_generate(model, input_ids, attention_mask, max_new_tokens: int, rule: StopRule, pad_id: int,
+                 on_rows) -> list[list[int]]:
+    """transformers' model.generate (for generation configs with logits processors), the same stop rule."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    prompt_length = input_ids.shape[1]
+
+    class Stop(StoppingCriteria):
+        def __init__(self):
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        def __call__(self, ids, scores, **kwargs):
+            for row in (~self.done).nonzero().flatten().tolist():
+                if rule.done(ids[row, prompt_length:].tolist()):
+                    self.done[row] = True
+            return self.done.clone()
+
+    if on_rows:
+        on_rows(torch.arange(input_ids.shape[0]))
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                            eos_token_id=sorted(rule.eos_ids) or None, stopping_criteria=StoppingCriteriaList([Stop()]))
+    return output[:, prompt_length:].tolist()
 
 
 @contextlib.contextmanager
@@ -69,68 +392,6 @@ def _clean(text: str, stop_at_newline: bool) -> str:
     return text.strip()
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
-             stop_at_newline: bool = True, max_prompt_length: int | None = None,
-             progress: bool | str = True) -> GenerationResult:
-    """Greedy outputs for `prompts` (new text only, only the first non-blank line when `stop_at_newline`, stripped).
-
-    Prompts are sorted by length into left-padded batches and the outputs put back in the prompts' order.
-    Prompts longer than `max_prompt_length` tokens lose their beginning; they are counted in the result.
-    `model` may be a plain causal LM or a peft PeftModel. `progress`: show a bar (a str labels it).
-    """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import StoppingCriteriaList
-
-    prompts = list(prompts)
-    if not prompts:
-        return GenerationResult(texts=[], n_prompt_truncated=0)
-    if batch_size < 1 or max_new_tokens < 1:
-        raise LoraboundError(f"batch_size {batch_size} and max_new_tokens {max_new_tokens} must be at least 1; "
-                             "pass positive numbers")
-    if max_prompt_length is not None and max_prompt_length < 1:
-        raise LoraboundError(f"max_prompt_length {max_prompt_length} must be at least 1; pass a positive number "
-                             "or None")
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
-    if pad_id is None:
-        raise LoraboundError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token before "
-                             "generating")
-
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    n_truncated = sum(n > max_prompt_length for n in lengths) if max_prompt_length else 0
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    texts: list[str | None] = [None] * len(prompts)
-    device = next(model.parameters()).device
-    was_training = model.training
-    label = progress if isinstance(progress, str) else "generating"
-    bar = tqdm(total=len(prompts), unit="ex", desc=label, disable=not progress)
-    try:
-        model.eval()
-        with _tokenizer_sides(tokenizer), torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                enc = _encode_batch(tokenizer, [prompts[i] for i in chunk], max_prompt_length, pad_id)
-                input_ids = enc["input_ids"].to(device)
-                attention_mask = enc["attention_mask"].to(device)
-                criteria = StoppingCriteriaList()
-                if stop_at_newline:
-                    criteria.append(_newline_criteria(tokenizer, input_ids.shape[1]))
-                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                        max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                        eos_token_id=eos_ids or None, stopping_criteria=criteria)
-                new_tokens = output[:, input_ids.shape[1]:].tolist()
-                for i, ids in zip(chunk, new_tokens):
-                    ids = _until_eos(ids, eos_ids)
-                    texts[i] = _clean(tokenizer.decode(ids, skip_special_tokens=True), stop_at_newline)
-                bar.update(len(chunk))
-    finally:
-        bar.close()
-        if was_training:
-            model.train()
-    return GenerationResult(texts=texts, n_prompt_truncated=n_truncated)
-
-
 def _encode_batch(tokenizer, prompts: list[str], max_prompt_length: int | None, pad_id: int):
     """Left-padded (and, past max_prompt_length, left-truncated) tensors; works without a tokenizer pad token."""
     truncation = {"truncation": True, "max_length": max_prompt_length} if max_prompt_length else {}
@@ -144,7 +405,7 @@ def _encode_batch(tokenizer, prompts: list[str], max_prompt_length: int | None, 
             tokenizer.pad_token = None
 
 
-def _until_eos(ids: list[int], eos_ids: list[int]) -> list[int]:
+def _until_eos(ids: list[int], eos_ids) -> list[int]:
     """The tokens before the first EOS: what follows is padding."""
     for k, token in enumerate(ids):
         if token in eos_ids:

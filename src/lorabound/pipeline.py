@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +30,8 @@ from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, i
                    require_nonempty, split_task)
 from .errors import LoraboundError
 from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
-from .generation import generate
+from .generation import generate_variants
+from .runtime import torch_threads
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
 from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
@@ -113,6 +115,28 @@ def _progress_print(progress: bool, message: str) -> None:
         print(message, flush=True)
 
 
+class StageTimes:
+    """Wall seconds of each stage in this invocation (a stage resumed from its files takes about 0 s)."""
+
+    def __init__(self, progress: bool, earlier: dict[str, float] | None = None):
+        self.seconds = dict(earlier or {})
+        self.progress = progress
+        self.current: tuple[str, float] | None = None
+
+    def next(self, stage: str | None) -> None:
+        """End the running stage (printing its time) and start `stage` (None: just end)."""
+        now = time.perf_counter()
+        if self.current is not None:
+            name, started = self.current
+            self.seconds[name] = round(now - started, 1)
+            _progress_print(self.progress, f"      {name}: {self.seconds[name]:.1f} s")
+        self.current = (stage, now) if stage else None
+
+    def summary(self) -> str:
+        return "stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items()) + \
+            f" ({sum(self.seconds.values()):.0f} s)"
+
+
 # ---------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------
@@ -155,8 +179,11 @@ def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
 
 def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", out: str | Path = "run", *,
             curves: tuple[str, ...] = CURVES, batch_size: int = 8, data_options: DataOptions | None = None,
-            model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Teacher-forced curves on the validation split into OUT/curves.json and PNG plots."""
+            model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True,
+            exact_curves: bool = False) -> dict:
+    """Teacher-forced curves on the validation split into OUT/curves.json and PNG plots.
+
+    Without `exact_curves` the logit lens and the ablation are approximated (see analysis.analyze)."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options))
@@ -164,14 +191,14 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
-                      model_options, adapter, progress)
+                      model_options, adapter, progress, exact_curves)
     # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
     plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
     return result
 
 
 def _analyze(peft_model, tokenizer, task, splits, out: Path, curves, batch_size, data_options, model_options,
-             adapter, progress) -> dict:
+             adapter, progress, exact: bool = False) -> dict:
     require_nonempty(splits.validation, "validation")
     encoded = encode_pairs(tokenizer, task, first_reference_pairs(splits.validation), data_options.max_length)
     meta = {"model": model_options.model, "adapter": str(adapter), "task": task.name, "task_source": task.source,
@@ -180,7 +207,7 @@ def _analyze(peft_model, tokenizer, task, splits, out: Path, curves, batch_size,
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "analysis.partial.json"
     result = analyze_curves(peft_model, encoded, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
-                            curves=tuple(curves), checkpoint=partial, progress=progress, meta=meta)
+                            curves=tuple(curves), checkpoint=partial, progress=progress, meta=meta, exact=exact)
     write_json_atomic(out / "curves.json", result)
     partial.unlink(missing_ok=True)
     return result
@@ -234,12 +261,16 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
+    def generate_many(boundaries: list[int]) -> dict[int, list[str]]:  # the candidates in one batched pass
+        return _generate_variants_cached(peft_model, tokenizer, task, splits.validation, boundaries, "validation",
+                                         out, generation, progress)
+
     def generate_for(b: int) -> list[str]:
         return _generate_cached(peft_model, tokenizer, task, splits.validation, b, "validation", out,
                                 generation, progress)
 
     validation = Validation(generate_for, [list(e.references) for e in splits.validation],
-                            metric_options or MetricOptions(), data_options.seed)
+                            metric_options or MetricOptions(), data_options.seed, generate_many)
     result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), validation)
     if out is not None:
         write_json_atomic(out / "search.json", result.to_dict())
@@ -278,35 +309,50 @@ def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example],
 
     The file is OUT/generations/SPLIT-NAME.jsonl; NAME defaults to the variant's name ("pruned (b=14)", ...).
     """
-    num_layers = find_layer_stack(peft_model).num_layers
-    name = name or variant_name(boundary, max(adapter_layers(peft_model)))
-    path = out / "generations" / f"{split}-{_slug(name)}.jsonl" if out is not None else None
+    return _generate_variants_cached(peft_model, tokenizer, task, examples, [boundary], split, out, generation,
+                                     progress, names=[name])[boundary]
+
+
+def _generate_variants_cached(peft_model, tokenizer, task: Task, examples: list[Example],
+                              boundaries: list[int | None], split: str, out: Path | None,
+                              generation: GenerationOptions, progress,
+                              names: list[str | None] | None = None) -> dict[int | None, list[str]]:
+    """_generate_cached for several boundaries: the ones without a finished file are generated in one pass."""
+    top = max(adapter_layers(peft_model))
+    names = [n or variant_name(b, top) for b, n in zip(boundaries, names or [None] * len(boundaries))]
     key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
-    if path is not None and path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        if rows and rows[0].get("key") == key and len(rows) == len(examples):
-            return [r["output"] for r in rows]
-    prompts = [task.prompt(e) for e in examples]
-    label = f"generate {split}: {name}"
-    if boundary is not None and boundary < 0:
-        with peft_model.disable_adapter():
-            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
-    else:
-        layers = range(num_layers if boundary is None else boundary + 1)
-        with keep_lora(peft_model, layers):
-            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
-    if path is not None:
-        rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
-                for i, (e, t) in enumerate(zip(examples, texts))]
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    paths = {b: out / "generations" / f"{split}-{_slug(n)}.jsonl" if out is not None else None
+             for b, n in zip(boundaries, names)}
+    texts = {b: cached for b in boundaries if (cached := _read_generations(paths[b], key, len(examples))) is not None}
+    missing: dict[str, int | None] = {}  # one run per name: every b from the top LoRA layer up is "full adapter"
+    for b, n in zip(boundaries, names):
+        if b not in texts and n not in missing:
+            missing[n] = b
+    if missing:
+        prompts = [task.prompt(e) for e in examples]
+        variants = [(n, None if b is None else range(b + 1)) for n, b in missing.items()]
+        label = f"generate {split}: {', '.join(missing)}"
+        results = generate_variants(peft_model, tokenizer, prompts, variants,
+                                    max_new_tokens=generation.max_new_tokens,
+                                    batch_size=generation.generation_batch_size,
+                                    stop_at_newline=generation.stop_at_newline, progress=label if progress else False)
+        for n, b in missing.items():
+            texts[b] = results[n].texts
+            texts.update({other: texts[b] for other, name in zip(boundaries, names) if name == n})
+            if paths[b] is not None:
+                rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
+                        for i, (e, t) in enumerate(zip(examples, texts[b]))]
+                write_text_atomic(paths[b], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return texts
 
 
-def _run_generate(model, tokenizer, prompts, generation: GenerationOptions, label, progress) -> list[str]:
-    result = generate(model, tokenizer, prompts, max_new_tokens=generation.max_new_tokens,
-                      batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
-                      progress=label if progress else False)
-    return result.texts
+def _read_generations(path: Path | None, key: str, count: int) -> list[str] | None:
+    if path is None or not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if rows and rows[0].get("key") == key and len(rows) == count:
+        return [r["output"] for r in rows]
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -361,10 +407,11 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     references = [list(e.references) for e in splits.test]
     outputs, variants = {}, []
+    generated = _generate_variants_cached(peft_model, tokenizer, task, splits.test, wanted, "test", out, generation,
+                                          progress)  # every variant in one pass
     for b in wanted:
         name = variant_name(b, top)
-        outputs[name] = _generate_cached(peft_model, tokenizer, task, splits.test, b, "test", out, generation,
-                                         progress)
+        outputs[name] = generated[b]
         metrics = score(outputs[name], references, metric_options)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
@@ -413,8 +460,12 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
         generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True,
-        goal: str | None = None, metric_options: MetricOptions | None = None) -> dict:
-    """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped."""
+        goal: str | None = None, metric_options: MetricOptions | None = None,
+        exact_curves: bool = False, earlier_stages: dict[str, float] | None = None) -> dict:
+    """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped.
+
+    report.json records each stage's wall time in this invocation (and `earlier_stages`, e.g. the demo's training).
+    """
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     generation = generation or GenerationOptions()
@@ -428,7 +479,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation),
              "metrics": asdict(metric_options),
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
-             "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)}}
+             "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)},
+             "exact_curves": exact_curves}
     check_not_input(out, inputs)
     _claim_folder(out, "run.json", asked, overwrite)
 
@@ -438,17 +490,23 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     for given in ([boundary] if boundary is not None else []) + list(boundaries or []):
         check_boundary(given, num_layers)  # before the analysis, not after it
 
+    times = StageTimes(progress, earlier_stages)
     _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
+    times.next("analysis")
     curves = _cached_json(out, "curves.json") or _analyze(
-        peft_model, tokenizer, task, splits, out, CURVES, batch_size, data_options, model_options, adapter, progress)
+        peft_model, tokenizer, task, splits, out, CURVES, batch_size, data_options, model_options, adapter, progress,
+        exact_curves)
 
+    times.next(None)
     _progress_print(progress, "[2/5] search: choosing the boundary")
+    times.next("search")
     found = _cached_json(out, "search.json")
     if found is None:
         found = _search(peft_model, tokenizer, task, splits, settings, generation, out, batch_size, data_options,
                         model_options, adapter, progress, metric_options).to_dict()
     b = found["boundary"]
 
+    times.next("prune")
     pruned_dir = out / "adapter-pruned"
     layers = curves["meta"]["adapter_layers"]
     top = max(layers)
@@ -466,7 +524,9 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
                                    layers_path=find_layer_stack(peft_model).layers_path)
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
 
+    times.next(None)
     _progress_print(progress, "[4/5] evaluate: generation on test")
+    times.next("evaluate")
     compare = {b, knee(curves["truncation"], knee_fraction)} | set(boundaries or [])
     if all(c >= top for c in compare):
         # The search kept everything: still show on test what the best smaller candidate would have cost.
@@ -484,17 +544,25 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         if row["name"] == FULL and Path(adapter, ADAPTER_WEIGHTS).is_file():
             row["adapter_mb"] = _adapter_mb(adapter)
 
+    times.next(None)
     _progress_print(progress, "[5/5] report")
+    times.next("report")
     report = {
         "meta": {"model": model_options.model, "adapter": str(adapter), "task": task.name, "sizes": _sizes(splits),
                  "seed": data_options.seed, "lorabound_version": __version__,
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "max_new_tokens": generation.max_new_tokens, "num_layers": num_layers},
+                 "max_new_tokens": generation.max_new_tokens, "num_layers": num_layers,
+                 "torch_threads": torch_threads()},
         "curves": curves, "search": found, **evaluation,
         "verdict": verdict(found, evaluation, top),
         "notes": _notes(curves, _cached_json(out, "prune.json")),
     }
     write_report(out, report)
+    times.next(None)
+    # The report stage's own time is known only once its files are written: report.json gets it after.
+    report["stage_seconds"] = times.seconds
+    write_json_atomic(out / "report.json", report)
+    _progress_print(progress, times.summary())
     return report
 
 
@@ -554,7 +622,7 @@ def _notes(curves: dict, export: dict | None) -> list[str]:
 
 def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation_size: int = 40,
          test_size: int = 100, epochs: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
-         overwrite: bool = False, progress: bool = True) -> dict:
+         overwrite: bool = False, progress: bool = True, exact_curves: bool = False) -> dict:
     """Fine-tune SmolLM2-135M with LoRA on E2E, then the whole `run`, into OUT (resumable)."""
     out = Path(out)
     data_options = DataOptions(data="e2e", train_size=train_size, validation_size=validation_size,
@@ -563,6 +631,7 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
     _claim_folder(out, "demo.json", {"train_size": train_size, "validation_size": validation_size,
                                      "test_size": test_size, "epochs": epochs, "seed": seed,
                                      "max_new_tokens": max_new_tokens}, overwrite)
+    started = time.perf_counter()
     if not (adapter / ADAPTER_WEIGHTS).is_file():
         _progress_print(progress, "[0/5] train: LoRA on every layer of SmolLM2-135M, E2E")
         result = train(DEFAULT_MODEL, "e2e", adapter, settings=TrainSettings(epochs=epochs, seed=seed),
@@ -570,8 +639,10 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
         if progress and result.validation_loss_after is not None:
             print(f"trained {result.steps} steps in {result.seconds:.0f} s; validation loss "
                   f"{result.validation_loss_before:.3f} -> {result.validation_loss_after:.3f}")
+    trained = {"train": round(time.perf_counter() - started, 1)}
     report = run(DEFAULT_MODEL, adapter, "e2e", out / "run", data_options=data_options,
-                 generation=GenerationOptions(max_new_tokens=max_new_tokens), overwrite=overwrite, progress=progress)
+                 generation=GenerationOptions(max_new_tokens=max_new_tokens), overwrite=overwrite, progress=progress,
+                 exact_curves=exact_curves, earlier_stages=trained)
     if progress:
         print()
         print(format_table(report))

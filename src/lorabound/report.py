@@ -107,12 +107,18 @@ def _plot_logit_lens(curve: dict, boundary: int | None) -> bytes:
     ax.plot(curve["layer"], curve["full_prob"], marker="o", markersize=3, color="#1f77b4", label="full adapter")
     ax.set_xlabel("layer")
     ax.set_ylabel("mean ground-truth prob")
-    ax.set_title(PLOT_TITLES["logit_lens"], fontsize=10)
+    ax.set_title(PLOT_TITLES["logit_lens"] + _approximated(curve), fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     if boundary is not None:
         _mark_boundary(ax, boundary + 0.5, boundary, shade_from=boundary + 0.5)
     return _png(fig)
+
+
+def _approximated(curve: dict) -> str:
+    """A title suffix for a curve computed on part of the examples (analysis without --exact-curves)."""
+    approx = curve.get("approximated")
+    return f"\n(approximated: first {approx['examples']} of {approx['of']} examples)" if approx else ""
 
 
 def _ablation_deltas(curve: dict) -> list[float] | None:
@@ -131,7 +137,7 @@ def _plot_ablation(curve: dict, boundary: int | None) -> bytes:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("layer whose LoRA is removed")
     ax.set_ylabel("delta NLL vs full adapter")
-    ax.set_title(PLOT_TITLES["ablation"], fontsize=10)
+    ax.set_title(PLOT_TITLES["ablation"] + _approximated(curve), fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     if boundary is not None:
         _mark_boundary(ax, boundary + 0.5, boundary, shade_from=boundary + 0.5)
