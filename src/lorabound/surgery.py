@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import check_lora_config, find_layer_stack, model_num_layers, read_adapter_config
+from .model import (check_adapter_consistency, check_finite_tensors, check_lora_config, find_layer_stack,
+                    model_num_layers, read_adapter_config)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -143,7 +144,11 @@ class AdapterFiles:
     tensors: dict[str, torch.Tensor]
 
     @classmethod
-    def read(cls, path: str | Path) -> "AdapterFiles":
+    def read(cls, path: str | Path, *, num_layers: int | None = None) -> "AdapterFiles":
+        """Read and check an adapter without its model: config against tensors, finite weights.
+
+        `num_layers` (the base model's, when known) also refuses layers_to_transform naming layers it lacks.
+        """
         path = Path(path)
         config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
         if not config_file.is_file():
@@ -160,6 +165,9 @@ class AdapterFiles:
             raise LoraboundError(
                 f"cannot read adapter weights {weights} ({type(err).__name__}: {str(err).strip()[:200]}); "
                 "restore the file from the adapter's source") from err
+        check_adapter_consistency(config, {name: tuple(t.shape) for name, t in tensors.items()}, path,
+                                  num_layers=num_layers)
+        check_finite_tensors(tensors, path)
         return cls(path=path, config=config, tensors=tensors)
 
     def layer_patterns(self) -> tuple[str, ...]:
@@ -232,9 +240,9 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
         raise LoraboundError(f"unknown export format '{format}'; choose one of {', '.join(EXPORT_FORMATS)}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_not_input(out_dir, [adapter_dir])
-    source = AdapterFiles.read(adapter_dir)
     if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
+    source = AdapterFiles.read(adapter_dir, num_layers=num_layers)
     if num_layers is not None:
         check_boundary(boundary, num_layers)
     elif boundary < -1:
