@@ -289,3 +289,73 @@ def test_nan_adapter_refused_by_a_real_process(tmp_path, world):
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: adapter "), done.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# Item 8: the wrong kind of model
+# ---------------------------------------------------------------------------
+
+def save_with_tokenizer(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wrong_models(tmp_path_factory):
+    """A model folder whose lm_head was deleted, a sequence classifier, a BERT encoder, and a tied-head model."""
+    from transformers import BertConfig, BertForMaskedLM, LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("wrong-models")
+    headless = save_with_tokenizer(tiny_llama(), root / "headless")
+    state = load_file(str(headless / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(headless / "model.safetensors"), metadata={"format": "pt"})
+    config = tiny_llama().config
+    config.num_labels = 3
+    torch.manual_seed(0)
+    save_with_tokenizer(LlamaForSequenceClassification(config), root / "classifier")
+    torch.manual_seed(0)
+    save_with_tokenizer(BertForMaskedLM(BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=64)), root / "bert")
+    tied = tiny_llama().config
+    tied.tie_word_embeddings = True
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+    save_with_tokenizer(LlamaForCausalLM(tied), root / "tied")
+    return root
+
+
+@pytest.mark.parametrize("name,message", [
+    ("headless", r"model '.*headless' has no output head \(lm_head\.weight is missing from its weights, so "
+                 r"transformers would initialise it at random\): it is not a causal language model"),
+    ("classifier", r"has no output head \(lm_head\.weight is missing"),
+    ("bert", r"model '.*bert' \(BertLMHeadModel\) is not a causal language model: its prediction at a position "
+             r"depends on later tokens"),
+])
+def test_wrong_kind_of_model_is_refused(wrong_models, name, message):
+    before = folder_hashes(wrong_models / name)
+    with pytest.raises(LoraboundError, match=message) as err:
+        load_model(str(wrong_models / name))
+    assert "\n" not in str(err.value)
+    assert folder_hashes(wrong_models / name) == before
+
+
+def test_tied_output_head_is_not_missing(wrong_models):
+    """A head that shares the embedding matrix is absent from the files by design: accepted."""
+    model, _ = load_model(str(wrong_models / "tied"))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("name", ["headless", "bert"])
+def test_cli_train_and_analyze_refuse_the_wrong_kind_of_model(capsys, tmp_path, world, wrong_models, name):
+    data = ["--data", world.data, "--template", TEMPLATE, "--max-length", 64, "--validation-size", 3,
+            "--test-size", 3]
+    line = refused(capsys, "train", "--model", wrong_models / name, *data, "--out", tmp_path / "adapter",
+                   "--epochs", 0.1)
+    assert "causal language model" in line
+    line = refused(capsys, "analyze", "--model", wrong_models / name, *data, "--adapter", world.root / "qv",
+                   "--out", tmp_path / "run")
+    assert "causal language model" in line
+    assert not (tmp_path / "adapter").exists()
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
