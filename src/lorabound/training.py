@@ -137,9 +137,12 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
             batch = batch.to(device)
             loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               labels=batch.labels).loss
+            divergence = _Divergence(global_step + 1, total_steps, settings, checkpoint, fresh=not losses)
+            divergence.check(loss, "the loss")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
+            divergence.check(torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0), "the gradient norm")
             optimizer.step()
+            divergence.check_weights(peft_model)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -172,6 +175,43 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
     return result
 
 
+class _Divergence:
+    """Stops training at the first non-finite loss, gradient or weight: no adapter is written.
+
+    The last checkpoint stays, marked as diverged, so a rerun with the same settings stops at the same
+    step and a rerun with other settings (a lower --lr) starts afresh instead of being refused.
+    """
+
+    def __init__(self, step: int, total: int, settings: TrainSettings, checkpoint: Path, fresh: bool):
+        self.step, self.total, self.settings, self.checkpoint, self.fresh = step, total, settings, checkpoint, fresh
+
+    def check(self, value: torch.Tensor, what: str) -> None:
+        if not bool(torch.isfinite(value.detach()).all()):
+            self.stop(f"{what} is {value.item():g}" if value.numel() == 1 else f"{what} is not finite")
+
+    def check_weights(self, model) -> None:
+        for name, param in model.named_parameters():
+            if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+                self.stop(f"the update made LoRA weight {name.replace('.default', '')} non-finite")
+
+    def stop(self, what: str) -> None:
+        kept = ""
+        state_file = self.checkpoint / "state.json"
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            write_json_atomic(state_file, {**state, "diverged_at": self.step})
+            kept = f" (the last good checkpoint, step {state['step']}, stays in {self.checkpoint})"
+        s = self.settings
+        if self.fresh and self.step == 1 and what.startswith("the loss"):
+            raise LoraboundError(
+                f"training cannot start: {what} before any update, so no adapter was written; the model gives "
+                "non-finite outputs on this data: load it in --dtype float32, or check the model files")
+        raise LoraboundError(
+            f"training diverged at step {self.step} of {self.total}: {what}, so no adapter was written{kept}; "
+            f"lower --lr (now {s.learning_rate:g}, default {TrainSettings.learning_rate:g}) or --alpha "
+            f"(now {s.alpha:g}), or raise --warmup (now {s.warmup:g}), and rerun")
+
+
 def _save_checkpoint(folder: Path, fingerprint, model, optimizer, scheduler, step, losses, validation_before):
     """Adapter weights, AdamW moments and counters, pickle-free; the folder is replaced atomically."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -193,6 +233,10 @@ def _resume(folder: Path, fingerprint, model, optimizer, scheduler):
     if not state_file.is_file():
         return 0, [], None
     state = json.loads(state_file.read_text())
+    if state["fingerprint"] != fingerprint and state.get("diverged_at"):
+        print(f"replacing the checkpoint of a run that diverged at step {state['diverged_at']} ({folder})")
+        shutil.rmtree(folder)
+        return 0, [], None
     if state["fingerprint"] != fingerprint:
         raise LoraboundError(f"{folder} holds a checkpoint of a different training run; delete it to start afresh")
     params = dict(model.named_parameters())
