@@ -359,3 +359,16 @@ def test_cli_train_and_analyze_refuse_the_wrong_kind_of_model(capsys, tmp_path, 
     assert "causal language model" in line
     assert not (tmp_path / "adapter").exists()
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# ---------------------------------------------------------------------------
+# Item 4: training that diverges with valid flags
+# ---------------------------------------------------------------------------
+
+def test_cli_train_with_a_huge_lr_exits_2_and_writes_no_adapter(capsys, tmp_path, world):
+    out = tmp_path / "adapter"
+    line = refused(capsys, "train", "--model", world.base, "--data", world.data, "--template", TEMPLATE,
+                   "--max-length", 64, "--validation-size", 2, "--test-size", 2, "--rank", 4, "--batch-size", 2,
+                   "--lr", 1e6, "--out", out)
+    assert line.startswith("error: training diverged at step ") and "lower --lr (now 1e+06" in line
+    assert not out.exists()
