@@ -372,3 +372,39 @@ def test_cli_train_with_a_huge_lr_exits_2_and_writes_no_adapter(capsys, tmp_path
                    "--lr", 1e6, "--out", out)
     assert line.startswith("error: training diverged at step ") and "lower --lr (now 1e+06" in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# The embedded model
+# ---------------------------------------------------------------------------
+
+@pytest.mark.real
+def test_real_demo_adapter_loads_every_tensor_and_null_targets_are_refused(tmp_path, real_model):
+    """The demo's LoRA (r 16 on q,k,v,o,gate,up,down of all 30 layers, as `train` configures it) saved by PEFT
+    loads with every tensor used; the same adapter with `target_modules: null` (PEFT would load only q_proj
+    and v_proj: 921,600 of 4,884,480 parameters) is refused."""
+    from peft import get_peft_model
+
+    from lorabound.training import TrainSettings, lora_config
+
+    folder = tmp_path / "demo-like"
+    model, _ = load_model("smollm2-135m")
+    peft_model = get_peft_model(model, lora_config(TrainSettings()))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)  # trained-like: B is no longer zero
+    peft_model.save_pretrained(folder)
+    before = folder_hashes(folder)
+
+    loaded = load_adapter(load_model("smollm2-135m")[0], folder, model_name="smollm2-135m")
+    lora = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    per_layer = 16 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)  # q,o; k,v; gate,up,down
+    assert sum(p.numel() for p in lora.values()) == 30 * per_layer == 4_884_480
+    assert len(lora) == len(load_file(str(folder / WEIGHTS))) == 30 * 7 * 2
+
+    null = altered(SimpleNamespace(root=tmp_path), tmp_path, "demo-like", config={"target_modules": None})
+    with pytest.raises(LoraboundError, match=r"holds tensor .*_proj\.lora_[AB]\.weight \(and 299 more\), which its "
+                                             r"adapter_config\.json \(target_modules null\) does not select"):
+        load_adapter(load_model("smollm2-135m")[0], null)
+    assert folder_hashes(folder) == before
