@@ -136,3 +136,22 @@ def test_training_refuses_a_model_with_non_finite_outputs(tmp_path):
         train(model, tiny_tokenizer(), task, splits, tmp_path / "adapter",
               TrainSettings(rank=4, epochs=1, batch_size=2, max_length=64), progress=False)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_an_update_that_makes_weights_non_finite_stops_training(tmp_path, monkeypatch):
+    """Loss and gradients finite, but the step overflows a weight (as float16/bfloat16 weights can)."""
+    task, splits = tiny_splits()
+    real_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    with pytest.raises(LoraboundError, match=r"training diverged at step 1 of 5: the update made LoRA weight "
+                                             r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight "
+                                             r"non-finite, so no adapter was written; lower --lr \(now 0\.0003"):
+        train(tiny_llama(), tiny_tokenizer(), task, splits, tmp_path / "adapter",
+              TrainSettings(rank=4, epochs=1, batch_size=2, max_length=64), progress=False)
+    assert not (tmp_path / "adapter").exists()
