@@ -408,3 +408,21 @@ def test_real_demo_adapter_loads_every_tensor_and_null_targets_are_refused(tmp_p
                                              r"adapter_config\.json \(target_modules null\) does not select"):
         load_adapter(load_model("smollm2-135m")[0], null)
     assert folder_hashes(folder) == before
+
+
+@pytest.mark.parametrize("case", ["nan", "r differs"])
+def test_adapter_files_are_checked_before_the_model_is_loaded(capsys, tmp_path, world, monkeypatch, case):
+    """What needs no model is refused before one is loaded (a large model takes minutes)."""
+    import lorabound.pipeline as pipeline
+
+    if case == "nan":
+        folder = altered(world, tmp_path, "qv", tensors=poison(float("nan")))
+    else:
+        folder = altered(world, tmp_path, "qv", config={"r": 8})
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter files were checked")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    line = refused(capsys, "analyze", *world.small, "--adapter", folder, "--out", tmp_path / "out")
+    assert ("holds non-finite weights" if case == "nan" else "has rank 4 but adapter_config.json gives it r 8") in line

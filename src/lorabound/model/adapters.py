@@ -90,6 +90,31 @@ def adapter_tensor_names(adapter_dir: str | Path, *, allow_pickle: bool = False)
     return list(adapter_tensor_shapes(adapter_dir, allow_pickle=allow_pickle))
 
 
+def check_adapter_files(adapter_dir: str | Path, *, allow_pickle: bool = False) -> None:
+    """Everything about an adapter folder that needs no model: run it before loading one.
+
+    A LoRA config that agrees with its tensors, and finite weights (the file is read whole once).
+    """
+    config = read_adapter_config(adapter_dir)
+    check_lora_config(config, adapter_dir)
+    path = adapter_weights_file(adapter_dir, allow_pickle=allow_pickle)
+    try:
+        if path.name == ADAPTER_SAFETENSORS:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise LoraboundError(f"cannot read adapter weights {path} ({type(err).__name__}: {_first_line(err)}); "
+                             "restore the file from the adapter's source") from err
+    if not isinstance(tensors, dict):
+        raise LoraboundError(f"{path} does not hold a state dict; restore the file from the adapter's source")
+    tensors = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    check_adapter_consistency(config, {name: tuple(t.shape) for name, t in tensors.items()}, adapter_dir)
+    check_finite_tensors(tensors, adapter_dir)
+
+
 def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, is_trainable: bool = False,
                  model_name: str | None = None):
     """Wrap `model` in a PeftModel with the LoRA adapter at `adapter_dir`, after validating it.
