@@ -16,13 +16,12 @@ from typing import Iterable, Iterator
 
 import torch
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import (check_adapter_consistency, check_finite_tensors, check_lora_config, find_layer_stack,
-                    model_num_layers, read_adapter_config)
+from .model import check_adapter_files, find_layer_stack, model_num_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -157,17 +156,7 @@ class AdapterFiles:
             raise LoraboundError(
                 f"{path} has no {ADAPTER_WEIGHTS}; export works on safetensors adapters "
                 "(load it once with --allow-pickle and save it with PEFT to convert)")
-        config = read_adapter_config(path)
-        check_lora_config(config, path)
-        try:
-            tensors = load_file(str(weights))
-        except Exception as err:  # safetensors raises its own error type on a truncated or altered file
-            raise LoraboundError(
-                f"cannot read adapter weights {weights} ({type(err).__name__}: {str(err).strip()[:200]}); "
-                "restore the file from the adapter's source") from err
-        check_adapter_consistency(config, {name: tuple(t.shape) for name, t in tensors.items()}, path,
-                                  num_layers=num_layers)
-        check_finite_tensors(tensors, path)
+        config, tensors = check_adapter_files(path, num_layers=num_layers)
         return cls(path=path, config=config, tensors=tensors)
 
     def layer_patterns(self) -> tuple[str, ...]:

@@ -90,13 +90,8 @@ def adapter_tensor_names(adapter_dir: str | Path, *, allow_pickle: bool = False)
     return list(adapter_tensor_shapes(adapter_dir, allow_pickle=allow_pickle))
 
 
-def check_adapter_files(adapter_dir: str | Path, *, allow_pickle: bool = False) -> None:
-    """Everything about an adapter folder that needs no model: run it before loading one.
-
-    A LoRA config that agrees with its tensors, and finite weights (the file is read whole once).
-    """
-    config = read_adapter_config(adapter_dir)
-    check_lora_config(config, adapter_dir)
+def read_adapter_tensors(adapter_dir: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter's weights file, on the CPU (pickles only with allow_pickle, weights_only)."""
     path = adapter_weights_file(adapter_dir, allow_pickle=allow_pickle)
     try:
         if path.name == ADAPTER_SAFETENSORS:
@@ -105,14 +100,27 @@ def check_adapter_files(adapter_dir: str | Path, *, allow_pickle: bool = False) 
             tensors = load_file(str(path))
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except Exception as err:  # safetensors raises its own error type on a truncated or altered file
         raise LoraboundError(f"cannot read adapter weights {path} ({type(err).__name__}: {_first_line(err)}); "
                              "restore the file from the adapter's source") from err
     if not isinstance(tensors, dict):
         raise LoraboundError(f"{path} does not hold a state dict; restore the file from the adapter's source")
-    tensors = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    check_adapter_consistency(config, {name: tuple(t.shape) for name, t in tensors.items()}, adapter_dir)
+    return {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+
+def check_adapter_files(adapter_dir: str | Path, *, allow_pickle: bool = False,
+                        num_layers: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Everything about an adapter folder that needs no model; run it before loading one.
+
+    A LoRA config that agrees with its tensors, and finite weights. Returns (config, tensors).
+    """
+    config = read_adapter_config(adapter_dir)
+    check_lora_config(config, adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir, allow_pickle=allow_pickle)
+    check_adapter_consistency(config, {name: tuple(t.shape) for name, t in tensors.items()}, adapter_dir,
+                              num_layers=num_layers)
     check_finite_tensors(tensors, adapter_dir)
+    return config, tensors
 
 
 def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, is_trainable: bool = False,
