@@ -456,7 +456,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     else:
         _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
         if _cached_json(out, "prune.json") is None:
-            export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
+            export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True,
+                                   layers_path=find_layer_stack(peft_model).layers_path)
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
 
     _progress_print(progress, "[4/5] evaluate: generation on test")
