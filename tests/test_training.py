@@ -1,10 +1,13 @@
 """LoRA fine-tuning: tiny models for the mechanics, the real embedded model for the claim."""
 
 import json
+import math
+import re
 
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from lorabound.data import Splits, load_task, split_task
 from lorabound.errors import LoraboundError
@@ -96,3 +99,59 @@ def test_real_model_trains_saves_and_reloads(tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
     assert adapter_layers(reloaded) == list(range(30))
+
+
+def test_diverging_training_stops_writes_nothing_and_a_lower_lr_reruns(tmp_path, capsys):
+    """--lr 1000 is a valid flag but the run diverges: stop at the first non-finite value, keep the last
+    good checkpoint, write no adapter; the rerun with a sane --lr replaces that checkpoint and succeeds."""
+    task, splits = tiny_splits()
+    wild = TrainSettings(rank=4, epochs=8, batch_size=2, learning_rate=1e3, max_length=64, checkpoint_every=2)
+    with pytest.raises(LoraboundError) as err:
+        train(tiny_llama(), tiny_tokenizer(), task, splits, tmp_path / "adapter", wild, progress=False)
+    message = str(err.value)
+    assert re.fullmatch(r"training diverged at step (\d+) of 40: the (loss|gradient norm) is nan, so no adapter was "
+                        r"written \(the last good checkpoint, step \d+, stays in .*\.adapter\.train-checkpoint\); "
+                        r"lower --lr \(now 1000, default 0\.0003\) or --alpha \(now 32\), or raise --warmup "
+                        r"\(now 0\.1\), and rerun", message), message
+    assert not (tmp_path / "adapter").exists()
+    state = json.loads((tmp_path / ".adapter.train-checkpoint" / "state.json").read_text())
+    assert state["diverged_at"] > state["step"] >= 2
+    kept = load_file(str(tmp_path / ".adapter.train-checkpoint" / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in kept.values())  # the kept checkpoint is a good one
+
+    sane = TrainSettings(rank=4, epochs=8, batch_size=2, learning_rate=5e-3, max_length=64, checkpoint_every=2)
+    result = train(tiny_llama(), tiny_tokenizer(), task, splits, tmp_path / "adapter", sane, progress=False)
+    assert "replacing the checkpoint of a run that diverged" in capsys.readouterr().out
+    assert result.steps == 40 and math.isfinite(result.train_loss_last)
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_training_refuses_a_model_with_non_finite_outputs(tmp_path):
+    task, splits = tiny_splits()
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    with pytest.raises(LoraboundError, match=r"training cannot start: the loss is nan before any update"):
+        train(model, tiny_tokenizer(), task, splits, tmp_path / "adapter",
+              TrainSettings(rank=4, epochs=1, batch_size=2, max_length=64), progress=False)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_an_update_that_makes_weights_non_finite_stops_training(tmp_path, monkeypatch):
+    """Loss and gradients finite, but the step overflows a weight (as float16/bfloat16 weights can)."""
+    task, splits = tiny_splits()
+    real_step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    with pytest.raises(LoraboundError, match=r"training diverged at step 1 of 5: the update made LoRA weight "
+                                             r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight "
+                                             r"non-finite, so no adapter was written; lower --lr \(now 0\.0003"):
+        train(tiny_llama(), tiny_tokenizer(), task, splits, tmp_path / "adapter",
+              TrainSettings(rank=4, epochs=1, batch_size=2, max_length=64), progress=False)
+    assert not (tmp_path / "adapter").exists()

@@ -773,7 +773,7 @@ def test_hub_id_is_the_only_place_a_download_may_start(monkeypatch):
 
     def fake_model(source, **kwargs):
         asked.append(("model", source, kwargs["trust_remote_code"]))
-        return tiny_llama()
+        return tiny_llama(), {"missing_keys": set()}  # load_model asks for output_loading_info
 
     def fake_tokenizer(source, **kwargs):
         asked.append(("tokenizer", source, kwargs["trust_remote_code"]))

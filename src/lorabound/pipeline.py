@@ -34,7 +34,7 @@ from .generation import generate_variants
 from .runtime import torch_threads
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
-from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
+from .model import DEFAULT_MODEL, check_adapter_files, find_layer_stack, load_adapter, load_model
 from .report import format_table, plot_curves, write_report
 from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, keep_lora,
                       lora_params_per_layer, prune_adapter)
@@ -81,6 +81,8 @@ class ModelOptions:
     allow_pickle: bool = field(default=False, metadata={"help": "allow a pickled adapter_model.bin (weights_only)"})
 
     def load(self, adapter: str | Path | None = None):
+        if adapter is not None:
+            check_adapter_files(adapter, allow_pickle=self.allow_pickle)  # before the model: it may be large
         model, tokenizer = load_model(self.model, dtype=self.dtype, device=self.device,
                                       trust_remote_code=self.trust_remote_code)
         if adapter is not None:

@@ -18,13 +18,13 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import (check_lora_config, find_layer_stack, layers_path_of_names, model_layers_path, model_num_layers,
-                    module_layer_index, read_adapter_config)
+from .model import (check_adapter_files, find_layer_stack, layers_path_of_names, model_layers_path, model_num_layers,
+                    module_layer_index)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -181,7 +181,12 @@ class AdapterFiles:
     layers_path: str | None = ""   # "" when no tensor is in a numbered stack; None when the names are ambiguous
 
     @classmethod
-    def read(cls, path: str | Path, layers_path: str | None = None) -> "AdapterFiles":
+    def read(cls, path: str | Path, layers_path: str | None = None, *,
+             num_layers: int | None = None) -> "AdapterFiles":
+        """Read and check an adapter without its model: config against tensors, finite weights.
+
+        `num_layers` (the base model's, when known) also refuses layers_to_transform naming layers it lacks.
+        """
         path = Path(path)
         config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
         if not config_file.is_file():
@@ -190,14 +195,7 @@ class AdapterFiles:
             raise LoraboundError(
                 f"{path} has no {ADAPTER_WEIGHTS}; export works on safetensors adapters "
                 "(load it once with --allow-pickle and save it with PEFT to convert)")
-        config = read_adapter_config(path)
-        check_lora_config(config, path)
-        try:
-            tensors = load_file(str(weights))
-        except Exception as err:  # safetensors raises its own error type on a truncated or altered file
-            raise LoraboundError(
-                f"cannot read adapter weights {weights} ({type(err).__name__}: {str(err).strip()[:200]}); "
-                "restore the file from the adapter's source") from err
+        config, tensors = check_adapter_files(path, num_layers=num_layers)
         if layers_path is None:
             modules = [m["module"] for name in tensors if (m := _TENSOR.match(name))]
             layers_path = layers_path_of_names(modules, config.get("layers_pattern"))
@@ -274,9 +272,9 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
     check_not_input(out_dir, [adapter_dir])
     if layers_path is None and model_spec is not None:
         layers_path = model_layers_path(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
-    source = AdapterFiles.read(adapter_dir, layers_path)
     if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
+    source = AdapterFiles.read(adapter_dir, layers_path, num_layers=num_layers)
     if num_layers is not None:
         check_boundary(boundary, num_layers)
     elif boundary < -1:

@@ -123,6 +123,7 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
         validation_before = mean_loss(peft_model, valid_set, settings.batch_size, pad)
 
     device = next(peft_model.parameters()).device
+    guard = _DivergenceGuard(total_steps, settings, checkpoint, peft_model)
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
     peft_model.train()
@@ -137,9 +138,12 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
             batch = batch.to(device)
             loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               labels=batch.labels).loss
+            guard.step, guard.fresh = global_step + 1, not losses
+            guard.check(loss, "the loss")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
+            guard.check(torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0), "the gradient norm")
             optimizer.step()
+            guard.check_weights()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -172,6 +176,46 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
     return result
 
 
+class _DivergenceGuard:
+    """Stops training at the first non-finite loss, gradient norm or LoRA weight: no adapter is written.
+
+    The last checkpoint stays, marked as diverged, so a rerun with the same settings stops at the same
+    step and a rerun with other settings (a lower --lr) starts afresh instead of being refused.
+    """
+
+    def __init__(self, total: int, settings: TrainSettings, checkpoint: Path, model):
+        self.total, self.settings, self.checkpoint = total, settings, checkpoint
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.step, self.fresh = 0, True  # set before each step; fresh: no update made yet in this process
+
+    def check(self, value: torch.Tensor, what: str) -> None:
+        if not bool(torch.isfinite(value.detach()).all()):
+            self.stop(f"{what} is {value.item():g}")
+
+    def check_weights(self) -> None:
+        if bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in self.trainable]).all()):
+            return  # one device sync per step; the name is looked up only on failure
+        name = next(n for n, p in self.trainable if not bool(torch.isfinite(p.detach()).all()))
+        self.stop(f"the update made LoRA weight {name.replace('.default', '')} non-finite")
+
+    def stop(self, what: str) -> None:
+        if self.fresh and self.step == 1 and what.startswith("the loss"):
+            raise LoraboundError(
+                f"training cannot start: {what} before any update, so no adapter was written; the model gives "
+                "non-finite outputs on this data: load it in --dtype float32, or check the model files")
+        kept = ""
+        state_file = self.checkpoint / "state.json"
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            write_json_atomic(state_file, {**state, "diverged_at": self.step})
+            kept = f" (the last good checkpoint, step {state['step']}, stays in {self.checkpoint})"
+        s = self.settings
+        raise LoraboundError(
+            f"training diverged at step {self.step} of {self.total}: {what}, so no adapter was written{kept}; "
+            f"lower --lr (now {s.learning_rate:g}, default {TrainSettings.learning_rate:g}) or --alpha "
+            f"(now {s.alpha:g}), or raise --warmup (now {s.warmup:g}), and rerun")
+
+
 def _save_checkpoint(folder: Path, fingerprint, model, optimizer, scheduler, step, losses, validation_before):
     """Adapter weights, AdamW moments and counters, pickle-free; the folder is replaced atomically."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -193,6 +237,10 @@ def _resume(folder: Path, fingerprint, model, optimizer, scheduler):
     if not state_file.is_file():
         return 0, [], None
     state = json.loads(state_file.read_text())
+    if state["fingerprint"] != fingerprint and state.get("diverged_at"):
+        print(f"replacing the checkpoint of a run that diverged at step {state['diverged_at']} ({folder})")
+        shutil.rmtree(folder)
+        return 0, [], None
     if state["fingerprint"] != fingerprint:
         raise LoraboundError(f"{folder} holds a checkpoint of a different training run; delete it to start afresh")
     params = dict(model.named_parameters())

@@ -7,8 +7,9 @@
 """
 
 from .adapters import (ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, adapter_tensor_names,
-                       adapter_tensor_shapes, adapter_weights_file, check_adapter_matches, check_lora_config,
-                       load_adapter, read_adapter_config)
+                       adapter_tensor_shapes, adapter_weights_file, check_adapter_consistency, check_adapter_files,
+                       check_adapter_matches, check_every_tensor_used, check_finite_tensors, check_lora_config,
+                       load_adapter, read_adapter_config, read_adapter_tensors)
 from .gguf import DEFAULT_MODEL, load_gguf_model
 from .layers import (KNOWN_FINAL_NORM_NAMES, KNOWN_LAYER_PATHS, SUPPORTED_LAYOUTS, LayerStack, apply_head,
                      find_layer_stack, layers_path_of_names, module_layer_index, unwrap_model)
@@ -22,10 +23,15 @@ __all__ = [
     "adapter_tensor_names",
     "adapter_tensor_shapes",
     "adapter_weights_file",
+    "check_adapter_consistency",
+    "check_adapter_files",
     "check_adapter_matches",
+    "check_every_tensor_used",
+    "check_finite_tensors",
     "check_lora_config",
     "load_adapter",
     "read_adapter_config",
+    "read_adapter_tensors",
     "DEFAULT_MODEL",
     "load_gguf_model",
     "KNOWN_FINAL_NORM_NAMES",

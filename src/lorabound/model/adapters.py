@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,6 +90,39 @@ def adapter_tensor_names(adapter_dir: str | Path, *, allow_pickle: bool = False)
     return list(adapter_tensor_shapes(adapter_dir, allow_pickle=allow_pickle))
 
 
+def read_adapter_tensors(adapter_dir: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the adapter's weights file, on the CPU (pickles only with allow_pickle, weights_only)."""
+    path = adapter_weights_file(adapter_dir, allow_pickle=allow_pickle)
+    try:
+        if path.name == ADAPTER_SAFETENSORS:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors raises its own error type on a truncated or altered file
+        raise LoraboundError(f"cannot read adapter weights {path} ({type(err).__name__}: {_first_line(err)}); "
+                             "restore the file from the adapter's source") from err
+    if not isinstance(tensors, dict):
+        raise LoraboundError(f"{path} does not hold a state dict; restore the file from the adapter's source")
+    return {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+
+def check_adapter_files(adapter_dir: str | Path, *, allow_pickle: bool = False,
+                        num_layers: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Everything about an adapter folder that needs no model; run it before loading one.
+
+    A LoRA config that agrees with its tensors, and finite weights. Returns (config, tensors).
+    """
+    config = read_adapter_config(adapter_dir)
+    check_lora_config(config, adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir, allow_pickle=allow_pickle)
+    check_adapter_consistency(config, {name: tuple(t.shape) for name, t in tensors.items()}, adapter_dir,
+                              num_layers=num_layers)
+    check_finite_tensors(tensors, adapter_dir)
+    return config, tensors
+
+
 def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, is_trainable: bool = False,
                  model_name: str | None = None):
     """Wrap `model` in a PeftModel with the LoRA adapter at `adapter_dir`, after validating it.
@@ -102,16 +138,26 @@ def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, 
     config = read_adapter_config(adapter_dir)
     check_lora_config(config, adapter_dir)
     shapes = adapter_tensor_shapes(adapter_dir, allow_pickle=allow_pickle)
+    check_adapter_consistency(config, shapes, adapter_dir, num_layers=_num_layers(model))
     check_adapter_matches(model, adapter_dir, shapes, model_name=model_name,
                           trained_on=config.get("base_model_name_or_path"))
     try:
         # PEFT reads adapter_model.safetensors if present, else adapter_model.bin with torch.load(weights_only=True).
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+        # Its "missing adapter keys" warning is replaced by the exact comparison below.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         raise LoraboundError(
             f"PEFT could not load the adapter {adapter_dir} ({type(err).__name__}: {_first_line(err)}); "
             "check that it was saved by PEFT for this --model"
         ) from err
+    try:
+        check_every_tensor_used(peft_model, shapes, adapter_dir, config)
+    except LoraboundError:
+        with contextlib.suppress(Exception):
+            peft_model.unload()  # give the caller its base model back without the half-valid LoRA layers
+        raise
     if not is_trainable:
         peft_model.eval()
     return peft_model
@@ -188,3 +234,244 @@ def _module_features(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(in_features, int) and isinstance(out_features, int):
         return in_features, out_features
     return None
+
+
+# ---------------------------------------------------------------------------
+# The adapter's config against its own tensors
+# ---------------------------------------------------------------------------
+
+_FIX_TENSORS = "restore the adapter's files from its source (PEFT's save_pretrained writes them consistent)"
+_PAIRS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
+
+
+def check_adapter_consistency(config: dict, shapes: dict[str, tuple[int, ...]], adapter_dir: str | Path, *,
+                              num_layers: int | None = None) -> None:
+    """Refuse an adapter whose adapter_config.json disagrees with its tensors; needs no model.
+
+    Checks: r / lora_alpha / rank_pattern / alpha_pattern are valid numbers; every module has both LoRA
+    matrices with the rank the config gives it; DoRA magnitude vectors exist exactly when use_dora is set;
+    every tensor lies on a module target_modules (and layers_to_transform) selects; every layer
+    layers_to_transform names carries tensors and, when `num_layers` is known, exists.
+    What needs the model (target_modules null or all-linear) is checked after loading by check_every_tensor_used.
+    """
+    where = f"adapter {adapter_dir}"
+    _check_config_numbers(config, where)
+    modules = _lora_modules(shapes)
+    use_dora = bool(config.get("use_dora"))
+    for module, parts in modules.items():
+        _check_module_parts(module, parts, config, use_dora, where)
+    _check_targets(config, modules, where)
+    _check_layers_to_transform(config, modules, where, num_layers)
+
+
+def check_every_tensor_used(peft_model, shapes: dict[str, tuple[int, ...]], adapter_dir: str | Path,
+                            config: dict) -> None:
+    """After PEFT loaded the adapter: the LoRA weights PEFT created are exactly the file's tensors.
+
+    A weight PEFT created but the file lacks would keep its random initial value; a tensor of the file
+    PEFT has no place for would be silently ignored. Both are refused, naming the first one. Then every
+    loaded weight must be finite.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    required = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    allowed = set(required) | set(get_peft_model_state_dict(peft_model, save_embedding_layers=True))
+    mapping = getattr(unwrap_model(peft_model), "_checkpoint_conversion_mapping", None) or {}
+    in_file = {_mapped_key(name, mapping): shape for name, shape in shapes.items()}
+    settings = _selection_summary(config)
+    missing = sorted(set(required) - set(in_file))
+    if missing:
+        raise LoraboundError(
+            f"adapter {adapter_dir} lacks {_and_more(missing)}, which its adapter_config.json ({settings}) implies "
+            f"for this model: PEFT would leave it at a random initial value; {_FIX_TENSORS}, or narrow "
+            "target_modules / layers_to_transform to the modules its tensors cover")
+    unused = sorted(set(in_file) - allowed)
+    if unused:
+        raise LoraboundError(
+            f"adapter {adapter_dir} holds {_and_more(unused)}, which its adapter_config.json ({settings}) does not "
+            f"select on this model, so PEFT would ignore it; {_FIX_TENSORS}, or add its module to target_modules "
+            "(and its layer to layers_to_transform)")
+    for name, tensor in required.items():
+        if tuple(tensor.shape) != tuple(in_file[name]):
+            raise LoraboundError(f"adapter {adapter_dir}: tensor {name} has shape {tuple(in_file[name])} but the "
+                                 f"config makes it {tuple(tensor.shape)} on this model; {_FIX_TENSORS}")
+    check_finite_tensors(required, adapter_dir)
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], adapter_dir: str | Path) -> None:
+    """Refuse NaN or infinite adapter weights, naming the first tensor that holds any."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise LoraboundError(
+            f"adapter {adapter_dir}: tensor {name} holds non-finite weights ({nan} NaN, {inf} infinite of "
+            f"{tensor.numel()}); the adapter is broken (did its training diverge?): retrain it, e.g. with a lower "
+            "learning rate, or restore the file from its source")
+
+
+def _check_config_numbers(config: dict, where: str) -> None:
+    def rank_ok(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    def alpha_ok(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not rank_ok(config.get("r", 8)):
+        raise LoraboundError(f"{where}: adapter_config.json has r {config.get('r')!r}; r must be a whole number "
+                             f"of at least 1 (the rank of its lora_A / lora_B tensors)")
+    if not alpha_ok(config.get("lora_alpha", 8)):
+        raise LoraboundError(f"{where}: adapter_config.json has lora_alpha {config.get('lora_alpha')!r}; "
+                             "set it to a finite number (the update is scaled by lora_alpha / r)")
+    for key, ok, what in (("rank_pattern", rank_ok, "a whole number of at least 1"),
+                          ("alpha_pattern", alpha_ok, "a finite number")):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise LoraboundError(f"{where}: adapter_config.json's {key} is not an object; "
+                                 f"map module names to values, or remove it")
+        for name, value in pattern.items():
+            if not ok(value):
+                raise LoraboundError(f"{where}: adapter_config.json's {key} gives {name} the value {value!r}; "
+                                     f"each value must be {what}")
+
+
+def _lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Module name (without PEFT's prefix) -> {kind: weight shape}, e.g. {"lora_A": (4, 32), "lora_B": (64, 4)}."""
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        match = _LORA_TENSOR.match(name.removeprefix(_PEFT_PREFIX))
+        if match is None:
+            continue
+        rest = name.removeprefix(_PEFT_PREFIX)[match.end("kind"):]
+        if rest in ("", ".weight"):  # lora_B.bias (lora_bias) is checked with lora_B's weight
+            modules.setdefault(match["module"], {})[match["kind"]] = shape
+    return modules
+
+
+def _check_module_parts(module: str, parts: dict[str, tuple[int, ...]], config: dict, use_dora: bool,
+                        where: str) -> None:
+    """Both matrices present, of the config's rank; a DoRA magnitude vector exactly when use_dora is set."""
+    pair = next((p for p in _PAIRS if p[0] in parts or p[1] in parts), None)
+    if pair is None:
+        raise LoraboundError(f"{where} holds a lora_magnitude_vector for {module} but no lora_A / lora_B there; "
+                             f"{_FIX_TENSORS}")
+    for kind, partner in (pair, pair[::-1]):
+        if kind in parts and partner not in parts:
+            raise LoraboundError(f"{where} holds {kind} of {module} but not its {partner}; {_FIX_TENSORS}")
+    rank_a, rank_b = parts[pair[0]][0], parts[pair[1]][1]  # A is (r, in, ...), B is (out, r, ...)
+    expected, source = _configured_rank(config, module)
+    for kind, rank in ((pair[0], rank_a), (pair[1], rank_b)):
+        if rank != expected:
+            raise LoraboundError(
+                f"{where}: {kind} of {module} has rank {rank} but adapter_config.json gives it {source} {expected}; "
+                f"set {source} to the tensors' rank, or {_FIX_TENSORS}")
+    has_magnitude = "lora_magnitude_vector" in parts
+    if use_dora and not has_magnitude:
+        raise LoraboundError(f"{where}: adapter_config.json sets use_dora but the adapter has no "
+                             f"lora_magnitude_vector for {module}; {_FIX_TENSORS}, or set use_dora to false if "
+                             "it is a plain LoRA adapter")
+    if has_magnitude and not use_dora:
+        raise LoraboundError(f"{where} holds a DoRA lora_magnitude_vector for {module} but adapter_config.json "
+                             "does not set use_dora, so PEFT would ignore it; set use_dora to true")
+
+
+def _configured_rank(config: dict, module: str) -> tuple[int, str]:
+    """The rank PEFT gives `module`: its rank_pattern entry (matched as PEFT matches it) or r."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get("rank_pattern") or {}
+    key = get_pattern_key(list(pattern), module)
+    if key in pattern:
+        return pattern[key], f"rank_pattern[{key!r}]"
+    return config.get("r", 8), "r"
+
+
+def _check_targets(config: dict, modules: dict, where: str) -> None:
+    """Every module with tensors must be one PEFT selects from the config (when that is decidable without a model)."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear" or config.get("target_parameters"):
+        return  # resolved against the model: check_every_tensor_used covers these after loading
+    selection = SimpleNamespace(
+        target_modules=set(targets) if isinstance(targets, list) else targets,
+        exclude_modules=config.get("exclude_modules"), modules_to_save=config.get("modules_to_save"),
+        target_parameters=None, layers_to_transform=config.get("layers_to_transform"),
+        layers_pattern=config.get("layers_pattern"))
+    for module in modules:
+        if not check_target_module_exists(selection, module):
+            raise LoraboundError(
+                f"{where} holds LoRA tensors for {module}, which its adapter_config.json ({_selection_summary(config)}) "
+                "does not select, so PEFT would ignore them; add the module to target_modules (and its layer to "
+                f"layers_to_transform), or {_FIX_TENSORS}")
+
+
+def _check_layers_to_transform(config: dict, modules: dict, where: str, num_layers: int | None) -> None:
+    """Each layer layers_to_transform names must exist (when the model is known) and carry tensors."""
+    listed = config.get("layers_to_transform")
+    if listed is None or listed == []:
+        return
+    listed = [listed] if isinstance(listed, int) and not isinstance(listed, bool) else listed
+    if not isinstance(listed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+        raise LoraboundError(f"{where}: adapter_config.json's layers_to_transform {listed!r} is not a list of "
+                             "layer indices; list the layers its tensors cover")
+    if not isinstance(config.get("target_modules"), list):
+        return  # PEFT ignores layers_to_transform for a regex or all-linear target_modules
+    if num_layers is not None:
+        beyond = [i for i in listed if not 0 <= i < num_layers]
+        if beyond:
+            raise LoraboundError(f"{where}: adapter_config.json's layers_to_transform names layer {beyond[0]} but "
+                                 f"the model has layers 0..{num_layers - 1}; list only the layers its tensors cover")
+    covered = {_layer_index(m, config.get("layers_pattern")) for m in modules}
+    empty = [i for i in listed if i not in covered]
+    if empty:
+        raise LoraboundError(f"{where}: adapter_config.json's layers_to_transform names layer {empty[0]} but the "
+                             f"adapter has no LoRA tensors there; list only the layers its tensors cover, or "
+                             f"{_FIX_TENSORS}")
+
+
+def _layer_index(module: str, layers_pattern) -> int | None:
+    """The layer index PEFT reads from a module name (the first numbered segment, or after layers_pattern)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    regexes = [rf"(?:^|.*?\.){re.escape(p)}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for regex in regexes:
+        match = re.match(regex, module + ".")
+        if match:
+            return int(match["idx"])
+    return None
+
+
+def _selection_summary(config: dict) -> str:
+    parts = [f"target_modules {json.dumps(config.get('target_modules'))}"]
+    if config.get("layers_to_transform") not in (None, []):
+        parts.append(f"layers_to_transform {json.dumps(config.get('layers_to_transform'))}")
+    if config.get("use_dora"):
+        parts.append("use_dora")
+    return ", ".join(parts)
+
+
+def _mapped_key(name: str, mapping: dict) -> str:
+    """A file's tensor name as PEFT renames it for models with a _checkpoint_conversion_mapping."""
+    prefix = _PEFT_PREFIX if name.startswith(_PEFT_PREFIX) else "base_model." if name.startswith("base_model.") else ""
+    if not mapping or not prefix:
+        return name
+    key = name.removeprefix(prefix)
+    for pattern, replacement in mapping.items():
+        key, count = re.subn(pattern, replacement, key)
+        if count:
+            break
+    return prefix + key
+
+
+def _and_more(names: list[str]) -> str:
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"tensor {names[0]}{more}"
+
+
+def _num_layers(model) -> int | None:
+    try:
+        return find_layer_stack(unwrap_model(model)).num_layers
+    except LoraboundError:
+        return None

@@ -7,6 +7,7 @@ converted once into the cache) and :func:`load_model` loads it, safetensors only
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -74,8 +75,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
         # transformers does not forward local_files_only to its adapter_config.json probe
         model_kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
-                                                     **kwargs, **model_kwargs)
+        with _quiet_transformers():  # its load report would print a table; missing weights are refused below
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
+                                                               output_loading_info=True, **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ConnectionError, TimeoutError) as err:
         if is_hub:
@@ -92,11 +94,76 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
             f"transformers cannot load '{spec}' as a causal language model [{_first_line(err)}]: "
             f"pass a decoder-only model (Llama, Qwen2, Mistral, Phi-3, Gemma, GPT-2, ...) or {DEFAULT_MODEL}"
         ) from err
+    except RuntimeError as err:  # e.g. a weight whose shape disagrees with config.json
+        raise LoraboundError(
+            f"could not load the model weights of '{spec}' [{_first_line(err)}]: restore the model files "
+            f"(config.json and *.safetensors from the same save_pretrained), or pass {DEFAULT_MODEL}"
+        ) from err
 
+    _check_weights_complete(model, info, spec)
     _ensure_pad_token(tokenizer, model, spec)
     model.to(device)
     model.eval()
+    check_causal(model, spec)
     return model, tokenizer
+
+
+def _check_weights_complete(model, info: dict, spec: str) -> None:
+    """Refuse a model transformers had to fill in at random: its head (or any other weight) is not in the files.
+
+    Tied weights (an output head that shares the embedding) are not reported missing by transformers.
+    """
+    missing = sorted(info.get("missing_keys") or [])
+    if not missing:
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {f"{name}.weight" for name, module in model.named_modules() if module is head and head is not None}
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    if head_names & set(missing):
+        raise LoraboundError(
+            f"model '{spec}' has no output head ({sorted(head_names & set(missing))[0]} is missing from its weights, "
+            f"so transformers would initialise it at random): it is not a causal language model (a classifier or "
+            f"a bare base model?); pass a causal language model (a *ForCausalLM checkpoint) or {DEFAULT_MODEL}")
+    raise LoraboundError(
+        f"model '{spec}' lacks weights for {missing[0]}{more}, which transformers would initialise at random; "
+        f"restore the complete model files, or pass a causal language model saved whole")
+
+
+def check_causal(model, spec: str) -> None:
+    """Refuse a model whose predictions look ahead (an encoder such as BERT): lorabound needs a causal LM.
+
+    Two 3-token inputs differing only in the last token must give the same logits at the first two positions.
+    """
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 4:
+        return
+    device = next(model.parameters()).device
+    first, second = (torch.tensor([[1, 2, token]], device=device) for token in (3, vocab - 1))
+    with torch.no_grad():
+        try:
+            a, b = (model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :2].float()
+                    for ids in (first, second))
+        except Exception as err:  # a model that cannot run a 3-token forward pass cannot be analysed either
+            raise LoraboundError(f"model '{spec}' fails a 3-token forward pass ({type(err).__name__}: "
+                                 f"{_first_line(err)}); pass a causal language model or {DEFAULT_MODEL}") from err
+    scale = float(a.abs().max()) or 1.0
+    if float((a - b).abs().max()) > 1e-5 * scale:  # a decoder gives equal logits (masked keys weigh 0)
+        raise LoraboundError(
+            f"model '{spec}' ({type(model).__name__}) is not a causal language model: its prediction at a position "
+            f"depends on later tokens (an encoder such as BERT); pass a decoder-only model (Llama, Qwen2, Mistral, "
+            f"Phi-3, Gemma, GPT-2, ...) or {DEFAULT_MODEL}")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
 
 
 def model_num_layers(spec: str, *, trust_remote_code: bool = False) -> int:
