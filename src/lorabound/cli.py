@@ -63,6 +63,7 @@ def _picked(args: argparse.Namespace, cls, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engines import VLLMOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
 
     parser = argparse.ArgumentParser(
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_fields(p, GenerationOptions)
+    _add_fields(p, VLLMOptions)
 
     p = command("prune")
     p.add_argument("--adapter", required=True, help="the LoRA adapter folder to prune (read only)")
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_fields(p, GenerationOptions)
+    _add_fields(p, VLLMOptions)
 
     p = command("run")
     model_and_data(p)
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
     _add_fields(p, GenerationOptions)
+    _add_fields(p, VLLMOptions)
 
     p = command("demo")
     p.add_argument("--out", default="lorabound-demo", help="folder for the adapter and the run (default: lorabound-demo)")
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
+    from .engines import VLLMOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
 
     progress = not args.quiet
@@ -211,6 +216,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'curves.json'} and plots")
         return 0
     generation = _picked(args, GenerationOptions)
+    common["vllm"] = _picked(args, VLLMOptions)
     if name == "search":
         result = pipeline.search(args.model, args.adapter, args.data, criterion=args.criterion,
                                  boundary=args.boundary, tolerance=args.tolerance, knee_fraction=args.knee_fraction,

@@ -23,19 +23,21 @@ from pathlib import Path
 from . import __version__
 from .analysis import CURVES
 from .analysis import analyze as analyze_curves
-from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, check_boundary, knee
+from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, check_boundary, knee, preselect
 from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
 from .errors import LoraboundError
+from . import distributed
+from .engines import HFEngine, Variant, VLLMEngine, VLLMOptions, check_engine
 from .evaluate import describe_significance, paired_bootstrap, score
-from .generation import generate
+from .generation import _eos_ids
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
-from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
+from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model, resolve_model_dir
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, keep_lora,
-                      lora_params_per_layer, prune_adapter)
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, lora_params_per_layer,
+                      prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 
@@ -199,13 +201,38 @@ class GenerationOptions:
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per example at most"})
     generation_batch_size: int = field(default=16, metadata={"help": "examples per generation batch"})
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
+    engine: str = field(default="hf", metadata={"help": "generation engine: hf (transformers) or vllm"})
+
+
+def _check_engine(generation: GenerationOptions, model_options: ModelOptions, adapters: list,
+                  vllm: VLLMOptions | None) -> None:
+    """Refuse what the generation engine cannot run, before the model is loaded."""
+    model_dir = resolve_model_dir(model_options.model) if generation.engine == "vllm" else ""
+    check_engine(generation.engine, model_dir=model_dir, adapters=adapters, options=vllm or VLLMOptions(),
+                 trust_remote_code=model_options.trust_remote_code)
+
+
+def _make_engine(generation: GenerationOptions, vllm: VLLMOptions | None, peft_model, tokenizer,
+                 model_options: ModelOptions, adapter, out: Path | None):
+    """The engine that generates every variant; vLLM's pruned exports go to OUT/vllm-adapters (removed after)."""
+    if generation.engine == "vllm":
+        return VLLMEngine(resolve_model_dir(model_options.model), adapter, tokenizer,
+                          num_layers=find_layer_stack(peft_model).num_layers,
+                          max_new_tokens=generation.max_new_tokens, stop_at_newline=generation.stop_at_newline,
+                          dtype=model_options.dtype, options=vllm, eos_ids=_eos_ids(peft_model, tokenizer),
+                          scratch=out / "vllm-adapters" if out is not None else None,
+                          trust_remote_code=model_options.trust_remote_code)
+    return HFEngine(peft_model, tokenizer, max_new_tokens=generation.max_new_tokens,
+                    batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
+                    load_adapter=lambda folder: model_options.load(folder)[0])
 
 
 def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
            criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
            candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
-           generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> SearchResult:
+           generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
+           progress: bool = True) -> SearchResult:
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
                               knee_fraction=knee_fraction, candidates=candidates)
@@ -213,16 +240,24 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     model_options = model_options or ModelOptions(model=model)
     if out is not None:
         check_not_input(out, _inputs(adapter, data_options, model_options))
+    generation = generation or GenerationOptions()
+    _check_engine(generation, model_options, [adapter], vllm)
     folder = fresh_output_dir(out, overwrite) if out is not None else None
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
-    return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
-                   folder, batch_size, data_options, model_options, adapter, progress)
+    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
+    try:
+        return _search(peft_model, tokenizer, task, splits, settings, generation, folder, batch_size, data_options,
+                       model_options, adapter, progress, engine=engine)
+    finally:
+        engine.close()
 
 
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
-            out: Path | None, batch_size, data_options, model_options, adapter, progress) -> SearchResult:
+            out: Path | None, batch_size, data_options, model_options, adapter, progress, engine=None) -> SearchResult:
     num_layers = find_layer_stack(peft_model).num_layers
+    engine = engine or _make_engine(generation, None, peft_model, tokenizer, model_options, adapter, out)
+    top = max(adapter_layers(peft_model))
     if (cached := _cached_json(out, "curves.json")) is not None:
         truncation = cached["truncation"]
     elif settings.boundary is not None:
@@ -232,9 +267,19 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
+    generated = {}
+    if settings.boundary is None and settings.criterion in METRIC_CRITERIA:
+        # Every candidate in one engine call (vLLM batches across their adapters); the search then reads them.
+        wanted = settings.candidates or preselect(truncation)
+        for b in wanted:
+            check_boundary(b, num_layers)
+        generated = _generate_cached(engine, task, splits.validation, [_boundary_variant(b, top) for b in wanted],
+                                     "validation", out, generation, progress)
+
     def score_boundary(b: int) -> dict:
-        texts = _generate_cached(peft_model, tokenizer, task, splits.validation, b, "validation", out,
-                                 generation, progress)
+        name = variant_name(b, top)
+        texts = generated.get(name) or _generate_cached(engine, task, splits.validation, [_boundary_variant(b, top)],
+                                                        "validation", out, generation, progress)[name]
         return score(texts, [list(e.references) for e in splits.validation])
 
     result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
@@ -269,41 +314,37 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example], boundary: int | None, split: str,
-                     out: Path | None, generation: GenerationOptions, progress, name: str | None = None) -> list[str]:
-    """Generate with LoRA kept on 0..boundary (None: full; -1: adapters off), reusing a finished file.
+def _boundary_variant(boundary: int | None, top: int) -> Variant:
+    return Variant(name=variant_name(boundary, top), boundary=boundary)
 
-    The file is OUT/generations/SPLIT-NAME.jsonl; NAME defaults to the variant's name ("pruned (b=14)", ...).
+
+def _generate_cached(engine, task: Task, examples: list[Example], variants: list[Variant], split: str,
+                     out: Path | None, generation: GenerationOptions, progress) -> dict[str, list[str]]:
+    """Outputs per variant name, reusing finished files; the rest are generated in one engine call.
+
+    The file is OUT/generations/SPLIT-NAME.jsonl (NAME: "pruned (b=14)", ...). Only rank 0 writes it.
     """
-    num_layers = find_layer_stack(peft_model).num_layers
-    name = name or variant_name(boundary, max(adapter_layers(peft_model)))
-    path = out / "generations" / f"{split}-{_slug(name)}.jsonl" if out is not None else None
     key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
-    if path is not None and path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        if rows and rows[0].get("key") == key and len(rows) == len(examples):
-            return [r["output"] for r in rows]
+    outputs, missing = {}, []
+    for variant in {v.name: v for v in variants}.values():
+        path = out / "generations" / f"{split}-{_slug(variant.name)}.jsonl" if out is not None else None
+        if path is not None and path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            if rows and rows[0].get("key") == key and len(rows) == len(examples):
+                outputs[variant.name] = [r["output"] for r in rows]
+                continue
+        missing.append((variant, path))
+    if not missing:
+        return outputs
     prompts = [task.prompt(e) for e in examples]
-    label = f"generate {split}: {name}"
-    if boundary is not None and boundary < 0:
-        with peft_model.disable_adapter():
-            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
-    else:
-        layers = range(num_layers if boundary is None else boundary + 1)
-        with keep_lora(peft_model, layers):
-            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
-    if path is not None:
-        rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
-                for i, (e, t) in enumerate(zip(examples, texts))]
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return texts
-
-
-def _run_generate(model, tokenizer, prompts, generation: GenerationOptions, label, progress) -> list[str]:
-    result = generate(model, tokenizer, prompts, max_new_tokens=generation.max_new_tokens,
-                      batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
-                      progress=label if progress else False)
-    return result.texts
+    generated = engine.generate([v for v, _ in missing], prompts, f"generate {split}", progress)
+    for variant, path in missing:
+        texts = outputs[variant.name] = generated[variant.name]
+        if path is not None and distributed.is_main():
+            rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
+                    for i, (e, t) in enumerate(zip(examples, texts))]
+            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return outputs
 
 
 # ---------------------------------------------------------------------------
@@ -325,30 +366,34 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              boundaries: list[int] | None = None, adapters: list[str | Path] | None = None,
              out: str | Path = "run", data_options: DataOptions | None = None,
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
-             bootstrap: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
+             vllm: VLLMOptions | None = None, bootstrap: int = 1000, overwrite: bool = False,
+             progress: bool = True) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
+    generation = generation or GenerationOptions()
+    _check_engine(generation, model_options, [adapter, *(adapters or [])], vllm)
     out = fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
-    generation = generation or GenerationOptions()
-    result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                       data_options.seed, progress)
-    for extra in adapters or []:
-        other, _ = model_options.load(extra)
-        texts = _generate_cached(other, tokenizer, task, splits.test, None, "test", out, generation, progress,
-                                 name=str(extra))
-        metrics = score(texts, [list(e.references) for e in splits.test])
-        result["variants"].append(_variant_row(str(extra), None, metrics, _adapter_params(extra), _adapter_mb(extra)))
-    write_json_atomic(out / "evaluation.json", result)
+    extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
+    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
+    try:
+        result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
+                           data_options.seed, progress, engine=engine, extras=extras)
+    finally:
+        engine.close()
+    if distributed.is_main():
+        write_json_atomic(out / "evaluation.json", result)
     return result
 
 
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
-              seed: int, progress) -> dict:
+              seed: int, progress, engine=None, extras: list[Variant] = ()) -> dict:
+    """Base, full adapter, LoRA up to each b, and `extras` (exported adapters), all generated in one engine call."""
     require_nonempty(splits.test, "test")
+    engine = engine or _make_engine(generation, None, peft_model, tokenizer, None, None, out)
     num_layers = find_layer_stack(peft_model).num_layers
     for b in boundaries:
         check_boundary(b, num_layers)
@@ -356,11 +401,11 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     top = max(per_layer)  # the adapter's highest LoRA layer: any b from there up is the full adapter
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     references = [list(e.references) for e in splits.test]
-    outputs, variants = {}, []
+    outputs = _generate_cached(engine, task, splits.test, [_boundary_variant(b, top) for b in wanted] + list(extras),
+                               "test", out, generation, progress)
+    variants = []
     for b in wanted:
         name = variant_name(b, top)
-        outputs[name] = _generate_cached(peft_model, tokenizer, task, splits.test, b, "test", out, generation,
-                                         progress)
         metrics = score(outputs[name], references)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
@@ -374,6 +419,10 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
                                         n_resamples=bootstrap, seed=seed)
                 significance.append({**test, "a": row["name"], "b": FULL,
                                      "sentence": describe_significance(test, row["name"], FULL)})
+    for extra in extras:
+        metrics = score(outputs[extra.name], references)
+        variants.append(_variant_row(extra.name, None, metrics, _adapter_params(extra.adapter),
+                                     _adapter_mb(extra.adapter)))
     examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
                 for i, e in enumerate(splits.test[:5])]
     return {"variants": variants, "significance": significance, "examples": examples, "bleu_signature": signature,
@@ -408,7 +457,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
-        generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+        generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
+        progress: bool = True) -> dict:
     """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
@@ -422,6 +472,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)}}
     check_not_input(out, inputs)
+    _check_engine(generation, model_options, [adapter], vllm)
     _claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
@@ -429,6 +480,17 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     num_layers = find_layer_stack(peft_model).num_layers
     for given in ([boundary] if boundary is not None else []) + list(boundaries or []):
         check_boundary(given, num_layers)  # before the analysis, not after it
+    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
+    try:
+        return _run_stages(out, adapter, task, splits, peft_model, tokenizer, num_layers, settings, generation,
+                           boundaries, batch_size, bootstrap, data_options, model_options, engine, progress)
+    finally:
+        engine.close()
+
+
+def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_layers, settings: SearchSettings,
+                generation, boundaries, batch_size, bootstrap, data_options, model_options, engine, progress) -> dict:
+    """The five stages of `run`, each skipped when its result is already in OUT."""
 
     _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
     curves = _cached_json(out, "curves.json") or _analyze(
@@ -438,7 +500,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     found = _cached_json(out, "search.json")
     if found is None:
         found = _search(peft_model, tokenizer, task, splits, settings, generation, out, batch_size, data_options,
-                        model_options, adapter, progress).to_dict()
+                        model_options, adapter, progress, engine=engine).to_dict()
     b = found["boundary"]
 
     pruned_dir = out / "adapter-pruned"
@@ -458,7 +520,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
 
     _progress_print(progress, "[4/5] evaluate: generation on test")
-    compare = {b, knee(curves["truncation"], knee_fraction)} | set(boundaries or [])
+    compare = {b, knee(curves["truncation"], settings.knee_fraction)} | set(boundaries or [])
     if all(c >= top for c in compare):
         # The search kept everything: still show on test what the best smaller candidate would have cost.
         metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
@@ -466,7 +528,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         if below:
             compare.add(max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"])
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
-                           data_options.seed, progress)
+                           data_options.seed, progress, engine=engine)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
