@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
+from . import __version__, distributed
 from .analysis import CURVES
 from .boundary import CRITERIA
 from .errors import LoraboundError
@@ -166,14 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
+    if not distributed.is_main():
+        args.quiet = True  # under torchrun only rank 0 prints (errors still come from every rank)
     try:
-        return _dispatch(args)
+        with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
+            return _dispatch(args)
     except LoraboundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -37,23 +37,29 @@ def shard(items: Sequence) -> list:
     return [item for i, item in enumerate(items) if i % world_size() == rank()]
 
 
+def start(device: str = "cpu") -> None:
+    """Join the ranks (once, before the model loads): nccl when the model runs on CUDA, each rank on its own
+    GPU (LOCAL_RANK), else gloo. A no-op in a single process."""
+    if world_size() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(minutes=float(os.environ.get("LORABOUND_DIST_TIMEOUT_MIN", _TIMEOUT_MINUTES)))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+
+
 def _group():
-    """The default process group, started once (gloo on CPU; nccl when LORABOUND_DIST_BACKEND says so)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = os.environ.get("LORABOUND_DIST_BACKEND") or ("nccl" if _uses_cuda() else "gloo")
-        timeout = datetime.timedelta(minutes=float(os.environ.get("LORABOUND_DIST_TIMEOUT_MIN", _TIMEOUT_MINUTES)))
-        if backend == "nccl":
-            import torch
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        start()
     return dist
-
-
-def _uses_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available() and os.environ.get("LORABOUND_DEVICE", "cpu").startswith("cuda")
 
 
 def _collective(what: str, call):

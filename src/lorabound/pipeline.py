@@ -101,6 +101,7 @@ def _load(model: str, adapter, data: str, data_options: DataOptions | None, mode
     for name in needs:
         require_nonempty(getattr(splits, name), name)
     check_held_out(adapter, splits)
+    distributed.start(model_options.device)
     peft_model, tokenizer = model_options.load(adapter)
     return data_options, model_options, task, splits, peft_model, tokenizer
 
@@ -111,7 +112,7 @@ def _inputs(adapter, data_options: DataOptions, model_options: ModelOptions, *ot
 
 
 def _progress_print(progress: bool, message: str) -> None:
-    if progress:
+    if progress and distributed.is_main():
         print(message, flush=True)
 
 
@@ -123,6 +124,9 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
           settings: TrainSettings | None = None, data_options: DataOptions | None = None,
           model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune LoRA on all layers of `model` on the training split of `data`; save a PEFT adapter to `out`."""
+    if distributed.world_size() > 1:
+        raise LoraboundError("train runs in one process; launch it without torchrun (torchrun serves analyze, "
+                             "search, evaluate and run)")
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(None, data_options, model_options))
@@ -162,13 +166,14 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options))
-    out = fresh_output_dir(out, overwrite)
+    out = _fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
                       model_options, adapter, progress)
     # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
-    plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
+    if distributed.is_main():
+        plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
     return result
 
 
@@ -179,12 +184,14 @@ def _analyze(peft_model, tokenizer, task, splits, out: Path, curves, batch_size,
     meta = {"model": model_options.model, "adapter": str(adapter), "task": task.name, "task_source": task.source,
             "split": "validation", "sizes": _sizes(splits), "seed": data_options.seed,
             "max_length": data_options.max_length}
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     partial = out / "analysis.partial.json"
     result = analyze_curves(peft_model, encoded, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
                             curves=tuple(curves), checkpoint=partial, progress=progress, meta=meta)
-    write_json_atomic(out / "curves.json", result)
-    partial.unlink(missing_ok=True)
+    if distributed.is_main():
+        write_json_atomic(out / "curves.json", result)
+        partial.unlink(missing_ok=True)
     return result
 
 
@@ -242,7 +249,7 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
         check_not_input(out, _inputs(adapter, data_options, model_options))
     generation = generation or GenerationOptions()
     _check_engine(generation, model_options, [adapter], vllm)
-    folder = fresh_output_dir(out, overwrite) if out is not None else None
+    folder = _fresh_output_dir(out, overwrite) if out is not None else None
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
@@ -283,7 +290,7 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
         return score(texts, [list(e.references) for e in splits.validation])
 
     result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
-    if out is not None:
+    if out is not None and distributed.is_main():
         write_json_atomic(out / "search.json", result.to_dict())
     return result
 
@@ -374,7 +381,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
     generation = generation or GenerationOptions()
     _check_engine(generation, model_options, [adapter, *(adapters or [])], vllm)
-    out = fresh_output_dir(out, overwrite)
+    out = _fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
@@ -515,9 +522,10 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
                                   "(convert it to safetensors to export)")
     else:
         _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
-        if _cached_json(out, "prune.json") is None:
+        if _cached_json(out, "prune.json") is None and distributed.is_main():
             export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
+        distributed.barrier()
 
     _progress_print(progress, "[4/5] evaluate: generation on test")
     compare = {b, knee(curves["truncation"], settings.knee_fraction)} | set(boundaries or [])
@@ -547,7 +555,8 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
         "verdict": verdict(found, evaluation, top),
         "notes": _notes(curves, _cached_json(out, "prune.json")),
     }
-    write_report(out, report)
+    if distributed.is_main():
+        write_report(out, report)
     return report
 
 
@@ -561,10 +570,25 @@ def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> 
         if not same and not overwrite:
             why = "holds a run with other settings" if marker.is_file() else "is not empty"
             raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
-        if not same:
+        if not same and distributed.is_main():
             shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, asked)
+    distributed.barrier()  # every rank has judged the folder before rank 0 changes it
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, asked)
+    distributed.barrier()
+
+
+def _fresh_output_dir(out, overwrite: bool) -> Path:
+    """fresh_output_dir on rank 0, after every rank has checked the untouched folder (one process: just that)."""
+    if distributed.world_size() == 1:
+        return fresh_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, "--out")
+    distributed.barrier()
+    if distributed.is_main():
+        fresh_output_dir(out, overwrite)
+    distributed.barrier()
+    return Path(out)
 
 
 def verdict(search: dict, evaluation: dict, top: int) -> str:
