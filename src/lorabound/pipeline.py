@@ -192,6 +192,7 @@ def _analyze(peft_model, tokenizer, task, splits, out: Path, curves, batch_size,
     if distributed.is_main():
         write_json_atomic(out / "curves.json", result)
         partial.unlink(missing_ok=True)
+    distributed.barrier()  # no rank looks for curves.json before rank 0 has written it
     return result
 
 
@@ -292,6 +293,7 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
     result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
     if out is not None and distributed.is_main():
         write_json_atomic(out / "search.json", result.to_dict())
+    distributed.barrier()
     return result
 
 
@@ -351,6 +353,7 @@ def _generate_cached(engine, task: Task, examples: list[Example], variants: list
             rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
                     for i, (e, t) in enumerate(zip(examples, texts))]
             write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    distributed.barrier()
     return outputs
 
 
