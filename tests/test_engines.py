@@ -176,3 +176,49 @@ def test_vllm_engine_matches_hf_engine_on_the_real_model(tmp_path):
         if not differing:
             assert metrics["vllm"][name] == metrics["hf"][name], name
 
+
+
+class _FakeLLM:
+    """Stands in for vllm.LLM: answers from a table, and records what it was asked."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls = kwargs, []
+
+    def generate(self, prompts, params, lora_request=None, use_tqdm=False):
+        from types import SimpleNamespace as NS
+        self.calls.append((params.stop, [r.lora_path if r else None for r in lora_request]))
+        # The model's greedy continuation starts with a blank line; with the "\n" stop it returns "" at once.
+        full = "\n  The Eagle is French.\nMore text"
+        if params.stop:
+            return [NS(outputs=[NS(text="", stop_reason="\n")]) for _ in prompts]
+        return [NS(outputs=[NS(text=full, stop_reason=None)]) for _ in prompts]
+
+
+def test_vllm_engine_requests_and_the_leading_blank_line_rule(tmp_path, tok, monkeypatch):
+    """Without vllm: a fake LLM shows the requests per variant and the rerun of rows stopped by a leading blank line."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    fake = ModuleType("vllm")
+    fake.LLM = _FakeLLM
+    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    lora = ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda **kw: SimpleNamespace(**kw)
+    for name, module in (("vllm", fake), ("vllm.lora", ModuleType("vllm.lora")), ("vllm.lora.request", lora)):
+        monkeypatch.setitem(sys.modules, name, module)
+    tiny_lora(tiny_llama()).save_pretrained(tmp_path / "adapter")
+    engine = engines.VLLMEngine(str(tmp_path / "base"), tmp_path / "adapter", tok, num_layers=4, max_new_tokens=8,
+                                stop_at_newline=True, eos_ids=[1], scratch=tmp_path / "run" / "vllm-adapters")
+    variants = [Variant("base", -1), Variant("full", None), Variant("b1", 1)]
+    out = engine.generate(variants, PROMPTS[:2], progress=False)
+    assert out == {v.name: ["The Eagle is French."] * 2 for v in variants}  # the first non-blank line
+    llm = engine._llm
+    assert llm.kwargs["max_lora_rank"] == 8 and llm.kwargs["enable_lora"]  # rank 4 rounded up to a vLLM value
+    (stop, requested), (again, _) = llm.calls
+    assert stop == ["\n"] and again is None
+    b1 = tmp_path / "run" / "vllm-adapters" / "b1"
+    assert requested == [None, None, str((tmp_path / "adapter").resolve()), str((tmp_path / "adapter").resolve()),
+                         str(b1.resolve()), str(b1.resolve())]
+    assert json.loads((b1 / "lorabound.json").read_text())["layers_kept"] == [0, 1]  # the peft export of b = 1
+    engine.close()
+    assert not (tmp_path / "run" / "vllm-adapters").exists()

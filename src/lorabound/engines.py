@@ -50,6 +50,8 @@ class VLLMOptions:
     max_lora_rank: int | None = field(default=None, metadata={"help": "vLLM: largest LoRA rank it reserves; "
                                                               "None: the adapters' largest rank"})
     max_loras: int = field(default=4, metadata={"help": "vLLM: adapters batched together at once"})
+    distributed_executor_backend: str | None = field(default=None, metadata={
+        "help": "vLLM: mp (one node) or ray (several nodes, a running Ray cluster); None: vLLM's choice"})
 
 
 # ---------------------------------------------------------------------------
@@ -68,6 +70,9 @@ def check_engine(engine: str, *, model_dir: str, adapters: list[str | Path], opt
     for name, value in (("--tensor-parallel-size", options.tensor_parallel_size), ("--max-loras", options.max_loras)):
         if value < 1:
             raise LoraboundError(f"{name} {value} must be at least 1; pass a positive number")
+    if options.distributed_executor_backend not in (None, "mp", "ray"):
+        raise LoraboundError(f"--distributed-executor-backend {options.distributed_executor_backend} is not one of "
+                             "mp, ray; leave it out to let vLLM choose")
     if not 0 < options.gpu_memory_utilization <= 1:
         raise LoraboundError(f"--gpu-memory-utilization {options.gpu_memory_utilization} must be in (0, 1]; "
                              "for example 0.9")
@@ -230,6 +235,7 @@ class VLLMEngine:
                                 max_loras=options.max_loras, max_model_len=options.max_model_len,
                                 tensor_parallel_size=options.tensor_parallel_size,
                                 gpu_memory_utilization=options.gpu_memory_utilization,
+                                distributed_executor_backend=options.distributed_executor_backend,
                                 trust_remote_code=self.trust_remote_code, seed=0)
             except Exception as err:  # vLLM raises many types; its first line says what it refused
                 raise LoraboundError(f"vLLM could not start on {self.model_dir} ({_first_line(err)}); "
