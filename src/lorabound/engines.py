@@ -25,7 +25,7 @@ from typing import Callable
 from . import distributed
 from .errors import LoraboundError
 from .generation import _clean, _eos_ids, generate
-from .model import read_adapter_config, resolve_model_dir
+from .model import find_layer_stack, read_adapter_config, resolve_model_dir
 from .surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_lora, prune_adapter
 
 ENGINES = ("hf", "vllm")
@@ -164,7 +164,6 @@ class HFEngine:
             with self.model.disable_adapter():
                 yield self.model
         else:
-            from .model import find_layer_stack
             top = find_layer_stack(self.model).num_layers - 1
             with keep_lora(self.model, range((top if variant.boundary is None else variant.boundary) + 1)):
                 yield self.model
