@@ -82,7 +82,7 @@ def test_two_ranks_run_gives_single_process_results(workspace):
     single, two = root / "single", root / "two"
     # 7 validation examples in batches of 2: 4 batches, the last round has one batch for two ranks.
     _assert_close(json.loads((single / "curves.json").read_text()), json.loads((two / "curves.json").read_text()))
-    assert json.loads((single / "search.json").read_text()) == json.loads((two / "search.json").read_text())
+    _assert_close(json.loads((single / "search.json").read_text()), json.loads((two / "search.json").read_text()))
     files = sorted(p.name for p in (single / "generations").iterdir())
     assert files == sorted(p.name for p in (two / "generations").iterdir()) and len(files) >= 3
     for name in files:
