@@ -276,6 +276,10 @@ def _print_truncation(curves: dict) -> None:
     print("   b  mean p(truth)    NLL   accuracy")
     for b, p, nll, acc in zip(t["boundary"], t["mean_prob"], t["nll"], t["accuracy"]):
         print(f"{b:4d}  {p:12.4f}  {nll:6.3f}  {acc:8.3f}")
+    if only := t.get("layers_only_baseline"):
+        parts = ", ".join(only["parts_on"])
+        print(f"b = -1 is the base model without any adapter; LoRA off on every layer with {parts} on: "
+              f"mean p {only['mean_prob']:.4f}, NLL {only['nll']:.3f}, accuracy {only['accuracy']:.3f}")
 
 
 if __name__ == "__main__":

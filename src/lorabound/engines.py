@@ -208,7 +208,8 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, adapter: str | Path, tokenizer, *, num_layers: int, max_new_tokens: int,
                  stop_at_newline: bool, dtype: str = "float32", options: VLLMOptions | None = None,
-                 scratch: Path | None = None, trust_remote_code: bool = False, eos_ids: list[int] | None = None):
+                 scratch: Path | None = None, trust_remote_code: bool = False, eos_ids: list[int] | None = None,
+                 layers_path: str | None = None):
         self.model_dir, self.adapter, self.tokenizer = model_dir, Path(adapter), tokenizer
         self.num_layers, self.max_new_tokens, self.stop_at_newline = num_layers, max_new_tokens, stop_at_newline
         self.dtype, self.options, self.trust_remote_code = dtype, options or VLLMOptions(), trust_remote_code
@@ -217,8 +218,8 @@ class VLLMEngine:
         self._scratch: Path | None = None
         self._llm = None
         self._ids: dict[Path, int] = {}
-        source = AdapterFiles.read(self.adapter)
-        self.adapter_layers = source.layers()
+        self.layers_path = layers_path  # where the model keeps its layers (find_layer_stack's layers_path)
+        self.adapter_layers = AdapterFiles.read(self.adapter, layers_path=layers_path).layers()
 
     # -- the engine and its requests ----------------------------------------
 
@@ -253,7 +254,8 @@ class VLLMEngine:
         folder = self._scratch_dir() / f"b{variant.boundary}"
         if not folder.is_dir():
             # vLLM ignores layers_to_transform and runs the layers the export lacks without LoRA.
-            prune_adapter(self.adapter, variant.boundary, folder, num_layers=self.num_layers, overwrite=True)
+            prune_adapter(self.adapter, variant.boundary, folder, num_layers=self.num_layers, overwrite=True,
+                          layers_path=self.layers_path)
         return folder
 
     def _scratch_dir(self) -> Path:

@@ -229,7 +229,8 @@ def _make_engine(generation: GenerationOptions, vllm: VLLMOptions | None, peft_m
                           max_new_tokens=generation.max_new_tokens, stop_at_newline=generation.stop_at_newline,
                           dtype=model_options.dtype, options=vllm, eos_ids=_eos_ids(peft_model, tokenizer),
                           scratch=out / "vllm-adapters" if out is not None else None,
-                          trust_remote_code=model_options.trust_remote_code)
+                          trust_remote_code=model_options.trust_remote_code,
+                          layers_path=find_layer_stack(peft_model).layers_path)
     return HFEngine(peft_model, tokenizer, max_new_tokens=generation.max_new_tokens,
                     batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
                     load_adapter=lambda folder: model_options.load(folder)[0])
@@ -526,7 +527,8 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     else:
         _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
         if _cached_json(out, "prune.json") is None and distributed.is_main():
-            export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
+            export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True,
+                                   layers_path=find_layer_stack(peft_model).layers_path)
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
         distributed.barrier()
 

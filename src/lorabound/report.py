@@ -83,10 +83,15 @@ def _plot_truncation(curve: dict, boundary: int | None) -> bytes:
         top.plot(x, curve["accuracy"], marker=".", markersize=3, color="#2ca02c", alpha=0.7,
                  label="top-1 accuracy")
     top.set_ylabel("probability")
-    top.legend(loc="lower right", fontsize=8)
     top.set_title(PLOT_TITLES["truncation"], fontsize=10)
     if curve.get("nll"):
         bottom.plot(x, curve["nll"], marker="o", markersize=3, color="#ff7f0e")
+    only = curve.get("layers_only_baseline")
+    if only:  # the adapter has parts no boundary drops: every layer's LoRA off is not the base model (b = -1)
+        label = "LoRA off on every layer, " + ", ".join(only["parts_on"]) + " on"
+        top.axhline(only["mean_prob"], color="#9467bd", linestyle="--", linewidth=1, label=label)
+        bottom.axhline(only["nll"], color="#9467bd", linestyle="--", linewidth=1)
+    top.legend(loc="lower right", fontsize=8)
     bottom.set_ylabel("NLL (nats/token)")
     bottom.set_xlabel("boundary b  (-1 = base model, last = full adapter)")
     for ax in (top, bottom):
