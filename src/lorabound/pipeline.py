@@ -23,14 +23,14 @@ from pathlib import Path
 from . import __version__
 from .analysis import CURVES
 from .analysis import analyze as analyze_curves
-from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, check_boundary, knee, preselect
+from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary, knee
 from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
 from .errors import LoraboundError
 from . import distributed
 from .engines import HFEngine, Variant, VLLMEngine, VLLMOptions, check_engine
-from .evaluate import describe_significance, paired_bootstrap, score
+from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
 from .generation import _eos_ids
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
@@ -241,10 +241,11 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
            generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
-           progress: bool = True) -> SearchResult:
+           progress: bool = True, goal: str | None = None, bootstrap: int = 1000,
+           metric_options: MetricOptions | None = None) -> SearchResult:
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
-    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
-                              knee_fraction=knee_fraction, candidates=candidates)
+    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, goal=goal,
+                              knee_fraction=knee_fraction, candidates=candidates, bootstrap=bootstrap)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     if out is not None:
@@ -257,13 +258,14 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
     try:
         return _search(peft_model, tokenizer, task, splits, settings, generation, folder, batch_size, data_options,
-                       model_options, adapter, progress, engine=engine)
+                       model_options, adapter, progress, metric_options, engine=engine)
     finally:
         engine.close()
 
 
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
-            out: Path | None, batch_size, data_options, model_options, adapter, progress, engine=None) -> SearchResult:
+            out: Path | None, batch_size, data_options, model_options, adapter, progress,
+            metric_options: MetricOptions | None = None, engine=None) -> SearchResult:
     num_layers = find_layer_stack(peft_model).num_layers
     engine = engine or _make_engine(generation, None, peft_model, tokenizer, model_options, adapter, out)
     top = max(adapter_layers(peft_model))
@@ -276,22 +278,14 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
-    generated = {}
-    if settings.boundary is None and settings.criterion in METRIC_CRITERIA:
-        # Every candidate in one engine call (vLLM batches across their adapters); the search then reads them.
-        wanted = settings.candidates or preselect(truncation)
-        for b in wanted:
-            check_boundary(b, num_layers)
-        generated = _generate_cached(engine, task, splits.validation, [_boundary_variant(b, top) for b in wanted],
-                                     "validation", out, generation, progress)
-
-    def score_boundary(b: int) -> dict:
+    def generate_for(b: int) -> list[str]:
         name = variant_name(b, top)
-        texts = generated.get(name) or _generate_cached(engine, task, splits.validation, [_boundary_variant(b, top)],
-                                                        "validation", out, generation, progress)[name]
-        return score(texts, [list(e.references) for e in splits.validation])
+        return _generate_cached(engine, task, splits.validation, [_boundary_variant(b, top)], "validation", out,
+                                generation, progress)[name]
 
-    result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
+    validation = Validation(generate_for, [list(e.references) for e in splits.validation],
+                            metric_options or MetricOptions(), data_options.seed)
+    result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), validation)
     if out is not None and distributed.is_main():
         write_json_atomic(out / "search.json", result.to_dict())
     distributed.barrier()
@@ -378,7 +372,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              out: str | Path = "run", data_options: DataOptions | None = None,
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
              vllm: VLLMOptions | None = None, bootstrap: int = 1000, overwrite: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, metric_options: MetricOptions | None = None) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
@@ -392,7 +386,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
     try:
         result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                           data_options.seed, progress, engine=engine, extras=extras)
+                           data_options.seed, progress, metric_options, engine=engine, extras=extras)
     finally:
         engine.close()
     if distributed.is_main():
@@ -401,7 +395,8 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
 
 
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
-              seed: int, progress, engine=None, extras: list[Variant] = ()) -> dict:
+              seed: int, progress, metric_options: MetricOptions | None = None, engine=None,
+              extras: list[Variant] = ()) -> dict:
     """Base, full adapter, LoRA up to each b, and `extras` (exported adapters), all generated in one engine call."""
     require_nonempty(splits.test, "test")
     engine = engine or _make_engine(generation, None, peft_model, tokenizer, None, None, out)
@@ -417,17 +412,17 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     variants = []
     for b in wanted:
         name = variant_name(b, top)
-        metrics = score(outputs[name], references)
+        metrics = score(outputs[name], references, metric_options)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
         if b is None:
-            signature = metrics["bleu_signature"]
+            signature, rouge_signature = metrics["bleu_signature"], metrics["rouge_signature"]
     significance = []
     for row in variants:
         if row["name"] != FULL:
             for metric in ("bleu", "rougeL"):
                 test = paired_bootstrap(outputs[row["name"]], outputs[FULL], references, metric=metric,
-                                        n_resamples=bootstrap, seed=seed)
+                                        n_resamples=bootstrap, seed=seed, options=metric_options)
                 significance.append({**test, "a": row["name"], "b": FULL,
                                      "sentence": describe_significance(test, row["name"], FULL)})
     for extra in extras:
@@ -437,7 +432,7 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
                 for i, e in enumerate(splits.test[:5])]
     return {"variants": variants, "significance": significance, "examples": examples, "bleu_signature": signature,
-            "lora_params_total": sum(per_layer.values())}
+            "rouge_signature": rouge_signature, "lora_params_total": sum(per_layer.values())}
 
 
 def _variant_row(name, boundary, metrics: dict, params, mb) -> dict:
@@ -469,17 +464,20 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
         generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, goal: str | None = None, metric_options: MetricOptions | None = None) -> dict:
     """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     generation = generation or GenerationOptions()
-    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction)
+    metric_options = metric_options or MetricOptions()
+    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
+                              goal=goal, bootstrap=bootstrap)
     out = Path(out)
     inputs = _inputs(adapter, data_options, model_options)
     # The run resumes only if all of this is unchanged, the contents of its input files included.
     asked = {"model": model_options.model, "adapter": str(Path(adapter).resolve()),
              "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation),
+             "metrics": asdict(metric_options),
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)}}
     check_not_input(out, inputs)
@@ -494,13 +492,15 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
     try:
         return _run_stages(out, adapter, task, splits, peft_model, tokenizer, num_layers, settings, generation,
-                           boundaries, batch_size, bootstrap, data_options, model_options, engine, progress)
+                           boundaries, batch_size, bootstrap, data_options, model_options, engine, progress,
+                           metric_options)
     finally:
         engine.close()
 
 
 def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_layers, settings: SearchSettings,
-                generation, boundaries, batch_size, bootstrap, data_options, model_options, engine, progress) -> dict:
+                generation, boundaries, batch_size, bootstrap, data_options, model_options, engine, progress,
+                metric_options: MetricOptions | None = None) -> dict:
     """The five stages of `run`, each skipped when its result is already in OUT."""
 
     _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
@@ -511,7 +511,7 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     found = _cached_json(out, "search.json")
     if found is None:
         found = _search(peft_model, tokenizer, task, splits, settings, generation, out, batch_size, data_options,
-                        model_options, adapter, progress, engine=engine).to_dict()
+                        model_options, adapter, progress, metric_options, engine=engine).to_dict()
     b = found["boundary"]
 
     pruned_dir = out / "adapter-pruned"
@@ -537,11 +537,11 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     if all(c >= top for c in compare):
         # The search kept everything: still show on test what the best smaller candidate would have cost.
         metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
-        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c[metric] is not None]
+        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c.get(metric) is not None]
         if below:
             compare.add(max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"])
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
-                           data_options.seed, progress, engine=engine)
+                           data_options.seed, progress, metric_options, engine=engine)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
