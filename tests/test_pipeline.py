@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorabound import pipeline
+from lorabound import engines, pipeline
 from lorabound.cli import main
 from lorabound.files import folder_hashes
 from lorabound.model import load_model
@@ -65,7 +65,8 @@ def test_run_resumes_from_finished_stages(workspace, monkeypatch):
     def must_not_run(*a, **k):
         raise AssertionError("a finished stage ran again")
     monkeypatch.setattr(pipeline, "analyze_curves", must_not_run)
-    monkeypatch.setattr(pipeline, "generate_variants", must_not_run)
+    monkeypatch.setattr(engines, "generate", must_not_run)
+    monkeypatch.setattr(engines, "generate_variants", must_not_run)
     again = pipeline.run(str(root / "base"), root / "adapter", out=root / "resume", **kwargs)
     for key in ("curves", "search", "variants", "significance", "verdict"):
         assert again[key] == first[key], key

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import Encoded, batches
 from .errors import LoraboundError
 from .files import write_json_atomic
@@ -315,15 +316,30 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
     done = state["batches_done"] if state else 0
     scores = ({n: TokenScores.from_state(state["scores"][n], exact) for n in names} if state
               else {n: TokenScores(sizes[n], exact) for n in names})
+    distributed.agree((fingerprint, done), "the inputs and the analysis checkpoint")
 
-    bar = tqdm(total=len(all_batches), initial=done, desc="analyze", unit="batch", disable=not progress)
-    for index in range(done, len(all_batches)):
-        here = tuple(c for c in curves if c == "truncation" or index < subset)
-        score_batch(model, stack, all_batches[index], boundaries, lora_layers, here, scores)
-        if checkpoint is not None:
-            write_json_atomic(checkpoint, {"fingerprint": fingerprint, "batches_done": index + 1,
+    def curves_for(index: int) -> tuple[str, ...]:
+        return tuple(c for c in curves if c == "truncation" or index < subset)
+
+    # Under torchrun each round gives batch start + r to rank r; the round's sums are added up over the ranks
+    # (float64) before the checkpoint, so a checkpoint holds whole batches and resumes under any world size.
+    world = distributed.world_size()
+    bar = tqdm(total=len(all_batches), initial=done, desc="analyze", unit="batch",
+               disable=not progress or not distributed.is_main())
+    for start in range(done, len(all_batches), world):
+        if world == 1:
+            score_batch(model, stack, all_batches[start], boundaries, lora_layers, curves_for(start), scores)
+        else:
+            mine = {n: TokenScores(sizes[n], exact) for n in names}
+            index = start + distributed.rank()
+            if index < len(all_batches):
+                score_batch(model, stack, all_batches[index], boundaries, lora_layers, curves_for(index), mine)
+            _add_over_ranks(scores, mine)
+        finished = min(start + world, len(all_batches))
+        if checkpoint is not None and distributed.is_main():
+            write_json_atomic(checkpoint, {"fingerprint": fingerprint, "batches_done": finished,
                                            "scores": {n: s.state() for n, s in scores.items()}})
-        bar.update(1)
+        bar.update(finished - start)
     bar.close()
 
     n_examples = len(encoded.input_ids)
@@ -358,6 +374,18 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
                               "delta_nll": [x - full_nll for x in ablated["nll"]] if full_nll is not None else None,
                               **({"approximated": approximated} if approximated else {})}
     return result
+
+
+def _add_over_ranks(scores: dict[str, TokenScores], mine: dict[str, TokenScores]) -> None:
+    """Add every rank's sums of this round (`mine`) into `scores`, in float64, the same on every rank."""
+    keys = ("prob", "nll", "hits")
+    flat = [x for n in scores for k in keys for x in getattr(mine[n], k)] + [mine[n].tokens for n in scores]
+    total = iter(distributed.sum_floats(flat))
+    for n, s in scores.items():
+        for k in keys:
+            setattr(s, k, [x + next(total) for x in getattr(s, k)])
+    for s in scores.values():
+        s.tokens += int(next(total))
 
 
 def _full_nll(result: dict, scores: dict[str, TokenScores]) -> float | None:

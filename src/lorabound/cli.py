@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
+from . import __version__, distributed
 from .analysis import CURVES
 from .boundary import CRITERIA, GOALS
 from .evaluate import COMBINED, MetricOptions
@@ -73,6 +75,7 @@ def _picked(args: argparse.Namespace, cls, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engines import VLLMOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
 
     parser = argparse.ArgumentParser(
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_fields(p, GenerationOptions)
+    _add_fields(p, VLLMOptions)
     _add_fields(p, MetricOptions)
 
     p = command("prune")
@@ -155,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_fields(p, GenerationOptions)
+    _add_fields(p, VLLMOptions)
     _add_fields(p, MetricOptions)
 
     p = command("run")
@@ -169,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
     _add_fields(p, GenerationOptions)
+    _add_fields(p, VLLMOptions)
     _add_fields(p, MetricOptions)
 
     p = command("demo")
@@ -203,18 +209,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
+    if not distributed.is_main():
+        args.quiet = True  # under torchrun only rank 0 prints (errors still come from every rank)
     try:
-        return _dispatch(args)
+        with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
+            return _dispatch(args)
     except LoraboundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
+    from .engines import VLLMOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
 
     progress = not args.quiet
@@ -257,6 +269,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'curves.json'} and plots")
         return 0
     generation = _picked(args, GenerationOptions)
+    common["vllm"] = _picked(args, VLLMOptions)
     metrics = _picked(args, MetricOptions) if hasattr(args, "bleu_tokenize") else None
     if name == "search":
         result = pipeline.search(args.model, args.adapter, args.data, criterion=args.criterion,

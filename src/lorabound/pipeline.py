@@ -29,15 +29,17 @@ from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
 from .errors import LoraboundError
+from . import distributed
+from .engines import HFEngine, Variant, VLLMEngine, VLLMOptions, check_engine
 from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
-from .generation import generate_variants
+from .generation import _eos_ids
 from .runtime import torch_threads
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
-from .model import DEFAULT_MODEL, check_adapter_files, find_layer_stack, load_adapter, load_model
+from .model import DEFAULT_MODEL, check_adapter_files, find_layer_stack, load_adapter, load_model, resolve_model_dir
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, keep_lora,
-                      lora_params_per_layer, prune_adapter)
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, lora_params_per_layer,
+                      prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 
@@ -103,6 +105,7 @@ def _load(model: str, adapter, data: str, data_options: DataOptions | None, mode
     for name in needs:
         require_nonempty(getattr(splits, name), name)
     check_held_out(adapter, splits)
+    distributed.start(model_options.device)
     peft_model, tokenizer = model_options.load(adapter)
     return data_options, model_options, task, splits, peft_model, tokenizer
 
@@ -113,7 +116,7 @@ def _inputs(adapter, data_options: DataOptions, model_options: ModelOptions, *ot
 
 
 def _progress_print(progress: bool, message: str) -> None:
-    if progress:
+    if progress and distributed.is_main():
         print(message, flush=True)
 
 
@@ -147,6 +150,9 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
           settings: TrainSettings | None = None, data_options: DataOptions | None = None,
           model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune LoRA on all layers of `model` on the training split of `data`; save a PEFT adapter to `out`."""
+    if distributed.world_size() > 1:
+        raise LoraboundError("train runs in one process; launch it without torchrun (torchrun serves analyze, "
+                             "search, evaluate and run)")
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(None, data_options, model_options))
@@ -189,13 +195,14 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options))
-    out = fresh_output_dir(out, overwrite)
+    out = _fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
                       model_options, adapter, progress, exact_curves)
     # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
-    plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
+    if distributed.is_main():
+        plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
     return result
 
 
@@ -206,12 +213,15 @@ def _analyze(peft_model, tokenizer, task, splits, out: Path, curves, batch_size,
     meta = {"model": model_options.model, "adapter": str(adapter), "task": task.name, "task_source": task.source,
             "split": "validation", "sizes": _sizes(splits), "seed": data_options.seed,
             "max_length": data_options.max_length}
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     partial = out / "analysis.partial.json"
     result = analyze_curves(peft_model, encoded, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
                             curves=tuple(curves), checkpoint=partial, progress=progress, meta=meta, exact=exact)
-    write_json_atomic(out / "curves.json", result)
-    partial.unlink(missing_ok=True)
+    if distributed.is_main():
+        write_json_atomic(out / "curves.json", result)
+        partial.unlink(missing_ok=True)
+    distributed.barrier()  # no rank looks for curves.json before rank 0 has written it
     return result
 
 
@@ -228,14 +238,40 @@ class GenerationOptions:
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per example at most"})
     generation_batch_size: int = field(default=16, metadata={"help": "examples per generation batch"})
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
+    engine: str = field(default="hf", metadata={"help": "generation engine: hf (transformers) or vllm"})
+
+
+def _check_engine(generation: GenerationOptions, model_options: ModelOptions, adapters: list,
+                  vllm: VLLMOptions | None) -> None:
+    """Refuse what the generation engine cannot run, before the model is loaded."""
+    model_dir = resolve_model_dir(model_options.model) if generation.engine == "vllm" else ""
+    check_engine(generation.engine, model_dir=model_dir, adapters=adapters, options=vllm or VLLMOptions(),
+                 trust_remote_code=model_options.trust_remote_code)
+
+
+def _make_engine(generation: GenerationOptions, vllm: VLLMOptions | None, peft_model, tokenizer,
+                 model_options: ModelOptions, adapter, out: Path | None):
+    """The engine that generates every variant; vLLM's pruned exports go to OUT/vllm-adapters (removed after)."""
+    if generation.engine == "vllm":
+        return VLLMEngine(resolve_model_dir(model_options.model), adapter, tokenizer,
+                          num_layers=find_layer_stack(peft_model).num_layers,
+                          max_new_tokens=generation.max_new_tokens, stop_at_newline=generation.stop_at_newline,
+                          dtype=model_options.dtype, options=vllm, eos_ids=_eos_ids(peft_model, tokenizer),
+                          scratch=out / "vllm-adapters" if out is not None else None,
+                          trust_remote_code=model_options.trust_remote_code,
+                          layers_path=find_layer_stack(peft_model).layers_path)
+    return HFEngine(peft_model, tokenizer, max_new_tokens=generation.max_new_tokens,
+                    batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
+                    load_adapter=lambda folder: model_options.load(folder)[0])
 
 
 def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
            criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
            candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
-           generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True,
-           goal: str | None = None, bootstrap: int = 1000, metric_options: MetricOptions | None = None) -> SearchResult:
+           generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
+           progress: bool = True, goal: str | None = None, bootstrap: int = 1000,
+           metric_options: MetricOptions | None = None) -> SearchResult:
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, goal=goal,
                               knee_fraction=knee_fraction, candidates=candidates, bootstrap=bootstrap)
@@ -243,17 +279,25 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     model_options = model_options or ModelOptions(model=model)
     if out is not None:
         check_not_input(out, _inputs(adapter, data_options, model_options))
-    folder = fresh_output_dir(out, overwrite) if out is not None else None
+    generation = generation or GenerationOptions()
+    _check_engine(generation, model_options, [adapter], vllm)
+    folder = _fresh_output_dir(out, overwrite) if out is not None else None
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
-    return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
-                   folder, batch_size, data_options, model_options, adapter, progress, metric_options)
+    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
+    try:
+        return _search(peft_model, tokenizer, task, splits, settings, generation, folder, batch_size, data_options,
+                       model_options, adapter, progress, metric_options, engine=engine)
+    finally:
+        engine.close()
 
 
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
             out: Path | None, batch_size, data_options, model_options, adapter, progress,
-            metric_options: MetricOptions | None = None) -> SearchResult:
+            metric_options: MetricOptions | None = None, engine=None) -> SearchResult:
     num_layers = find_layer_stack(peft_model).num_layers
+    engine = engine or _make_engine(generation, None, peft_model, tokenizer, model_options, adapter, out)
+    top = max(adapter_layers(peft_model))
     if (cached := _cached_json(out, "curves.json")) is not None:
         truncation = cached["truncation"]
     elif settings.boundary is not None:
@@ -263,19 +307,23 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
-    def generate_many(boundaries: list[int]) -> dict[int, list[str]]:  # the candidates in one batched pass
-        return _generate_variants_cached(peft_model, tokenizer, task, splits.validation, boundaries, "validation",
-                                         out, generation, progress)
+    def generate_many(boundaries: list[int]) -> dict[int, list[str]]:  # the candidates in one engine call
+        variants = {b: _boundary_variant(b, top) for b in boundaries}
+        texts = _generate_cached(engine, task, splits.validation, list(variants.values()), "validation", out,
+                                 generation, progress)
+        return {b: texts[v.name] for b, v in variants.items()}
 
     def generate_for(b: int) -> list[str]:
-        return _generate_cached(peft_model, tokenizer, task, splits.validation, b, "validation", out,
-                                generation, progress)
+        name = variant_name(b, top)
+        return _generate_cached(engine, task, splits.validation, [_boundary_variant(b, top)], "validation", out,
+                                generation, progress)[name]
 
     validation = Validation(generate_for, [list(e.references) for e in splits.validation],
                             metric_options or MetricOptions(), data_options.seed, generate_many)
     result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), validation)
-    if out is not None:
+    if out is not None and distributed.is_main():
         write_json_atomic(out / "search.json", result.to_dict())
+    distributed.barrier()
     return result
 
 
@@ -305,56 +353,38 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example], boundary: int | None, split: str,
-                     out: Path | None, generation: GenerationOptions, progress, name: str | None = None) -> list[str]:
-    """Generate with LoRA kept on 0..boundary (None: full; -1: adapters off), reusing a finished file.
+def _boundary_variant(boundary: int | None, top: int) -> Variant:
+    return Variant(name=variant_name(boundary, top), boundary=boundary)
 
-    The file is OUT/generations/SPLIT-NAME.jsonl; NAME defaults to the variant's name ("pruned (b=14)", ...).
+
+def _generate_cached(engine, task: Task, examples: list[Example], variants: list[Variant], split: str,
+                     out: Path | None, generation: GenerationOptions, progress) -> dict[str, list[str]]:
+    """Outputs per variant name, reusing finished files; the rest are generated in one engine call.
+
+    The file is OUT/generations/SPLIT-NAME.jsonl (NAME: "pruned (b=14)", ...). Only rank 0 writes it.
     """
-    return _generate_variants_cached(peft_model, tokenizer, task, examples, [boundary], split, out, generation,
-                                     progress, names=[name])[boundary]
-
-
-def _generate_variants_cached(peft_model, tokenizer, task: Task, examples: list[Example],
-                              boundaries: list[int | None], split: str, out: Path | None,
-                              generation: GenerationOptions, progress,
-                              names: list[str | None] | None = None) -> dict[int | None, list[str]]:
-    """_generate_cached for several boundaries: the ones without a finished file are generated in one pass."""
-    top = max(adapter_layers(peft_model))
-    names = [n or variant_name(b, top) for b, n in zip(boundaries, names or [None] * len(boundaries))]
     key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
-    paths = {b: out / "generations" / f"{split}-{_slug(n)}.jsonl" if out is not None else None
-             for b, n in zip(boundaries, names)}
-    texts = {b: cached for b in boundaries if (cached := _read_generations(paths[b], key, len(examples))) is not None}
-    missing: dict[str, int | None] = {}  # one run per name: every b from the top LoRA layer up is "full adapter"
-    for b, n in zip(boundaries, names):
-        if b not in texts and n not in missing:
-            missing[n] = b
-    if missing:
-        prompts = [task.prompt(e) for e in examples]
-        variants = [(n, None if b is None else range(b + 1)) for n, b in missing.items()]
-        label = f"generate {split}: {', '.join(missing)}"
-        results = generate_variants(peft_model, tokenizer, prompts, variants,
-                                    max_new_tokens=generation.max_new_tokens,
-                                    batch_size=generation.generation_batch_size,
-                                    stop_at_newline=generation.stop_at_newline, progress=label if progress else False)
-        for n, b in missing.items():
-            texts[b] = results[n].texts
-            texts.update({other: texts[b] for other, name in zip(boundaries, names) if name == n})
-            if paths[b] is not None:
-                rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
-                        for i, (e, t) in enumerate(zip(examples, texts[b]))]
-                write_text_atomic(paths[b], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return texts
-
-
-def _read_generations(path: Path | None, key: str, count: int) -> list[str] | None:
-    if path is None or not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    if rows and rows[0].get("key") == key and len(rows) == count:
-        return [r["output"] for r in rows]
-    return None
+    outputs, missing = {}, []
+    for variant in {v.name: v for v in variants}.values():
+        path = out / "generations" / f"{split}-{_slug(variant.name)}.jsonl" if out is not None else None
+        if path is not None and path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            if rows and rows[0].get("key") == key and len(rows) == len(examples):
+                outputs[variant.name] = [r["output"] for r in rows]
+                continue
+        missing.append((variant, path))
+    if not missing:
+        return outputs
+    prompts = [task.prompt(e) for e in examples]
+    generated = engine.generate([v for v, _ in missing], prompts, f"generate {split}", progress)
+    for variant, path in missing:
+        texts = outputs[variant.name] = generated[variant.name]
+        if path is not None and distributed.is_main():
+            rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
+                    for i, (e, t) in enumerate(zip(examples, texts))]
+            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    distributed.barrier()
+    return outputs
 
 
 # ---------------------------------------------------------------------------
@@ -376,31 +406,35 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              boundaries: list[int] | None = None, adapters: list[str | Path] | None = None,
              out: str | Path = "run", data_options: DataOptions | None = None,
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
-             bootstrap: int = 1000, overwrite: bool = False, progress: bool = True,
-             metric_options: MetricOptions | None = None) -> dict:
+             vllm: VLLMOptions | None = None, bootstrap: int = 1000, overwrite: bool = False,
+             progress: bool = True, metric_options: MetricOptions | None = None) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
-    out = fresh_output_dir(out, overwrite)
+    generation = generation or GenerationOptions()
+    _check_engine(generation, model_options, [adapter, *(adapters or [])], vllm)
+    out = _fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
-    generation = generation or GenerationOptions()
-    result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                       data_options.seed, progress, metric_options)
-    for extra in adapters or []:
-        other, _ = model_options.load(extra)
-        texts = _generate_cached(other, tokenizer, task, splits.test, None, "test", out, generation, progress,
-                                 name=str(extra))
-        metrics = score(texts, [list(e.references) for e in splits.test], metric_options)
-        result["variants"].append(_variant_row(str(extra), None, metrics, _adapter_params(extra), _adapter_mb(extra)))
-    write_json_atomic(out / "evaluation.json", result)
+    extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
+    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
+    try:
+        result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
+                           data_options.seed, progress, metric_options, engine=engine, extras=extras)
+    finally:
+        engine.close()
+    if distributed.is_main():
+        write_json_atomic(out / "evaluation.json", result)
     return result
 
 
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
-              seed: int, progress, metric_options: MetricOptions | None = None) -> dict:
+              seed: int, progress, metric_options: MetricOptions | None = None, engine=None,
+              extras: list[Variant] = ()) -> dict:
+    """Base, full adapter, LoRA up to each b, and `extras` (exported adapters), all generated in one engine call."""
     require_nonempty(splits.test, "test")
+    engine = engine or _make_engine(generation, None, peft_model, tokenizer, None, None, out)
     num_layers = find_layer_stack(peft_model).num_layers
     for b in boundaries:
         check_boundary(b, num_layers)
@@ -408,12 +442,11 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     top = max(per_layer)  # the adapter's highest LoRA layer: any b from there up is the full adapter
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     references = [list(e.references) for e in splits.test]
-    outputs, variants = {}, []
-    generated = _generate_variants_cached(peft_model, tokenizer, task, splits.test, wanted, "test", out, generation,
-                                          progress)  # every variant in one pass
+    outputs = _generate_cached(engine, task, splits.test, [_boundary_variant(b, top) for b in wanted] + list(extras),
+                               "test", out, generation, progress)
+    variants = []
     for b in wanted:
         name = variant_name(b, top)
-        outputs[name] = generated[b]
         metrics = score(outputs[name], references, metric_options)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
@@ -427,6 +460,10 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
                                         n_resamples=bootstrap, seed=seed, options=metric_options)
                 significance.append({**test, "a": row["name"], "b": FULL,
                                      "sentence": describe_significance(test, row["name"], FULL)})
+    for extra in extras:
+        metrics = score(outputs[extra.name], references)
+        variants.append(_variant_row(extra.name, None, metrics, _adapter_params(extra.adapter),
+                                     _adapter_mb(extra.adapter)))
     examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
                 for i, e in enumerate(splits.test[:5])]
     return {"variants": variants, "significance": significance, "examples": examples, "bleu_signature": signature,
@@ -461,8 +498,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
-        generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True,
-        goal: str | None = None, metric_options: MetricOptions | None = None,
+        generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
+        progress: bool = True, goal: str | None = None, metric_options: MetricOptions | None = None,
         exact_curves: bool = False, earlier_stages: dict[str, float] | None = None) -> dict:
     """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped.
 
@@ -484,6 +521,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)},
              "exact_curves": exact_curves}
     check_not_input(out, inputs)
+    _check_engine(generation, model_options, [adapter], vllm)
     _claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
@@ -491,6 +529,20 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     num_layers = find_layer_stack(peft_model).num_layers
     for given in ([boundary] if boundary is not None else []) + list(boundaries or []):
         check_boundary(given, num_layers)  # before the analysis, not after it
+    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
+    try:
+        return _run_stages(out, adapter, task, splits, peft_model, tokenizer, num_layers, settings, generation,
+                           boundaries, batch_size, bootstrap, data_options, model_options, engine, progress,
+                           metric_options, exact_curves, earlier_stages)
+    finally:
+        engine.close()
+
+
+def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_layers, settings: SearchSettings,
+                generation, boundaries, batch_size, bootstrap, data_options, model_options, engine, progress,
+                metric_options: MetricOptions | None = None, exact_curves: bool = False,
+                earlier_stages: dict[str, float] | None = None) -> dict:
+    """The five stages of `run`, each skipped when its result is already in OUT."""
 
     times = StageTimes(progress, earlier_stages)
     _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
@@ -505,7 +557,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     found = _cached_json(out, "search.json")
     if found is None:
         found = _search(peft_model, tokenizer, task, splits, settings, generation, out, batch_size, data_options,
-                        model_options, adapter, progress, metric_options).to_dict()
+                        model_options, adapter, progress, metric_options, engine=engine).to_dict()
     b = found["boundary"]
 
     times.next("prune")
@@ -521,15 +573,16 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
                                   "(convert it to safetensors to export)")
     else:
         _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
-        if _cached_json(out, "prune.json") is None:
+        if _cached_json(out, "prune.json") is None and distributed.is_main():
             export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True,
                                    layers_path=find_layer_stack(peft_model).layers_path)
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
+        distributed.barrier()
 
     times.next(None)
     _progress_print(progress, "[4/5] evaluate: generation on test")
     times.next("evaluate")
-    compare = {b, knee(curves["truncation"], knee_fraction)} | set(boundaries or [])
+    compare = {b, knee(curves["truncation"], settings.knee_fraction)} | set(boundaries or [])
     if all(c >= top for c in compare):
         # The search kept everything: still show on test what the best smaller candidate would have cost.
         metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
@@ -537,7 +590,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         if below:
             compare.add(max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"])
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
-                           data_options.seed, progress, metric_options)
+                           data_options.seed, progress, metric_options, engine=engine)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
@@ -559,11 +612,13 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         "verdict": verdict(found, evaluation, top),
         "notes": _notes(curves, _cached_json(out, "prune.json")),
     }
-    write_report(out, report)
+    if distributed.is_main():
+        write_report(out, report)
     times.next(None)
     # The report stage's own time is known only once its files are written: report.json gets it after.
     report["stage_seconds"] = times.seconds
-    write_json_atomic(out / "report.json", report)
+    if distributed.is_main():
+        write_json_atomic(out / "report.json", report)
     _progress_print(progress, times.summary())
     return report
 
@@ -578,10 +633,25 @@ def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> 
         if not same and not overwrite:
             why = "holds a run with other settings" if marker.is_file() else "is not empty"
             raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
-        if not same:
+        if not same and distributed.is_main():
             shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, asked)
+    distributed.barrier()  # every rank has judged the folder before rank 0 changes it
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, asked)
+    distributed.barrier()
+
+
+def _fresh_output_dir(out, overwrite: bool) -> Path:
+    """fresh_output_dir on rank 0, after every rank has checked the untouched folder (one process: just that)."""
+    if distributed.world_size() == 1:
+        return fresh_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, "--out")
+    distributed.barrier()
+    if distributed.is_main():
+        fresh_output_dir(out, overwrite)
+    distributed.barrier()
+    return Path(out)
 
 
 def verdict(search: dict, evaluation: dict, top: int) -> str:

@@ -1,0 +1,124 @@
+"""Data parallelism on torch.distributed, for `torchrun --nproc-per-node N lorabound ...` (or accelerate launch).
+
+Every rank runs the same command on the same data. Work items (analysis batches, generation batches) are shared
+out by one fixed rule: item i goes to rank i % world_size. Running sums are added up across ranks in float64,
+outputs are gathered back into item order, and only rank 0 writes files and prints. Without torchrun (no
+WORLD_SIZE in the environment) every helper is a no-op for one process, so the same code serves both.
+
+The process group starts on first use: gloo on CPU, nccl when the model runs on CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Sequence
+
+from .errors import LoraboundError
+
+_TIMEOUT_MINUTES = 30
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on rank 0, the one that writes files and prints (and in a plain single process)."""
+    return rank() == 0
+
+
+def shard(items: Sequence) -> list:
+    """This rank's items: item i goes to rank i % world_size (the same rule on every rank)."""
+    return [item for i, item in enumerate(items) if i % world_size() == rank()]
+
+
+def start(device: str = "cpu") -> None:
+    """Join the ranks (once, before the model loads): nccl when the model runs on CUDA, each rank on its own
+    GPU (LOCAL_RANK), else gloo. A no-op in a single process."""
+    if world_size() == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(minutes=float(os.environ.get("LORABOUND_DIST_TIMEOUT_MIN", _TIMEOUT_MINUTES)))
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+
+
+def _group():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        start()
+    return dist
+
+
+def _collective(what: str, call):
+    """Run one collective; a peer that died turns into a one-line error naming this rank and the fix."""
+    try:
+        return call()
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise LoraboundError(f"rank {rank()} of {world_size()}: {what} failed because another rank stopped "
+                             f"({first}); see torchrun's summary for the failed rank, then rerun the same "
+                             "command to resume") from err
+
+
+def sum_floats(values: list[float]) -> list[float]:
+    """Element-wise sum of `values` over all ranks, in float64 (every rank gets the result)."""
+    if world_size() == 1:
+        return list(values)
+    import torch
+
+    dist = _group()
+    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    _collective("adding up the sums", lambda: dist.all_reduce(tensor))
+    return tensor.cpu().tolist()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    dist = _group()
+    gathered: list[Any] = [None] * world_size()
+    _collective("gathering the outputs", lambda: dist.all_gather_object(gathered, value))
+    return gathered
+
+
+def agree(value: Any, what: str) -> None:
+    """Refuse to go on unless every rank holds the same `value` (same command, same data, same checkpoint)."""
+    values = gather_objects(value)
+    if any(v != values[0] for v in values):
+        differing = [r for r, v in enumerate(values) if v != values[0]]
+        raise LoraboundError(f"ranks {differing} disagree with rank 0 on {what}; launch every rank with the same "
+                             "command, inputs and folder")
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist = _group()
+        _collective("waiting for the other ranks", dist.barrier)
+
+
+def _device():
+    import torch
+    import torch.distributed as dist
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def finish() -> None:
+    """Close the process group (at the end of a command), so torchrun sees a clean exit."""
+    if world_size() > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()

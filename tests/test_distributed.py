@@ -1,0 +1,150 @@
+"""Data parallelism: `torchrun --nproc-per-node 2` (gloo on CPU) gives the single process's results."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lorabound
+from lorabound import distributed
+from lorabound.cli import main
+
+from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny model folder, a JSONL task and a random LoRA adapter on all its layers."""
+    root = tmp_path_factory.mktemp("dist")
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    tiny_lora(tiny_llama()).save_pretrained(root / "adapter")
+    rows = [{"input": f"name: Place {i}, area: riverside", "target": f"Place {i} is by the riverside."}
+            for i in range(40)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(root / "base"), "--adapter", str(root / "adapter"), "--data", str(root / "data.jsonl"),
+              "--validation-size", "7", "--test-size", "10", "--max-length", "64"]
+    return root, common
+
+
+def _torchrun(args: list[str], nproc: int = 2, script: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lorabound.__file__).parents[1]), str(TESTS),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    target = [str(script)] if script else ["-m", "lorabound.cli"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), *target, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def _assert_close(a, b, path="") -> None:
+    """Equal structure; floats equal to 1e-9 relative (the float64 sums are added in another order)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-9, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def test_helpers_in_one_process():
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    assert distributed.shard(list("abcde")) == list("abcde")
+    assert distributed.sum_floats([1.5, 2.0]) == [1.5, 2.0]
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+
+
+def test_shard_rule_deals_items_round_robin(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.shard(list(range(8))) == [1, 4, 7]
+    assert not distributed.is_main()
+
+
+def test_two_ranks_run_gives_single_process_results(workspace):
+    root, common = workspace
+    flags = ["--batch-size", "2", "--max-new-tokens", "8", "--generation-batch-size", "3", "--bootstrap", "100",
+             "--boundaries", "1"]
+    assert main(["--quiet", "run", *common, *flags, "--out", str(root / "single")]) == 0
+    done = _torchrun(["--quiet", "run", *common, *flags, "--out", str(root / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, two = root / "single", root / "two"
+    # 7 validation examples in batches of 2: 4 batches, the last round has one batch for two ranks.
+    _assert_close(json.loads((single / "curves.json").read_text()), json.loads((two / "curves.json").read_text()))
+    _assert_close(json.loads((single / "search.json").read_text()), json.loads((two / "search.json").read_text()))
+    files = sorted(p.name for p in (single / "generations").iterdir())
+    assert files == sorted(p.name for p in (two / "generations").iterdir()) and len(files) >= 3
+    for name in files:
+        assert (single / "generations" / name).read_bytes() == (two / "generations" / name).read_bytes(), name
+    first, second = (json.loads((d / "report.json").read_text()) for d in (single, two))
+    for key in ("variants", "significance", "verdict"):
+        _assert_close(first[key], second[key])
+    assert "error" not in done.stderr
+
+
+def test_more_ranks_than_batches_is_handled(workspace):
+    root, common = workspace
+    flags = ["--curves", "truncation", "--batch-size", "8"]  # 7 validation examples: one batch for three ranks
+    assert main(["--quiet", "analyze", *common, *flags, "--out", str(root / "a1")]) == 0
+    done = _torchrun(["--quiet", "analyze", *common, *flags, "--out", str(root / "a3")], nproc=3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_close(json.loads((root / "a1" / "curves.json").read_text()),
+                  json.loads((root / "a3" / "curves.json").read_text()))
+
+
+DYING_RANK = """
+import atexit, os, sys
+from lorabound import analysis
+from lorabound.cli import main
+
+real = analysis.score_batch
+calls = [0]
+die_at = int(os.environ.get("DIE_AT", "0"))
+
+def score_batch(*args, **kwargs):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == die_at:
+        os._exit(7)  # rank 1 dies in the middle of the analysis
+    return real(*args, **kwargs)
+
+analysis.score_batch = score_batch
+atexit.register(lambda: print(f"rank {os.environ['RANK']} scored {calls[0]} batches", file=sys.stderr))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dying_rank_stops_the_others_and_a_rerun_resumes(workspace, tmp_path, monkeypatch):
+    root, common = workspace
+    flags = ["--batch-size", "1", "--criterion", "knee", "--max-new-tokens", "4", "--bootstrap", "50"]
+    assert main(["--quiet", "run", *common, *flags, "--out", str(tmp_path / "single")]) == 0
+    script = tmp_path / "dying.py"
+    script.write_text(DYING_RANK)
+    out = tmp_path / "two"
+    monkeypatch.setenv("DIE_AT", "3")  # 7 batches of one: rank 1 dies in the third round
+    died = _torchrun(["--quiet", "run", *common, *flags, "--out", str(out)], script=script)
+    assert died.returncode != 0
+    # torchrun's summary names the rank that died and its exit code
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: 7", died.stderr), died.stderr[-3000:]
+    assert not (out / "curves.json").exists()
+    assert json.loads((out / "analysis.partial.json").read_text())["batches_done"] == 4  # two whole rounds
+
+    monkeypatch.setenv("DIE_AT", "0")
+    resumed = _torchrun(["--quiet", "run", *common, *flags, "--out", str(out)], script=script)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Only the three batches left were scored: two on rank 0, one on rank 1.
+    assert "rank 0 scored 2 batches" in resumed.stderr and "rank 1 scored 1 batches" in resumed.stderr
+    _assert_close(json.loads((tmp_path / "single" / "curves.json").read_text()),
+                  json.loads((out / "curves.json").read_text()))
+    for name in ("test-full-adapter.jsonl", "test-base-model.jsonl"):
+        assert (tmp_path / "single" / "generations" / name).read_bytes() == (out / "generations" / name).read_bytes()
