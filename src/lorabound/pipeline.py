@@ -14,9 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,14 +29,16 @@ from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, i
 from .errors import LoraboundError
 from .evaluate import describe_significance, paired_bootstrap, score
 from .generation import generate
-from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
-                    write_json_atomic, write_text_atomic)
-from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
+from .files import (MARKER, check_folder_path, check_not_input, check_output_dir, check_replaceable, empty_folder,
+                    existing_path, folder_contents, fresh_output_dir, holds_folder_locks, input_identity,
+                    lock_folder, mark_finished, read_json, write_json_atomic, write_marker, write_text_atomic)
+from .model import DEFAULT_MODEL, adapter_weights_file, find_layer_stack, load_adapter, load_model, read_adapter_config
 from .report import format_table, plot_curves, write_report
 from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, keep_lora,
                       lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
+from .validation import check_arguments
 
 
 # ---------------------------------------------------------------------------
@@ -56,13 +57,12 @@ class DataOptions:
     seed: int = field(default=0, metadata={"help": "seed for the split (and everything else)"})
     max_length: int = field(default=256, metadata={"help": "max tokens of prompt + target"})
 
+    def __post_init__(self):
+        _check_fields(self)
+
     def load(self) -> tuple[Task, Splits]:
         task = load_task(self.data, input_field=self.input_field, target_field=self.target_field,
                          template=self.template)
-        for name, size in (("validation", self.validation_size), ("test", self.test_size),
-                           ("train", self.train_size or 0)):
-            if size < 0:
-                raise LoraboundError(f"--{name}-size {size} is negative; pass 0 or more")
         train = self.train_size
         if train is None:
             train = max(0, len(task.examples) - self.validation_size - self.test_size)
@@ -78,6 +78,9 @@ class ModelOptions:
     trust_remote_code: bool = field(default=False, metadata={"help": "run the model repository's own code"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow a pickled adapter_model.bin (weights_only)"})
 
+    def __post_init__(self):
+        _check_fields(self)
+
     def load(self, adapter: str | Path | None = None):
         model, tokenizer = load_model(self.model, dtype=self.dtype, device=self.device,
                                       trust_remote_code=self.trust_remote_code)
@@ -85,6 +88,18 @@ class ModelOptions:
             model = load_adapter(model, adapter, allow_pickle=self.allow_pickle, model_name=self.model)
         model.eval()
         return model, tokenizer
+
+
+def _check_fields(options) -> None:
+    """Every field of an options dataclass against its rule in validation.py."""
+    check_arguments(**{f.name: getattr(options, f.name) for f in fields(options)})
+
+
+def _check_adapters(*folders, allow_pickle: bool = False) -> None:
+    """Each adapter folder has a readable config and weights: refused before any model is loaded."""
+    for folder in folders:
+        read_adapter_config(folder)
+        adapter_weights_file(folder, allow_pickle=allow_pickle)
 
 
 def _load(model: str, adapter, data: str, data_options: DataOptions | None, model_options: ModelOptions | None,
@@ -121,6 +136,7 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
           settings: TrainSettings | None = None, data_options: DataOptions | None = None,
           model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Fine-tune LoRA on all layers of `model` on the training split of `data`; save a PEFT adapter to `out`."""
+    check_arguments(out=out)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(None, data_options, model_options))
@@ -128,8 +144,21 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
     task, splits = data_options.load()
     base, tokenizer = model_options.load()
     settings = settings or TrainSettings(max_length=data_options.max_length, seed=data_options.seed)
+    _check_target_modules(base, settings.target_modules)
     return train_adapter(base, tokenizer, task, splits, out, settings, model_spec=model_options.model,
                          overwrite=overwrite, progress=progress)
+
+
+def _check_target_modules(model, target_modules) -> None:
+    """Each named target module exists in the model (PEFT would fail with a traceback)."""
+    if isinstance(target_modules, str):
+        return  # all-linear, or a regex PEFT matches itself
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise LoraboundError(f"--target-modules {' '.join(missing)}: no such module in the model; "
+                             f"pick from {' '.join(linear)}, or pass all-linear")
 
 
 def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
@@ -157,16 +186,20 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
             curves: tuple[str, ...] = CURVES, batch_size: int = 8, data_options: DataOptions | None = None,
             model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Teacher-forced curves on the validation split into OUT/curves.json and PNG plots."""
+    check_arguments(out=out, adapter=adapter, curves=list(curves), batch_size=batch_size)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options))
-    out = fresh_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, "--out")
+    _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
+    out = fresh_output_dir(out, overwrite)
     result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
                       model_options, adapter, progress)
     # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
     plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
+    mark_finished(out)
     return result
 
 
@@ -200,6 +233,9 @@ class GenerationOptions:
     generation_batch_size: int = field(default=16, metadata={"help": "examples per generation batch"})
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
 
+    def __post_init__(self):
+        _check_fields(self)
+
 
 def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
            criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
@@ -207,17 +243,24 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
            generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> SearchResult:
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
+    check_arguments(adapter=adapter, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
+                    candidates=candidates, batch_size=batch_size, **({} if out is None else {"out": out}))
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
                               knee_fraction=knee_fraction, candidates=candidates)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     if out is not None:
         check_not_input(out, _inputs(adapter, data_options, model_options))
-    folder = fresh_output_dir(out, overwrite) if out is not None else None
+        check_output_dir(out, overwrite, "--out")
+    _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
-    return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
-                   folder, batch_size, data_options, model_options, adapter, progress)
+    folder = fresh_output_dir(out, overwrite) if out is not None else None
+    result = _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
+                     folder, batch_size, data_options, model_options, adapter, progress)
+    if folder is not None:
+        mark_finished(folder)
+    return result
 
 
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
@@ -245,7 +288,7 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
 
 def _cached_json(folder: Path | None, name: str) -> dict | None:
     if folder is not None and (folder / name).is_file():
-        return json.loads((folder / name).read_text())
+        return read_json(folder / name, "delete it and rerun the same command to compute that stage again")
     return None
 
 
@@ -313,6 +356,8 @@ def _run_generate(model, tokenizer, prompts, generation: GenerationOptions, labe
 def prune(adapter: str | Path, boundary: int, out: str | Path, *, format: str = "peft", model: str | None = None,
           overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
     """Export a new adapter with LoRA on layers 0..boundary (the input folder is never written to)."""
+    check_arguments(adapter=adapter, boundary=boundary, out=out, format=format,
+                    **({} if model is None else {"model": model}))
     return prune_adapter(adapter, boundary, out, format=format, model_spec=model, overwrite=overwrite,
                          dtype=dtype, trust_remote_code=trust_remote_code)
 
@@ -327,12 +372,16 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
              bootstrap: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
+    check_arguments(adapter=adapter, boundaries=boundaries or [], adapters=adapters or [], out=out,
+                    bootstrap=bootstrap)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
-    out = fresh_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, "--out")
+    _check_adapters(adapter, *(adapters or []), allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
+    out = fresh_output_dir(out, overwrite)
     generation = generation or GenerationOptions()
     result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
                        data_options.seed, progress)
@@ -343,6 +392,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
         metrics = score(texts, [list(e.references) for e in splits.test])
         result["variants"].append(_variant_row(str(extra), None, metrics, _adapter_params(extra), _adapter_mb(extra)))
     write_json_atomic(out / "evaluation.json", result)
+    mark_finished(out)
     return result
 
 
@@ -404,12 +454,15 @@ def _adapter_mb(folder) -> float:
 # run: every stage into one folder, resumable
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # the run folder's lock, taken in _claim_folder
 def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", out: str | Path = "run", *,
         criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
         generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped."""
+    check_arguments(adapter=adapter, out=out, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
+                    boundaries=boundaries or [], batch_size=batch_size, bootstrap=bootstrap)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     generation = generation or GenerationOptions()
@@ -422,6 +475,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)}}
     check_not_input(out, inputs)
+    _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     _claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
@@ -490,18 +544,24 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
 
 
 def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
-    """Resume a run (or demo) folder of the same settings; refuse one of other settings unless --overwrite."""
+    """Lock a run (or demo) folder; resume one of the same settings, refuse one of other settings unless --overwrite.
+
+    The lock is held until the calling @holds_folder_locks command returns: a second process is refused.
+    """
     marker = out / marker_name
-    check_output_dir(out, overwrite=True)  # a file there is refused; contents are judged below
-    # A folder holding only its marker stopped on a bad input before any work: start it afresh.
-    if out.is_dir() and any(p.name != marker.name for p in out.iterdir()):
-        same = marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(asked))
+    check_folder_path(out, "--out")
+    lock_folder(out)
+    # A folder holding only its settings stopped on a bad input before any work: start it afresh.
+    if any(p.name not in (marker.name, MARKER) for p in folder_contents(out)):
+        same = marker.is_file() and read_json(marker, "rerun with --overwrite to start afresh") == \
+            json.loads(json.dumps(asked))
         if not same and not overwrite:
             why = "holds a run with other settings" if marker.is_file() else "is not empty"
             raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
         if not same:
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+            check_replaceable(out, "--out")
+            empty_folder(out)
+    write_marker(out, finished=True)  # a run folder is resumed, never cleared unasked
     write_json_atomic(marker, asked)
 
 
@@ -543,26 +603,30 @@ def _notes(curves: dict, export: dict | None) -> list[str]:
 # demo
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # the demo folder's lock, taken in _claim_folder
 def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation_size: int = 40,
          test_size: int = 100, epochs: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
          overwrite: bool = False, progress: bool = True) -> dict:
     """Fine-tune SmolLM2-135M with LoRA on E2E, then the whole `run`, into OUT (resumable)."""
-    out = Path(out)
+    check_arguments(out=out)
     data_options = DataOptions(data="e2e", train_size=train_size, validation_size=validation_size,
                                test_size=test_size, seed=seed)
+    generation = GenerationOptions(max_new_tokens=max_new_tokens)
+    settings = TrainSettings(epochs=epochs, seed=seed)  # every argument checked before the training
+    out = Path(out)
     adapter = out / "adapter"
     _claim_folder(out, "demo.json", {"train_size": train_size, "validation_size": validation_size,
                                      "test_size": test_size, "epochs": epochs, "seed": seed,
                                      "max_new_tokens": max_new_tokens}, overwrite)
     if not (adapter / ADAPTER_WEIGHTS).is_file():
         _progress_print(progress, "[0/5] train: LoRA on every layer of SmolLM2-135M, E2E")
-        result = train(DEFAULT_MODEL, "e2e", adapter, settings=TrainSettings(epochs=epochs, seed=seed),
+        result = train(DEFAULT_MODEL, "e2e", adapter, settings=settings,
                        data_options=data_options, progress=progress)
         if progress and result.validation_loss_after is not None:
             print(f"trained {result.steps} steps in {result.seconds:.0f} s; validation loss "
                   f"{result.validation_loss_before:.3f} -> {result.validation_loss_after:.3f}")
     report = run(DEFAULT_MODEL, adapter, "e2e", out / "run", data_options=data_options,
-                 generation=GenerationOptions(max_new_tokens=max_new_tokens), overwrite=overwrite, progress=progress)
+                 generation=generation, overwrite=overwrite, progress=progress)
     if progress:
         print()
         print(format_table(report))
