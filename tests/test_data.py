@@ -216,7 +216,7 @@ def test_error_empty_reference_list(tmp_path):
 def test_error_empty_reference_string(tmp_path):
     path = write_csv(tmp_path / "d.csv", ["input", "target"], [["a", "x"], ["b", "   "]])
     msg = error_of(load_task, str(path))
-    assert "data row 2" in msg and "empty reference" in msg
+    assert "d.csv line 3" in msg and "empty reference" in msg
 
 
 def test_error_empty_reference_inside_list(tmp_path):
