@@ -346,12 +346,12 @@ def test_damaged_adapter_files_give_one_line_errors(capsys, tmp_path, world):
 # ---------------------------------------------------------------------------
 
 def test_boundary_outside_the_model_is_refused(capsys, tmp_path, world):
-    for b in (4, -2):
-        line = refused(capsys, "prune", "--adapter", world.adapter, "--model", world.base, "--boundary", b,
-                       "--out", tmp_path / "p")
-        assert f"boundary {b} is outside -1..3 for this 4-layer model" in line and "pass --boundary" in line
-    line = refused(capsys, "prune", "--adapter", world.adapter, "--boundary", -2, "--out", tmp_path / "p")
-    assert "below -1" in line
+    line = refused(capsys, "prune", "--adapter", world.adapter, "--model", world.base, "--boundary", 4,
+                   "--out", tmp_path / "p")
+    assert "boundary 4 is outside -1..3 for this 4-layer model" in line and "pass --boundary" in line
+    for model in ([], ["--model", world.base]):  # below -1 is refused before the model is read
+        line = refused(capsys, "prune", "--adapter", world.adapter, *model, "--boundary", -2, "--out", tmp_path / "p")
+        assert "--boundary -2 is out of range; pass a whole number at least -1" in line
     assert not (tmp_path / "p").exists()
 
     line = refused(capsys, "search", "--adapter", world.adapter, *world.small, "--boundary", 9)
@@ -365,7 +365,8 @@ def test_boundary_outside_the_model_is_refused(capsys, tmp_path, world):
         run_dir = tmp_path / f"run{flag}"
         line = refused(capsys, "run", "--adapter", world.adapter, *world.small, flag, 9, "--out", run_dir)
         assert "boundary 9 is outside -1..3" in line
-        assert [p.name for p in run_dir.iterdir()] == ["run.json"]  # refused before any analysis
+        # refused before any analysis: only the settings, the marker and the lock
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lorabound", ".lorabound.lock", "run.json"]
 
 
 @pytest.mark.parametrize("command,flag,split", [
@@ -569,12 +570,17 @@ def test_non_empty_output_folder_needs_overwrite(capsys, tmp_path, world, name):
     (out / "mine.txt").write_text("precious")
     line = refused(capsys, *command(world, name, out))
     assert str(out) in line and "not empty" in line and "--overwrite" in line
+    # --overwrite replaces only a folder lorabound wrote: the user's own folder stays as it was
+    line = refused(capsys, *command(world, name, out), "--overwrite")
+    assert str(out) in line and "was not written by lorabound" in line
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "precious"
     if name == "demo":
         return  # demo trains the real model; its refusal is what is tested here
-    code, _, err = cli(capsys, *command(world, name, out), "--overwrite")
-    assert code == 0, err
-    assert (out / PRODUCT[name]).is_file()
+    own = tmp_path / "own"
+    for extra in ([], ["--overwrite"]):
+        code, _, err = cli(capsys, *command(world, name, own), *extra)
+        assert code == 0, err
+        assert (own / PRODUCT[name]).is_file() and (own / ".lorabound").is_file()
 
 
 def test_input_adapter_is_never_written(capsys, tmp_path, world, run_a):
@@ -706,6 +712,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_run_killed_during_the_sweep_resumes_with_identical_numbers(tmp_path, world, run_a, monkeypatch):
+    """Also: while the first process runs, a second `run` into its folder is refused (the folder lock);
+    after the kill the kernel has dropped that lock, so the rerun needs no clean-up."""
     out = tmp_path / "run-killed"
     script = tmp_path / "slow_sweep.py"
     script.write_text(SLOW_SWEEP)
@@ -721,9 +729,17 @@ def test_run_killed_during_the_sweep_resumes_with_identical_numbers(tmp_path, wo
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(two_batches_done, process)
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        second = subprocess.run([sys.executable, "-m", "lorabound.cli", "--quiet", *map(str, run_args(world, out))],
+                                capture_output=True, text=True, timeout=300)
+        assert process.poll() is None  # the first one was still running throughout
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert second.stderr.splitlines() == [f"error: --out {out} is in use by another lorabound process "
+                                          f"(pid {process.pid}); wait for it to finish, or pass another folder"]
+    assert before["run.json"] == (out / "run.json").read_bytes()  # the second process wrote nothing
     assert not (out / "curves.json").exists()
     done = json.loads(partial.read_text())["batches_done"]
 

@@ -78,6 +78,20 @@ def read_json(path: str | Path, fix: str) -> Any:
         raise LoraboundError(f"{path} is damaged and cannot be parsed ({e}); {fix}") from None
 
 
+def read_jsonl(path: str | Path, fix: str) -> list:
+    """Parse a JSONL file lorabound wrote earlier (one value a line); a damaged one is refused naming the line."""
+    rows = []
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may be inside a string
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise LoraboundError(f"{path} line {number} is damaged and cannot be parsed ({e}); {fix}") from None
+    return rows
+
+
 # ---------------------------------------------------------------------------
 # Output folders: the marker, --overwrite, writability and the lock
 # ---------------------------------------------------------------------------
@@ -209,8 +223,22 @@ def fresh_output_dir(path: str | Path, overwrite: bool, what: str = "--out") -> 
     return path
 
 
-def mark_finished(folder: str | Path) -> None:
-    write_marker(folder, finished=True)
+@contextlib.contextmanager
+def output_folder(path: str | Path, overwrite: bool, what: str = "--out") -> Iterator[Path]:
+    """fresh_output_dir for the body, marked finished when the body completes.
+
+    If the body refuses its input (LoraboundError), a folder this call created is removed again, so a refusal
+    leaves nothing; after a crash the folder stays marked unfinished and the rerun starts it afresh.
+    """
+    created = not os.path.lexists(path)
+    path = fresh_output_dir(path, overwrite, what)
+    try:
+        yield path
+    except LoraboundError:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    write_marker(path, finished=True)
 
 
 def empty_folder(path: Path) -> None:

@@ -11,6 +11,7 @@ RUN_DIR layout:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -30,8 +31,9 @@ from .errors import LoraboundError
 from .evaluate import describe_significance, paired_bootstrap, score
 from .generation import generate
 from .files import (MARKER, check_folder_path, check_not_input, check_output_dir, check_replaceable, empty_folder,
-                    existing_path, folder_contents, fresh_output_dir, holds_folder_locks, input_identity,
-                    lock_folder, mark_finished, read_json, write_json_atomic, write_marker, write_text_atomic)
+                    existing_path, folder_contents, holds_folder_locks, input_identity,
+                    lock_folder, output_folder, read_json, read_jsonl, write_json_atomic, write_marker,
+                    write_text_atomic)
 from .model import DEFAULT_MODEL, adapter_weights_file, find_layer_stack, load_adapter, load_model, read_adapter_config
 from .report import format_table, plot_curves, write_report
 from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, keep_lora,
@@ -194,12 +196,11 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
-    out = fresh_output_dir(out, overwrite)
-    result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
-                      model_options, adapter, progress)
-    # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
-    plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
-    mark_finished(out)
+    with output_folder(out, overwrite) as out:
+        result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
+                          model_options, adapter, progress)
+        # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
+        plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
     return result
 
 
@@ -255,12 +256,9 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
-    folder = fresh_output_dir(out, overwrite) if out is not None else None
-    result = _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
-                     folder, batch_size, data_options, model_options, adapter, progress)
-    if folder is not None:
-        mark_finished(folder)
-    return result
+    with output_folder(out, overwrite) if out is not None else contextlib.nullcontext() as folder:
+        return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
+                       folder, batch_size, data_options, model_options, adapter, progress)
 
 
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
@@ -323,7 +321,7 @@ def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example],
     path = out / "generations" / f"{split}-{_slug(name)}.jsonl" if out is not None else None
     key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
     if path is not None and path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = read_jsonl(path, "delete it and rerun the same command to generate it again")
         if rows and rows[0].get("key") == key and len(rows) == len(examples):
             return [r["output"] for r in rows]
     prompts = [task.prompt(e) for e in examples]
@@ -381,18 +379,18 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     _check_adapters(adapter, *(adapters or []), allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
-    out = fresh_output_dir(out, overwrite)
     generation = generation or GenerationOptions()
-    result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                       data_options.seed, progress)
-    for extra in adapters or []:
-        other, _ = model_options.load(extra)
-        texts = _generate_cached(other, tokenizer, task, splits.test, None, "test", out, generation, progress,
-                                 name=str(extra))
-        metrics = score(texts, [list(e.references) for e in splits.test])
-        result["variants"].append(_variant_row(str(extra), None, metrics, _adapter_params(extra), _adapter_mb(extra)))
-    write_json_atomic(out / "evaluation.json", result)
-    mark_finished(out)
+    with output_folder(out, overwrite) as out:
+        result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
+                           data_options.seed, progress)
+        for extra in adapters or []:
+            other, _ = model_options.load(extra)
+            texts = _generate_cached(other, tokenizer, task, splits.test, None, "test", out, generation, progress,
+                                     name=str(extra))
+            metrics = score(texts, [list(e.references) for e in splits.test])
+            result["variants"].append(_variant_row(str(extra), None, metrics, _adapter_params(extra),
+                                                   _adapter_mb(extra)))
+        write_json_atomic(out / "evaluation.json", result)
     return result
 
 
@@ -548,21 +546,29 @@ def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> 
 
     The lock is held until the calling @holds_folder_locks command returns: a second process is refused.
     """
-    marker = out / marker_name
     check_folder_path(out, "--out")
+    _folder_verdict(out, marker_name, asked, overwrite)  # refusals before the lock file is made
     lock_folder(out)
-    # A folder holding only its settings stopped on a bad input before any work: start it afresh.
-    if any(p.name not in (marker.name, MARKER) for p in folder_contents(out)):
-        same = marker.is_file() and read_json(marker, "rerun with --overwrite to start afresh") == \
-            json.loads(json.dumps(asked))
-        if not same and not overwrite:
-            why = "holds a run with other settings" if marker.is_file() else "is not empty"
-            raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
-        if not same:
-            check_replaceable(out, "--out")
-            empty_folder(out)
+    if _folder_verdict(out, marker_name, asked, overwrite) == "replace":  # again, now that no one else writes
+        empty_folder(out)
     write_marker(out, finished=True)  # a run folder is resumed, never cleared unasked
-    write_json_atomic(marker, asked)
+    write_json_atomic(out / marker_name, asked)
+
+
+def _folder_verdict(out: Path, marker_name: str, asked: dict, overwrite: bool) -> str:
+    """"new", "resume" or "replace" (--overwrite); refuses a folder of other settings or contents otherwise."""
+    marker = out / marker_name
+    # A folder holding only its settings stopped on a bad input before any work: start it afresh.
+    if not any(p.name not in (marker.name, MARKER) for p in folder_contents(out)):
+        return "new"
+    settings = read_json(marker, "rerun with --overwrite to start afresh") if marker.is_file() else None
+    if settings == json.loads(json.dumps(asked)):
+        return "resume"
+    if not overwrite:
+        why = "holds a run with other settings" if marker.is_file() else "is not empty"
+        raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
+    check_replaceable(out, "--out")
+    return "replace"
 
 
 def verdict(search: dict, evaluation: dict, top: int) -> str:

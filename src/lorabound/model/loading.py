@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import LoraboundError
 from ..files import cache_dir
@@ -77,7 +78,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
                                                      **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ConnectionError, TimeoutError) as err:
+    except (OSError, ConnectionError, TimeoutError, SafetensorError) as err:  # SafetensorError: a truncated file
         if is_hub:
             raise LoraboundError(
                 f"could not load model '{spec}' from the Hugging Face Hub (no network?) [{_first_line(err)}]: "
