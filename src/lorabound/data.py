@@ -119,7 +119,7 @@ def resolve_template(template: str | None, default: str) -> str:
     path = Path(template)
     if _is_file(path):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8")  # not read_text: a lone "\r" must stay "\r"
         except (OSError, UnicodeDecodeError) as e:
             raise LoraboundError(f"cannot read template file {path} ({e}); "
                                  f"pass a readable UTF-8 text file") from None
