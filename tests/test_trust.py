@@ -8,6 +8,7 @@ models saved as model folders, with a tiny JSONL task; the kill tests run real s
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -632,6 +633,111 @@ def test_output_folder_holding_the_data_or_the_model_is_refused_even_with_overwr
     line = refused(capsys, "analyze", *world.small, "--model", model_copy, "--adapter", world.adapter,
                    "--out", model_copy, "--overwrite")
     assert f"inside the input {model_copy}" in line
+
+
+def test_overwrite_replaces_only_what_lorabound_wrote(capsys, tmp_path, world, monkeypatch):
+    """--overwrite: never the working folder (even one lorabound wrote), a link, or a folder without the marker."""
+    work = tmp_path / "work"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, *command(world, "analyze", work))  # a folder lorabound wrote...
+    assert code == 0, err
+    monkeypatch.chdir(work)  # ...that is now the working folder
+    before = folder_hashes(work)
+    line = refused(capsys, *command(world, "analyze", Path(".")), "--overwrite")
+    assert "is the working folder or holds it; --overwrite never empties it" in line
+    line = refused(capsys, *command(world, "run", Path("..")), "--overwrite")
+    assert "is the working folder or holds it" in line
+    assert folder_hashes(work) == before
+    (tmp_path / "link").symlink_to(work)
+    line = refused(capsys, *command(world, "evaluate", tmp_path / "link"), "--overwrite")
+    assert "is a symbolic link to" in line and "pass the folder it points to" in line
+    assert folder_hashes(work) == before
+
+
+def test_refused_or_crashed_command_does_not_block_its_rerun(capsys, tmp_path, world, monkeypatch):
+    out = tmp_path / "eval"
+    line = refused(capsys, *command(world, "evaluate", out), "--bootstrap", 0)  # refused before any generation
+    assert "--bootstrap 0 is out of range" in line and not out.exists()
+    line = refused(capsys, *command(world, "evaluate", out), "--adapters", tmp_path / "missing")
+    assert "does not exist" in line and not out.exists()
+
+    import lorabound.pipeline as pipeline
+
+    real = pipeline.score
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "score", crash_on_second)
+    with pytest.raises(RuntimeError):
+        main(["--quiet", *map(str, command(world, "evaluate", out))])
+    capsys.readouterr()
+    assert json.loads((out / ".lorabound").read_text())["finished"] is False
+    monkeypatch.setattr(pipeline, "score", real)
+    code, _, err = cli(capsys, *command(world, "evaluate", out))  # the same command, no --overwrite needed
+    assert code == 0, err
+    assert json.loads((out / ".lorabound").read_text())["finished"] is True
+    line = refused(capsys, *command(world, "evaluate", out))  # a finished folder is kept
+    assert "not empty" in line
+
+
+def test_unwritable_places_are_refused_before_the_work(capsys, tmp_path, world, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    trained = []
+    monkeypatch.setattr("lorabound.pipeline.train_adapter", lambda *a, **k: trained.append(1))
+    for out, words in ((tmp_path / "file" / "adapter", "lies inside the file"),
+                       ("/proc/lorabound-adapter", "cannot be written"),
+                       (tmp_path / "file", "is a file, not a folder")):
+        line = refused(capsys, *command(world, "train", out))
+        assert f"--out {out} " in line and words in line
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        if not os.access(readonly, os.W_OK):  # root may write anywhere
+            assert "cannot be written" in refused(capsys, *command(world, "train", readonly / "adapter"))
+    finally:
+        readonly.chmod(0o700)
+    assert trained == []
+    monkeypatch.setenv("LORABOUND_CACHE", "/proc/lorabound-cache")
+    line = refused(capsys, "analyze", "--model", world.base, "--adapter", world.adapter, "--data", "e2e",
+                   "--out", tmp_path / "a")
+    assert "cannot create the cache folder /proc/lorabound-cache" in line and "set LORABOUND_CACHE" in line
+
+
+def test_a_full_disk_during_the_work_is_one_line(capsys, tmp_path, world, monkeypatch):
+    import errno
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("lorabound.files.write_bytes_atomic", full)
+    line = refused(capsys, *command(world, "analyze", tmp_path / "a"))
+    assert line.startswith("error: No space left on device (") and "free some space" in line
+
+
+def test_damaged_files_in_a_run_folder_are_named_on_resume(capsys, tmp_path, world, run_a):
+    for name, words in (("curves.json", "curves.json is damaged"), ("run.json", "run.json is damaged"),
+                        ("generations/test-full-adapter.jsonl", "test-full-adapter.jsonl line 1 is damaged")):
+        out = tmp_path / name.replace("/", "-")
+        shutil.copytree(run_a.out, out)
+        (out / name).write_text('{"truncated": ')
+        line = refused(capsys, *run_args(world, out))
+        assert words in line and ("delete it" in line or "--overwrite" in line), line
+
+
+def test_truncated_model_weights_are_one_line(capsys, tmp_path, world):
+    model = tmp_path / "model"
+    shutil.copytree(world.base, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4000])
+    line = refused(capsys, *command(world, "analyze", tmp_path / "a"), "--model", model)
+    assert f"could not load the model in {model}" in line
+    assert not (tmp_path / "a").exists()
 
 
 SLOW_EXPORT = """
