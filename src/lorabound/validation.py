@@ -96,7 +96,7 @@ def check_arguments(**values) -> None:
     """Refuse the first value outside its rule. Names without a rule (booleans, other modules' options) pass."""
     for name, value in values.items():
         rule = RULES.get(name)
-        if rule is None:
+        if rule is None or (name in LISTS and value is None):  # no rule, or no list given
             continue
         items = value if name in LISTS and isinstance(value, (list, tuple)) else [value]
         for item in items:
