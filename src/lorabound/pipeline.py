@@ -356,6 +356,7 @@ def prune(adapter: str | Path, boundary: int, out: str | Path, *, format: str = 
     """Export a new adapter with LoRA on layers 0..boundary (the input folder is never written to)."""
     check_arguments(adapter=adapter, boundary=boundary, out=out, format=format,
                     **({} if model is None else {"model": model}))
+    _check_adapters(adapter)
     return prune_adapter(adapter, boundary, out, format=format, model_spec=model, overwrite=overwrite,
                          dtype=dtype, trust_remote_code=trust_remote_code)
 
