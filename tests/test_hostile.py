@@ -45,7 +45,7 @@ NUMERIC = {
     "--batch-size": ({"train", "analyze", "search", "run"}, ["0", "-3"]),
     "--generation-batch-size": ({"search", "evaluate", "run"}, ["0"]),
     "--max-new-tokens": ({"search", "evaluate", "run", "demo"}, ["0", "-1"]),
-    "--bootstrap": ({"evaluate", "run"}, ["0", "-10", str(10**9)]),
+    "--bootstrap": ({"search", "evaluate", "run"}, ["0", "-10", str(10**9)]),
     "--tolerance": ({"search", "run"}, ["nan", "inf", "-1"]),
     "--knee-fraction": ({"search", "run"}, ["0", "1.5", "nan", "-inf"]),
     "--boundary": ({"search", "run", "prune"}, ["-2", "x"]),
