@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from lorabound import data
 from lorabound.data import (BUILTIN_TASKS, Encoded, Example, Task, batches, encode_pairs,
@@ -73,6 +75,83 @@ def error_of(fn, *args, **kwargs) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # user files
+
+
+# Property-based: whatever rows are written, the reader gives back exactly those rows (inputs as written,
+# references stripped, rows of one input grouped) or refuses the file naming the line at fault.
+
+CELL = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)  # Cs: no lone surrogates
+SPECIAL = st.sampled_from(["", " ", "\x00", "\ufeff", "\r", "\n", "\r\n", ",", '"', "[", "\u2028", "\x85", "{}"])
+TEXT = st.lists(st.one_of(CELL, SPECIAL), max_size=4).map("".join)
+
+
+def expected_examples(rows):
+    """The examples `rows` (input, target) stand for, worked out here from the documented rules."""
+    grouped = {}
+    for text, target in rows:
+        refs = grouped.setdefault(text, [])
+        if target.strip() not in refs:
+            refs.append(target.strip())
+    return [Example(text, tuple(refs)) for text, refs in grouped.items()]
+
+
+def read_back(path):
+    """The examples read from `path`, or the refusal's message."""
+    try:
+        return load_task(str(path)).examples
+    except LoraboundError as e:
+        return str(e)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=5))
+def test_jsonl_rows_read_back_exactly_or_refused_with_their_line(tmp_path_factory, rows):
+    path = tmp_path_factory.mktemp("jsonl") / "rows.jsonl"
+    path.write_text("".join(json.dumps({"input": i, "target": t}, ensure_ascii=False) + "\n" for i, t in rows),
+                    encoding="utf-8")
+    got = read_back(path)
+    blank = [n for n, (_, target) in enumerate(rows, start=1) if not target.strip()]
+    if blank:
+        assert isinstance(got, str) and f"line {blank[0]}:" in got and "empty reference" in got
+    else:
+        assert got == expected_examples(rows)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(TEXT, TEXT.filter(lambda t: not t.lstrip().startswith("["))), min_size=1, max_size=5))
+def test_csv_rows_read_back_exactly_or_refused_with_their_line(tmp_path_factory, rows):
+    path = write_csv(tmp_path_factory.mktemp("csv") / "rows.csv", ["input", "target"], rows)
+    got = read_back(path)
+    lines = path.read_bytes().decode("utf-8").split("\n")  # lines end at "\n" (a lone "\r" may sit in a cell)
+    suspicious = [n for n, line in enumerate(lines, start=1) if "\x00" in line or line.startswith("\ufeff")]
+    if suspicious:  # a NUL byte, or a byte-order mark starting a line: refused at the first such line
+        assert isinstance(got, str) and f"line {suspicious[0]} " in got
+    elif any(not target.strip() for _, target in rows):
+        assert isinstance(got, str) and "empty reference" in got and " line " in got
+    else:
+        assert got == expected_examples(rows)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.lists(TEXT, min_size=1, max_size=4), min_size=1, max_size=5))
+def test_csv_rows_of_the_wrong_width_are_refused_with_their_line(tmp_path_factory, rows):
+    path = write_csv(tmp_path_factory.mktemp("csv") / "rows.csv", ["input", "target"], rows)
+    got = read_back(path)
+    if any(len(r) != 2 for r in rows):
+        assert isinstance(got, str) and " line " in got
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=TEXT, after=TEXT, value=TEXT)
+def test_templates_fill_in_the_input_literally(tmp_path_factory, before, after, value):
+    """Braces and every other character stay as written; a template file reads back without its final newline."""
+    assume("{input}" not in before + after and not after.endswith("\r"))  # "\r\n" ends a line in a file
+    template = before + "{input}" + after
+    task = Task("t", [Example(value, ("r",))], data.resolve_template(template, "{input}"), "test")
+    assert task.prompt(task.examples[0]) == before + value + after
+    path = tmp_path_factory.mktemp("template") / "template.txt"
+    path.write_bytes((template + "\n").encode("utf-8"))
+    assert data.resolve_template(str(path), "{input}") == template
 
 
 def test_jsonl_string_and_list_targets_grouped_by_input(tmp_path):
@@ -216,7 +295,7 @@ def test_error_empty_reference_list(tmp_path):
 def test_error_empty_reference_string(tmp_path):
     path = write_csv(tmp_path / "d.csv", ["input", "target"], [["a", "x"], ["b", "   "]])
     msg = error_of(load_task, str(path))
-    assert "data row 2" in msg and "empty reference" in msg
+    assert "d.csv line 3" in msg and "empty reference" in msg
 
 
 def test_error_empty_reference_inside_list(tmp_path):

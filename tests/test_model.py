@@ -320,7 +320,7 @@ def test_unknown_spec(spec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LoraboundError) as err:
         M.resolve_model_dir(spec)
-    assert str(err.value) == (f"unknown model spec '{spec}': expected smollm2-135m, a model folder, "
+    assert str(err.value) == (f"unknown model spec '{spec}'; pass smollm2-135m, a model folder, "
                               "a .gguf file or a hub id owner/name")
 
 

@@ -8,6 +8,7 @@ models saved as model folders, with a tiny JSONL task; the kill tests run real s
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -346,12 +347,12 @@ def test_damaged_adapter_files_give_one_line_errors(capsys, tmp_path, world):
 # ---------------------------------------------------------------------------
 
 def test_boundary_outside_the_model_is_refused(capsys, tmp_path, world):
-    for b in (4, -2):
-        line = refused(capsys, "prune", "--adapter", world.adapter, "--model", world.base, "--boundary", b,
-                       "--out", tmp_path / "p")
-        assert f"boundary {b} is outside -1..3 for this 4-layer model" in line and "pass --boundary" in line
-    line = refused(capsys, "prune", "--adapter", world.adapter, "--boundary", -2, "--out", tmp_path / "p")
-    assert "below -1" in line
+    line = refused(capsys, "prune", "--adapter", world.adapter, "--model", world.base, "--boundary", 4,
+                   "--out", tmp_path / "p")
+    assert "boundary 4 is outside -1..3 for this 4-layer model" in line and "pass --boundary" in line
+    for model in ([], ["--model", world.base]):  # below -1 is refused before the model is read
+        line = refused(capsys, "prune", "--adapter", world.adapter, *model, "--boundary", -2, "--out", tmp_path / "p")
+        assert "--boundary -2 is out of range; pass a whole number at least -1" in line
     assert not (tmp_path / "p").exists()
 
     line = refused(capsys, "search", "--adapter", world.adapter, *world.small, "--boundary", 9)
@@ -365,7 +366,8 @@ def test_boundary_outside_the_model_is_refused(capsys, tmp_path, world):
         run_dir = tmp_path / f"run{flag}"
         line = refused(capsys, "run", "--adapter", world.adapter, *world.small, flag, 9, "--out", run_dir)
         assert "boundary 9 is outside -1..3" in line
-        assert [p.name for p in run_dir.iterdir()] == ["run.json"]  # refused before any analysis
+        # refused before any analysis: only the settings, the marker and the lock
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lorabound", ".lorabound.lock", "run.json"]
 
 
 @pytest.mark.parametrize("command,flag,split", [
@@ -569,12 +571,17 @@ def test_non_empty_output_folder_needs_overwrite(capsys, tmp_path, world, name):
     (out / "mine.txt").write_text("precious")
     line = refused(capsys, *command(world, name, out))
     assert str(out) in line and "not empty" in line and "--overwrite" in line
+    # --overwrite replaces only a folder lorabound wrote: the user's own folder stays as it was
+    line = refused(capsys, *command(world, name, out), "--overwrite")
+    assert str(out) in line and "was not written by lorabound" in line
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "precious"
     if name == "demo":
         return  # demo trains the real model; its refusal is what is tested here
-    code, _, err = cli(capsys, *command(world, name, out), "--overwrite")
-    assert code == 0, err
-    assert (out / PRODUCT[name]).is_file()
+    own = tmp_path / "own"
+    for extra in ([], ["--overwrite"]):
+        code, _, err = cli(capsys, *command(world, name, own), *extra)
+        assert code == 0, err
+        assert (own / PRODUCT[name]).is_file() and (own / ".lorabound").is_file()
 
 
 def test_input_adapter_is_never_written(capsys, tmp_path, world, run_a):
@@ -626,6 +633,111 @@ def test_output_folder_holding_the_data_or_the_model_is_refused_even_with_overwr
     line = refused(capsys, "analyze", *world.small, "--model", model_copy, "--adapter", world.adapter,
                    "--out", model_copy, "--overwrite")
     assert f"inside the input {model_copy}" in line
+
+
+def test_overwrite_replaces_only_what_lorabound_wrote(capsys, tmp_path, world, monkeypatch):
+    """--overwrite: never the working folder (even one lorabound wrote), a link, or a folder without the marker."""
+    work = tmp_path / "work"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, *command(world, "analyze", work))  # a folder lorabound wrote...
+    assert code == 0, err
+    monkeypatch.chdir(work)  # ...that is now the working folder
+    before = folder_hashes(work)
+    line = refused(capsys, *command(world, "analyze", Path(".")), "--overwrite")
+    assert "is the working folder or holds it; --overwrite never empties it" in line
+    line = refused(capsys, *command(world, "run", Path("..")), "--overwrite")
+    assert "is the working folder or holds it" in line
+    assert folder_hashes(work) == before
+    (tmp_path / "link").symlink_to(work)
+    line = refused(capsys, *command(world, "evaluate", tmp_path / "link"), "--overwrite")
+    assert "is a symbolic link to" in line and "pass the folder it points to" in line
+    assert folder_hashes(work) == before
+
+
+def test_refused_or_crashed_command_does_not_block_its_rerun(capsys, tmp_path, world, monkeypatch):
+    out = tmp_path / "eval"
+    line = refused(capsys, *command(world, "evaluate", out), "--bootstrap", 0)  # refused before any generation
+    assert "--bootstrap 0 is out of range" in line and not out.exists()
+    line = refused(capsys, *command(world, "evaluate", out), "--adapters", tmp_path / "missing")
+    assert "does not exist" in line and not out.exists()
+
+    import lorabound.pipeline as pipeline
+
+    real = pipeline.score
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "score", crash_on_second)
+    with pytest.raises(RuntimeError):
+        main(["--quiet", *map(str, command(world, "evaluate", out))])
+    capsys.readouterr()
+    assert json.loads((out / ".lorabound").read_text())["finished"] is False
+    monkeypatch.setattr(pipeline, "score", real)
+    code, _, err = cli(capsys, *command(world, "evaluate", out))  # the same command, no --overwrite needed
+    assert code == 0, err
+    assert json.loads((out / ".lorabound").read_text())["finished"] is True
+    line = refused(capsys, *command(world, "evaluate", out))  # a finished folder is kept
+    assert "not empty" in line
+
+
+def test_unwritable_places_are_refused_before_the_work(capsys, tmp_path, world, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    trained = []
+    monkeypatch.setattr("lorabound.pipeline.train_adapter", lambda *a, **k: trained.append(1))
+    for out, words in ((tmp_path / "file" / "adapter", "lies inside the file"),
+                       ("/proc/lorabound-adapter", "cannot be written"),
+                       (tmp_path / "file", "is a file, not a folder")):
+        line = refused(capsys, *command(world, "train", out))
+        assert f"--out {out} " in line and words in line
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        if not os.access(readonly, os.W_OK):  # root may write anywhere
+            assert "cannot be written" in refused(capsys, *command(world, "train", readonly / "adapter"))
+    finally:
+        readonly.chmod(0o700)
+    assert trained == []
+    monkeypatch.setenv("LORABOUND_CACHE", "/proc/lorabound-cache")
+    line = refused(capsys, "analyze", "--model", world.base, "--adapter", world.adapter, "--data", "e2e",
+                   "--out", tmp_path / "a")
+    assert "cannot create the cache folder /proc/lorabound-cache" in line and "set LORABOUND_CACHE" in line
+
+
+def test_a_full_disk_during_the_work_is_one_line(capsys, tmp_path, world, monkeypatch):
+    import errno
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("lorabound.files.write_bytes_atomic", full)
+    line = refused(capsys, *command(world, "analyze", tmp_path / "a"))
+    assert line.startswith("error: No space left on device (") and "free some space" in line
+
+
+def test_damaged_files_in_a_run_folder_are_named_on_resume(capsys, tmp_path, world, run_a):
+    for name, words in (("curves.json", "curves.json is damaged"), ("run.json", "run.json is damaged"),
+                        ("generations/test-full-adapter.jsonl", "test-full-adapter.jsonl line 1 is damaged")):
+        out = tmp_path / name.replace("/", "-")
+        shutil.copytree(run_a.out, out)
+        (out / name).write_text('{"truncated": ')
+        line = refused(capsys, *run_args(world, out))
+        assert words in line and ("delete it" in line or "--overwrite" in line), line
+
+
+def test_truncated_model_weights_are_one_line(capsys, tmp_path, world):
+    model = tmp_path / "model"
+    shutil.copytree(world.base, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4000])
+    line = refused(capsys, *command(world, "analyze", tmp_path / "a"), "--model", model)
+    assert f"could not load the model in {model}" in line
+    assert not (tmp_path / "a").exists()
 
 
 SLOW_EXPORT = """
@@ -706,6 +818,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_run_killed_during_the_sweep_resumes_with_identical_numbers(tmp_path, world, run_a, monkeypatch):
+    """Also: while the first process runs, a second `run` into its folder is refused (the folder lock);
+    after the kill the kernel has dropped that lock, so the rerun needs no clean-up."""
     out = tmp_path / "run-killed"
     script = tmp_path / "slow_sweep.py"
     script.write_text(SLOW_SWEEP)
@@ -721,9 +835,17 @@ def test_run_killed_during_the_sweep_resumes_with_identical_numbers(tmp_path, wo
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(two_batches_done, process)
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        second = subprocess.run([sys.executable, "-m", "lorabound.cli", "--quiet", *map(str, run_args(world, out))],
+                                capture_output=True, text=True, timeout=300)
+        assert process.poll() is None  # the first one was still running throughout
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert second.stderr.splitlines() == [f"error: --out {out} is in use by another lorabound process "
+                                          f"(pid {process.pid}); wait for it to finish, or pass another folder"]
+    assert before["run.json"] == (out / "run.json").read_bytes()  # the second process wrote nothing
     assert not (out / "curves.json").exists()
     done = json.loads(partial.read_text())["batches_done"]
 

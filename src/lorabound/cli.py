@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -47,6 +48,14 @@ EXACT_HELP = ("compute the logit lens and the ablation on every validation examp
               "(default: on the first quarter, labelled approximated; the truncation curve is always complete)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with lorabound's refusal form: one line `error: ...; fix` and exit status 2, no usage block."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One --option per dataclass field, with the field's help text and default."""
     for f in dataclasses.fields(cls):
@@ -78,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .engines import VLLMOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lorabound",
         description="Find the layer above which a LoRA adapter can be dropped, prune it, and measure the cost.",
         epilog="Start with: lorabound demo",
@@ -217,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoraboundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the last resort: a full disk, a folder made read-only during the work, ...
+        print(f"error: {_os_error_line(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         return 130
@@ -321,6 +333,22 @@ def _study(args: argparse.Namespace, progress: bool) -> int:
         print(f"failed cell {failed['id']}: {failed['reason']}")
     print(f"report: {Path(args.out) / 'study.html'}")
     return 0
+
+
+def _os_error_line(error: OSError) -> str:
+    """One line naming the file and the fix, for an OSError no earlier check foresaw."""
+    from .files import CACHE_ENV, cache_root
+
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+        fix = "free some space and rerun the same command (finished stages are kept)"
+    elif error.filename and cache_root().resolve() in Path(str(error.filename)).resolve().parents:
+        fix = f"set {CACHE_ENV} to a folder you can write to"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "pass input paths you can read, and an --out you can write to"
+    else:
+        fix = "check the path and rerun the same command"
+    return " ".join(f"{error.strerror or type(error).__name__}{where}; {fix}".split())
 
 
 def _target_modules(value):

@@ -119,7 +119,7 @@ def resolve_template(template: str | None, default: str) -> str:
     path = Path(template)
     if _is_file(path):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8")  # not read_text: a lone "\r" must stay "\r"
         except (OSError, UnicodeDecodeError) as e:
             raise LoraboundError(f"cannot read template file {path} ({e}); "
                                  f"pass a readable UTF-8 text file") from None
@@ -143,11 +143,17 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, as the user wrote it."""
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", dict: "object", list: "list"}
+    return names.get(type(value), type(value).__name__)
+
+
 def _references(value, where: str, target_field: str) -> tuple[str, ...]:
     """A target value (string or list of strings) as a tuple of stripped, non-empty references."""
     refs = [value] if isinstance(value, str) else value
     if not isinstance(refs, list):
-        raise LoraboundError(f"{where}: field {target_field!r} is a {type(value).__name__}, not a string "
+        raise LoraboundError(f"{where}: field {target_field!r} is {_json_type(value)}, not a string "
                              f"or a list of strings; give the reference text as a string or list of strings")
     if not refs:
         raise LoraboundError(f"{where}: field {target_field!r} is an empty list of references; "
@@ -155,7 +161,7 @@ def _references(value, where: str, target_field: str) -> tuple[str, ...]:
     out = []
     for ref in refs:
         if not isinstance(ref, str):
-            raise LoraboundError(f"{where}: field {target_field!r} holds a {type(ref).__name__}, not a string; "
+            raise LoraboundError(f"{where}: field {target_field!r} holds {_json_type(ref)}, not a string; "
                                  f"give every reference as a string")
         if not ref.strip():
             raise LoraboundError(f"{where}: field {target_field!r} has an empty reference; "
@@ -166,9 +172,43 @@ def _references(value, where: str, target_field: str) -> tuple[str, ...]:
 
 def _input_text(value, where: str, input_field: str) -> str:
     if not isinstance(value, str):
-        raise LoraboundError(f"{where}: field {input_field!r} is a {type(value).__name__}, not a string; "
+        raise LoraboundError(f"{where}: field {input_field!r} is {_json_type(value)}, not a string; "
                              f"give the input as text")
     return value
+
+
+def _check_text(line: str, where: str) -> None:
+    """Refuse characters a reader would pass on as something other than what the user meant to write."""
+    if "\x00" in line:
+        raise LoraboundError(f"{where} contains a NUL byte (a UTF-16 or binary file?); save the file as UTF-8 text")
+    if line.startswith("\ufeff"):
+        raise LoraboundError(f"{where} starts with a byte-order mark (U+FEFF), as if files were joined together; "
+                             f"remove it")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a key given twice would silently keep only its last value."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _check_strings(value, where: str) -> None:
+    """Refuse a JSON string escape that is no character (an unpaired surrogate such as \\ud800)."""
+    for text in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise LoraboundError(f"{where} holds an unpaired surrogate escape (\\ud800-\\udfff); "
+                                     f"write the character itself or its full surrogate pair") from None
 
 
 def _missing_field(where: str, name: str, present) -> LoraboundError:
@@ -186,19 +226,23 @@ def _read_jsonl(path: Path, input_field: str, target_field: str) -> list[tuple[s
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise LoraboundError(f"{where} is not valid UTF-8; save the file as UTF-8") from None
+            _check_text(line, where)
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
+            except _DuplicateKey as e:
+                raise LoraboundError(f"{where} gives the field {e.args[0]!r} twice; keep one") from None
             except json.JSONDecodeError as e:
                 raise LoraboundError(f"{where} is not valid JSON ({e.msg}); "
                                      f"write one JSON object per line") from None
             if not isinstance(obj, dict):
-                raise LoraboundError(f"{where} is a JSON {type(obj).__name__}, not an object; "
+                raise LoraboundError(f"{where} is a JSON {_json_type(obj)}, not an object; "
                                      f"write one JSON object per line")
             for name in (input_field, target_field):
                 if name not in obj:
                     raise _missing_field(where, name, obj.keys())
+                _check_strings(obj[name], where)
             rows.append((_input_text(obj[input_field], where, input_field),
                          _references(obj[target_field], where, target_field)))
     return rows
@@ -217,32 +261,47 @@ def _csv_target(cell: str):
 
 
 def _read_csv(path: Path, input_field: str, target_field: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Rows of a CSV file with a header; any row that would not map cell for cell onto it is refused."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise LoraboundError(f"{path} line {line} is not valid UTF-8; save the file as UTF-8") from None
-    rows = []
-    number = 0
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for number, line in enumerate(text.split("\n"), start=1):
+        _check_text(line, f"{path} line {number}")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, line = [], 1
     try:
-        columns = reader.fieldnames or []
-        for name in (input_field, target_field):
-            if columns and name not in columns:
-                listed = ", ".join(repr(c) for c in columns)
-                raise LoraboundError(f"{path} has no column {name!r} (columns: {listed}); "
-                                     f"name the right ones with --input-field and --target-field")
-        for number, row in enumerate(reader, start=1):
-            where = f"{path} data row {number}"
-            if row.get(input_field) is None or row.get(target_field) is None:
-                raise LoraboundError(f"{where} has fewer cells than the header; "
-                                     f"give every row a cell for each column")
+        columns = next(reader, [])
+        _check_header(path, columns, input_field, target_field)
+        line = reader.line_num + 1
+        for cells in reader:
+            where = f"{path} line {line}"  # where the row starts (a quoted cell may span lines)
+            line = reader.line_num + 1
+            if not cells:
+                continue  # a blank line
+            if len(cells) != len(columns):
+                cells_word = "cell" if len(cells) == 1 else "cells"
+                raise LoraboundError(f"{where} has {len(cells)} {cells_word} but the header has {len(columns)}; "
+                                     f"give every row one cell per column (quote cells holding commas)")
+            row = dict(zip(columns, cells))
             rows.append((row[input_field], _references(_csv_target(row[target_field]), where, target_field)))
     except csv.Error as e:
-        raise LoraboundError(f"{path} data row {number + 1} is not valid CSV ({e}); "
+        raise LoraboundError(f"{path} line {line} is not valid CSV ({e}); "
                              f"quote cells that contain commas, quotes or newlines") from None
     return rows
+
+
+def _check_header(path: Path, columns: list[str], input_field: str, target_field: str) -> None:
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise LoraboundError(f"{path} line 1 names the column {repeated[0]!r} twice; give each column its own name")
+    for name in (input_field, target_field):
+        if columns and name not in columns:
+            listed = ", ".join(repr(c) for c in columns)
+            raise LoraboundError(f"{path} has no column {name!r} (columns: {listed}); "
+                                 f"name the right ones with --input-field and --target-field")
 
 
 def _group_examples(rows: list[tuple[str, tuple[str, ...]]]) -> list[Example]:

@@ -1,8 +1,17 @@
-"""Cache location and atomic writes: outputs appear whole or not at all."""
+"""Cache location, atomic writes and output folders: outputs appear whole or not at all.
+
+Every output folder lorabound creates holds a marker file, MARKER. `--overwrite` replaces only a folder
+holding it (never the working folder, the home folder, a filesystem root or a folder above those), and a
+folder whose marker says its command never finished is simply started afresh by the next command.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
+import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -10,16 +19,29 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import LoraboundError
 
+MARKER = ".lorabound"        # {"written_by": "lorabound", "finished": bool}
+LOCK = ".lorabound.lock"     # flock'ed by the process writing a run or demo folder; holds its pid
+_BOOKKEEPING = (MARKER, LOCK)
+CACHE_ENV = "LORABOUND_CACHE"
+
+
+def cache_root() -> Path:
+    """Where lorabound keeps converted models and extracted datasets (LORABOUND_CACHE overrides)."""
+    return Path(os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "lorabound"))
+
 
 def cache_dir() -> Path:
-    """Where lorabound keeps converted models and extracted datasets (LORABOUND_CACHE overrides)."""
-    root = os.environ.get("LORABOUND_CACHE") or os.path.join(Path.home(), ".cache", "lorabound")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    """cache_root(), created if missing."""
+    path = cache_root()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoraboundError(f"cannot create the cache folder {path} ({e.strerror}); "
+                             f"set {CACHE_ENV} to a folder you can write to") from None
     return path
 
 
@@ -48,19 +70,124 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """Parse a JSON file lorabound wrote earlier; a damaged one is refused naming the file and `fix`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LoraboundError(f"{path} is damaged and cannot be parsed ({e}); {fix}") from None
+
+
+def read_jsonl(path: str | Path, fix: str) -> list:
+    """Parse a JSONL file lorabound wrote earlier (one value a line); a damaged one is refused naming the line."""
+    rows = []
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may be inside a string
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise LoraboundError(f"{path} line {number} is damaged and cannot be parsed ({e}); {fix}") from None
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Output folders: the marker, --overwrite, writability and the lock
+# ---------------------------------------------------------------------------
+
+def folder_contents(path: Path) -> list[Path]:
+    """What a folder holds besides lorabound's own marker and lock file ([] if it does not exist)."""
+    if not path.is_dir():
+        return []
+    return [p for p in path.iterdir() if p.name not in _BOOKKEEPING]
+
+
+def write_marker(folder: str | Path, finished: bool) -> None:
+    """Mark `folder` as written by lorabound; `finished` once its command completed."""
+    write_json_atomic(Path(folder) / MARKER, {"written_by": "lorabound", "finished": finished})
+
+
+def _marker(folder: Path) -> dict | None:
+    try:
+        value = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) and value.get("written_by") == "lorabound" else None
+
+
+def _unfinished(folder: Path) -> bool:
+    """A folder lorabound started and whose command stopped (refused, crashed or killed) before finishing."""
+    marker = _marker(folder)
+    return marker is not None and marker.get("finished") is False
+
+
 def check_output_dir(path: str | Path, overwrite: bool, what: str = "output folder") -> Path:
-    """Refuse a non-empty output folder unless the user said --overwrite."""
+    """Refuse an output folder that cannot be written, or that is not empty unless --overwrite may replace it.
+
+    A folder left unfinished by an earlier lorabound command counts as empty: its rerun starts it afresh.
+    """
+    path = check_folder_path(path, what)
+    if folder_contents(path) and not _unfinished(path):
+        if not overwrite:
+            raise LoraboundError(f"{what} {path} already exists and is not empty; "
+                                 "choose another path or pass --overwrite")
+        check_replaceable(path, what)
+    return path
+
+
+def check_folder_path(path: str | Path, what: str = "output folder") -> Path:
+    """Refuse a path that cannot become an output folder: empty, a file, a broken link, unwritable."""
     path = Path(path)
+    if str(path) == "":
+        raise LoraboundError(f"{what} is empty; pass a folder path")
+    if path.is_symlink() and not path.exists():
+        raise LoraboundError(f"{what} {path} is a symbolic link to the missing {os.readlink(path)}; "
+                             "pass an existing folder or a new path")
     if path.exists() and not path.is_dir():
         raise LoraboundError(f"{what} {path} is a file, not a folder; pass a folder path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise LoraboundError(f"{what} {path} already exists and is not empty; choose another path or pass --overwrite")
+    check_writable(path, what)
     return path
+
+
+def check_replaceable(path: Path, what: str = "output folder") -> None:
+    """--overwrite empties only a folder lorabound wrote, and never a folder whose loss would be a disaster."""
+    if path.is_symlink():
+        raise LoraboundError(f"{what} {path} is a symbolic link to {os.readlink(path)}; --overwrite replaces "
+                             "only a real folder: pass the folder it points to, or a new path")
+    real = path.resolve()
+    for name, place in (("the working folder", Path.cwd()), ("your home folder", Path.home())):
+        place = place.resolve()
+        if real == place or real in place.parents:
+            raise LoraboundError(f"{what} {path} is {name} or holds it; --overwrite never empties it, "
+                                 "pass a new folder")
+    if real == Path(real.anchor) or os.path.ismount(real):
+        raise LoraboundError(f"{what} {path} is the root of a filesystem; --overwrite never empties it, "
+                             "pass a new folder")
+    if _marker(path) is None:
+        raise LoraboundError(f"{what} {path} was not written by lorabound (it has no {MARKER} file), so "
+                             "--overwrite will not empty it; pass a new folder, or empty it yourself")
+
+
+def check_writable(path: Path, what: str = "output folder") -> None:
+    """Refuse a folder that cannot be created or written (inside a file, read-only, /proc...) before any work."""
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LoraboundError(f"{what} {path} lies inside the file {probe}; pass a folder path")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".lorabound-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise LoraboundError(f"{what} {path} cannot be written ({e.strerror} in {probe}); "
+                             "pass a folder you can write to") from None
 
 
 def existing_path(value) -> Path | None:
     """`value` as a Path if it names an existing file or folder; None for inline text, hub ids, built-in names."""
-    if value is None:
+    if value is None or str(value) == "":  # Path("") would be the working folder
         return None
     try:
         path = Path(value)
@@ -85,12 +212,83 @@ def check_not_input(out: str | Path, inputs, what: str = "--out") -> None:
 
 
 def fresh_output_dir(path: str | Path, overwrite: bool, what: str = "--out") -> Path:
-    """check_output_dir, then with --overwrite empty the folder, so nothing cached there for other inputs is reused."""
+    """check_output_dir, then an empty folder marked unfinished (mark_finished at the end of the command).
+
+    With --overwrite the old contents go, so nothing cached there for other inputs is reused.
+    """
     path = check_output_dir(path, overwrite, what)
-    if overwrite and path.is_dir():
-        for child in path.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    empty_folder(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_marker(path, finished=False)
     return path
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path, overwrite: bool, what: str = "--out") -> Iterator[Path]:
+    """fresh_output_dir for the body, marked finished when the body completes.
+
+    If the body refuses its input (LoraboundError), a folder this call created is removed again, so a refusal
+    leaves nothing; after a crash the folder stays marked unfinished and the rerun starts it afresh.
+    """
+    created = not os.path.lexists(path)
+    path = fresh_output_dir(path, overwrite, what)
+    try:
+        yield path
+    except LoraboundError:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    write_marker(path, finished=True)
+
+
+def empty_folder(path: Path) -> None:
+    """Remove everything in `path` but its lock file (which another process may be waiting on)."""
+    for child in folder_contents(path) + [path / MARKER]:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        elif os.path.lexists(child):
+            child.unlink()
+
+
+_held_locks: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("lorabound_held_locks")
+
+
+def holds_folder_locks(function: Callable) -> Callable:
+    """Decorator: the folder locks `lock_folder` takes during `function` are released when it returns or raises."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            token = _held_locks.set(stack)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _held_locks.reset(token)
+    return wrapper
+
+
+def lock_folder(folder: Path, what: str = "--out") -> None:
+    """Create `folder` and hold its lock until the enclosing @holds_folder_locks function ends.
+
+    flock: the kernel drops the lock when its process dies, so a crashed or killed run never leaves a stale
+    lock; the pid in the file only names the holder in the refusal.
+    """
+    stack = _held_locks.get(None)
+    if stack is None:
+        raise RuntimeError("lock_folder must be called inside a @holds_folder_locks function")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise LoraboundError(f"{what} {folder} is in use by another lorabound process (pid {holder}); "
+                             "wait for it to finish, or pass another folder") from None
+    stack.callback(os.close, fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
 
 
 def input_identity(path: str | Path | None) -> dict | str | None:
@@ -120,6 +318,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, what: str = "output fo
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     try:
         yield tmp
+        write_marker(tmp, finished=True)
         if path.exists() and _exchange(tmp, path):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old state
         elif path.exists():

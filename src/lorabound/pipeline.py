@@ -11,15 +11,16 @@ RUN_DIR layout:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from . import __version__
 from .analysis import CURVES
@@ -34,14 +35,18 @@ from .engines import HFEngine, Variant, VLLMEngine, VLLMOptions, check_engine
 from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
 from .generation import _eos_ids
 from .runtime import torch_threads
-from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
-                    write_json_atomic, write_text_atomic)
-from .model import DEFAULT_MODEL, check_adapter_files, find_layer_stack, load_adapter, load_model, resolve_model_dir
+from .files import (MARKER, check_folder_path, check_not_input, check_output_dir, check_replaceable, empty_folder,
+                    existing_path, folder_contents, holds_folder_locks, input_identity,
+                    lock_folder, output_folder, read_json, read_jsonl, write_json_atomic, write_marker,
+                    write_text_atomic)
+from .model import (DEFAULT_MODEL, adapter_weights_file, check_adapter_files, find_layer_stack, load_adapter,
+                    load_model, read_adapter_config, resolve_model_dir)
 from .report import format_table, plot_curves, write_report
 from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, lora_params_per_layer,
                       prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
+from .validation import check_arguments
 
 
 # ---------------------------------------------------------------------------
@@ -60,13 +65,12 @@ class DataOptions:
     seed: int = field(default=0, metadata={"help": "seed for the split (and everything else)"})
     max_length: int = field(default=256, metadata={"help": "max tokens of prompt + target"})
 
+    def __post_init__(self):
+        _check_fields(self)
+
     def load(self) -> tuple[Task, Splits]:
         task = load_task(self.data, input_field=self.input_field, target_field=self.target_field,
                          template=self.template)
-        for name, size in (("validation", self.validation_size), ("test", self.test_size),
-                           ("train", self.train_size or 0)):
-            if size < 0:
-                raise LoraboundError(f"--{name}-size {size} is negative; pass 0 or more")
         train = self.train_size
         if train is None:
             train = max(0, len(task.examples) - self.validation_size - self.test_size)
@@ -82,6 +86,9 @@ class ModelOptions:
     trust_remote_code: bool = field(default=False, metadata={"help": "run the model repository's own code"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow a pickled adapter_model.bin (weights_only)"})
 
+    def __post_init__(self):
+        _check_fields(self)
+
     def load(self, adapter: str | Path | None = None):
         if adapter is not None:
             check_adapter_files(adapter, allow_pickle=self.allow_pickle)  # before the model: it may be large
@@ -91,6 +98,18 @@ class ModelOptions:
             model = load_adapter(model, adapter, allow_pickle=self.allow_pickle, model_name=self.model)
         model.eval()
         return model, tokenizer
+
+
+def _check_fields(options) -> None:
+    """Every field of an options dataclass against its rule in validation.py."""
+    check_arguments(**{f.name: getattr(options, f.name) for f in fields(options)})
+
+
+def _check_adapters(*folders, allow_pickle: bool = False) -> None:
+    """Each adapter folder has a readable config and weights: refused before any model is loaded."""
+    for folder in folders:
+        read_adapter_config(folder)
+        adapter_weights_file(folder, allow_pickle=allow_pickle)
 
 
 def _load(model: str, adapter, data: str, data_options: DataOptions | None, model_options: ModelOptions | None,
@@ -153,6 +172,7 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
     if distributed.world_size() > 1:
         raise LoraboundError("train runs in one process; launch it without torchrun (torchrun serves analyze, "
                              "search, evaluate and run)")
+    check_arguments(out=out)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(None, data_options, model_options))
@@ -160,8 +180,21 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
     task, splits = data_options.load()
     base, tokenizer = model_options.load()
     settings = settings or TrainSettings(max_length=data_options.max_length, seed=data_options.seed)
+    _check_target_modules(base, settings.target_modules)
     return train_adapter(base, tokenizer, task, splits, out, settings, model_spec=model_options.model,
                          overwrite=overwrite, progress=progress)
+
+
+def _check_target_modules(model, target_modules) -> None:
+    """Each named target module exists in the model (PEFT would fail with a traceback)."""
+    if isinstance(target_modules, str):
+        return  # all-linear, or a regex PEFT matches itself
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise LoraboundError(f"--target-modules {' '.join(missing)}: no such module in the model; "
+                             f"pick from {' '.join(linear)}, or pass all-linear")
 
 
 def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
@@ -192,17 +225,20 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
     """Teacher-forced curves on the validation split into OUT/curves.json and PNG plots.
 
     Without `exact_curves` the logit lens and the ablation are approximated (see analysis.analyze)."""
+    check_arguments(out=out, adapter=adapter, curves=list(curves), batch_size=batch_size)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options))
-    out = _fresh_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, "--out")
+    _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
-    result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
-                      model_options, adapter, progress, exact_curves)
-    # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
-    if distributed.is_main():
-        plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
+    with _output_folder(out, overwrite) as out:
+        result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
+                          model_options, adapter, progress, exact_curves)
+        # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
+        if distributed.is_main():
+            plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
     return result
 
 
@@ -264,6 +300,9 @@ def _make_engine(generation: GenerationOptions, vllm: VLLMOptions | None, peft_m
                     batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
                     load_adapter=lambda folder: model_options.load(folder)[0])
 
+    def __post_init__(self):
+        _check_fields(self)
+
 
 def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
            criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
@@ -273,23 +312,28 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            progress: bool = True, goal: str | None = None, bootstrap: int = 1000,
            metric_options: MetricOptions | None = None) -> SearchResult:
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
+    check_arguments(adapter=adapter, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
+                    candidates=candidates, batch_size=batch_size, bootstrap=bootstrap,
+                    **({} if out is None else {"out": out}))
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, goal=goal,
                               knee_fraction=knee_fraction, candidates=candidates, bootstrap=bootstrap)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     if out is not None:
         check_not_input(out, _inputs(adapter, data_options, model_options))
+        check_output_dir(out, overwrite, "--out")
     generation = generation or GenerationOptions()
     _check_engine(generation, model_options, [adapter], vllm)
-    folder = _fresh_output_dir(out, overwrite) if out is not None else None
+    _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
-    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
-    try:
-        return _search(peft_model, tokenizer, task, splits, settings, generation, folder, batch_size, data_options,
-                       model_options, adapter, progress, metric_options, engine=engine)
-    finally:
-        engine.close()
+    with _output_folder(out, overwrite) if out is not None else contextlib.nullcontext() as folder:
+        engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
+        try:
+            return _search(peft_model, tokenizer, task, splits, settings, generation, folder, batch_size,
+                           data_options, model_options, adapter, progress, metric_options, engine=engine)
+        finally:
+            engine.close()
 
 
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
@@ -329,7 +373,7 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
 
 def _cached_json(folder: Path | None, name: str) -> dict | None:
     if folder is not None and (folder / name).is_file():
-        return json.loads((folder / name).read_text())
+        return read_json(folder / name, "delete it and rerun the same command to compute that stage again")
     return None
 
 
@@ -368,7 +412,7 @@ def _generate_cached(engine, task: Task, examples: list[Example], variants: list
     for variant in {v.name: v for v in variants}.values():
         path = out / "generations" / f"{split}-{_slug(variant.name)}.jsonl" if out is not None else None
         if path is not None and path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            rows = read_jsonl(path, "delete it and rerun the same command to generate it again")
             if rows and rows[0].get("key") == key and len(rows) == len(examples):
                 outputs[variant.name] = [r["output"] for r in rows]
                 continue
@@ -394,6 +438,9 @@ def _generate_cached(engine, task: Task, examples: list[Example], variants: list
 def prune(adapter: str | Path, boundary: int, out: str | Path, *, format: str = "peft", model: str | None = None,
           overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
     """Export a new adapter with LoRA on layers 0..boundary (the input folder is never written to)."""
+    check_arguments(adapter=adapter, boundary=boundary, out=out, format=format,
+                    **({} if model is None else {"model": model}))
+    _check_adapters(adapter)
     return prune_adapter(adapter, boundary, out, format=format, model_spec=model, overwrite=overwrite,
                          dtype=dtype, trust_remote_code=trust_remote_code)
 
@@ -409,23 +456,27 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              vllm: VLLMOptions | None = None, bootstrap: int = 1000, overwrite: bool = False,
              progress: bool = True, metric_options: MetricOptions | None = None) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
+    check_arguments(adapter=adapter, boundaries=boundaries or [], adapters=adapters or [], out=out,
+                    bootstrap=bootstrap)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
+    check_output_dir(out, overwrite, "--out")
+    _check_adapters(adapter, *(adapters or []), allow_pickle=model_options.allow_pickle)
     generation = generation or GenerationOptions()
     _check_engine(generation, model_options, [adapter, *(adapters or [])], vllm)
-    out = _fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
-    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
-    try:
-        result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                           data_options.seed, progress, metric_options, engine=engine, extras=extras)
-    finally:
-        engine.close()
-    if distributed.is_main():
-        write_json_atomic(out / "evaluation.json", result)
+    with _output_folder(out, overwrite) as out:
+        engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
+        try:
+            result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
+                               data_options.seed, progress, metric_options, engine=engine, extras=extras)
+        finally:
+            engine.close()
+        if distributed.is_main():
+            write_json_atomic(out / "evaluation.json", result)
     return result
 
 
@@ -494,6 +545,7 @@ def _adapter_mb(folder) -> float:
 # run: every stage into one folder, resumable
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # the run folder's lock, taken in _claim_folder
 def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", out: str | Path = "run", *,
         criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
@@ -505,6 +557,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
 
     report.json records each stage's wall time in this invocation (and `earlier_stages`, e.g. the demo's training).
     """
+    check_arguments(adapter=adapter, out=out, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
+                    boundaries=boundaries or [], batch_size=batch_size, bootstrap=bootstrap)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     generation = generation or GenerationOptions()
@@ -522,6 +576,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "exact_curves": exact_curves}
     check_not_input(out, inputs)
     _check_engine(generation, model_options, [adapter], vllm)
+    _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     _claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
@@ -624,34 +679,46 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
 
 
 def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
-    """Resume a run (or demo) folder of the same settings; refuse one of other settings unless --overwrite."""
+    """Lock a run (or demo) folder; resume one of the same settings, refuse one of other settings unless --overwrite.
+
+    The lock is held until the calling @holds_folder_locks command returns: a second process is refused.
+    """
+    check_folder_path(out, "--out")
+    _folder_verdict(out, marker_name, asked, overwrite)  # refusals before the lock file is made
+    distributed.barrier()  # under torchrun every rank has judged the folder before rank 0 changes it
+    if distributed.is_main():
+        lock_folder(out)
+        if _folder_verdict(out, marker_name, asked, overwrite) == "replace":  # again, now that no one else writes
+            empty_folder(out)
+        write_marker(out, finished=True)  # a run folder is resumed, never cleared unasked
+        write_json_atomic(out / marker_name, asked)
+    distributed.barrier()
+
+
+def _folder_verdict(out: Path, marker_name: str, asked: dict, overwrite: bool) -> str:
+    """"new", "resume" or "replace" (--overwrite); refuses a folder of other settings or contents otherwise."""
     marker = out / marker_name
-    check_output_dir(out, overwrite=True)  # a file there is refused; contents are judged below
-    # A folder holding only its marker stopped on a bad input before any work: start it afresh.
-    if out.is_dir() and any(p.name != marker.name for p in out.iterdir()):
-        same = marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(asked))
-        if not same and not overwrite:
-            why = "holds a run with other settings" if marker.is_file() else "is not empty"
-            raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
-        if not same and distributed.is_main():
-            shutil.rmtree(out)
-    distributed.barrier()  # every rank has judged the folder before rank 0 changes it
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(marker, asked)
-    distributed.barrier()
+    # A folder holding only its settings stopped on a bad input before any work: start it afresh.
+    if not any(p.name not in (marker.name, MARKER) for p in folder_contents(out)):
+        return "new"
+    settings = read_json(marker, "rerun with --overwrite to start afresh") if marker.is_file() else None
+    if settings == json.loads(json.dumps(asked)):
+        return "resume"
+    if not overwrite:
+        why = "holds a run with other settings" if marker.is_file() else "is not empty"
+        raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
+    check_replaceable(out, "--out")
+    return "replace"
 
 
-def _fresh_output_dir(out, overwrite: bool) -> Path:
-    """fresh_output_dir on rank 0, after every rank has checked the untouched folder (one process: just that)."""
-    if distributed.world_size() == 1:
-        return fresh_output_dir(out, overwrite)
-    check_output_dir(out, overwrite, "--out")
-    distributed.barrier()
+@contextlib.contextmanager
+def _output_folder(out, overwrite: bool) -> Iterator[Path]:
+    """files.output_folder on rank 0; under torchrun the other ranks only use the path (rank 0 alone writes)."""
     if distributed.is_main():
-        fresh_output_dir(out, overwrite)
-    distributed.barrier()
-    return Path(out)
+        with output_folder(out, overwrite) as folder:
+            yield folder
+    else:
+        yield Path(out)
 
 
 def verdict(search: dict, evaluation: dict, top: int) -> str:
@@ -692,28 +759,32 @@ def _notes(curves: dict, export: dict | None) -> list[str]:
 # demo
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # the demo folder's lock, taken in _claim_folder
 def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation_size: int = 40,
          test_size: int = 100, epochs: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
          overwrite: bool = False, progress: bool = True, exact_curves: bool = False) -> dict:
     """Fine-tune SmolLM2-135M with LoRA on E2E, then the whole `run`, into OUT (resumable)."""
-    out = Path(out)
+    check_arguments(out=out)
     data_options = DataOptions(data="e2e", train_size=train_size, validation_size=validation_size,
                                test_size=test_size, seed=seed)
+    generation = GenerationOptions(max_new_tokens=max_new_tokens)
+    settings = TrainSettings(epochs=epochs, seed=seed)  # every argument checked before the training
+    out = Path(out)
     adapter = out / "adapter"
     _claim_folder(out, "demo.json", {"train_size": train_size, "validation_size": validation_size,
                                      "test_size": test_size, "epochs": epochs, "seed": seed,
-                                     "max_new_tokens": max_new_tokens}, overwrite)
+                                     "max_new_tokens": max_new_tokens, "exact_curves": exact_curves}, overwrite)
     started = time.perf_counter()
     if not (adapter / ADAPTER_WEIGHTS).is_file():
         _progress_print(progress, "[0/5] train: LoRA on every layer of SmolLM2-135M, E2E")
-        result = train(DEFAULT_MODEL, "e2e", adapter, settings=TrainSettings(epochs=epochs, seed=seed),
+        result = train(DEFAULT_MODEL, "e2e", adapter, settings=settings,
                        data_options=data_options, progress=progress)
         if progress and result.validation_loss_after is not None:
             print(f"trained {result.steps} steps in {result.seconds:.0f} s; validation loss "
                   f"{result.validation_loss_before:.3f} -> {result.validation_loss_after:.3f}")
     trained = {"train": round(time.perf_counter() - started, 1)}
     report = run(DEFAULT_MODEL, adapter, "e2e", out / "run", data_options=data_options,
-                 generation=GenerationOptions(max_new_tokens=max_new_tokens), overwrite=overwrite, progress=progress,
+                 generation=generation, overwrite=overwrite, progress=progress,
                  exact_curves=exact_curves, earlier_stages=trained)
     if progress:
         print()

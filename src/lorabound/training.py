@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from .data import (Encoded, Splits, Task, batches, encode_pairs, input_fingerpri
                    training_pairs)
 from .errors import LoraboundError
 from .files import atomic_dir, check_output_dir, write_json_atomic
+from .validation import check_arguments
 
 
 @dataclass
@@ -44,16 +45,7 @@ class TrainSettings:
     checkpoint_every: int = field(default=10, metadata={"help": "steps between resumable checkpoints"})
 
     def __post_init__(self):
-        checks = [(self.rank >= 1, f"--rank {self.rank} must be at least 1"),
-                  (0 <= self.dropout < 1, f"--dropout {self.dropout} must be in [0, 1)"),
-                  (self.learning_rate > 0, f"--lr {self.learning_rate} must be positive"),
-                  (self.epochs > 0, f"--epochs {self.epochs} must be positive"),
-                  (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
-                  (self.max_length >= 8, f"--max-length {self.max_length} must be at least 8"),
-                  (self.checkpoint_every >= 1, f"--checkpoint-every {self.checkpoint_every} must be at least 1")]
-        for ok, message in checks:
-            if not ok:
-                raise LoraboundError(message + "; pass a valid value")
+        check_arguments(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass

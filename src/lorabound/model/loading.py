@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import LoraboundError
 from ..files import cache_dir
@@ -27,7 +28,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_SPEC_CHOICES = "expected smollm2-135m, a model folder, a .gguf file or a hub id owner/name"
+_SPEC_CHOICES = "pass smollm2-135m, a model folder, a .gguf file or a hub id owner/name"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
@@ -48,7 +49,7 @@ def resolve_model_dir(spec: str) -> str:
         return str(convert_gguf_once(path, cache_dir() / "models" / f"gguf-{gguf_cache_key(path)}"))
     if not path.exists() and _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
         return spec
-    raise LoraboundError(f"unknown model spec '{spec}': {_SPEC_CHOICES}")
+    raise LoraboundError(f"unknown model spec '{spec}'; {_SPEC_CHOICES}")
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
@@ -79,7 +80,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
             model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True,
                                                                output_loading_info=True, **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ConnectionError, TimeoutError) as err:
+    except (OSError, ConnectionError, TimeoutError, SafetensorError) as err:  # SafetensorError: a truncated file
         if is_hub:
             raise LoraboundError(
                 f"could not load model '{spec}' from the Hugging Face Hub (no network?) [{_first_line(err)}]: "
