@@ -131,7 +131,8 @@ def test_a_dying_rank_stops_the_others_and_a_rerun_resumes(workspace, tmp_path, 
     script = tmp_path / "dying.py"
     script.write_text(DYING_RANK)
     out = tmp_path / "two"
-    monkeypatch.setenv("DIE_AT", "3")  # 7 batches of one: rank 1 dies in the third round
+    # 7 batches of one; every rank's first call is the analysis self-check on batch 0: rank 1 dies in round three
+    monkeypatch.setenv("DIE_AT", "4")
     died = _torchrun(["--quiet", "run", *common, *flags, "--out", str(out)], script=script)
     assert died.returncode != 0
     # torchrun's summary names the rank that died and its exit code
@@ -142,8 +143,8 @@ def test_a_dying_rank_stops_the_others_and_a_rerun_resumes(workspace, tmp_path, 
     monkeypatch.setenv("DIE_AT", "0")
     resumed = _torchrun(["--quiet", "run", *common, *flags, "--out", str(out)], script=script)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Only the three batches left were scored: two on rank 0, one on rank 1.
-    assert "rank 0 scored 2 batches" in resumed.stderr and "rank 1 scored 1 batches" in resumed.stderr
+    # Only the three batches left were scored: two on rank 0, one on rank 1 (each after its self-check call).
+    assert "rank 0 scored 3 batches" in resumed.stderr and "rank 1 scored 2 batches" in resumed.stderr
     _assert_close(json.loads((tmp_path / "single" / "curves.json").read_text()),
                   json.loads((out / "curves.json").read_text()))
     for name in ("test-full-adapter.jsonl", "test-base-model.jsonl"):

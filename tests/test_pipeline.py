@@ -9,6 +9,7 @@ from peft import PeftModel
 from lorabound import engines, pipeline
 from lorabound.cli import main
 from lorabound.files import folder_hashes
+from lorabound.files import write_marker
 from lorabound.model import load_model
 from lorabound.pipeline import DataOptions, GenerationOptions
 from lorabound.surgery import keep_up_to
@@ -152,6 +153,7 @@ def test_overwrite_starts_from_an_empty_folder(workspace):
     root, common = workspace
     out = root / "again"
     out.mkdir()
+    write_marker(out, finished=True)  # a folder an earlier lorabound command wrote: --overwrite may replace it
     (out / "curves.json").write_text('{"truncation": {"boundary": [-1], "mean_prob": [0.5]}}')
     assert main(["--quiet", "search", *common, "--adapter", str(root / "adapter"), "--criterion", "knee",
                  "--out", str(out), "--overwrite"]) == 0
