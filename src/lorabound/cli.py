@@ -219,13 +219,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"boundary b = {result.boundary} ({result.reason})")
         print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
               f"({result.kept_fraction:.1%})")
-        print("   b  mean p(truth)   BLEU  ROUGE-L   chrF")
+        print("   b  mean p(truth)    BLEU ROUGE-L    chrF")
         for row in result.candidates:
-            generated = any(row[m] is not None for m in ("bleu", "rougeL", "chrf"))
+            generated = any(row.get(m) is not None for m in ("bleu", "rougeL", "chrf"))
             if generated or abs(row["boundary"] - result.boundary) <= 2:  # the scores around b
-                metrics = "".join(f"{row[m]:>8.2f}" if row[m] is not None else f"{'-':>8}"
-                                  for m in ("bleu", "rougeL", "chrf"))
-                print(f"{row['boundary']:4d}  {row['mean_prob']:13.4f}{metrics}")
+                metrics = "".join(_cell(row.get(m), 8, ".2f") for m in ("bleu", "rougeL", "chrf"))
+                print(f"{row['boundary']:4d} {_cell(row.get('mean_prob'), 14, '.4f')}{metrics}")
         return 0
     if name == "evaluate":
         result = pipeline.evaluate(args.model, args.adapter, args.data, boundaries=args.boundaries,
@@ -248,6 +247,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"report: {Path(args.out) / 'report.html'}")
         return 0
     raise AssertionError(name)
+
+
+def _cell(value, width: int, spec: str) -> str:
+    """A right-aligned number, or '-' where there is none (a b given with --boundary has no curve)."""
+    return f"{value:>{width}{spec}}" if value is not None else f"{'-':>{width}}"
 
 
 def _target_modules(value):

@@ -11,10 +11,12 @@ RUN_DIR layout:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -32,12 +34,14 @@ from .evaluate import describe_significance, paired_bootstrap, score
 from .generation import generate
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
-from .model import DEFAULT_MODEL, find_layer_stack, load_adapter, load_model
+from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, check_lora_config, find_layer_stack, load_adapter, load_model, model_paths,
+                    read_adapter_config)
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, keep_lora,
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, exported_bytes, keep_lora,
                       lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
+from .variants import Variant, adapter_fingerprint
 
 
 # ---------------------------------------------------------------------------
@@ -95,6 +99,7 @@ def _load(model: str, adapter, data: str, data_options: DataOptions | None, mode
     """
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
+    check_lora_config(read_adapter_config(adapter), adapter)  # a missing folder is named before any work
     task, splits = data_options.load()
     for name in needs:
         require_nonempty(getattr(splits, name), name)
@@ -105,7 +110,8 @@ def _load(model: str, adapter, data: str, data_options: DataOptions | None, mode
 
 def _inputs(adapter, data_options: DataOptions, model_options: ModelOptions, *others) -> list:
     """Every path a command reads (those that exist): an output folder must not touch any of them."""
-    return [adapter, data_options.data, data_options.template, model_options.model, *others]
+    return [adapter, data_options.data, data_options.template, model_options.model,
+            *model_paths(model_options.model), *others]
 
 
 def _progress_print(progress: bool, message: str) -> None:
@@ -134,6 +140,7 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
 
 def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
     """Refuse validation or test examples the adapter was trained on (when lorabound trained it)."""
+    read_adapter_config(adapter_dir)  # says so if the folder does not exist, rather than finding no info file
     info_file = Path(adapter_dir) / "lorabound_train.json"
     if not info_file.is_file():
         return
@@ -183,7 +190,24 @@ def _analyze(peft_model, tokenizer, task, splits, out: Path, curves, batch_size,
                             curves=tuple(curves), checkpoint=partial, progress=progress, meta=meta)
     write_json_atomic(out / "curves.json", result)
     partial.unlink(missing_ok=True)
+    _warn_cut(result["meta"], data_options.max_length)
     return result
+
+
+def _warn_cut(meta: dict, max_length: int) -> None:
+    """One stderr line when the curves left examples out or cut targets (also noted in curves.json / the report)."""
+    skipped, cut = meta.get("n_skipped", 0), meta.get("n_truncated", 0)
+    if not skipped and not cut:
+        return
+    total = meta.get("n_examples", 0) + skipped
+    parts = ([f"{skipped} of {total} {meta.get('split', 'validation')} examples were skipped (prompt alone longer "
+              f"than --max-length {max_length})"] if skipped else []) \
+        + ([f"{cut} targets were cut to --max-length {max_length}"] if cut else [])
+    _warn(" and ".join(parts) + "; the curves use the rest: raise --max-length to use them whole")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _sizes(splits: Splits) -> dict:
@@ -232,9 +256,14 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
+    fingerprint, model_id, layers = adapter_fingerprint(adapter), _model_identity(model_options), \
+        adapter_layers(peft_model)
+
     def score_boundary(b: int) -> dict:
-        texts = _generate_cached(peft_model, tokenizer, task, splits.validation, b, "validation", out,
-                                 generation, progress)
+        name = variant_name(b, max(layers))
+        variant = Variant(name) if b < 0 else Variant.at_boundary(name, fingerprint, b, layers)
+        texts = _generate_cached(peft_model, tokenizer, task, splits.validation, variant, "validation", out,
+                                 generation, model_id, progress).texts
         return score(texts, [list(e.references) for e in splits.validation])
 
     result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
@@ -269,41 +298,62 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _generate_cached(peft_model, tokenizer, task: Task, examples: list[Example], boundary: int | None, split: str,
-                     out: Path | None, generation: GenerationOptions, progress, name: str | None = None) -> list[str]:
-    """Generate with LoRA kept on 0..boundary (None: full; -1: adapters off), reusing a finished file.
+@dataclass
+class Generated:
+    texts: list[str]
+    file: str | None  # the JSONL holding them, relative to the output folder (None: not saved)
 
-    The file is OUT/generations/SPLIT-NAME.jsonl; NAME defaults to the variant's name ("pruned (b=14)", ...).
+
+def _model_identity(model_options: ModelOptions) -> dict:
+    """What identifies the loaded model in a cache key: its spec, dtype, device and its files' identity."""
+    return {"model": model_options.model, "dtype": model_options.dtype, "device": model_options.device,
+            "files": input_identity(model_options.model)}
+
+
+def _generate_cached(model, tokenizer, task: Task, examples: list[Example], variant: Variant, split: str,
+                     out: Path | None, generation: GenerationOptions, model_id: dict, progress) -> Generated:
+    """Generate with `variant` applied to `model` (which carries the variant's adapter), reusing a finished file.
+
+    The file is OUT/generations/SPLIT-NAME-KEY.jsonl. KEY hashes everything that determines the outputs: the
+    variant's key (adapter content, kept layers), the model's identity, the prompts and the generation
+    settings; the name is only there to help a reader, so two variants never share a file.
     """
-    num_layers = find_layer_stack(peft_model).num_layers
-    name = name or variant_name(boundary, max(adapter_layers(peft_model)))
-    path = out / "generations" / f"{split}-{_slug(name)}.jsonl" if out is not None else None
-    key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
+    prompts = [task.prompt(e) for e in examples]
+    key = hashlib.sha256(json.dumps({"variant": variant.key(), "model": model_id, "split": split, "prompts": prompts,
+                                     "generation": asdict(generation)}, sort_keys=True).encode()).hexdigest()
+    relative = f"generations/{split}-{_slug(variant.name)[:40] or 'variant'}-{key[:12]}.jsonl"
+    path = out / relative if out is not None else None
     if path is not None and path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         if rows and rows[0].get("key") == key and len(rows) == len(examples):
-            return [r["output"] for r in rows]
-    prompts = [task.prompt(e) for e in examples]
-    label = f"generate {split}: {name}"
-    if boundary is not None and boundary < 0:
-        with peft_model.disable_adapter():
-            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
-    else:
-        layers = range(num_layers if boundary is None else boundary + 1)
-        with keep_lora(peft_model, layers):
-            texts = _run_generate(peft_model, tokenizer, prompts, generation, label, progress)
+            return Generated([r["output"] for r in rows], relative)
+    with _applied(model, variant):
+        result = _run_generate(model, tokenizer, prompts, generation, f"generate {split}: {variant.name}", progress)
+    texts = result.texts
+    if result.n_prompt_truncated:
+        _warn(f"{result.n_prompt_truncated} of {len(prompts)} {split} prompts were cut from the left to fit the "
+              f"model while generating for {variant.name}; their outputs may miss part of the input")
     if path is not None:
         rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
                 for i, (e, t) in enumerate(zip(examples, texts))]
         write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return texts
+    return Generated(texts, relative if path is not None else None)
 
 
-def _run_generate(model, tokenizer, prompts, generation: GenerationOptions, label, progress) -> list[str]:
+def _applied(model, variant: Variant):
+    """A context running `model` as `variant`: no adapter at all, LoRA on the kept layers, or all of it."""
+    if variant.is_base:
+        return model.disable_adapter()
+    if variant.kept_layers is None:
+        return contextlib.nullcontext()
+    return keep_lora(model, variant.kept_layers)
+
+
+def _run_generate(model, tokenizer, prompts, generation: GenerationOptions, label, progress):
     result = generate(model, tokenizer, prompts, max_new_tokens=generation.max_new_tokens,
                       batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
                       progress=label if progress else False)
-    return result.texts
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -330,40 +380,56 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
+    for extra in adapters or []:
+        read_adapter_config(extra)  # a missing or broken folder is named before any work
     out = fresh_output_dir(out, overwrite)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     generation = generation or GenerationOptions()
+    model_id = _model_identity(model_options)
+    origins = {b: ["asked with --boundaries"] for b in boundaries or []}
     result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                       data_options.seed, progress)
+                       data_options.seed, progress, adapter=adapter, model_id=model_id, origins=origins)
     for extra in adapters or []:
         other, _ = model_options.load(extra)
-        texts = _generate_cached(other, tokenizer, task, splits.test, None, "test", out, generation, progress,
-                                 name=str(extra))
-        metrics = score(texts, [list(e.references) for e in splits.test])
-        result["variants"].append(_variant_row(str(extra), None, metrics, _adapter_params(extra), _adapter_mb(extra)))
+        variant = Variant(str(extra), adapter_fingerprint(extra))
+        generated = _generate_cached(other, tokenizer, task, splits.test, variant, "test", out, generation,
+                                     model_id, progress)
+        metrics = score(generated.texts, [list(e.references) for e in splits.test])
+        result["variants"].append(_variant_row(variant.name, None, metrics, _adapter_params(extra),
+                                               _file_size(extra), generated.file, "exported adapter (--adapters)"))
     write_json_atomic(out / "evaluation.json", result)
     return result
 
 
+REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every LoRA layer"}
+
+
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
-              seed: int, progress) -> dict:
+              seed: int, progress, *, adapter, model_id: dict, origins: dict[int, list[str]]) -> dict:
+    """Base, full adapter and LoRA kept up to each b, on test. `origins`: b -> why that b is in the table."""
     require_nonempty(splits.test, "test")
     num_layers = find_layer_stack(peft_model).num_layers
     for b in boundaries:
         check_boundary(b, num_layers)
     per_layer = lora_params_per_layer(peft_model)
-    top = max(per_layer)  # the adapter's highest LoRA layer: any b from there up is the full adapter
+    layers = sorted(per_layer)
+    top = max(layers)  # the adapter's highest LoRA layer: any b from there up is the full adapter
+    fingerprint = adapter_fingerprint(adapter)
+    sizes = _SizeOf(adapter, peft_model)
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     references = [list(e.references) for e in splits.test]
     outputs, variants = {}, []
     for b in wanted:
         name = variant_name(b, top)
-        outputs[name] = _generate_cached(peft_model, tokenizer, task, splits.test, b, "test", out, generation,
-                                         progress)
+        variant = Variant(name) if b == -1 else Variant.at_boundary(name, fingerprint, b, layers)
+        generated = _generate_cached(peft_model, tokenizer, task, splits.test, variant, "test", out, generation,
+                                     model_id, progress)
+        outputs[name] = generated.texts
         metrics = score(outputs[name], references)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
-        variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
+        variants.append(_variant_row(name, b, metrics, params, sizes.at(b, top), generated.file,
+                                     _origin(b, top, origins)))
         if b is None:
             signature = metrics["bleu_signature"]
     significance = []
@@ -380,24 +446,61 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
             "lora_params_total": sum(per_layer.values())}
 
 
-def _variant_row(name, boundary, metrics: dict, params, mb) -> dict:
-    return {"name": name, "boundary": boundary, "lora_params": params, "adapter_mb": mb,
-            "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
-            "hypotheses_file": f"generations/test-{_slug(name)}.jsonl"}
+def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
+    """Why a row is in the table: its b's origins, the full adapter's for any b from the top layer up."""
+    if b == -1:
+        found = origins.get(-1, [])
+        return "; ".join(found) if found else REFERENCE_ORIGINS["base"]
+    if b is None:
+        found = [text for given, texts in sorted(origins.items()) if given >= top for text in texts]
+        return "; ".join(dict.fromkeys(found)) if found else REFERENCE_ORIGINS["full"]
+    return "; ".join(dict.fromkeys(origins.get(b, []))) or "asked"
 
 
-def _mb(params: int, model) -> float:
-    """Size of a safetensors adapter holding `params` LoRA parameters in the model's dtype."""
-    element = next(p for n, p in model.named_parameters() if "lora_" in n).element_size()
-    return params * element / 1e6
+def _variant_row(name, boundary, metrics: dict, params, size: tuple[float | None, str | None], hypotheses_file,
+                 origin: str) -> dict:
+    mb, how = size
+    return {"name": name, "boundary": boundary, "origin": origin, "lora_params": params, "adapter_mb": mb,
+            "adapter_mb_source": how, "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
+            "hypotheses_file": hypotheses_file}
+
+
+class _SizeOf:
+    """On-disk adapter sizes (MB) per variant, and how each was found.
+
+    "file": the adapter's own weights file. "export": the exact size of the safetensors file a peft export at
+    that b writes, tensors in their stored dtype (computed by serialising them, nothing written).
+    "estimate": LoRA parameters x the loaded dtype's bytes, only where the weights cannot be read (pickles).
+    """
+
+    def __init__(self, adapter, peft_model):
+        self.adapter, self.model = Path(adapter), peft_model
+        try:
+            self.files = AdapterFiles.read(adapter)
+        except LoraboundError:
+            self.files = None
+
+    def at(self, b: int | None, top: int) -> tuple[float | None, str | None]:
+        if b == -1:
+            return None, None
+        if b is None or b >= top:
+            return _file_size(self.adapter)
+        if self.files is not None:
+            return exported_bytes(self.files, b) / 1e6, "export"
+        params = sum(n for layer, n in lora_params_per_layer(self.model).items() if layer <= b)
+        element = next(p for n, p in self.model.named_parameters() if "lora_" in n).element_size()
+        return params * element / 1e6, "estimate"
 
 
 def _adapter_params(folder) -> int:
     return AdapterFiles.read(folder).lora_params()
 
 
-def _adapter_mb(folder) -> float:
-    return (Path(folder) / ADAPTER_WEIGHTS).stat().st_size / 1e6
+def _file_size(folder) -> tuple[float, str]:
+    """The adapter's weights file size in MB (safetensors, else the pickle), measured."""
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS if (folder / ADAPTER_WEIGHTS).is_file() else folder / ADAPTER_PICKLE
+    return weights.stat().st_size / 1e6, "file"
 
 
 # ---------------------------------------------------------------------------
@@ -458,22 +561,15 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
 
     _progress_print(progress, "[4/5] evaluate: generation on test")
-    compare = {b, knee(curves["truncation"], knee_fraction)} | set(boundaries or [])
-    if all(c >= top for c in compare):
-        # The search kept everything: still show on test what the best smaller candidate would have cost.
-        metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
-        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c[metric] is not None]
-        if below:
-            compare.add(max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"])
-    evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
-                           data_options.seed, progress)
+    origins = _run_origins(found, curves, knee_fraction, boundaries or [], top)
+    evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(origins), out, generation, bootstrap,
+                           data_options.seed, progress, adapter=adapter, model_id=_model_identity(model_options),
+                           origins=origins)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
-                row["adapter_mb"], row["exported_to"] = _adapter_mb(pruned_dir), str(pruned_dir)
-    for row in evaluation["variants"]:
-        if row["name"] == FULL and Path(adapter, ADAPTER_WEIGHTS).is_file():
-            row["adapter_mb"] = _adapter_mb(adapter)
+                (row["adapter_mb"], row["adapter_mb_source"]), row["exported_to"] = _file_size(pruned_dir), \
+                    str(pruned_dir)
 
     _progress_print(progress, "[5/5] report")
     report = {
@@ -487,6 +583,25 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     }
     write_report(out, report)
     return report
+
+
+def _run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[int], top: int) -> dict[int, list[str]]:
+    """The boundaries `run` evaluates on test, each with why: chosen, the knee, asked, or the best smaller one."""
+    b = found["boundary"]
+    chosen = "given with --boundary" if found["criterion"] == "boundary" else f"chosen by the search ({found['criterion']})"
+    origins: dict[int, list[str]] = {b: [chosen]}
+    knee_b = knee(curves["truncation"], knee_fraction)
+    origins.setdefault(knee_b, []).append(f"for comparison: knee of the curve ({knee_fraction:.0%} of the gain)")
+    for given in asked:
+        origins.setdefault(given, []).append("for comparison: asked with --boundaries")
+    if all(c >= top for c in origins):
+        # The search kept everything: still show on test what the best smaller candidate would have cost.
+        metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
+        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c.get(metric) is not None]
+        if below:
+            best = max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"]
+            origins.setdefault(best, []).append(f"for comparison: best smaller candidate by validation {metric}")
+    return origins
 
 
 def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
@@ -506,7 +621,8 @@ def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> 
 
 
 def verdict(search: dict, evaluation: dict, top: int) -> str:
-    """Plain sentences on what the chosen boundary does on the test split, and how it was chosen."""
+    """Plain sentences on what the chosen boundary does on the test split, how it was chosen, and which other
+    rows are there only for comparison (and why)."""
     b = search["boundary"]
     tests = {(s["a"], s["metric"]): s for s in evaluation["significance"]}
     name = variant_name(b, top)
@@ -515,16 +631,23 @@ def verdict(search: dict, evaluation: dict, top: int) -> str:
     def on_test(variant: str) -> str:
         return " ".join(tests[(variant, m)]["sentence"] for m in ("bleu", "rougeL") if (variant, m) in tests)
 
+    others = [v for v in evaluation["variants"] if v["name"] not in (BASE, FULL, name)]
+    compared = ""
+    if others:
+        listed = "; ".join(f"{v['name']}: {_comparison_reason(v)}" for v in others)
+        compared = (f" Not chosen, shown for comparison only: {listed}. On test: "
+                    + " ".join(on_test(v["name"]) for v in others))
     if name == FULL:
-        others = [v["name"] for v in evaluation["variants"] if v["name"] not in (BASE, FULL)]
-        text = f"LoRA was kept on every layer, so nothing was dropped ({why})."
-        if others:
-            text += " For comparison on test: " + " ".join(on_test(o) for o in others)
-        return text
+        return f"LoRA was kept on every layer, so nothing was dropped ({why}).{compared}"
     if name == BASE:
-        return f"Every LoRA layer was dropped: the base model ({why}). On test: {on_test(BASE)}"
+        return f"Every LoRA layer was dropped: the base model ({why}). On test: {on_test(BASE)}{compared}"
     share = 1 - search.get("kept_fraction", 0.0)
-    return f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). On test: {on_test(name)}"
+    return (f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). "
+            f"On test: {on_test(name)}{compared}")
+
+
+def _comparison_reason(row: dict) -> str:
+    return str(row.get("origin") or "for comparison").removeprefix("for comparison: ")
 
 
 def _notes(curves: dict, export: dict | None) -> list[str]:
