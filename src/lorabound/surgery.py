@@ -209,11 +209,12 @@ class PruneResult:
         def mb(n: int | None) -> str:
             return "n/a (a hub model)" if n is None else f"{n / 1e6:.2f} MB"
         share = self.lora_params_after / self.lora_params_before if self.lora_params_before else 0.0
+        on = f"LoRA on layers 0..{self.boundary}" if self.boundary >= 0 else "no LoRA layer"
         if self.format == "merged":
-            what = f"merged model ({self.dtype}) with LoRA on layers 0..{self.boundary}"
+            what = f"merged model ({self.dtype}) with {on}"
             size = f"model weights on disk: base model {mb(self.bytes_before)} -> merged model {mb(self.bytes_after)}"
         else:
-            what = f"{self.format} adapter with LoRA on layers 0..{self.boundary}"
+            what = f"{self.format} adapter with {on}"
             size = f"adapter weights on disk: {mb(self.bytes_before)} -> {mb(self.bytes_after)}"
         lines = [f"wrote {what} to {self.out_dir}",
                  f"LoRA parameters: {self.lora_params_before:,} -> {self.lora_params_after:,} ({share:.1%} kept)",
@@ -365,19 +366,24 @@ def _write_merged(source: AdapterFiles, tensors, kept, boundary, model_spec, fol
 
 
 def _copy_saved_modules(model, tensors: dict[str, torch.Tensor], model_spec: str) -> None:
-    """Put the adapter's whole-module copies (modules_to_save, e.g. lm_head) into the base model's weights."""
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            path = name.removeprefix("base_model.model.")
-            try:
-                target = model.get_parameter(path)
-            except AttributeError:
-                raise LoraboundError(f"the adapter saves {path}, which model {model_spec} does not have; "
-                                     "pass the --model the adapter was trained on") from None
-            if target.shape != tensor.shape:
-                raise LoraboundError(f"the adapter's {path} has shape {tuple(tensor.shape)}, model {model_spec}'s "
-                                     f"{tuple(target.shape)}; pass the --model the adapter was trained on")
-            target.copy_(tensor.to(target.dtype))
+    """Put the adapter's whole-module copies (modules_to_save, e.g. lm_head) into the base model.
+
+    Each becomes a new parameter, as PEFT's own merge does: a head tied to the embeddings gets its own weight
+    and the embeddings stay the base model's.
+    """
+    for name, tensor in tensors.items():
+        path = name.removeprefix("base_model.model.")
+        module_path, _, attribute = path.rpartition(".")
+        try:
+            module = model.get_submodule(module_path)
+            old = getattr(module, attribute)
+        except AttributeError:
+            raise LoraboundError(f"the adapter saves {path}, which model {model_spec} does not have; "
+                                 "pass the --model the adapter was trained on") from None
+        if tuple(old.shape) != tuple(tensor.shape):
+            raise LoraboundError(f"the adapter's {path} has shape {tuple(tensor.shape)}, model {model_spec}'s "
+                                 f"{tuple(old.shape)}; pass the --model the adapter was trained on")
+        setattr(module, attribute, torch.nn.Parameter(tensor.to(old.dtype).clone(), requires_grad=False))
 
 
 def _untie_changed_head(model) -> None:
