@@ -34,8 +34,8 @@ from .evaluate import describe_significance, paired_bootstrap, score
 from .generation import generate
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
-from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, check_lora_config, find_layer_stack, load_adapter, load_model, model_paths,
-                    read_adapter_config)
+from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, check_lora_config, find_layer_stack, load_adapter, load_model,
+                    model_paths, read_adapter_config)
 from .report import format_table, plot_curves, write_report
 from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, exported_bytes, keep_lora,
                       lora_params_per_layer, prune_adapter)
@@ -461,7 +461,8 @@ def _variant_row(name, boundary, metrics: dict, params, size: tuple[float | None
                  origin: str) -> dict:
     mb, how = size
     return {"name": name, "boundary": boundary, "origin": origin, "lora_params": params, "adapter_mb": mb,
-            "adapter_mb_source": how, "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
+            "adapter_mb_source": how,
+            "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
             "hypotheses_file": hypotheses_file}
 
 
@@ -588,7 +589,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
 def _run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[int], top: int) -> dict[int, list[str]]:
     """The boundaries `run` evaluates on test, each with why: chosen, the knee, asked, or the best smaller one."""
     b = found["boundary"]
-    chosen = "given with --boundary" if found["criterion"] == "boundary" else f"chosen by the search ({found['criterion']})"
+    chosen = ("given with --boundary" if found["criterion"] == "boundary"
+              else f"chosen by the search ({found['criterion']})")
     origins: dict[int, list[str]] = {b: [chosen]}
     knee_b = knee(curves["truncation"], knee_fraction)
     origins.setdefault(knee_b, []).append(f"for comparison: knee of the curve ({knee_fraction:.0%} of the gain)")

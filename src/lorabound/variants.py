@@ -45,7 +45,8 @@ def adapter_fingerprint(folder: str | Path) -> str:
     """sha256 over the adapter's config and weights files: changes whenever either file's content does."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LoraboundError(f"adapter folder {folder} does not exist; pass the folder written by PEFT's save_pretrained")
+        raise LoraboundError(f"adapter folder {folder} does not exist; "
+                             "pass the folder written by PEFT's save_pretrained")
     digest = hashlib.sha256()
     for name in (ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_PICKLE):
         if (folder / name).is_file():
