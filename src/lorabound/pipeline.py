@@ -321,7 +321,7 @@ def _generate_cached(model, tokenizer, task: Task, examples: list[Example], vari
     prompts = [task.prompt(e) for e in examples]
     key = hashlib.sha256(json.dumps({"variant": variant.key(), "model": model_id, "split": split, "prompts": prompts,
                                      "generation": asdict(generation)}, sort_keys=True).encode()).hexdigest()
-    relative = f"generations/{split}-{_slug(variant.name)[:40] or 'variant'}-{key[:12]}.jsonl"
+    relative = f"generations/{split}-{_slug(variant.name)[-40:].strip('-') or 'variant'}-{key[:12]}.jsonl"
     path = out / relative if out is not None else None
     if path is not None and path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
