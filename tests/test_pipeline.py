@@ -342,3 +342,20 @@ def html_escape(text: str) -> str:
     import html
 
     return html.escape(text, quote=True)
+
+
+def test_prompts_cut_while_generating_are_warned_about(tmp_path, monkeypatch, capsys):
+    """evaluate and search generate from whole prompts today; should a generator cut some, one stderr line says so."""
+    from lorabound.generation import GenerationResult
+    from lorabound.variants import Variant
+    from tiny import tiny_task
+
+    task = tiny_task()
+    monkeypatch.setattr(pipeline, "generate", lambda model, tokenizer, prompts, **k: GenerationResult(
+        texts=["x"] * len(prompts), n_prompt_truncated=2))
+    generated = pipeline._generate_cached(None, None, task, task.examples[:5], Variant("full adapter", "h"), "test",
+                                          tmp_path, GenerationOptions(), {"model": "m"}, False)
+    assert generated.texts == ["x"] * 5
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: 2 of 5 test prompts were cut from the left to fit the model while generating "
+                        "for full adapter; their outputs may miss part of the input"]
