@@ -101,7 +101,7 @@ def test_interrupted_analysis_resumes_with_identical_numbers(tmp_path, tok, monk
 
     def dies_on_third_batch(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 4:  # the self-check scores the first batch once, then batches 1, 2, and 3 dies
             raise KeyboardInterrupt
         return real_score(*args, **kwargs)
 
@@ -136,3 +136,28 @@ def test_real_model_sweep_equals_plain_loop():
     plain = truncation_curve_plain(model, encoded, batch_size=2, pad_token_id=tokenizer.pad_token_id)
     assert fast["boundary"] == plain["boundary"] == list(range(-1, 30))
     assert close(fast["nll"], plain["nll"], tol=1e-4) and close(fast["mean_prob"], plain["mean_prob"], tol=1e-4)
+
+
+@pytest.mark.real
+def test_real_model_self_check_passes(real_model, monkeypatch):
+    """On SmolLM2-135M the sweep reproduces the model's own logits (full adapter and base); a 1% head error is refused."""
+    import copy
+
+    from lorabound.data import batches, encode_pairs, first_reference_pairs, load_task, split_task
+    from lorabound.errors import LoraboundError
+    from lorabound.model import apply_head, find_layer_stack
+    from lorabound.surgery import adapter_layers
+
+    base, tokenizer = real_model
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(model, scale=0.02)
+    model.eval()
+    task = load_task("e2e")
+    examples = split_task(task, train=0, validation=2, test=0, seed=0).validation
+    encoded = encode_pairs(tokenizer, task, first_reference_pairs(examples), 128)
+    all_batches = list(batches(encoded, 2, tokenizer.pad_token_id))
+    stack = find_layer_stack(model)
+    analysis.check_reproduces_model(model, stack, all_batches, adapter_layers(model))  # raises if not reproduced
+    monkeypatch.setattr(analysis, "apply_head", lambda stack, hidden: apply_head(stack, hidden) * 1.01)
+    with pytest.raises(LoraboundError, match="LlamaForCausalLM's own logits"):
+        analysis.check_reproduces_model(model, stack, all_batches, adapter_layers(model))

@@ -1,12 +1,22 @@
-"""Boundary criteria on curves whose answer is known by construction."""
+"""Boundary criteria on curves and validation outputs whose answer is known by construction."""
+
+import re
 
 import pytest
 
-from lorabound.boundary import SearchSettings, knee, max_likelihood, pick_by_metric, preselect, search
+from lorabound.boundary import (SearchSettings, Validation, knee, local_maxima, max_likelihood, pick_by_metric,
+                                preselect, search)
 from lorabound.errors import LoraboundError
+from lorabound.evaluate import COMBINED
 
 # base 0.40, full 0.60: 90% of the gain is 0.58, first reached at b = 3.
 CURVE = {"boundary": [-1, 0, 1, 2, 3, 4, 5], "mean_prob": [0.40, 0.45, 0.50, 0.55, 0.58, 0.61, 0.60]}
+PER_LAYER = {layer: 10 for layer in range(6)}
+
+# The adapter lowers the probability at the top (full <= base): every knee is -1, the peak is at b = 1.
+FALLING = {"boundary": [-1, 0, 1, 2, 3, 4, 5], "mean_prob": [0.50, 0.52, 0.60, 0.55, 0.50, 0.49, 0.48]}
+# An interior bump at b = 0 below half the full gain: no knee reaches it.
+BUMPY = {"boundary": [-1, 0, 1, 2, 3, 4, 5], "mean_prob": [0.40, 0.47, 0.44, 0.46, 0.55, 0.59, 0.60]}
 
 
 def test_knee_reaches_fraction_of_gain():
@@ -25,9 +35,27 @@ def test_max_likelihood_prefers_smallest_on_ties():
     assert max_likelihood({"boundary": [-1, 0, 1], "mean_prob": [0.1, 0.3, 0.3]}) == 0
 
 
-def test_preselect_includes_full_adapter_and_knees():
+def test_local_maxima_are_interior_and_count_a_flat_top_once():
+    assert local_maxima(CURVE) == [4]
+    assert local_maxima(BUMPY) == [0]
+    assert local_maxima(FALLING) == [1]
+    flat_top = {"boundary": [-1, 0, 1, 2, 3], "mean_prob": [0.1, 0.3, 0.3, 0.2, 0.4]}
+    assert local_maxima(flat_top) == [0]
+    rising_step = {"boundary": [-1, 0, 1, 2], "mean_prob": [0.1, 0.3, 0.3, 0.4]}  # a step, not a peak
+    assert local_maxima(rising_step) == []
+
+
+def test_preselect_includes_knees_peaks_and_full_adapter():
     chosen = preselect(CURVE)
-    assert 5 in chosen and knee(CURVE, 0.9) in chosen and chosen == sorted(set(chosen))
+    assert list(chosen) == sorted(chosen)
+    assert "full adapter" in chosen[5] and "knee 90%" in chosen[3]
+    assert chosen[4] == ["knee 95%", "max-likelihood", "local maximum"]
+    # The paper's case the knees cannot reach: a bump below half the gain, and a peak when the full adapter
+    # is no better than the base (the old preselection tried only -1 and the full adapter there).
+    assert 0 in preselect(BUMPY) and "local maximum" in preselect(BUMPY)[0]
+    falling = preselect(FALLING)
+    assert list(falling) == [-1, 1, 5]
+    assert falling[1] == ["max-likelihood", "local maximum"]
 
 
 def test_pick_by_metric_with_tolerance():
@@ -37,20 +65,174 @@ def test_pick_by_metric_with_tolerance():
     assert pick_by_metric(scores, tolerance=2.0) == 3
 
 
-def test_search_by_generation_metric_calls_only_candidates():
+# --------------------------------------------------------------------------------------------
+# Generating criteria, on outputs built from the references
+# --------------------------------------------------------------------------------------------
+
+SENTENCES = [
+    "the cat sat on the mat", "a dog ran across the busy road", "we had fish and chips for dinner",
+    "the train left the station at noon", "she plays the violin every morning", "rain is expected later today",
+    "the museum opens at nine on sundays", "he forgot his keys in the car", "birds sing loudly in the spring",
+    "the soup was too hot to eat", "our team won the final match", "coffee tastes better with fresh milk",
+]
+REFS = SENTENCES * 2  # 24 validation examples
+RUSSIAN = ["кошка сидела на ковре у окна", "поезд ушёл со станции ровно в полдень",
+           "мы ели рыбу с картошкой на ужин", "она играет на скрипке каждое утро"] * 3
+
+
+def damaged(text: str) -> str:
+    words = text.split()
+    return " ".join(words[: len(words) // 2] + ["zzz"] * (len(words) - len(words) // 2))
+
+
+def outputs(right: int, refs=REFS) -> list[str]:
+    """The first `right` examples exactly right, the rest half wrong: more right is better on every metric."""
+    return [r if i < right else damaged(r) for i, r in enumerate(refs)]
+
+
+def validation(right_per_b: dict[int, int], refs=REFS, asked=None) -> Validation:
+    def generate(b):
+        if asked is not None:
+            asked.append(b)
+        return outputs(right_per_b[b], refs)
+
+    return Validation(generate=generate, references=[[r] for r in refs])
+
+
+def test_auto_generates_for_the_preselected_candidates_only():
     asked = []
+    right = {b: 10 for b in range(6)}
+    result = search(CURVE, SearchSettings(criterion="auto"), 6, PER_LAYER, validation(right, asked=asked))
+    assert asked == list(preselect(CURVE))
+    assert result.criterion == "auto" and result.goal == "quality"
 
-    def fake_scores(b):
-        asked.append(b)
-        return {"bleu": 10.0 + b, "rougeL": 40.0 - abs(b - 3), "chrf": 30.0}
 
-    per_layer = {layer: 10 for layer in range(6)}
-    result = search(CURVE, SearchSettings(criterion="auto"), 6, per_layer, fake_scores)
-    assert asked == preselect(CURVE)
-    assert result.boundary == 3 and result.lora_params_kept == 40 and result.lora_params_total == 60
-    assert result.criterion == "auto"
-    by_bleu = search(CURVE, SearchSettings(criterion="bleu"), 6, per_layer, fake_scores)
-    assert by_bleu.boundary == 5
+def test_quality_goal_ignores_a_small_validation_edge():
+    # b = 3 gets one more example right than the full adapter: about a point better, well within the noise.
+    # The old rule (best validation ROUGE-L, ties to the smaller b) chose it.
+    right = {1: 4, 2: 4, 3: 13, 4: 12, 5: 12}
+    result = search(CURVE, SearchSettings(criterion="auto"), 6, PER_LAYER, validation(right))
+    assert result.boundary == 5
+    assert result.reason.startswith("goal quality: no candidate beat the full adapter beyond noise")
+    assert "the closest was b = 3: +" in result.reason and "Bonferroni" in result.reason
+    three = next(c for c in result.candidates if c["boundary"] == 3)
+    assert three["rougeL"] > next(c for c in result.candidates if c["boundary"] == 5)["rougeL"]
+    assert three["vs_full"][COMBINED]["p_value"] > 0.05
+
+
+def test_quality_goal_drops_layers_for_a_gain_beyond_noise():
+    # b = 3 gets ten more examples right than the full adapter, and the same ones wrong otherwise.
+    right = {1: 4, 2: 4, 3: 22, 4: 12, 5: 12}
+    result = search(CURVE, SearchSettings(criterion="auto"), 6, PER_LAYER, validation(right))
+    assert result.boundary == 3
+    assert result.reason.startswith("goal quality: the largest validation gain beyond noise, b = 3: +")
+    test = next(c for c in result.candidates if c["boundary"] == 3)["vs_full"][COMBINED]
+    assert test["ci_low"] > 0 and test["p_value"] < 0.05 / 4  # four smaller candidates: b = 1, 2, 3, 4
+
+
+def test_size_goal_takes_the_smallest_b_not_significantly_worse_within_tolerance():
+    # b = 1 loses two examples (a couple of points, not significant); b = 0 loses twelve (significant).
+    right = {0: 0, 1: 10, 3: 12, 5: 12}
+    settings = dict(criterion="auto", goal="size", candidates=[0, 1, 3])
+    strict = search(CURVE, SearchSettings(**settings), 6, PER_LAYER, validation(right))
+    assert strict.boundary == 3  # tolerance 0: no loss at all
+    loose = search(CURVE, SearchSettings(**settings, tolerance=10), 6, PER_LAYER, validation(right))
+    assert loose.boundary == 1
+    assert loose.reason.startswith("goal size: the smallest b not significantly worse")
+    assert "at most 10 points below it" in loose.reason
+    zero = next(c for c in loose.candidates if c["boundary"] == 0)["vs_full"][COMBINED]
+    assert zero["diff"] < -10 and zero["p_value"] < 0.05
+
+
+def test_every_candidate_has_intervals_against_the_full_adapter():
+    right = {0: 2, 1: 6, 3: 12, 5: 12}
+    result = search(CURVE, SearchSettings(criterion="auto", candidates=[0, 1, 3]), 6, PER_LAYER, validation(right))
+    by_b = {c["boundary"]: c for c in result.candidates}
+    assert by_b[5]["vs_full"] is None and by_b[5]["why"] == ["full adapter"]
+    for b in (0, 1, 3):
+        assert by_b[b]["why"] == ["given"]
+        for metric in ("bleu", "rougeL", COMBINED):
+            t = by_b[b]["vs_full"][metric]
+            assert t["ci_low"] <= t["ci_high"] and 0 < t["p_value"] <= 1
+        assert by_b[b]["vs_full"]["bleu"]["diff"] == pytest.approx(by_b[b]["bleu"] - by_b[5]["bleu"])
+    assert by_b[0]["vs_full"]["rougeL"]["ci_high"] < 0  # far worse: the interval says so
+    assert by_b[3]["vs_full"][COMBINED] == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0}
+    tests = result.validation_tests
+    assert tests["n"] == 24 and tests["resamples"] == 1000 and "tok:13a" in tests["bleu_signature"]
+    assert "tok:unicode" in tests["rouge_signature"]
+
+
+def test_metric_criterion_says_exactly_what_it_did():
+    right = {1: 4, 3: 13, 4: 13, 5: 12}
+    best = search(CURVE, SearchSettings(criterion="rougeL", candidates=[1, 4]), 6, PER_LAYER, validation(right))
+    assert best.boundary == 4
+    assert best.reason.startswith("the highest validation ROUGE-L (")
+    assert "among candidates [1, 4, 5]" in best.reason
+    tied = search(CURVE, SearchSettings(criterion="rougeL", candidates=[1, 3, 4]), 6, PER_LAYER, validation(right))
+    assert tied.boundary == 3
+    assert "b = 3, 4 tied for the highest validation ROUGE-L" in tied.reason
+    assert "the smallest of them was taken" in tied.reason
+    within = search(CURVE, SearchSettings(criterion="bleu", candidates=[1, 4], tolerance=50), 6, PER_LAYER,
+                    validation(right))
+    assert within.boundary == 1
+    assert within.reason.startswith("the smallest b whose validation BLEU (")
+    assert "is within 50 points of the highest (" in within.reason
+
+
+def compared(bleu: tuple, rouge: tuple) -> dict:
+    """A candidate's row with (difference, p) against the full adapter for BLEU and ROUGE-L; the mean's p given."""
+    mean_p = min(bleu[1], rouge[1])
+    tests = {"bleu": bleu, "rougeL": rouge, COMBINED: ((bleu[0] + rouge[0]) / 2, mean_p)}
+    return {"bleu": 30 + bleu[0], "rougeL": 50 + rouge[0], COMBINED: 40 + tests[COMBINED][0],
+            "vs_full": {m: {"diff": d, "ci_low": d - 1, "ci_high": d + 1, "p_value": p} for m, (d, p) in tests.items()}}
+
+
+def test_goal_rules_refuse_a_gain_that_costs_a_significant_loss_on_one_metric():
+    from lorabound.boundary import _pick_for_goal
+
+    full = {"bleu": 30, "rougeL": 50, COMBINED: 40, "vs_full": None}
+    # b = 1: a big BLEU gain, a significant ROUGE-L loss. b = 2: a modest gain on both, beyond noise.
+    scored = {1: compared((+12, 0.001), (-4, 0.01)), 2: compared((+2, 0.004), (+2, 0.004)), 5: full}
+    b, reason = _pick_for_goal(scored, "quality", 0.0, 5)
+    assert b == 2 and "neither BLEU nor ROUGE-L significantly lower" in reason
+    # For size, b = 1 is the smallest and gains on the mean, but is significantly worse on ROUGE-L.
+    b, reason = _pick_for_goal(scored, "size", 0.0, 5)
+    assert b == 2 and reason.startswith("goal size: the smallest b not significantly worse on BLEU, ROUGE-L")
+    # A gain beyond noise for one candidate alone is not enough after the Bonferroni correction for three.
+    scored = {0: compared((0, 1.0), (0, 1.0)), 1: compared((-1, 0.5), (-1, 0.5)), 2: compared((+2, 0.03), (+2, 0.03)),
+              5: full}
+    b, reason = _pick_for_goal(scored, "quality", 0.0, 5)
+    assert b == 5 and "needs p < 0.0167: 0.05 / 3 candidates" in reason
+
+
+@pytest.mark.parametrize("criterion", ["auto", "rougeL", "bleu"])
+def test_a_degenerate_tie_is_said_and_keeps_the_full_adapter(criterion):
+    same = {b: 6 for b in range(6)}
+    result = search(CURVE, SearchSettings(criterion=criterion), 6, PER_LAYER, validation(same))
+    assert result.boundary == 5
+    assert "every candidate scored the same validation" in result.reason
+    assert "so b = 5 (the full adapter)" in result.reason
+
+
+def test_non_latin_outputs_are_told_apart():
+    # Russian outputs: rouge-score's own tokenizer scored every candidate 0 and the search took the smallest b.
+    right = {1: 2, 3: 12, 4: 6, 5: 6}
+    result = search(CURVE, SearchSettings(criterion="rougeL", candidates=[1, 3, 4]), 6, PER_LAYER,
+                    validation(right, refs=RUSSIAN))
+    assert result.boundary == 3
+    scores = [c["rougeL"] for c in result.candidates]
+    assert len(set(scores)) == 3 and min(scores) > 0
+
+
+def test_all_zero_scores_say_so():
+    # Outputs in another script than the references: nothing matches, every candidate scores 0.
+    def generate(b):
+        return ["zzz qqq"] * len(RUSSIAN)
+
+    val = Validation(generate=generate, references=[[r] for r in RUSSIAN])
+    result = search(CURVE, SearchSettings(criterion="auto"), 6, PER_LAYER, val)
+    assert result.boundary == 5
+    assert "(all zero: check --bleu-tokenize" in result.reason
 
 
 def test_user_boundary_and_errors():
@@ -62,6 +244,13 @@ def test_user_boundary_and_errors():
         SearchSettings(criterion="best")
     with pytest.raises(LoraboundError, match="tolerance"):
         SearchSettings(tolerance=-1)
+    with pytest.raises(LoraboundError, match="unknown goal 'small'; choose one of quality, size"):
+        SearchSettings(goal="small")
+    with pytest.raises(LoraboundError, match="--goal applies to --criterion auto only, not bleu"):
+        SearchSettings(criterion="bleu", goal="size")
+    with pytest.raises(LoraboundError, match="--tolerance is not used by --criterion auto --goal quality"):
+        SearchSettings(tolerance=1.0)
+    assert SearchSettings(goal="size", tolerance=1.0).resolved_goal == "size"
 
 
 def test_candidates_are_checked_before_any_generation():
@@ -69,9 +258,118 @@ def test_candidates_are_checked_before_any_generation():
         raise AssertionError("generated for an impossible boundary")
 
     with pytest.raises(LoraboundError, match="outside -1..5"):
-        search(CURVE, SearchSettings(criterion="bleu", candidates=[2, -2]), 6, {i: 1 for i in range(6)}, never)
-    # A candidate between the curve's points scores as the LoRA layer below it; below all of them, as unknown.
-    restricted = {"boundary": [-1, 2, 3], "mean_prob": [0.4, 0.5, 0.6]}
-    result = search(restricted, SearchSettings(criterion="bleu", candidates=[1, 3]), 6, {2: 1, 3: 1},
-                    lambda b: {"bleu": float(b), "rougeL": 0.0, "chrf": 0.0})
-    assert [c["mean_prob"] for c in result.candidates] == [0.4, 0.6]
+        search(CURVE, SearchSettings(criterion="bleu", candidates=[2, -2]), 6, {i: 1 for i in range(6)},
+               Validation(generate=never, references=[["x"]]))
+
+
+def test_a_candidate_between_lora_layers_scores_as_the_layer_below():
+    # LoRA on layers 2 and 4 only. b = 3 keeps what b = 2 keeps; b = 1 keeps no LoRA layer, so it is the base.
+    restricted = {"boundary": [-1, 2, 4], "mean_prob": [0.4, 0.5, 0.6]}
+    result = search(restricted, SearchSettings(criterion="bleu", candidates=[1, 3]), 6, {2: 1, 4: 1},
+                    validation({1: 0, 3: 6, 4: 6}))
+    assert [(c["boundary"], c["mean_prob"]) for c in result.candidates] == [(1, 0.4), (3, 0.5), (4, 0.6)]
+
+
+# --------------------------------------------------------------------------------------------
+# The search command on a tiny model, as a user runs it
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A tiny model folder, a random adapter on every layer, and a JSONL task with Russian references."""
+    import json
+
+    from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("search")
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    tiny_lora().save_pretrained(root / "adapter")
+    rows = [{"input": f"место {i}", "target": RUSSIAN[i % len(RUSSIAN)]} for i in range(12)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    args = ["--model", str(root / "base"), "--adapter", str(root / "adapter"), "--data", str(root / "data.jsonl"),
+            "--validation-size", "4", "--test-size", "2", "--max-length", "64", "--max-new-tokens", "3"]
+    return root, args
+
+
+def test_cli_search_prints_each_candidates_interval(tiny_world, capsys):
+    import json
+
+    from lorabound.cli import main
+
+    root, args = tiny_world
+    out = root / "searched"
+    code = main(["--quiet", "search", *args, "--criterion", "auto", "--goal", "size", "--tolerance", "100",
+                 "--bleu-tokenize", "char", "--bootstrap", "50", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    found = json.loads((out / "search.json").read_text())
+    assert found["goal"] == "size" and found["reason"].startswith(("goal size:", "every candidate scored the same"))
+    assert "tok:char" in found["validation_tests"]["bleu_signature"] and found["validation_tests"]["resamples"] == 50
+    lines = printed.splitlines()
+    assert lines[0] == f"boundary b = {found['boundary']} ({found['reason']})"
+    assert "against the full adapter (b = 3)" in printed and "mean vs full" in printed
+    for c in found["candidates"]:
+        row = next(line for line in lines if line.startswith(f"{c['boundary']:4d}  "))
+        if c["vs_full"] is None:
+            assert "(reference)" in row and row.endswith("full adapter")
+        else:
+            t = c["vs_full"]["bleu+rougeL"]
+            assert f"{t['diff']:+7.2f} [{t['ci_low']:+6.1f}, {t['ci_high']:+6.1f}]" in row
+            assert row.endswith(", ".join(c["why"]))
+
+
+def test_cli_search_refuses_a_goal_for_another_criterion(tiny_world, capsys):
+    from lorabound.cli import main
+
+    _, args = tiny_world
+    assert main(["--quiet", "search", *args, "--criterion", "bleu", "--goal", "size"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --goal applies to --criterion auto only, not bleu; "
+                                               "drop --goal or use --criterion auto")
+    assert main(["--quiet", "search", *args, "--bleu-tokenize", "klingon"]) == 2
+    assert "--bleu-tokenize 'klingon' is not a tokenizer" in capsys.readouterr().err
+
+
+def test_cli_search_with_a_given_boundary_prints_without_a_curve(tiny_world, capsys):
+    from lorabound.cli import main
+
+    _, args = tiny_world
+    assert main(["--quiet", "search", *args, "--boundary", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("boundary b = 1 (b = 1 was given with --boundary)")
+    assert "   1              -" in printed  # no curve was computed: the probability is unknown, not a crash
+
+
+def test_report_shows_candidate_intervals_and_metric_signatures():
+    from lorabound.report import render_markdown
+
+    right = {0: 2, 3: 12, 5: 12}
+    result = search(CURVE, SearchSettings(criterion="auto", candidates=[0, 3]), 6, PER_LAYER, validation(right))
+    report = {"search": result.to_dict(), "bleu_signature": "nrefs:1|tok:zh", "rouge_signature": "rouge-score:x"}
+    text = render_markdown(report, {})
+    zero = next(c for c in result.candidates if c["boundary"] == 0)["vs_full"][COMBINED]
+    assert f"{zero['diff']:+.2f} [{zero['ci_low']:+.2f}, {zero['ci_high']:+.2f}], p = {zero['p_value']:.3f}" in text
+    assert re.search(r"\|\s+reference \|\s+full adapter \|", text)
+    assert "BLEU signature: nrefs:1|tok:zh" in text and "ROUGE signature: rouge-score:x" in text
+
+
+def test_cli_evaluate_and_run_record_the_bleu_tokenizer(tiny_world, capsys):
+    import json
+
+    from lorabound.cli import main
+
+    root, args = tiny_world
+    assert main(["--quiet", "evaluate", *args, "--bleu-tokenize", "zh", "--bootstrap", "20",
+                 "--out", str(root / "eval")]) == 0
+    printed = capsys.readouterr().out
+    evaluation = json.loads((root / "eval" / "evaluation.json").read_text())
+    assert "tok:zh" in evaluation["bleu_signature"]
+    assert f"BLEU signature: {evaluation['bleu_signature']}" in printed
+    assert f"ROUGE signature: {evaluation['rouge_signature']}" in printed and "tok:unicode-v1" in printed
+    assert main(["--quiet", "run", *args, "--boundary", "1", "--bleu-tokenize", "char", "--bootstrap", "20",
+                 "--out", str(root / "run")]) == 0
+    report = json.loads((root / "run" / "report.json").read_text())
+    assert "tok:char" in report["bleu_signature"]
+    assert json.loads((root / "run" / "run.json").read_text())["metrics"] == {"bleu_tokenize": "char"}
+    markdown = (root / "run" / "report.md").read_text()
+    assert f"BLEU signature: {report['bleu_signature']}" in markdown and "ROUGE signature: rouge-score:" in markdown

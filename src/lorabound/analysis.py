@@ -1,6 +1,8 @@
 """Teacher-forced, per-layer curves of how LoRA helps predict the ground truth.
 
-- truncation curve (the paper's signal): LoRA kept on layers <= b, for b = -1 (base) .. L-1 (full);
+- truncation curve (the paper's signal): LoRA kept on layers <= b, for b = -1 (base: no adapter at all) .. L-1
+  (full); when the adapter has parts no boundary drops (LoRA on the head or embeddings, modules_to_save), the
+  "LoRA-layers-only" baseline (every layer's LoRA off, those parts on) is reported beside it;
 - logit lens: the ground-truth probability read from each layer's hidden state (base and full adapter);
 - single-layer ablation: LoRA dropped on one layer alone, the change in NLL.
 
@@ -25,7 +27,7 @@ from .data import Encoded, batches
 from .errors import LoraboundError
 from .files import write_json_atomic
 from .model import LayerStack, apply_head, find_layer_stack, unwrap_model
-from .surgery import adapter_layers, keep_lora
+from .surgery import adapter_layers, keep_lora, no_adapter, parts_outside_layers
 
 CURVES = ("truncation", "logit_lens", "ablation")
 
@@ -163,13 +165,23 @@ def score_batch(model, stack: LayerStack, batch, boundaries: list[int], lora_lay
                 # Input of layer b+1 when LoRA is on 0..b: the embeddings (b = -1) or layer b's output.
                 start = full.inputs[0] if b < 0 else full.outputs[b]
                 hidden = run_layers(stack, full, start, b + 1)
-                scores["truncation"].add(i, head_logits(stack, hidden, targets), targets)
+                logits = head_logits(stack, hidden, targets)
+                if b < 0 and "layers_only" in scores:
+                    scores["layers_only"].add(0, logits, targets)  # every layer's LoRA off, the other parts on
+                else:
+                    scores["truncation"].add(i, logits, targets)
+        if "layers_only" in scores:
+            # The adapter has parts outside the layers: b = -1 is the model without any of it, as in evaluation.
+            with no_adapter(model):
+                base = trace_layers(model, stack, batch.input_ids, batch.attention_mask)
+                scores["truncation"].add(0, head_logits(stack, base.outputs[-1], targets), targets)
 
     if "logit_lens" in curves:
-        with keep_lora(model, []):
+        with no_adapter(model):
             base = trace_layers(model, stack, batch.input_ids, batch.attention_mask)
+            for layer in every:
+                scores["lens_base"].add(layer, head_logits(stack, base.outputs[layer], targets), targets)
         for layer in every:
-            scores["lens_base"].add(layer, head_logits(stack, base.outputs[layer], targets), targets)
             scores["lens_full"].add(layer, head_logits(stack, full.outputs[layer], targets), targets)
 
     if "ablation" in curves:
@@ -177,6 +189,65 @@ def score_batch(model, stack: LayerStack, batch, boundaries: list[int], lora_lay
             with keep_lora(model, [other for other in every if other != layer]):
                 hidden = run_layers(stack, full, full.inputs[layer], layer)
             scores["ablation"].add(i, head_logits(stack, hidden, targets), targets)
+
+
+# ---------------------------------------------------------------------------
+# The self-check: the sweep must reproduce the model's own logits
+# ---------------------------------------------------------------------------
+
+# Largest |sweep - model| logit difference accepted, relative to the largest |logit| (at least 1).
+CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+CHECK_TOLERANCE_LOW_PRECISION = 3e-2  # bfloat16 / float16
+
+
+@torch.inference_mode()
+def check_reproduces_model(model, stack: LayerStack, all_batches: list, lora_layers: list[int]) -> None:
+    """On the first batch with targets, the sweep's full-adapter (b = top LoRA layer) and b = -1 logits must equal
+    model(...).logits with the adapter on and with it disabled. Otherwise the curves would describe some other
+    model (an architecture with a step after its blocks that apply_head misses, a layer stack run differently)."""
+    device = next(model.parameters()).device
+    batch = next((b for b in all_batches if (b.labels[:, 1:] != -100).any()), None)
+    if batch is None:
+        return
+    batch = batch.to(device)
+    targets = Targets.from_labels(batch.labels)
+    boundaries = [-1, lora_layers[-1]]
+    outside = parts_outside_layers(model)
+    scores = {"truncation": TokenScores(2), **({"layers_only": TokenScores(1)} if outside else {})}
+    sweep = _record_logits(scores["truncation"])
+    score_batch(model, stack, batch, boundaries, lora_layers, ("truncation",), scores)
+    with keep_lora(model, range(stack.num_layers)):
+        full = _model_logits(model, batch, targets)
+    with no_adapter(model):
+        base = _model_logits(model, batch, targets)
+    for name, index, expected in (("the full adapter", 1, full), ("the base model (b = -1)", 0, base)):
+        worst = (sweep[index].double() - expected.double()).abs().max().item()
+        scale = max(1.0, expected.abs().max().item())
+        tolerance = CHECK_TOLERANCE.get(next(model.parameters()).dtype, CHECK_TOLERANCE_LOW_PRECISION)
+        if not worst <= tolerance * scale:
+            arch = type(unwrap_model(model)).__name__
+            raise LoraboundError(
+                f"lorabound's layer sweep does not reproduce {arch}'s own logits for {name} (largest difference "
+                f"{worst:.3g}, allowed {tolerance * scale:.3g}), so its curves would be wrong; {arch} is not "
+                "supported yet: open an issue with this message and the model's class name")
+
+
+def _record_logits(scores: TokenScores) -> dict[int, torch.Tensor]:
+    """Keep the logits `scores` receives, by boundary index, while still scoring them."""
+    seen: dict[int, torch.Tensor] = {}
+    add = scores.add
+
+    def recording_add(index, logits, targets):
+        seen[index] = logits
+        add(index, logits, targets)
+
+    scores.add = recording_add
+    return seen
+
+
+def _model_logits(model, batch, targets: Targets) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[:, :-1][targets.rows, targets.positions].float()
 
 
 # ---------------------------------------------------------------------------
@@ -196,13 +267,16 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
     model.eval()
     stack = find_layer_stack(model)
     lora_layers = adapter_layers(model)
+    outside = parts_outside_layers(model)
     boundaries = [-1] + lora_layers  # b between two LoRA layers equals the lower one: no need to run it
-    sizes = {"truncation": len(boundaries), "lens_base": stack.num_layers, "lens_full": stack.num_layers,
-             "ablation": len(lora_layers)}
-    wanted = {"truncation": ["truncation"], "logit_lens": ["lens_base", "lens_full"], "ablation": ["ablation"]}
+    sizes = {"truncation": len(boundaries), "layers_only": 1, "lens_base": stack.num_layers,
+             "lens_full": stack.num_layers, "ablation": len(lora_layers)}
+    wanted = {"truncation": ["truncation"] + (["layers_only"] if outside else []),
+              "logit_lens": ["lens_base", "lens_full"], "ablation": ["ablation"]}
     names = [n for c in curves for n in wanted[c]]
     all_batches = list(batches(encoded, batch_size, pad_token_id))
-    fingerprint = _fingerprint(encoded, batch_size, curves, lora_layers)
+    check_reproduces_model(model, stack, all_batches, lora_layers)
+    fingerprint = _fingerprint(encoded, batch_size, curves, lora_layers + outside)
 
     state = _load_checkpoint(checkpoint, fingerprint)
     done = state["batches_done"] if state else 0
@@ -223,6 +297,13 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
                        "n_truncated": encoded.n_truncated, "n_skipped": encoded.n_skipped, "batch_size": batch_size}}
     if "truncation" in scores:
         result["truncation"] = {"boundary": boundaries, **scores["truncation"].means()}
+    if "layers_only" in scores:
+        scores["layers_only"].tokens = scores["truncation"].tokens  # scored on the same tokens as the curve
+        only = scores["layers_only"].means()
+        result["truncation"]["layers_only_baseline"] = {
+            "what": "LoRA off on every layer, the adapter's parts outside the layers on; b = -1 is the base model "
+                    "with no adapter at all",
+            "parts_on": outside, **{key: values[0] for key, values in only.items()}}
     if "lens_base" in scores:
         base, full = scores["lens_base"].means(), scores["lens_full"].means()
         result["logit_lens"] = {"layer": list(range(stack.num_layers)), "base_prob": base["mean_prob"],
@@ -276,7 +357,7 @@ def truncation_curve_plain(model, encoded: Encoded, *, batch_size: int, pad_toke
         targets = Targets.from_labels(batch.labels)
         scores.tokens += targets.tokens.numel()
         for i, b in enumerate(boundaries):
-            with keep_lora(model, range(b + 1)):
+            with no_adapter(model) if b < 0 else keep_lora(model, range(b + 1)):
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             scores.add(i, logits[:, :-1][targets.rows, targets.positions].float(), targets)
             if on_step:

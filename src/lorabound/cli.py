@@ -10,7 +10,8 @@ from pathlib import Path
 
 from . import __version__
 from .analysis import CURVES
-from .boundary import CRITERIA
+from .boundary import CRITERIA, GOALS
+from .evaluate import COMBINED, MetricOptions
 from .errors import LoraboundError
 from .surgery import EXPORT_FORMATS
 from .training import TrainSettings
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", required=True, help="the LoRA adapter folder (PEFT format)")
         _add_fields(p, DataOptions)
 
+    def search_rule(p):
+        p.add_argument("--goal", choices=GOALS, help="for --criterion auto: quality (default; drop layers only "
+                       "for a validation gain beyond noise) or size (smallest b not significantly worse)")
+        p.add_argument("--tolerance", type=float, default=0.0, help="points a smaller b may lose: --goal size, or "
+                       "the smallest b within this many points of the best for bleu / rougeL / chrf (default: 0)")
+        p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
+
     p = command("train")
     model_and_data(p, adapter=False)
     p.add_argument("--out", required=True, help="folder for the new adapter")
@@ -107,13 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_data(p)
     p.add_argument("--criterion", choices=CRITERIA, default="auto", help="how to pick b (default: auto)")
     p.add_argument("--boundary", type=int, help="your own b (skips the search)")
-    p.add_argument("--tolerance", type=float, default=0.0, help="smallest b within this many points of the best")
-    p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
-    p.add_argument("--candidates", type=int, nargs="+", help="boundaries to generate for (metric criteria)")
+    search_rule(p)
+    p.add_argument("--candidates", type=int, nargs="+", help="boundaries to generate for (auto, bleu, rougeL, chrf; "
+                   "default: read off the truncation curve)")
     p.add_argument("--out", help="optional folder to keep curves, generations and search.json")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_fields(p, GenerationOptions)
+    _add_fields(p, MetricOptions)
 
     p = command("prune")
     p.add_argument("--adapter", required=True, help="the LoRA adapter folder to prune (read only)")
@@ -133,19 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_fields(p, GenerationOptions)
+    _add_fields(p, MetricOptions)
 
     p = command("run")
     model_and_data(p)
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
     p.add_argument("--criterion", choices=CRITERIA, default="auto", help="how to pick b (default: auto)")
     p.add_argument("--boundary", type=int, help="your own b (skips the search)")
-    p.add_argument("--tolerance", type=float, default=0.0, help="smallest b within this many points of the best")
-    p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
+    search_rule(p)
     p.add_argument("--boundaries", type=int, nargs="+", default=[], help="also evaluate LoRA kept up to each b")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
     _add_fields(p, GenerationOptions)
+    _add_fields(p, MetricOptions)
 
     p = command("demo")
     p.add_argument("--out", default="lorabound-demo", help="folder for the adapter and the run (default: lorabound-demo)")
@@ -211,36 +222,36 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.out) / 'curves.json'} and plots")
         return 0
     generation = _picked(args, GenerationOptions)
+    metrics = _picked(args, MetricOptions) if hasattr(args, "bleu_tokenize") else None
     if name == "search":
         result = pipeline.search(args.model, args.adapter, args.data, criterion=args.criterion,
                                  boundary=args.boundary, tolerance=args.tolerance, knee_fraction=args.knee_fraction,
                                  candidates=args.candidates, out=args.out, batch_size=args.batch_size,
-                                 generation=generation, overwrite=args.overwrite, **common)
+                                 generation=generation, overwrite=args.overwrite, goal=args.goal,
+                                 bootstrap=args.bootstrap, metric_options=metrics, **common)
         print(f"boundary b = {result.boundary} ({result.reason})")
         print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
               f"({result.kept_fraction:.1%})")
-        print("   b  mean p(truth)    BLEU ROUGE-L    chrF")
-        for row in result.candidates:
-            generated = any(row.get(m) is not None for m in ("bleu", "rougeL", "chrf"))
-            if generated or abs(row["boundary"] - result.boundary) <= 2:  # the scores around b
-                metrics = "".join(_cell(row.get(m), 8, ".2f") for m in ("bleu", "rougeL", "chrf"))
-                print(f"{row['boundary']:4d} {_cell(row.get('mean_prob'), 14, '.4f')}{metrics}")
+        _print_candidates(result)
         return 0
     if name == "evaluate":
         result = pipeline.evaluate(args.model, args.adapter, args.data, boundaries=args.boundaries,
                                    adapters=args.adapters, out=args.out, generation=generation,
-                                   bootstrap=args.bootstrap, overwrite=args.overwrite, **common)
+                                   bootstrap=args.bootstrap, overwrite=args.overwrite, metric_options=metrics,
+                                   **common)
         from .report import format_table
         print(format_table(result))
         for test in result["significance"]:
             print(test["sentence"])
         print(f"BLEU signature: {result['bleu_signature']}")
+        print(f"ROUGE signature: {result['rouge_signature']}")
         return 0
     if name == "run":
         report = pipeline.run(args.model, args.adapter, args.data, args.out, criterion=args.criterion,
                               boundary=args.boundary, tolerance=args.tolerance, knee_fraction=args.knee_fraction,
                               boundaries=args.boundaries, batch_size=args.batch_size, bootstrap=args.bootstrap,
-                              generation=generation, overwrite=args.overwrite, **common)
+                              generation=generation, overwrite=args.overwrite, goal=args.goal,
+                              metric_options=metrics, **common)
         from .report import format_table
         print(format_table(report))
         print(report["verdict"])
@@ -249,15 +260,44 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(name)
 
 
-def _cell(value, width: int, spec: str) -> str:
-    """A right-aligned number, or '-' where there is none (a b given with --boundary has no curve)."""
-    return f"{value:>{width}{spec}}" if value is not None else f"{'-':>{width}}"
-
-
 def _target_modules(value):
     if value is None or value == ["all-linear"] or value == "all-linear":
         return "all-linear"
     return list(value)
+
+
+def _interval(test: dict | None) -> str:
+    if test is None:
+        return f"{'(reference)':>22}"
+    return f"{test['diff']:+7.2f} [{test['ci_low']:+6.1f}, {test['ci_high']:+6.1f}]"
+
+
+def _print_candidates(result) -> None:
+    """The candidates' validation scores, and each one against the full adapter (difference [95% CI], p)."""
+    tests = result.validation_tests
+    if tests:
+        print(f"validation, {tests['n']} examples; against the {tests['against']}: difference [95% CI] by a paired "
+              f"bootstrap of {tests['resamples']} resamples; p for the mean of BLEU and ROUGE-L")
+    header = "   b  mean p(truth)    BLEU  ROUGE-L    chrF"
+    if tests:
+        header += (f"  {'BLEU vs full':>22}  {'ROUGE-L vs full':>22}  {'mean vs full':>22}       p"
+                   "  candidate because")
+    print(header)
+    for row in result.candidates:
+        generated = row.get("bleu") is not None
+        if not (generated or abs(row["boundary"] - result.boundary) <= 2):  # the curve's points around b
+            continue
+        prob = f"{row['mean_prob']:13.4f}" if row.get("mean_prob") is not None else f"{'-':>13}"
+        scores = "".join(f"{row[m]:>8.2f}" if row.get(m) is not None else f"{'-':>8}"
+                         for m in ("bleu", "rougeL", "chrf"))
+        line = f"{row['boundary']:4d}  {prob}{scores}"
+        if generated:
+            vs = row.get("vs_full") or {}
+            p = vs.get(COMBINED, {}).get("p_value")
+            line += "".join(f"  {_interval(vs.get(m))}" for m in ("bleu", "rougeL", COMBINED))
+            line += f"  {p:6.3f}" if p is not None else f"  {'':>6}"
+            line += "  " + ", ".join(row.get("why") or [])
+        print(line.rstrip())
 
 
 def _print_truncation(curves: dict) -> None:
@@ -267,6 +307,10 @@ def _print_truncation(curves: dict) -> None:
     print("   b  mean p(truth)    NLL   accuracy")
     for b, p, nll, acc in zip(t["boundary"], t["mean_prob"], t["nll"], t["accuracy"]):
         print(f"{b:4d}  {p:12.4f}  {nll:6.3f}  {acc:8.3f}")
+    if only := t.get("layers_only_baseline"):
+        parts = ", ".join(only["parts_on"])
+        print(f"b = -1 is the base model without any adapter; LoRA off on every layer with {parts} on: "
+              f"mean p {only['mean_prob']:.4f}, NLL {only['nll']:.3f}, accuracy {only['accuracy']:.3f}")
 
 
 if __name__ == "__main__":

