@@ -1,6 +1,7 @@
 """The commands end to end: tiny random models through the CLI, and the demo path on the real model."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from peft import PeftModel
 
 from lorabound import engines, pipeline
 from lorabound.cli import main
+from lorabound.data import Example, load_task
 from lorabound.files import folder_hashes
 from lorabound.files import write_marker
 from lorabound.model import load_model
@@ -187,3 +189,174 @@ def test_run_records_each_stage_time(workspace):
     assert saved["stage_seconds"]["train"] == 1.5 and all(v >= 0 for v in saved["stage_seconds"].values())
     assert report["stage_seconds"] == saved["stage_seconds"]
     assert saved["meta"]["torch_threads"] == torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------------
+# Cached generations belong to one variant: keyed by content, never by name
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def light(tmp_path_factory):
+    """The tiny model folder and JSONL task of `workspace`, without training an adapter."""
+    root = tmp_path_factory.mktemp("light")
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    rows = [{"input": f"name: Place {i}, area: riverside",
+             "target": [f"Place {i} is by the riverside.", f"By the river is Place {i}."]} for i in range(30)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", str(root / "base"), "--data", str(root / "data.jsonl"), "--validation-size", "6",
+              "--test-size", "8", "--max-length", "64"]
+    return root, common
+
+
+def hypotheses(folder, row) -> list[str]:
+    return [json.loads(line)["output"] for line in (folder / row["hypotheses_file"]).read_text().splitlines()]
+
+
+def fresh_outputs(root, adapter, prompts) -> list[str]:
+    from lorabound.generation import generate
+    from lorabound.model import load_adapter
+
+    model, tokenizer = load_model(str(root / "base"))
+    return generate(load_adapter(model, adapter), tokenizer, prompts, max_new_tokens=8, progress=False).texts
+
+
+def test_adapters_whose_names_collide_get_their_own_outputs(light, tmp_path, monkeypatch):
+    """x_y and x-y (one slug), and a folder named like the in-memory variant pruned (b=1), each get their own."""
+    from tiny import tiny_lora
+
+    root, common = light
+    monkeypatch.chdir(tmp_path)
+    tiny_lora(seed=3).save_pretrained(tmp_path / "main")
+    tiny_lora(seed=4).save_pretrained(tmp_path / "x_y")
+    tiny_lora(seed=5).save_pretrained(tmp_path / "x-y")
+    shutil.copytree(tmp_path / "main", tmp_path / "pruned_b_1")  # the full adapter, under a misleading name
+    assert main(["--quiet", "evaluate", *common, "--adapter", "main", "--boundaries", "1", "--adapters", "x_y", "x-y",
+                 "pruned_b_1", "--out", "ev", "--max-new-tokens", "8", "--bootstrap", "20"]) == 0
+    result = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    rows = {v["name"]: v for v in result["variants"]}
+    assert len({r["hypotheses_file"] for r in rows.values()}) == len(rows) == 6
+    out = tmp_path / "ev"
+    assert hypotheses(out, rows["pruned_b_1"]) == hypotheses(out, rows["full adapter"])
+    assert hypotheses(out, rows["pruned (b=1)"]) != hypotheses(out, rows["full adapter"])  # so the above can fail
+    prompts = [json.loads(line)["input"] for line in (out / rows["x-y"]["hypotheses_file"]).read_text().splitlines()]
+    task = load_task(str(root / "data.jsonl"))
+    task_prompts = [task.prompt(Example(input=p, references=())) for p in prompts]
+    assert hypotheses(out, rows["x-y"]) == fresh_outputs(root, tmp_path / "x-y", task_prompts)
+    assert hypotheses(out, rows["x_y"]) == fresh_outputs(root, tmp_path / "x_y", task_prompts)
+    assert hypotheses(out, rows["x_y"]) != hypotheses(out, rows["x-y"])
+
+
+def test_changed_adapter_files_are_regenerated_not_reused(light, tmp_path, monkeypatch):
+    from lorabound.engines import HFEngine, Variant
+    from lorabound.model import load_adapter
+    from lorabound.surgery import adapter_layers
+    from tiny import tiny_lora, tiny_task
+
+    root, _ = light
+    task = tiny_task()
+    calls = []
+    real_generate = engines.generate
+    monkeypatch.setattr(engines, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    folder = tmp_path / "adapter"
+
+    def generate_with(seed: int):
+        tiny_lora(seed=seed).save_pretrained(folder)  # the same folder name, new content
+        model, tokenizer = load_model(str(root / "base"))
+        model = load_adapter(model, folder)
+        engine = HFEngine(model, tokenizer, max_new_tokens=8, batch_size=16, stop_at_newline=True)
+        return pipeline._generate_cached(engine, task, task.examples[:4], [Variant("my adapter")], "test",
+                                         tmp_path / "out", GenerationOptions(max_new_tokens=8), {"model": "tiny"},
+                                         folder, adapter_layers(model), False)["my adapter"]
+
+    first = generate_with(1)
+    assert generate_with(1).texts == first.texts and len(calls) == 1  # unchanged: reused
+    changed = generate_with(2)
+    assert len(calls) == 2 and changed.file != first.file
+    assert changed.texts == fresh_outputs(root, folder, [task.prompt(e) for e in task.examples[:4]])
+    assert changed.texts != first.texts
+
+
+def test_variant_keys_hold_content_not_names():
+    from lorabound.variants import Variant
+
+    assert Variant("a", "hash1", (0, 1)).key() == Variant("b", "hash1", (0, 1)).key()
+    assert Variant("a", "hash1", (0, 1)).key() != Variant("a", "hash2", (0, 1)).key()
+    assert Variant("a", "hash1", (0, 1)).key() != Variant("a", "hash1", (0,)).key()
+    assert Variant("a", "hash1").key() != Variant("a").key()  # the full adapter is not the base model
+    # A b between or above the adapter's layers keeps the same layers, so it is the same variant.
+    assert Variant.at_boundary("x", "h", 2, [0, 2]) == Variant("x", "h", None)
+    assert Variant.at_boundary("x", "h", 1, [0, 2]).kept_layers == (0,)
+
+
+# ---------------------------------------------------------------------------
+# Sizes: measured on disk, in the adapter's stored dtype
+# ---------------------------------------------------------------------------
+
+def test_pruned_rows_show_the_export_size_in_the_stored_dtype(light, tmp_path):
+    """An adapter stored in bf16 and loaded in float32: the in-memory pruned row is the bf16 export's size."""
+    from safetensors.torch import load_file, save_file
+
+    from lorabound.surgery import prune_adapter
+    from tiny import tiny_lora
+
+    root, _ = light
+    adapter = tmp_path / "bf16"
+    tiny_lora(seed=3).save_pretrained(adapter)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    data = DataOptions(data=str(root / "data.jsonl"), validation_size=6, test_size=8, max_length=64)
+    result = pipeline.evaluate(str(root / "base"), adapter, boundaries=[1], out=tmp_path / "ev", data_options=data,
+                               generation=GenerationOptions(max_new_tokens=4), bootstrap=20, progress=False)
+    prune_adapter(adapter, 1, tmp_path / "b1", num_layers=4)
+    rows = {v["name"]: v for v in result["variants"]}
+    exported = (tmp_path / "b1" / "adapter_model.safetensors").stat().st_size / 1e6
+    assert (rows["pruned (b=1)"]["adapter_mb"], rows["pruned (b=1)"]["adapter_mb_source"]) == (exported, "export")
+    assert (rows["full adapter"]["adapter_mb"], rows["full adapter"]["adapter_mb_source"]) == \
+        (weights.stat().st_size / 1e6, "file")
+    assert rows["base model"]["adapter_mb"] is None
+
+
+# ---------------------------------------------------------------------------
+# Every row says where its b came from; the verdict names rows shown only for comparison
+# ---------------------------------------------------------------------------
+
+def test_verdict_names_rows_shown_only_for_comparison():
+    from lorabound.pipeline import verdict
+
+    evaluation = {"significance": [], "variants": [
+        {"name": "base model", "origin": "reference: no adapter"},
+        {"name": "full adapter", "origin": "chosen by the search (auto)"},
+        {"name": "pruned (b=2)", "origin": "for comparison: knee of the curve (90% of the gain)"}]}
+    text = verdict({"boundary": 3, "kept_fraction": 1.0, "reason": "best by validation rougeL"}, evaluation, 3)
+    assert text.startswith("LoRA was kept on every layer, so nothing was dropped (b = 3: best by validation rougeL)")
+    assert "Not chosen, shown for comparison only: pruned (b=2): knee of the curve (90% of the gain)." in text
+
+
+def test_run_rows_say_where_each_b_comes_from(light, tmp_path):
+    from tiny import tiny_lora
+
+    root, _ = light
+    tiny_lora(seed=3).save_pretrained(tmp_path / "adapter")
+    data = DataOptions(data=str(root / "data.jsonl"), validation_size=6, test_size=8, max_length=64)
+    report = pipeline.run(str(root / "base"), tmp_path / "adapter", out=tmp_path / "run", boundary=1, boundaries=[2],
+                          data_options=data, generation=GenerationOptions(max_new_tokens=4), bootstrap=20,
+                          progress=False)
+    origins = {v["name"]: v["origin"] for v in report["variants"]}
+    knee_b = pipeline.knee(report["curves"]["truncation"])
+    knee_row = pipeline.variant_name(knee_b, 3)
+    assert "knee of the curve (90% of the gain)" in origins[knee_row]
+    assert origins["pruned (b=1)"].startswith("given with --boundary")
+    assert "asked with --boundaries" in origins["pruned (b=2)"]
+    assert knee_row == "base model" or origins["base model"] == "reference: no adapter"
+    markdown, html = (tmp_path / "run" / "report.md").read_text(), (tmp_path / "run" / "report.html").read_text()
+    for origin in origins.values():
+        assert origin in markdown and html_escape(origin) in html
+    assert "shown for comparison only: pruned (b=2)" in report["verdict"] or knee_b == 2
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)

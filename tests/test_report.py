@@ -204,3 +204,25 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
         pixels = np.asarray(img.convert("RGB")).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 100  # not blank: text, tables and plots
     assert _red_pixels(shot) > 20  # a plot's boundary line rendered (the colour appears nowhere in the CSS)
+
+
+def test_every_row_says_where_its_b_comes_from_and_estimates_say_so(tmp_path):
+    report = synthetic_report()
+    origins = ["reference: no adapter", "reference: every LoRA layer", "for comparison: knee of the curve"]
+    for variant, origin in zip(report["variants"], origins):
+        variant["origin"] = origin
+    report["variants"][2]["adapter_mb_source"] = "estimate"
+    report["variants"][1]["adapter_mb_source"] = "file"
+    write_report(tmp_path, report)
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    for text in (format_table(report), md):
+        rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+        assert "Where b comes from" in rows["Variant"]
+        for variant in report["variants"]:
+            assert variant["origin"] in rows[variant["name"]]
+        assert "~0.16 (estimate)" in rows[f"pruned (b={BOUNDARY})"] and "estimate" not in rows["full adapter"]
+    metrics = page.split('id="metrics"')[1].split("</table>")[0]
+    assert "<th>Where b comes from</th>" in metrics and "~0.16 (estimate)" in metrics
+    for origin in origins:
+        assert f"<td>{origin}</td>" in metrics
+    assert "an estimate is marked ~ (estimate)" in md

@@ -6,11 +6,14 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorabound.errors import LoraboundError
 from lorabound.files import folder_hashes
 from lorabound.model import load_model
-from lorabound.surgery import adapter_layers, keep_lora, keep_up_to, lora_modules, prune_adapter
+from lorabound.surgery import (AdapterFiles, adapter_layers, exported_bytes, keep_lora, keep_up_to,
+                              lora_modules, prune_adapter)
 
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 
@@ -83,14 +86,15 @@ def test_keep_lora_by_module_type(peft_model):
 
 
 def test_boundary_extremes_in_memory(peft_model):
-    with keep_up_to(peft_model, 3):
-        assert torch.equal(logits(peft_model), logits(peft_model))
-        full = logits(peft_model)
-    assert torch.equal(full, logits(peft_model))
-    with keep_up_to(peft_model, -1):
-        none = logits(peft_model)
+    full = logits(peft_model)  # no context: every LoRA layer on
     with peft_model.disable_adapter():
-        assert torch.equal(none, logits(peft_model))
+        base = logits(peft_model)
+    assert not torch.allclose(full, base, atol=1e-4)  # the adapter changes the output, so the checks below can fail
+    with keep_up_to(peft_model, 3):
+        assert torch.equal(logits(peft_model), full)
+    with keep_up_to(peft_model, -1):
+        assert torch.equal(logits(peft_model), base)
+    assert torch.equal(logits(peft_model), full)  # restored on exit
     with pytest.raises(LoraboundError, match="outside -1..3"):
         keep_up_to(peft_model, 4)
 
@@ -175,19 +179,99 @@ def test_export_refusals(tmp_path, saved):
     assert not (tmp_path / "x").exists()
 
 
+def with_distinct_saved_modules(model, seed: int = 5):
+    """Give the modules_to_save copies weights of their own, so an export that lost them would show it."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def saved_copy(adapter_dir, module: str) -> torch.Tensor:
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))[f"base_model.model.{module}.weight"]
+
+
 def test_patterns_and_modules_to_save_are_preserved(tmp_path):
-    model = tiny_lora(target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2},
-                      alpha_pattern={"v_proj": 16}, modules_to_save=["lm_head"])
+    model = with_distinct_saved_modules(tiny_lora(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 16},
+                                                  modules_to_save=["lm_head"]))
     model.save_pretrained(tmp_path / "adapter")
+    lm_head = saved_copy(tmp_path / "adapter", "lm_head")
+    assert not torch.equal(lm_head, tiny_llama().lm_head.weight)
     prune_adapter(tmp_path / "adapter", 1, tmp_path / "out", num_layers=4)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"down_proj": 2}
     assert config["alpha_pattern"] == {"v_proj": 16}
     assert config["modules_to_save"] == ["lm_head"]
     assert config["target_modules"] and set(config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+    assert torch.equal(saved_copy(tmp_path / "out", "lm_head"), lm_head)
     exported = load_exported(tmp_path / "out")
+    assert torch.equal(exported.base_model.model.lm_head.modules_to_save["default"].weight, lm_head)
     with keep_up_to(model, 1):
         assert torch.allclose(logits(exported), logits(model), atol=1e-6)
+
+
+def tied_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=None, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+@pytest.mark.parametrize("boundary", [-1, 2])
+def test_merged_export_keeps_modules_to_save(tmp_path, boundary, tied):
+    """The merged model's lm_head is the adapter's saved copy at every b, b = -1 (no LoRA left) included;
+    with tied embeddings the head gets its own weight and the embeddings stay the base model's."""
+    base = tied_llama() if tied else tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    embeddings = base.model.embed_tokens.weight.detach().clone()
+    model = with_distinct_saved_modules(tiny_lora(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                                  target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    model.save_pretrained(tmp_path / "adapter")
+    lm_head = saved_copy(tmp_path / "adapter", "lm_head")
+    assert not torch.equal(lm_head, base.lm_head.weight)
+    result = prune_adapter(tmp_path / "adapter", boundary, tmp_path / "merged", format="merged",
+                           model_spec=str(tmp_path / "base"))
+    assert "modules_to_save kept whole: lm_head" in result.summary()
+    merged, _ = load_model(str(tmp_path / "merged"))
+    assert torch.equal(merged.lm_head.weight, lm_head)
+    assert torch.equal(merged.model.embed_tokens.weight, embeddings)
+    with keep_up_to(model, boundary):
+        expected = logits(model)
+    assert torch.allclose(logits(merged), expected, atol=1e-5)
+
+
+def test_merged_summary_compares_model_bytes_with_model_bytes(tmp_path, saved):
+    base_dir, adapter_dir = saved
+    result = prune_adapter(adapter_dir, 1, tmp_path / "merged", format="merged", model_spec=str(base_dir))
+    base_bytes = sum(p.stat().st_size for p in base_dir.glob("*.safetensors"))
+    merged_bytes = sum(p.stat().st_size for p in (tmp_path / "merged").glob("*.safetensors"))
+    assert (result.bytes_before, result.bytes_after) == (base_bytes, merged_bytes)
+    assert f"base model {base_bytes / 1e6:.2f} MB -> merged model {merged_bytes / 1e6:.2f} MB" in result.summary()
+    assert result.bytes_before != (adapter_dir / "adapter_model.safetensors").stat().st_size  # not the adapter's
+
+
+def test_exported_bytes_is_the_size_a_peft_export_writes(tmp_path):
+    """In bf16 storage too: the size comes from the stored tensors, not from a float32 model in memory."""
+    model = tiny_lora(target_modules=["q_proj", "v_proj"])
+    model.save_pretrained(tmp_path / "float32")
+    model.save_pretrained(tmp_path / "adapter")
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    source = AdapterFiles.read(tmp_path / "adapter")
+    for boundary in (0, 2):
+        prune_adapter(tmp_path / "adapter", boundary, tmp_path / f"b{boundary}", num_layers=4)
+        written = (tmp_path / f"b{boundary}" / "adapter_model.safetensors").stat().st_size
+        assert exported_bytes(source, boundary) == written
+    # Two bytes a parameter fewer than the same tensors stored in float32 (headers differ by a few bytes).
+    float32 = exported_bytes(AdapterFiles.read(tmp_path / "float32"), 2)
+    assert abs(float32 - exported_bytes(source, 2) - 2 * source.lora_params(up_to=2)) < 64
 
 
 def test_dora_drop_and_export(tmp_path):

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import re
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -39,14 +40,16 @@ from .files import (MARKER, check_folder_path, check_not_input, check_output_dir
                     existing_path, folder_contents, holds_folder_locks, input_identity,
                     lock_folder, output_folder, read_json, read_jsonl, write_json_atomic, write_marker,
                     write_text_atomic)
-from .model import (DEFAULT_MODEL, adapter_weights_file, check_adapter_files, find_layer_stack, load_adapter,
-                    load_model, read_adapter_config, resolve_model_dir)
+from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, adapter_weights_file, check_adapter_files, check_lora_config,
+                    find_layer_stack, load_adapter, load_model, model_paths, read_adapter_config, resolve_model_dir)
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, lora_params_per_layer,
-                      prune_adapter)
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, exported_bytes,
+                      lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 from .validation import check_arguments
+from .variants import Variant as VariantId
+from .variants import adapter_fingerprint
 
 
 # ---------------------------------------------------------------------------
@@ -120,6 +123,7 @@ def _load(model: str, adapter, data: str, data_options: DataOptions | None, mode
     """
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
+    check_lora_config(read_adapter_config(adapter), adapter)  # a missing folder is named before any work
     task, splits = data_options.load()
     for name in needs:
         require_nonempty(getattr(splits, name), name)
@@ -131,7 +135,8 @@ def _load(model: str, adapter, data: str, data_options: DataOptions | None, mode
 
 def _inputs(adapter, data_options: DataOptions, model_options: ModelOptions, *others) -> list:
     """Every path a command reads (those that exist): an output folder must not touch any of them."""
-    return [adapter, data_options.data, data_options.template, model_options.model, *others]
+    return [adapter, data_options.data, data_options.template, model_options.model,
+            *model_paths(model_options.model), *others]
 
 
 def _progress_print(progress: bool, message: str) -> None:
@@ -199,6 +204,7 @@ def _check_target_modules(model, target_modules) -> None:
 
 def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
     """Refuse validation or test examples the adapter was trained on (when lorabound trained it)."""
+    read_adapter_config(adapter_dir)  # says so if the folder does not exist, rather than finding no info file
     info_file = Path(adapter_dir) / "lorabound_train.json"
     if not info_file.is_file():
         return
@@ -257,8 +263,25 @@ def _analyze(peft_model, tokenizer, task, splits, out: Path, curves, batch_size,
     if distributed.is_main():
         write_json_atomic(out / "curves.json", result)
         partial.unlink(missing_ok=True)
+        _warn_cut(result["meta"], data_options.max_length)
     distributed.barrier()  # no rank looks for curves.json before rank 0 has written it
     return result
+
+
+def _warn_cut(meta: dict, max_length: int) -> None:
+    """One stderr line when the curves left examples out or cut targets (also noted in curves.json / the report)."""
+    skipped, cut = meta.get("n_skipped", 0), meta.get("n_truncated", 0)
+    if not skipped and not cut:
+        return
+    total = meta.get("n_examples", 0) + skipped
+    parts = ([f"{skipped} of {total} {meta.get('split', 'validation')} examples were skipped (prompt alone longer "
+              f"than --max-length {max_length})"] if skipped else []) \
+        + ([f"{cut} targets were cut to --max-length {max_length}"] if cut else [])
+    _warn(" and ".join(parts) + "; the curves use the rest: raise --max-length to use them whole")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _sizes(splits: Splits) -> dict:
@@ -351,16 +374,16 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
+    model_id, layers = _model_identity(model_options), adapter_layers(peft_model)
+
     def generate_many(boundaries: list[int]) -> dict[int, list[str]]:  # the candidates in one engine call
-        variants = {b: _boundary_variant(b, top) for b in boundaries}
-        texts = _generate_cached(engine, task, splits.validation, list(variants.values()), "validation", out,
-                                 generation, progress)
-        return {b: texts[v.name] for b, v in variants.items()}
+        requests = {b: _boundary_variant(b, top) for b in boundaries}
+        generated = _generate_cached(engine, task, splits.validation, list(requests.values()), "validation", out,
+                                     generation, model_id, adapter, layers, progress)
+        return {b: generated[request.name].texts for b, request in requests.items()}
 
     def generate_for(b: int) -> list[str]:
-        name = variant_name(b, top)
-        return _generate_cached(engine, task, splits.validation, [_boundary_variant(b, top)], "validation", out,
-                                generation, progress)[name]
+        return generate_many([b])[b]
 
     validation = Validation(generate_for, [list(e.references) for e in splits.validation],
                             metric_options or MetricOptions(), data_options.seed, generate_many)
@@ -401,33 +424,62 @@ def _boundary_variant(boundary: int | None, top: int) -> Variant:
     return Variant(name=variant_name(boundary, top), boundary=boundary)
 
 
-def _generate_cached(engine, task: Task, examples: list[Example], variants: list[Variant], split: str,
-                     out: Path | None, generation: GenerationOptions, progress) -> dict[str, list[str]]:
+@dataclass
+class Generated:
+    texts: list[str]
+    file: str | None  # the JSONL holding them, relative to the output folder (None: not saved)
+
+
+def _model_identity(model_options: ModelOptions) -> dict:
+    """What identifies the loaded model in a cache key: its spec, dtype, device and its files' identity."""
+    return {"model": model_options.model, "dtype": model_options.dtype, "device": model_options.device,
+            "files": input_identity(model_options.model)}
+
+
+def _identity(request: Variant, fingerprint: str, layers: list[int]) -> VariantId:
+    """What determines a request's outputs: the adapter's content and the layers whose LoRA is kept."""
+    if request.adapter is not None:
+        return VariantId(request.name, adapter_fingerprint(request.adapter))
+    if request.boundary is not None and request.boundary < 0:
+        return VariantId(request.name)
+    return VariantId.at_boundary(request.name, fingerprint, request.boundary, layers)
+
+
+def _generate_cached(engine, task: Task, examples: list[Example], requests: list[Variant], split: str,
+                     out: Path | None, generation: GenerationOptions, model_id: dict, adapter, layers: list[int],
+                     progress) -> dict[str, Generated]:
     """Outputs per variant name, reusing finished files; the rest are generated in one engine call.
 
-    The file is OUT/generations/SPLIT-NAME.jsonl (NAME: "pruned (b=14)", ...). Only rank 0 writes it.
+    The file is OUT/generations/SPLIT-NAME-KEY.jsonl. KEY hashes everything that determines the outputs: the
+    variant's identity (adapter content, kept layers), the model's identity, the prompts and the generation
+    settings; the name is only there to help a reader, so two variants never share a file. Only rank 0 writes.
     """
-    key = hashlib.sha256(json.dumps([[e.input for e in examples], asdict(generation), task.template]).encode()).hexdigest()
+    prompts = [task.prompt(e) for e in examples]
+    fingerprint = adapter_fingerprint(adapter)
     outputs, missing = {}, []
-    for variant in {v.name: v for v in variants}.values():
-        path = out / "generations" / f"{split}-{_slug(variant.name)}.jsonl" if out is not None else None
+    for request in {r.name: r for r in requests}.values():
+        identity = _identity(request, fingerprint, layers)
+        key = hashlib.sha256(json.dumps({"variant": identity.key(), "model": model_id, "split": split,
+                                         "prompts": prompts, "generation": asdict(generation)},
+                                        sort_keys=True).encode()).hexdigest()
+        relative = f"generations/{split}-{_slug(request.name)[-40:].strip('-') or 'variant'}-{key[:12]}.jsonl"
+        path = out / relative if out is not None else None
         if path is not None and path.is_file():
             rows = read_jsonl(path, "delete it and rerun the same command to generate it again")
             if rows and rows[0].get("key") == key and len(rows) == len(examples):
-                outputs[variant.name] = [r["output"] for r in rows]
+                outputs[request.name] = Generated([r["output"] for r in rows], relative)
                 continue
-        missing.append((variant, path))
-    if not missing:
-        return outputs
-    prompts = [task.prompt(e) for e in examples]
-    generated = engine.generate([v for v, _ in missing], prompts, f"generate {split}", progress)
-    for variant, path in missing:
-        texts = outputs[variant.name] = generated[variant.name]
-        if path is not None and distributed.is_main():
-            rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
-                    for i, (e, t) in enumerate(zip(examples, texts))]
-            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    distributed.barrier()
+        missing.append((request, key, relative, path))
+    if missing:
+        generated = engine.generate([request for request, *_ in missing], prompts, f"generate {split}", progress)
+        for request, key, relative, path in missing:
+            texts = generated[request.name]
+            if path is not None and distributed.is_main():
+                rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
+                        for i, (e, t) in enumerate(zip(examples, texts))]
+                write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            outputs[request.name] = Generated(texts, relative if path is not None else None)
+        distributed.barrier()
     return outputs
 
 
@@ -468,11 +520,14 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
+    origins = {b: ["asked with --boundaries"] for b in boundaries or []}
     with _output_folder(out, overwrite) as out:
         engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
         try:
             result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                               data_options.seed, progress, metric_options, engine=engine, extras=extras)
+                               data_options.seed, progress, metric_options, adapter=adapter,
+                               model_id=_model_identity(model_options), origins=origins, engine=engine,
+                               extras=extras)
         finally:
             engine.close()
         if distributed.is_main():
@@ -480,27 +535,35 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     return result
 
 
+REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every LoRA layer"}
+
+
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
-              seed: int, progress, metric_options: MetricOptions | None = None, engine=None,
-              extras: list[Variant] = ()) -> dict:
-    """Base, full adapter, LoRA up to each b, and `extras` (exported adapters), all generated in one engine call."""
+              seed: int, progress, metric_options: MetricOptions | None = None, *, adapter, model_id: dict,
+              origins: dict[int, list[str]], engine=None, extras: list[Variant] = ()) -> dict:
+    """Base, full adapter, LoRA kept up to each b, and `extras` (exported adapters), all generated in one engine
+    call. `origins`: b -> why that b is in the table."""
     require_nonempty(splits.test, "test")
     engine = engine or _make_engine(generation, None, peft_model, tokenizer, None, None, out)
     num_layers = find_layer_stack(peft_model).num_layers
     for b in boundaries:
         check_boundary(b, num_layers)
     per_layer = lora_params_per_layer(peft_model)
-    top = max(per_layer)  # the adapter's highest LoRA layer: any b from there up is the full adapter
+    layers = sorted(per_layer)
+    top = max(layers)  # the adapter's highest LoRA layer: any b from there up is the full adapter
+    sizes = _SizeOf(adapter, peft_model)
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     references = [list(e.references) for e in splits.test]
-    outputs = _generate_cached(engine, task, splits.test, [_boundary_variant(b, top) for b in wanted] + list(extras),
-                               "test", out, generation, progress)
+    generated = _generate_cached(engine, task, splits.test, [_boundary_variant(b, top) for b in wanted] + list(extras),
+                                 "test", out, generation, model_id, adapter, layers, progress)
+    outputs = {name: g.texts for name, g in generated.items()}
     variants = []
     for b in wanted:
         name = variant_name(b, top)
         metrics = score(outputs[name], references, metric_options)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
-        variants.append(_variant_row(name, b, metrics, params, None if b == -1 else _mb(params, peft_model)))
+        variants.append(_variant_row(name, b, metrics, params, sizes.at(b, top), generated[name].file,
+                                     _origin(b, top, origins)))
         if b is None:
             signature, rouge_signature = metrics["bleu_signature"], metrics["rouge_signature"]
     significance = []
@@ -512,33 +575,72 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
                 significance.append({**test, "a": row["name"], "b": FULL,
                                      "sentence": describe_significance(test, row["name"], FULL)})
     for extra in extras:
-        metrics = score(outputs[extra.name], references)
+        metrics = score(outputs[extra.name], references, metric_options)
         variants.append(_variant_row(extra.name, None, metrics, _adapter_params(extra.adapter),
-                                     _adapter_mb(extra.adapter)))
+                                     _file_size(extra.adapter), generated[extra.name].file,
+                                     "exported adapter (--adapters)"))
     examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
                 for i, e in enumerate(splits.test[:5])]
     return {"variants": variants, "significance": significance, "examples": examples, "bleu_signature": signature,
             "rouge_signature": rouge_signature, "lora_params_total": sum(per_layer.values())}
 
 
-def _variant_row(name, boundary, metrics: dict, params, mb) -> dict:
-    return {"name": name, "boundary": boundary, "lora_params": params, "adapter_mb": mb,
+def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
+    """Why a row is in the table: its b's origins, the full adapter's for any b from the top layer up."""
+    if b == -1:
+        found = origins.get(-1, [])
+        return "; ".join(found) if found else REFERENCE_ORIGINS["base"]
+    if b is None:
+        found = [text for given, texts in sorted(origins.items()) if given >= top for text in texts]
+        return "; ".join(dict.fromkeys(found)) if found else REFERENCE_ORIGINS["full"]
+    return "; ".join(dict.fromkeys(origins.get(b, []))) or "asked"
+
+
+def _variant_row(name, boundary, metrics: dict, params, size: tuple[float | None, str | None], hypotheses_file,
+                 origin: str) -> dict:
+    mb, how = size
+    return {"name": name, "boundary": boundary, "origin": origin, "lora_params": params, "adapter_mb": mb,
+            "adapter_mb_source": how,
             "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
-            "hypotheses_file": f"generations/test-{_slug(name)}.jsonl"}
+            "hypotheses_file": hypotheses_file}
 
 
-def _mb(params: int, model) -> float:
-    """Size of a safetensors adapter holding `params` LoRA parameters in the model's dtype."""
-    element = next(p for n, p in model.named_parameters() if "lora_" in n).element_size()
-    return params * element / 1e6
+class _SizeOf:
+    """On-disk adapter sizes (MB) per variant, and how each was found.
+
+    "file": the adapter's own weights file. "export": the exact size of the safetensors file a peft export at
+    that b writes, tensors in their stored dtype (computed by serialising them, nothing written).
+    "estimate": LoRA parameters x the loaded dtype's bytes, only where the weights cannot be read (pickles).
+    """
+
+    def __init__(self, adapter, peft_model):
+        self.adapter, self.model = Path(adapter), peft_model
+        try:
+            self.files = AdapterFiles.read(adapter)
+        except LoraboundError:
+            self.files = None
+
+    def at(self, b: int | None, top: int) -> tuple[float | None, str | None]:
+        if b == -1:
+            return None, None
+        if b is None or b >= top:
+            return _file_size(self.adapter)
+        if self.files is not None:
+            return exported_bytes(self.files, b) / 1e6, "export"
+        params = sum(n for layer, n in lora_params_per_layer(self.model).items() if layer <= b)
+        element = next(p for n, p in self.model.named_parameters() if "lora_" in n).element_size()
+        return params * element / 1e6, "estimate"
 
 
 def _adapter_params(folder) -> int:
     return AdapterFiles.read(folder).lora_params()
 
 
-def _adapter_mb(folder) -> float:
-    return (Path(folder) / ADAPTER_WEIGHTS).stat().st_size / 1e6
+def _file_size(folder) -> tuple[float, str]:
+    """The adapter's weights file size in MB (safetensors, else the pickle), measured."""
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS if (folder / ADAPTER_WEIGHTS).is_file() else folder / ADAPTER_PICKLE
+    return weights.stat().st_size / 1e6, "file"
 
 
 # ---------------------------------------------------------------------------
@@ -637,22 +739,15 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     times.next(None)
     _progress_print(progress, "[4/5] evaluate: generation on test")
     times.next("evaluate")
-    compare = {b, knee(curves["truncation"], settings.knee_fraction)} | set(boundaries or [])
-    if all(c >= top for c in compare):
-        # The search kept everything: still show on test what the best smaller candidate would have cost.
-        metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
-        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c.get(metric) is not None]
-        if below:
-            compare.add(max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"])
-    evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(compare), out, generation, bootstrap,
-                           data_options.seed, progress, metric_options, engine=engine)
+    origins = _run_origins(found, curves, settings.knee_fraction, boundaries or [], top)
+    evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(origins), out, generation, bootstrap,
+                           data_options.seed, progress, metric_options, adapter=adapter,
+                           model_id=_model_identity(model_options), origins=origins, engine=engine)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
-                row["adapter_mb"], row["exported_to"] = _adapter_mb(pruned_dir), str(pruned_dir)
-    for row in evaluation["variants"]:
-        if row["name"] == FULL and Path(adapter, ADAPTER_WEIGHTS).is_file():
-            row["adapter_mb"] = _adapter_mb(adapter)
+                (row["adapter_mb"], row["adapter_mb_source"]), row["exported_to"] = _file_size(pruned_dir), \
+                    str(pruned_dir)
 
     times.next(None)
     _progress_print(progress, "[5/5] report")
@@ -676,6 +771,26 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
         write_json_atomic(out / "report.json", report)
     _progress_print(progress, times.summary())
     return report
+
+
+def _run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[int], top: int) -> dict[int, list[str]]:
+    """The boundaries `run` evaluates on test, each with why: chosen, the knee, asked, or the best smaller one."""
+    b = found["boundary"]
+    chosen = ("given with --boundary" if found["criterion"] == "boundary"
+              else f"chosen by the search ({found['criterion']})")
+    origins: dict[int, list[str]] = {b: [chosen]}
+    knee_b = knee(curves["truncation"], knee_fraction)
+    origins.setdefault(knee_b, []).append(f"for comparison: knee of the curve ({knee_fraction:.0%} of the gain)")
+    for given in asked:
+        origins.setdefault(given, []).append("for comparison: asked with --boundaries")
+    if all(c >= top for c in origins):
+        # The search kept everything: still show on test what the best smaller candidate would have cost.
+        metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
+        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c.get(metric) is not None]
+        if below:
+            best = max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"]
+            origins.setdefault(best, []).append(f"for comparison: best smaller candidate by validation {metric}")
+    return origins
 
 
 def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
@@ -722,7 +837,8 @@ def _output_folder(out, overwrite: bool) -> Iterator[Path]:
 
 
 def verdict(search: dict, evaluation: dict, top: int) -> str:
-    """Plain sentences on what the chosen boundary does on the test split, and how it was chosen."""
+    """Plain sentences on what the chosen boundary does on the test split, how it was chosen, and which other
+    rows are there only for comparison (and why)."""
     b = search["boundary"]
     tests = {(s["a"], s["metric"]): s for s in evaluation["significance"]}
     name = variant_name(b, top)
@@ -731,16 +847,23 @@ def verdict(search: dict, evaluation: dict, top: int) -> str:
     def on_test(variant: str) -> str:
         return " ".join(tests[(variant, m)]["sentence"] for m in ("bleu", "rougeL") if (variant, m) in tests)
 
+    others = [v for v in evaluation["variants"] if v["name"] not in (BASE, FULL, name)]
+    compared = ""
+    if others:
+        listed = "; ".join(f"{v['name']}: {_comparison_reason(v)}" for v in others)
+        compared = (f" Not chosen, shown for comparison only: {listed}. On test: "
+                    + " ".join(on_test(v["name"]) for v in others))
     if name == FULL:
-        others = [v["name"] for v in evaluation["variants"] if v["name"] not in (BASE, FULL)]
-        text = f"LoRA was kept on every layer, so nothing was dropped ({why})."
-        if others:
-            text += " For comparison on test: " + " ".join(on_test(o) for o in others)
-        return text
+        return f"LoRA was kept on every layer, so nothing was dropped ({why}).{compared}"
     if name == BASE:
-        return f"Every LoRA layer was dropped: the base model ({why}). On test: {on_test(BASE)}"
+        return f"Every LoRA layer was dropped: the base model ({why}). On test: {on_test(BASE)}{compared}"
     share = 1 - search.get("kept_fraction", 0.0)
-    return f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). On test: {on_test(name)}"
+    return (f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). "
+            f"On test: {on_test(name)}{compared}")
+
+
+def _comparison_reason(row: dict) -> str:
+    return str(row.get("origin") or "for comparison").removeprefix("for comparison: ")
 
 
 def _notes(curves: dict, export: dict | None) -> list[str]:

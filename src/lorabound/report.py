@@ -173,7 +173,8 @@ def plot_curves(curves: dict, boundary: int | None, out_dir) -> dict[str, Path]:
 # 2. The variant table
 # --------------------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("Variant", "BLEU", "ROUGE-L", "chrF", "LoRA params", "Adapter (MB)")
+TABLE_COLUMNS = ("Variant", "BLEU", "ROUGE-L", "chrF", "LoRA params", "Adapter (MB)", "Where b comes from")
+NUMERIC_COLUMNS = range(1, 6)  # the rest are text
 
 
 def _number(value, digits: int = 2) -> str:
@@ -182,13 +183,19 @@ def _number(value, digits: int = 2) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
+def _size(variant: dict) -> str:
+    """The adapter's size on disk; an estimate says so (see pipeline._SizeOf for how each is found)."""
+    text = _number(_as_float(variant.get("adapter_mb")))
+    return f"~{text} (estimate)" if variant.get("adapter_mb_source") == "estimate" and text != "n/a" else text
+
+
 def _table_rows(report: dict) -> list[list[str]]:
     rows = []
     for variant in report.get("variants") or []:
         metrics = variant.get("metrics") or {}
         rows.append([str(variant.get("name", "?")), _number(metrics.get("bleu")), _number(metrics.get("rougeL")),
-                     _number(metrics.get("chrf")), _number(variant.get("lora_params")),
-                     _number(_as_float(variant.get("adapter_mb")))])
+                     _number(metrics.get("chrf")), _number(variant.get("lora_params")), _size(variant),
+                     str(variant.get("origin") or "not recorded")])
     return rows
 
 
@@ -196,16 +203,18 @@ def _as_float(value):
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def _markdown_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
-    """A padded markdown table (readable as plain text too); columns from `right_from` on are right-aligned."""
+def _markdown_table(header: list[str], rows: list[list[str]], right: range | None = None) -> str:
+    """A padded markdown table (readable as plain text too); columns in `right` (default: all but the first)
+    are right-aligned."""
+    right = range(1, len(header)) if right is None else right
     cells = [[_md_cell(c) for c in row] for row in [header] + rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row):
-        return "| " + " | ".join(c.rjust(w) if i >= right_from else c.ljust(w)
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
                                  for i, (c, w) in enumerate(zip(row, widths))) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= right_from else ("-" * (w + 2))
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2))
                           for i, w in enumerate(widths)) + "|"
     return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
 
@@ -215,8 +224,9 @@ def _md_cell(text) -> str:
 
 
 def format_table(report: dict) -> str:
-    """Variant x BLEU, ROUGE-L, chrF, LoRA parameters, adapter size (MB), as a markdown table."""
-    return _markdown_table(list(TABLE_COLUMNS), _table_rows(report))
+    """Variant x BLEU, ROUGE-L, chrF, LoRA parameters, adapter size (MB) and why the row is there, as a
+    markdown table."""
+    return _markdown_table(list(TABLE_COLUMNS), _table_rows(report), right=NUMERIC_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,6 +287,10 @@ def _notes(report: dict) -> list[str]:
         parts = [f"{key.replace('_', ' ')}: {meta[key]}" for key in
                  ("split", "n_examples", "n_target_tokens", "n_truncated", "n_skipped") if key in meta]
         notes.append("Curves computed on " + ", ".join(parts) + ".")
+    if any(v.get("adapter_mb_source") for v in report.get("variants") or []):
+        notes.append("Adapter (MB): measured on disk for the full adapter and exported adapters; for a pruned row "
+                     "evaluated in memory, the exact size of the safetensors file a peft export at that b writes "
+                     "(tensors in their stored dtype); an estimate is marked ~ (estimate).")
     if report.get("bleu_signature"):
         notes.append(f"BLEU signature: {report['bleu_signature']}")
     if report.get("rouge_signature"):
@@ -334,7 +348,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     out += ["", "## Metrics", "", format_table(report), ""]
     savings = _savings(report)
     if savings:
-        out += ["## Savings", "", _markdown_table(["Quantity", "Value"], [list(r) for r in savings], right_from=2), ""]
+        out += ["## Savings", "", _markdown_table(["Quantity", "Value"], [list(r) for r in savings], right=range(0)), ""]
     search = report.get("search") or {}
     if search:
         out += ["## Boundary search", ""]
@@ -350,7 +364,7 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         columns = _example_columns(report)
         rows = [[e.get("input", ""), " / ".join(_shown_references(e))]
                 + [(e.get("outputs") or {}).get(c, "") for c in columns] for e in examples]
-        out += ["## Example generations", "", _markdown_table(["Input", "References"] + columns, rows, right_from=99),
+        out += ["## Example generations", "", _markdown_table(["Input", "References"] + columns, rows, right=range(0)),
                 ""]
     notes = _notes(report)
     if notes:
@@ -382,11 +396,12 @@ def _esc(text) -> str:
 
 
 def _html_table(header: list[str], rows: list[list[str]], *, table_id: str | None = None,
-                css_class: str | None = None, numeric_from: int = 1) -> str:
+                css_class: str | None = None, numeric: range | None = None) -> str:
+    numeric = range(1, len(header)) if numeric is None else numeric
     attrs = (f' id="{_esc(table_id)}"' if table_id else "") + (f' class="{_esc(css_class)}"' if css_class else "")
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f'<td class="num">{_esc(c)}</td>' if i >= numeric_from else f"<td>{_esc(c)}</td>"
+        "<tr>" + "".join(f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>"
                          for i, c in enumerate(row)) + "</tr>\n" for row in rows)
     return f"<table{attrs}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
@@ -405,12 +420,13 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
         parts.append('<ul class="significance">' + "".join(f"<li>{_esc(s)}</li>" for s in sentences) + "</ul>")
 
     parts.append("<h2>Metrics</h2>")
-    parts.append(_html_table(list(TABLE_COLUMNS), _table_rows(report), table_id="metrics"))
+    parts.append(_html_table(list(TABLE_COLUMNS), _table_rows(report), table_id="metrics",
+                             numeric=NUMERIC_COLUMNS))
     savings = _savings(report)
     if savings:
         parts.append("<h2>Savings</h2>")
         parts.append(_html_table(["Quantity", "Value"], [list(r) for r in savings], table_id="savings",
-                                 numeric_from=99))
+                                 numeric=range(0)))
 
     search = report.get("search") or {}
     if search:
@@ -435,7 +451,7 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
                 + [(e.get("outputs") or {}).get(c, "") for c in columns] for e in examples]
         parts.append("<h2>Example generations</h2>")
         parts.append(_html_table(["Input", "References"] + columns, rows, table_id="examples",
-                                 css_class="examples", numeric_from=99))
+                                 css_class="examples", numeric=range(0)))
 
     notes = _notes(report)
     if notes:

@@ -24,7 +24,7 @@ from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
 from .model import (check_adapter_files, find_layer_stack, layers_path_of_names, model_layers_path, model_num_layers,
-                    module_layer_index)
+                    model_paths, module_layer_index, read_adapter_config)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -188,9 +188,8 @@ class AdapterFiles:
         `num_layers` (the base model's, when known) also refuses layers_to_transform naming layers it lacks.
         """
         path = Path(path)
-        config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-        if not config_file.is_file():
-            raise LoraboundError(f"{path} has no {ADAPTER_CONFIG}; pass a folder written by PEFT's save_pretrained")
+        weights = path / ADAPTER_WEIGHTS
+        config = read_adapter_config(path)  # names a missing folder, a file, or a folder with no config
         if not weights.is_file():
             raise LoraboundError(
                 f"{path} has no {ADAPTER_WEIGHTS}; export works on safetensors adapters "
@@ -237,20 +236,25 @@ class PruneResult:
     layers_kept: list[int]
     lora_params_before: int
     lora_params_after: int
-    bytes_before: int
-    bytes_after: int
+    bytes_before: int | None  # peft / zero-fill: the source adapter's file; merged: the base model's weights
+    bytes_after: int          # every .safetensors file written, measured on disk
     notes: list[str] = field(default_factory=list)
+    dtype: str = "float32"    # of a merged model
 
     def summary(self) -> str:
-        def mb(n: int) -> str:
-            return f"{n / 1e6:.2f} MB"
+        def mb(n: int | None) -> str:
+            return "n/a (a hub model)" if n is None else f"{n / 1e6:.2f} MB"
         share = self.lora_params_after / self.lora_params_before if self.lora_params_before else 0.0
-        lines = [
-            f"wrote {self.format} adapter with LoRA on layers 0..{self.boundary} to {self.out_dir}",
-            f"LoRA parameters: {self.lora_params_before:,} -> {self.lora_params_after:,} ({share:.1%} kept)",
-            f"{'model' if self.format == 'merged' else 'adapter'} weights: "
-            f"{mb(self.bytes_before)} -> {mb(self.bytes_after)}",
-        ]
+        on = f"LoRA on layers 0..{self.boundary}" if self.boundary >= 0 else "no LoRA layer"
+        if self.format == "merged":
+            what = f"merged model ({self.dtype}) with {on}"
+            size = f"model weights on disk: base model {mb(self.bytes_before)} -> merged model {mb(self.bytes_after)}"
+        else:
+            what = f"{self.format} adapter with {on}"
+            size = f"adapter weights on disk: {mb(self.bytes_before)} -> {mb(self.bytes_after)}"
+        lines = [f"wrote {what} to {self.out_dir}",
+                 f"LoRA parameters: {self.lora_params_before:,} -> {self.lora_params_after:,} ({share:.1%} kept)",
+                 size]
         return "\n".join(lines + self.notes)
 
 
@@ -269,7 +273,7 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
     if format not in EXPORT_FORMATS:
         raise LoraboundError(f"unknown export format '{format}'; choose one of {', '.join(EXPORT_FORMATS)}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    check_not_input(out_dir, [adapter_dir])
+    check_not_input(out_dir, [adapter_dir, model_spec, *model_paths(model_spec)])
     if layers_path is None and model_spec is not None:
         layers_path = model_layers_path(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     if num_layers is None and model_spec is not None:
@@ -299,8 +303,9 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
                              "base weight); use --format peft or --format merged")
 
     with atomic_dir(out_dir, overwrite=overwrite, what="--out") as tmp:
+        bytes_before = (adapter_dir / ADAPTER_WEIGHTS).stat().st_size
         if format == "merged":
-            _write_merged(source, tensors, kept, boundary, model_spec, tmp, dtype, trust_remote_code)
+            bytes_before = _write_merged(source, tensors, kept, boundary, model_spec, tmp, dtype, trust_remote_code)
         else:
             config = _pruned_config(source, kept) if format == "peft" else dict(source.config)
             _write_adapter(tmp, config, tensors, source.path)
@@ -314,8 +319,7 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
         boundary=boundary, format=format, out_dir=out_dir, layers_kept=kept,
         lora_params_before=source.lora_params(),
         lora_params_after=source.lora_params(up_to=boundary),
-        bytes_before=(adapter_dir / ADAPTER_WEIGHTS).stat().st_size,
-        bytes_after=bytes_after, notes=notes,
+        bytes_before=bytes_before, bytes_after=bytes_after, notes=notes, dtype=dtype,
     )
 
 
@@ -329,6 +333,17 @@ def _pruned_tensors(source: AdapterFiles, boundary: int, zero_fill: bool) -> dic
             # lora_B = 0 makes the update exactly zero; lora_A is kept so every tensor name still exists.
             out[name] = torch.zeros_like(tensor) if _is_lora_b(name) else tensor
     return out
+
+
+def exported_bytes(source: AdapterFiles, boundary: int) -> int:
+    """The exact size of the adapter_model.safetensors a peft export at `boundary` writes (stored dtypes)."""
+    from safetensors.torch import save
+
+    return len(save(_contiguous(_pruned_tensors(source, boundary, zero_fill=False)), metadata={"format": "pt"}))
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in tensors.items()}
 
 
 def _is_lora_b(name: str) -> bool:
@@ -359,15 +374,20 @@ def _pruned_config(source: AdapterFiles, kept: list[int]) -> dict:
 
 def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], source_dir: Path) -> None:
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
+    save_file(_contiguous(tensors), str(folder / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     readme = source_dir / "README.md"
     if readme.is_file():
         shutil.copyfile(readme, folder / "README.md")
 
 
-def _write_merged(source: AdapterFiles, tensors, kept, boundary, model_spec, folder: Path, dtype, trust_remote_code):
-    from .model import load_adapter, load_model
+def _write_merged(source: AdapterFiles, tensors, kept, boundary, model_spec, folder: Path, dtype,
+                  trust_remote_code) -> int | None:
+    """Save the base model with the kept LoRA merged in and modules_to_save copies in place.
+
+    Returns the base model's weights bytes on disk (None for a hub id), to compare model bytes with model bytes.
+    """
+    from .model import load_adapter, load_model, resolve_model_dir
 
     model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     if any(".lora_" in name for name in tensors):
@@ -377,8 +397,43 @@ def _write_merged(source: AdapterFiles, tensors, kept, boundary, model_spec, fol
         # load_adapter checks the adapter against this model before PEFT touches it.
         model = load_adapter(model, staging, model_name=model_spec).merge_and_unload()
         shutil.rmtree(staging)
+    else:
+        _copy_saved_modules(model, tensors, model_spec)  # no LoRA left (b = -1): nothing for PEFT to load
+    _untie_changed_head(model)
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
+    base_dir = Path(resolve_model_dir(model_spec))
+    return sum(p.stat().st_size for p in base_dir.glob("*.safetensors")) if base_dir.is_dir() else None
+
+
+def _copy_saved_modules(model, tensors: dict[str, torch.Tensor], model_spec: str) -> None:
+    """Put the adapter's whole-module copies (modules_to_save, e.g. lm_head) into the base model.
+
+    Each becomes a new parameter, as PEFT's own merge does: a head tied to the embeddings gets its own weight
+    and the embeddings stay the base model's.
+    """
+    for name, tensor in tensors.items():
+        path = name.removeprefix("base_model.model.")
+        module_path, _, attribute = path.rpartition(".")
+        try:
+            module = model.get_submodule(module_path)
+            old = getattr(module, attribute)
+        except AttributeError:
+            raise LoraboundError(f"the adapter saves {path}, which model {model_spec} does not have; "
+                                 "pass the --model the adapter was trained on") from None
+        if tuple(old.shape) != tuple(tensor.shape):
+            raise LoraboundError(f"the adapter's {path} has shape {tuple(tensor.shape)}, model {model_spec}'s "
+                                 f"{tuple(old.shape)}; pass the --model the adapter was trained on")
+        setattr(module, attribute, torch.nn.Parameter(tensor.to(old.dtype).clone(), requires_grad=False))
+
+
+def _untie_changed_head(model) -> None:
+    """An output head that now differs from the embeddings it was tied to is saved as its own tensor."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if not getattr(model.config, "tie_word_embeddings", False) or inputs is None or outputs is None:
+        return
+    if outputs.weight is not inputs.weight and not torch.equal(outputs.weight, inputs.weight):
+        model.config.tie_word_embeddings = False
 
 
 def _ranges(layers: list[int]) -> str:

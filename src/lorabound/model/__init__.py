@@ -14,7 +14,7 @@ from .gguf import DEFAULT_MODEL, load_gguf_model
 from .layers import (KNOWN_FINAL_NORM_NAMES, KNOWN_LAYER_PATHS, SUPPORTED_LAYOUTS, LayerStack, apply_head,
                      find_layer_stack, layers_path_of_names, module_layer_index, unwrap_model)
 from .loading import (DTYPES, EMBEDDED_GGUF, EMBEDDED_PACKAGE, EMBEDDED_PIP, embedded_gguf_path, load_model,
-                      model_layers_path, model_num_layers, resolve_model_dir)
+                      model_layers_path, model_num_layers, model_paths, resolve_model_dir)
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -51,5 +51,6 @@ __all__ = [
     "load_model",
     "model_layers_path",
     "model_num_layers",
+    "model_paths",
     "resolve_model_dir",
 ]

@@ -52,6 +52,20 @@ def resolve_model_dir(spec: str) -> str:
     raise LoraboundError(f"unknown model spec '{spec}'; {_SPEC_CHOICES}")
 
 
+def model_paths(spec: str | None) -> list[Path]:
+    """The files and folders a model spec reads (nothing converted): the given path, and for the alias or a
+    .gguf file also its converted folder in the cache. An output must never be, hold or lie inside one."""
+    if spec is None:
+        return []
+    spec = str(spec)
+    if spec == DEFAULT_MODEL:
+        return [cache_dir() / "models" / DEFAULT_MODEL]
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return [path, cache_dir() / "models" / f"gguf-{gguf_cache_key(path)}"]
+    return [path] if path.exists() else []
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str = "cpu",
                trust_remote_code: bool = False):
     """Return (model, tokenizer). spec: alias, local folder, .gguf file, or hub id. Tokenizer has a pad token.
