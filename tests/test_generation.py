@@ -267,21 +267,30 @@ def test_real_tokenizer_id_rule_stops_where_the_text_rule_does(real_model):
 
 
 def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monkeypatch):
-    from lorabound import pipeline
+    from lorabound import engines, pipeline
+    from lorabound.engines import HFEngine
     from lorabound.pipeline import GenerationOptions
 
     from tiny import tiny_task
 
     model, tokenizer, task = tiny_lora(num_layers=2), tiny_tokenizer(), tiny_task()
+    model.save_pretrained(tmp_path / "adapter")  # the cache key holds the adapter's content
+    engine = HFEngine(model, tokenizer, max_new_tokens=4, batch_size=16, stop_at_newline=True)
     asked = []
-    real = pipeline.generate_variants
-    monkeypatch.setattr(pipeline, "generate_variants",
+    real = engines.generate_variants
+    monkeypatch.setattr(engines, "generate_variants",
                         lambda m, t, p, variants, **k: asked.append([v[0] for v in variants]) or real(m, t, p, variants, **k))
-    texts = pipeline._generate_variants_cached(model, tokenizer, task, task.examples[:3], [None, 1, -1, 0], "test",
-                                               tmp_path, GenerationOptions(max_new_tokens=4), False)
+
+    def generate(boundaries):
+        requests = {b: pipeline._boundary_variant(b, 1) for b in boundaries}
+        out = pipeline._generate_cached(engine, task, task.examples[:3], list(requests.values()), "test", tmp_path,
+                                        GenerationOptions(max_new_tokens=4), {"model": "tiny"}, tmp_path / "adapter",
+                                        [0, 1], False)
+        return {b: out[r.name].texts for b, r in requests.items()}
+
+    texts = generate([None, 1, -1, 0])
     assert asked == [["full adapter", "base model", "pruned (b=0)"]]  # b = 1 is the top LoRA layer: the full adapter
     assert texts[None] == texts[1] and set(texts) == {None, 1, -1, 0}
-    again = pipeline._generate_variants_cached(model, tokenizer, task, task.examples[:3], [0, -1], "test", tmp_path,
-                                               GenerationOptions(max_new_tokens=4), False)
+    again = generate([0, -1])
     assert asked == [["full adapter", "base model", "pruned (b=0)"]]  # read back from the files
     assert again == {0: texts[0], -1: texts[-1]}

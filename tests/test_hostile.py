@@ -58,6 +58,12 @@ NUMERIC = {
     "--dropout": ({"train"}, ["1", "-0.1", "nan"]),
     "--rank": ({"train"}, ["0", "-4"]),
     "--checkpoint-every": ({"train"}, ["0"]),
+    "--threads": (set(COMMANDS), ["0", "-2"]),
+    "--tensor-parallel-size": ({"search", "evaluate", "run"}, ["0"]),
+    "--gpu-memory-utilization": ({"search", "evaluate", "run"}, ["0", "1.5", "nan"]),
+    "--max-model-len": ({"search", "evaluate", "run"}, ["0"]),
+    "--max-lora-rank": ({"search", "evaluate", "run"}, ["0"]),
+    "--max-loras": ({"search", "evaluate", "run"}, ["0"]),
 }
 # flags naming a path or a text: the empty value, and values naming nothing usable; a (value, expected) pair
 # gives the words the refusal must hold where that is not the flag itself

@@ -119,7 +119,7 @@ def test_unparsable_grid_file(tmp_path):
     ({"tasks": ["no-such-task"]}, "unknown task 'no-such-task'"),
     ({"transfer": "no-such-task"}, "unknown task 'no-such-task'"),
     ({"data": {"train_size": 40, "validation_size": 4, "test_size": 6}}, "were asked for"),
-    ({"training": [{"name": "a", "rank": 0}]}, "--rank 0 must be at least 1"),
+    ({"training": [{"name": "a", "rank": 0}]}, "--rank 0 is out of range"),
     ({"search": {"criterion": "best"}}, "unknown criterion 'best'"),
     ({"training": [{"name": "given", "adapter": "nowhere/{task}-{seed}"}]}, "adapter folder nowhere/places-0"),
     ({"models": ["{root}/base", "{root}/again/base"]}, "two cells would share the folder base-places-short-s0"),

@@ -18,7 +18,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,11 @@ class VLLMOptions:
     max_loras: int = field(default=4, metadata={"help": "vLLM: adapters batched together at once"})
     distributed_executor_backend: str | None = field(default=None, metadata={
         "help": "vLLM: mp (one node) or ray (several nodes, a running Ray cluster); None: vLLM's choice"})
+
+    def __post_init__(self):
+        from .validation import check_arguments
+
+        check_arguments(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 # ---------------------------------------------------------------------------

@@ -299,6 +299,9 @@ class GenerationOptions:
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
     engine: str = field(default="hf", metadata={"help": "generation engine: hf (transformers) or vllm"})
 
+    def __post_init__(self):
+        _check_fields(self)
+
 
 def _check_engine(generation: GenerationOptions, model_options: ModelOptions, adapters: list,
                   vllm: VLLMOptions | None) -> None:
@@ -492,7 +495,7 @@ def prune(adapter: str | Path, boundary: int, out: str | Path, *, format: str = 
     """Export a new adapter with LoRA on layers 0..boundary (the input folder is never written to)."""
     check_arguments(adapter=adapter, boundary=boundary, out=out, format=format,
                     **({} if model is None else {"model": model}))
-    _check_adapters(adapter)
+    read_adapter_config(adapter)  # a missing or broken folder is named first; export then needs safetensors
     return prune_adapter(adapter, boundary, out, format=format, model_spec=model, overwrite=overwrite,
                          dtype=dtype, trust_remote_code=trust_remote_code)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-from .errors import LoraboundError
 
 
 def usable_cores() -> int:
@@ -37,8 +36,9 @@ def set_threads(threads: int | None) -> int:
     """Use `threads` torch threads (None: the cores free now). Returns the number set."""
     import torch
 
-    if threads is not None and threads < 1:
-        raise LoraboundError(f"--threads {threads} must be at least 1; pass a positive number of threads")
+    from .validation import check_arguments
+
+    check_arguments(threads=threads)
     chosen = threads or default_threads()
     torch.set_num_threads(chosen)
     return chosen

@@ -38,7 +38,7 @@ from . import pipeline
 from .boundary import SearchSettings
 from .errors import LoraboundError
 from .evaluate import METRIC_LABELS, format_p, paired_bootstrap
-from .files import check_not_input, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .files import check_not_input, holds_folder_locks, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .model import DEFAULT_MODEL, model_num_layers
 from .pipeline import BASE, FULL, DataOptions, GenerationOptions, ModelOptions
 from .surgery import ADAPTER_WEIGHTS
@@ -300,6 +300,7 @@ def check_grid(grid: Grid) -> dict[str, int]:
 # 2. The cells
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # the study folder's lock, taken in pipeline._claim_folder
 def study(out: str | Path, grid: Grid, *, overwrite: bool = False, retry_failed: bool = False,
           progress: bool = True) -> dict:
     """Run every cell of `grid` into OUT (resumable), then write study.json, study.md and study.html."""
@@ -759,7 +760,7 @@ def render_study_markdown(summary: dict, plot_files: dict[str, str]) -> str:
     if transfer and transfer["pooled"].get("n_cells"):
         out += [f"## Transfer: each cell's b applied on {task_label(transfer['task'])} test", "",
                 _markdown_table(POOLED_COLUMNS, _pooled_rows(transfer["pooled"])), ""]
-    out += ["## Cells", "", _markdown_table(CELL_COLUMNS, _cell_rows(summary), right_from=4), ""]
+    out += ["## Cells", "", _markdown_table(CELL_COLUMNS, _cell_rows(summary), right=range(4, len(CELL_COLUMNS))), ""]
     for name, file in plot_files.items():
         out += [f"![{name}]({file})", "", PLOT_CAPTIONS[name], ""]
     out += ["## Time", "", _markdown_table(["Stage", "Time", "Share"], _timing_rows(summary)), ""]
