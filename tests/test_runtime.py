@@ -25,5 +25,5 @@ def test_zero_threads_is_refused(capsys, tmp_path):
     assert main(["prune", "--threads", "0", "--adapter", str(tmp_path), "--boundary", "1",
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --threads 0 must be at least 1") and err.count("\n") == 1
+    assert err.startswith("error: --threads 0 is out of range") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

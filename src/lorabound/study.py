@@ -784,7 +784,7 @@ def render_study_html(summary: dict, plots: dict[str, bytes]) -> str:
     if transfer and transfer["pooled"].get("n_cells"):
         parts += [f"<h2>Transfer: each cell's b applied on {_esc(task_label(transfer['task']))} test</h2>",
                   _html_table(POOLED_COLUMNS, _pooled_rows(transfer["pooled"]), table_id="transfer")]
-    parts += ["<h2>Cells</h2>", _html_table(CELL_COLUMNS, _cell_rows(summary), table_id="cells", numeric_from=4)]
+    parts += ["<h2>Cells</h2>", _html_table(CELL_COLUMNS, _cell_rows(summary), table_id="cells", numeric=range(4, len(CELL_COLUMNS)))]
     for name, data in plots.items():
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         parts.append(f'<figure><img src="{uri}" alt="{_esc(name)}"><figcaption>{_esc(PLOT_CAPTIONS[name])}'
