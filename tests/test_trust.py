@@ -862,7 +862,7 @@ def test_run_killed_during_the_sweep_resumes_with_identical_numbers(tmp_path, wo
     monkeypatch.setattr(analysis, "score_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     assert main(["--quiet", *map(str, run_args(world, out))]) == 0
     total = json.loads((out / "curves.json").read_text())["meta"]["n_examples"]
-    assert 2 <= done < total and len(calls) == total - done  # it resumed, not restarted
+    assert 2 <= done < total and len(calls) == 1 + total - done  # the self-check, then only the batches left
     assert not partial.exists()
     assert figures(out) == figures(run_a.out)
     assert folder_hashes(world.adapter) == world.hashes
