@@ -167,7 +167,7 @@ def test_study_writes_every_cell_and_the_report(finished):
         assert cell["boundary"] == report["search"]["boundary"]
         full = next(v for v in report["variants"] if v["name"] == "full adapter")
         assert cell["in_domain"]["metrics"]["full"]["bleu"] == full["metrics"]["bleu"]
-        assert set(cell["in_domain"]["tests"]) == {"bleu", "rougeL", "chrf"}
+        assert set(cell["in_domain"]["tests"]) == {"bleu", "rougeL"}  # chrF: a score, no public statistics to test
         assert cell["training_run"]["steps"] == 6  # 12 inputs x 2 references / batch 4
         # Transfer: the cell's adapter at its b on the other task's test split.
         transfer = json.loads((out / "cells" / cell["id"] / "transfer-inns" / "evaluation.json").read_text())
