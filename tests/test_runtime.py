@@ -1,5 +1,6 @@
 """--threads: the default is the cores free at start; a bad value is refused before any work."""
 
+import os
 import torch
 
 from lorabound.cli import main
@@ -27,3 +28,10 @@ def test_zero_threads_is_refused(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error: --threads 0 is out of range") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_busy_cores_is_a_share_of_the_machine():
+    from lorabound.runtime import busy_cores
+
+    busy = busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)

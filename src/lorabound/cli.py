@@ -42,8 +42,8 @@ DESCRIPTIONS = {
 }
 
 
-THREADS_HELP = ("CPU threads for torch (default: the cores free at start, i.e. usable cores minus the 1-minute "
-                "load average, at least 1)")
+THREADS_HELP = ("CPU threads for torch (default: the cores free at start, i.e. usable cores minus the cores busy "
+                "over a 0.2 s sample, at least 1)")
 EXACT_HELP = ("compute the logit lens and the ablation on every validation example with a float64 log-softmax "
               "(default: on the first quarter, labelled approximated; the truncation curve is always complete)")
 
