@@ -242,3 +242,55 @@ def test_real_model_float32_normaliser_within_1e6(real_model):
     exact = analyze(model, encoded, exact=True, **kwargs)["truncation"]
     for key in ("mean_prob", "nll"):
         assert max(abs(a - b) for a, b in zip(fast[key], exact[key])) < 1e-6, key
+
+
+# ---------------------------------------------------------------------------
+# The joint (per-module-group) curve
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_joint_curve_every_cell_equals_a_direct_forward(tok, arch):
+    model = tiny_lora() if arch == "llama" else tiny_arch(arch)
+    encoded = tiny_encoded(tok)
+    fast = analyze(model, encoded, batch_size=3, pad_token_id=tok.pad_token_id, curves=("truncation", "joint"),
+                   progress=False)
+    plain = analysis.joint_curve_plain(model, encoded, batch_size=3, pad_token_id=tok.pad_token_id)
+    joint = fast["joint"]
+    n = len(fast["truncation"]["boundary"])
+    assert joint["attention_boundary"] == plain["attention_boundary"] == fast["truncation"]["boundary"]
+    for key in ("mean_prob", "nll", "accuracy"):
+        assert len(joint[key]) == n and all(len(row) == n for row in joint[key])
+        for row, expected in zip(joint[key], plain[key]):
+            assert close(row, expected), key
+    # No LoRA outside attention and MLP here: the diagonal (Ba = Bm) is the truncation curve.
+    assert close([joint["mean_prob"][i][i] for i in range(n)], fast["truncation"]["mean_prob"])
+    # The groups matter separately: some off-diagonal cells differ from both neighbours on the diagonal.
+    cells = {round(p, 6) for row in plain["mean_prob"] for p in row}
+    assert len(cells) > n
+
+
+def test_joint_curve_cell_is_keep_selection_with_per_group_boundaries(tok):
+    """One cell against a forward with Selection.per_group built by hand (not via joint_selection)."""
+    from lorabound.selection import Selection
+    from lorabound.surgery import keep_selection
+
+    model = tiny_lora()
+    encoded = tiny_encoded(tok)
+    joint = analyze(model, encoded, batch_size=8, pad_token_id=tok.pad_token_id, curves=("joint",),
+                    progress=False, exact=True)["joint"]
+    batch = next(iter(analysis.batches(encoded, 8, tok.pad_token_id)))
+    targets = analysis.Targets.from_labels(batch.labels)
+    with keep_selection(model, Selection.per_group({"attention": 2, "mlp": 0})):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp = torch.log_softmax(logits[:, :-1][targets.rows, targets.positions].double(), -1)
+    expected = logp.gather(1, targets.tokens[:, None]).exp().mean().item()
+    assert close([joint["mean_prob"][3][1]], [expected])  # rows and columns are indexed from b = -1
+
+
+def test_joint_curve_refuses_an_adapter_without_mlp_lora(tok):
+    from lorabound.errors import LoraboundError
+
+    model = tiny_lora(target_modules=["q_proj", "v_proj"])
+    with pytest.raises(LoraboundError, match="no LoRA on mlp modules"):
+        analyze(model, tiny_encoded(tok), batch_size=8, pad_token_id=tok.pad_token_id, curves=("joint",),
+                progress=False)

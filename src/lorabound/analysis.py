@@ -4,7 +4,9 @@
   (full); when the adapter has parts no boundary drops (LoRA on the head or embeddings, modules_to_save), the
   "LoRA-layers-only" baseline (every layer's LoRA off, those parts on) is reported beside it;
 - logit lens: the ground-truth probability read from each layer's hidden state (base and full adapter);
-- single-layer ablation: LoRA dropped on one layer alone, the change in NLL.
+- single-layer ablation: LoRA dropped on one layer alone, the change in NLL;
+- joint curve (on request, "joint"): the truncation curve per module group, every pair (Ba, Bm) of attention LoRA
+  kept on layers <= Ba and MLP LoRA kept on layers <= Bm (see _joint_batch for how it shares work).
 
 The sweep shares work between boundaries. One forward pass with the full adapter yields, at the
 output of layer b, exactly the hidden state of "LoRA on 0..b"; each boundary then runs only its
@@ -28,9 +30,12 @@ from .data import Encoded, batches
 from .errors import LoraboundError
 from .files import write_json_atomic
 from .model import LayerStack, apply_head, find_layer_stack, unwrap_model
-from .surgery import adapter_layers, keep_lora, no_adapter, parts_outside_layers
+from .selection import Selection
+from .surgery import adapter_layers, keep_lora, keep_selection, lora_modules, no_adapter, parts_outside_layers
 
-CURVES = ("truncation", "logit_lens", "ablation")
+CURVES = ("truncation", "logit_lens", "ablation")  # analyze's default
+OPTIONAL_CURVES = ("joint",)  # asked by name: the joint curve costs about 2L/3 truncation sweeps (README)
+JOINT_GROUPS = ("attention", "mlp")
 
 
 # ---------------------------------------------------------------------------
@@ -84,11 +89,16 @@ def trace_layers(model, stack: LayerStack, input_ids, attention_mask) -> LayerTr
 
 
 @torch.inference_mode()
-def run_layers(stack: LayerStack, trace: LayerTrace, hidden: torch.Tensor, start: int) -> torch.Tensor:
-    """Continue from `hidden` (the input of layer `start`) through the rest of the stack, as the model is now set."""
+def run_layers(stack: LayerStack, trace: LayerTrace, hidden: torch.Tensor, start: int,
+               record: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Continue from `hidden` (the input of layer `start`) through the rest of the stack, as the model is now set.
+
+    With `record`, every layer's output from `start` on is appended to it."""
     for index in range(start, stack.num_layers):
         args, kwargs = trace.call_args[index]
         hidden = _hidden_of(stack.layers[index](hidden, *args, **kwargs))
+        if record is not None:
+            record.append(hidden)
     return hidden
 
 
@@ -167,7 +177,7 @@ def score_batch(model, stack: LayerStack, batch, boundaries: list[int], lora_lay
     if targets.tokens.numel() == 0:
         return
     counted = {"truncation": ["truncation"], "logit_lens": ["lens_base", "lens_full"],
-               "ablation": ["ablation", "ablation_full"]}
+               "ablation": ["ablation", "ablation_full"], "joint": ["joint"]}
     for name in (n for c in curves for n in counted[c] if n in scores):
         scores[name].tokens += targets.tokens.numel()
     every = range(stack.num_layers)
@@ -208,6 +218,53 @@ def score_batch(model, stack: LayerStack, batch, boundaries: list[int], lora_lay
                 hidden = run_layers(stack, full, full.inputs[layer], layer)
             scores["ablation"].add(i, head_logits(stack, hidden, targets), targets)
 
+    if "joint" in curves:
+        _joint_batch(model, stack, full, boundaries, targets, scores["joint"])
+
+
+def joint_selection(attention: int, mlp: int, top: int) -> Selection:
+    """The joint curve's cell: attention LoRA on layers 0..attention, MLP LoRA on 0..mlp; LoRA on any other module
+    group of the layers (neither attention nor MLP) stays on every layer."""
+    return Selection.per_group({"attention": attention, "mlp": mlp, "other": top})
+
+
+@torch.inference_mode()
+def _joint_batch(model, stack: LayerStack, full: LayerTrace, boundaries: list[int], targets: Targets,
+                 scores: TokenScores) -> None:
+    """Every cell (Ba, Bm) of the joint curve for one batch, cell index = i(Ba) * len(boundaries) + i(Bm).
+
+    Exact and shared like the truncation sweep. A cell with Ba < Bm agrees with the full adapter on layers 0..Ba,
+    with "attention on 0..Ba, MLP everywhere" up to layer Bm, and has no LoRA above. So for each Ba one partial
+    pass from the full adapter's output of layer Ba (attention LoRA off above it) records the hidden state after
+    every layer, and each Bm > Ba runs only its layers above Bm without LoRA; the same with the groups swapped
+    for Bm < Ba, and the diagonal (Ba = Bm) is the truncation sweep itself. Each layer then runs once per distinct
+    selection of the layers up to it: sum over layers i of (i + 2)^2 layer passes, against sum of (i + 2) for the
+    truncation sweep, about 2L/3 times as many.
+    """
+    n, top = len(boundaries), stack.num_layers - 1
+    position = {b: i for i, b in enumerate(boundaries)}
+    off = joint_selection(-1, -1, top)
+
+    def start_after(b: int) -> torch.Tensor:  # the full adapter's hidden state entering layer b + 1
+        return full.inputs[0] if b < 0 else full.outputs[b]
+
+    def score_tail(ba: int, bm: int, hidden: torch.Tensor, start: int) -> None:
+        logits = head_logits(stack, run_layers(stack, full, hidden, start), targets)
+        scores.add(position[ba] * n + position[bm], logits, targets)
+
+    with keep_selection(model, off):
+        for b in boundaries:
+            score_tail(b, b, start_after(b), b + 1)
+    for lower in JOINT_GROUPS:  # the group whose boundary is the lower one
+        for b in boundaries[:-1]:
+            recorded: list[torch.Tensor] = []
+            upper = {"attention": top, "mlp": top, lower: b}
+            with keep_selection(model, joint_selection(upper["attention"], upper["mlp"], top)):
+                run_layers(stack, full, start_after(b), b + 1, record=recorded)
+            with keep_selection(model, off):
+                for c in (c for c in boundaries if c > b):
+                    cell = (b, c) if lower == "attention" else (c, b)
+                    score_tail(*cell, recorded[c - b - 1], c + 1)
 
 # ---------------------------------------------------------------------------
 # The self-check: the sweep must reproduce the model's own logits
@@ -293,19 +350,22 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
     With `checkpoint`, the running sums are saved after every batch and a rerun continues from there,
     giving the same numbers as an uninterrupted run.
     """
-    unknown = set(curves) - set(CURVES)
+    unknown = set(curves) - set(CURVES + OPTIONAL_CURVES)
     if unknown:
-        raise LoraboundError(f"unknown curve {sorted(unknown)}; choose from {', '.join(CURVES)}")
+        raise LoraboundError(f"unknown curve {sorted(unknown)}; choose from {', '.join(CURVES + OPTIONAL_CURVES)}")
     model.eval()
     stack = find_layer_stack(model)
     lora_layers = adapter_layers(model)
     outside = parts_outside_layers(model)
+    if "joint" in curves:
+        check_joint_groups(model)
     boundaries = [-1] + lora_layers  # b between two LoRA layers equals the lower one: no need to run it
     sizes = {"truncation": len(boundaries), "layers_only": 1, "lens_base": stack.num_layers,
-             "lens_full": stack.num_layers, "ablation": len(lora_layers), "ablation_full": 1}
+             "lens_full": stack.num_layers, "ablation": len(lora_layers), "ablation_full": 1,
+             "joint": len(boundaries) ** 2}
     wanted = {"truncation": ["truncation"] + (["layers_only"] if outside else []),
               "logit_lens": ["lens_base", "lens_full"],
-              "ablation": ["ablation"] + ([] if exact else ["ablation_full"])}
+              "ablation": ["ablation"] + ([] if exact else ["ablation_full"]), "joint": ["joint"]}
     names = [n for c in curves for n in wanted[c]]
     all_batches = list(batches(encoded, batch_size, pad_token_id))
     check_reproduces_model(model, stack, all_batches, lora_layers)
@@ -319,7 +379,7 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
     distributed.agree((fingerprint, done), "the inputs and the analysis checkpoint")
 
     def curves_for(index: int) -> tuple[str, ...]:
-        return tuple(c for c in curves if c == "truncation" or index < subset)
+        return tuple(c for c in curves if c in ("truncation", "joint") or index < subset)
 
     # Under torchrun each round gives batch start + r to rank r; the round's sums are added up over the ranks
     # (float64) before the checkpoint, so a checkpoint holds whole batches and resumes under any world size.
@@ -373,7 +433,29 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
         result["ablation"] = {"layer": lora_layers, "nll": ablated["nll"], "full_nll": full_nll,
                               "delta_nll": [x - full_nll for x in ablated["nll"]] if full_nll is not None else None,
                               **({"approximated": approximated} if approximated else {})}
+    if "joint" in scores:
+        result["joint"] = joint_result(scores["joint"].means(), boundaries)
     return result
+
+
+def check_joint_groups(model) -> None:
+    """The joint curve needs LoRA in both the attention and the MLP modules of the layers."""
+    have = {m.group for m in lora_modules(model)}
+    missing = [g for g in JOINT_GROUPS if g not in have]
+    if missing:
+        raise LoraboundError(f"the adapter has no LoRA on {' or '.join(missing)} modules (it has {', '.join(sorted(have))}), "
+                             "so there is no per-module pair to search; use --criterion auto (one boundary for all "
+                             "modules) or an adapter trained on attention and MLP modules")
+
+
+def joint_result(means: dict[str, list[float]], boundaries: list[int]) -> dict:
+    """curves.json's "joint": matrices indexed [i(Ba)][i(Bm)]."""
+    n = len(boundaries)
+    return {"attention_boundary": boundaries, "mlp_boundary": boundaries,
+            "what": "mean ground-truth probability (nll, accuracy) with attention LoRA on layers <= Ba and MLP LoRA "
+                    "on layers <= Bm, rows Ba, columns Bm; LoRA on other modules of the layers and outside them stays "
+                    "on, so (-1, -1) is every layer's LoRA off; exact, every validation example",
+            **{key: [values[i * n:(i + 1) * n] for i in range(n)] for key, values in means.items()}}
 
 
 def _add_over_ranks(scores: dict[str, TokenScores], mine: dict[str, TokenScores]) -> None:
@@ -435,3 +517,27 @@ def truncation_curve_plain(model, encoded: Encoded, *, batch_size: int, pad_toke
             if on_step:
                 on_step()
     return {"boundary": boundaries, **scores.means()}
+
+
+@torch.inference_mode()
+def joint_curve_plain(model, encoded: Encoded, *, batch_size: int, pad_token_id: int,
+                      on_step: Callable[[], None] | None = None) -> dict:
+    """The joint curve the obvious way: for every (Ba, Bm), keep_selection and run the whole model."""
+    model.eval()
+    check_joint_groups(model)
+    boundaries = [-1] + adapter_layers(model)
+    top = find_layer_stack(model).num_layers - 1
+    scores = TokenScores(len(boundaries) ** 2, float64=True)
+    device = next(model.parameters()).device
+    for batch in batches(encoded, batch_size, pad_token_id):
+        batch = batch.to(device)
+        targets = Targets.from_labels(batch.labels)
+        scores.tokens += targets.tokens.numel()
+        for i, ba in enumerate(boundaries):
+            for j, bm in enumerate(boundaries):
+                with keep_selection(model, joint_selection(ba, bm, top)):
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                scores.add(i * len(boundaries) + j, logits[:, :-1][targets.rows, targets.positions].float(), targets)
+                if on_step:
+                    on_step()
+    return joint_result(scores.means(), boundaries)
