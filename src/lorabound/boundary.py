@@ -42,7 +42,9 @@ from typing import Callable
 from .errors import LoraboundError
 from .evaluate import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_bootstrap, score
 
-CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf")
+CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf", "per-module", "greedy-drop")
+GOAL_CRITERIA = ("auto", "per-module")  # those deciding by --goal (greedy-drop decides as --goal size)
+SELECTION_CRITERIA = ("per-module", "greedy-drop")  # their result is a Selection (selection_search.py)
 GOALS = ("quality", "size")
 METRIC_CRITERIA = {"auto": COMBINED, "bleu": "bleu", "rougeL": "rougeL", "chrf": "chrf"}
 KNEE_FRACTIONS = (0.5, 0.75, 0.9, 0.95)
@@ -53,8 +55,9 @@ COMPARED = ("bleu", "rougeL", COMBINED)  # each candidate against the full adapt
 @dataclass
 class SearchSettings:
     criterion: str = field(default="auto", metadata={"help": "how to pick b: " + ", ".join(CRITERIA)})
-    goal: str | None = field(default=None, metadata={"help": "for --criterion auto: quality (default: drop layers "
-                                                     "only for a validation gain beyond noise) or size (the "
+    goal: str | None = field(default=None, metadata={"help": "for --criterion auto or per-module: quality "
+                                                     "(default: drop layers only for a validation gain beyond "
+                                                     "noise) or size (the "
                                                      "smallest b not significantly worse, within --tolerance)"})
     knee_fraction: float = field(default=0.9, metadata={"help": "share of the full adapter's probability gain "
                                                         "the knee must reach"})
@@ -65,15 +68,19 @@ class SearchSettings:
                                                                  "(default: preselected from the curve)"})
     boundary: int | None = field(default=None, metadata={"help": "the user's own b: skips the search"})
     bootstrap: int = field(default=1000, metadata={"help": "paired bootstrap resamples for the validation tests"})
+    keep_fraction: float | None = field(default=None, metadata={"help": "for --criterion greedy-drop: share of the "
+                                                                "LoRA parameters to keep, in (0, 1] (instead of "
+                                                                "--tolerance)"})
 
     def __post_init__(self):
         if self.criterion not in CRITERIA:
             raise LoraboundError(f"unknown criterion '{self.criterion}'; choose one of {', '.join(CRITERIA)}")
         if self.goal is not None and self.goal not in GOALS:
             raise LoraboundError(f"unknown goal '{self.goal}'; choose one of {', '.join(GOALS)}")
-        if self.goal is not None and self.criterion != "auto" and self.boundary is None:
-            raise LoraboundError(f"--goal applies to --criterion auto only, not {self.criterion}; "
+        if self.goal is not None and self.criterion not in GOAL_CRITERIA and self.boundary is None:
+            raise LoraboundError(f"--goal applies to --criterion auto or per-module only, not {self.criterion}; "
                                  "drop --goal or use --criterion auto")
+        self._check_selection_criteria()
         if not 0.0 < self.knee_fraction <= 1.0:
             raise LoraboundError(f"--knee-fraction {self.knee_fraction} must be in (0, 1]; for example 0.9")
         if self.tolerance < 0:
@@ -81,14 +88,31 @@ class SearchSettings:
         uses_tolerance = self.criterion in ("bleu", "rougeL", "chrf") or self.resolved_goal == "size"
         if self.tolerance and not uses_tolerance and self.boundary is None:
             raise LoraboundError(f"--tolerance is not used by --criterion {self.criterion}"
-                                 + (" --goal quality" if self.criterion == "auto" else "")
+                                 + (" --goal quality" if self.criterion in GOAL_CRITERIA else "")
                                  + "; pass it with --goal size or a bleu / rougeL / chrf criterion")
         if self.bootstrap < 1:
             raise LoraboundError(f"--bootstrap {self.bootstrap} must be at least 1; 1000 is usual")
 
+    def _check_selection_criteria(self) -> None:
+        """--keep-fraction and --candidates against per-module / greedy-drop (validation.py checks the ranges)."""
+        if self.keep_fraction is not None:
+            if not 0.0 < self.keep_fraction <= 1.0:
+                raise LoraboundError(f"--keep-fraction {self.keep_fraction} must be in (0, 1]; for example 0.5")
+            if self.criterion != "greedy-drop" and self.boundary is None:
+                raise LoraboundError(f"--keep-fraction applies to --criterion greedy-drop only, not {self.criterion}; "
+                                     "drop --keep-fraction or use --criterion greedy-drop")
+            if self.tolerance and self.boundary is None:
+                raise LoraboundError("--keep-fraction and --tolerance are two ways to stop greedy-drop (a parameter "
+                                     "budget, a validation loss); pass one of them")
+        if self.candidates and self.criterion in SELECTION_CRITERIA and self.boundary is None:
+            raise LoraboundError(f"--candidates lists boundaries, which --criterion {self.criterion} does not take (it "
+                                 "preselects its own candidates); drop --candidates")
+
     @property
     def resolved_goal(self) -> str | None:
-        return (self.goal or "quality") if self.criterion == "auto" else None
+        if self.criterion == "greedy-drop":
+            return None if self.keep_fraction is not None else "size"
+        return (self.goal or "quality") if self.criterion in GOAL_CRITERIA else None
 
 
 def check_boundary(boundary: int, num_layers: int) -> None:
@@ -237,21 +261,25 @@ def _significantly_worse(vs_full: dict) -> bool:
     return any(vs_full[m]["diff"] < 0 and vs_full[m]["p_value"] < LEVEL for m in COMPARED)
 
 
-def _pick_for_goal(scored: dict[int, dict], goal: str, tolerance: float, full: int) -> tuple[int, str]:
-    """auto: decide on the mean of BLEU and ROUGE-L against the full adapter, noise accounted for."""
+def _pick_for_goal(scored: dict, goal: str, tolerance: float, full, size: Callable = lambda b: b,
+                   name: Callable = lambda b: f"b = {b}", noun: str = "b") -> tuple:
+    """auto: decide on the mean of BLEU and ROUGE-L against the full adapter, noise accounted for.
+
+    Candidates are boundaries by default; the per-module and greedy-drop searches pass other keys (selections)
+    with their `size` (LoRA parameters kept), `name` and `noun`, and get the same rule."""
     label = METRIC_LABELS[COMBINED]
     if (tie := _degenerate(scored, COMBINED)) is not None:
         return _fallback(tie, full)
     notes = "".join(f" ({METRIC_LABELS[m]} was {scored[full][m]:.2f} for every candidate and did not separate them)"
                     for m in ("bleu", "rougeL") if _degenerate(scored, m))
-    smaller = {b: row["vs_full"][COMBINED] for b, row in scored.items() if b < full}
+    smaller = {b: row["vs_full"][COMBINED] for b, row in scored.items() if size(b) < size(full)}
     worse = {b for b in smaller if _significantly_worse(scored[b]["vs_full"])}
     if not smaller:
         return full, f"goal {goal}: no candidate below the full adapter to compare{notes}"
 
     def said(b: int) -> str:
         t = smaller[b]
-        return (f"b = {b}: {t['diff']:+.2f} points of the {label} against the full adapter on validation "
+        return (f"{name(b)}: {t['diff']:+.2f} points of the {label} against the full adapter on validation "
                 f"(95% CI {t['ci_low']:+.2f} to {t['ci_high']:+.2f}, {format_p(t['p_value'])})")
 
     if goal == "quality":
@@ -260,16 +288,17 @@ def _pick_for_goal(scored: dict[int, dict], goal: str, tolerance: float, full: i
         rule = (f"needs p < {level:.3g}: {LEVEL} / {len(smaller)} candidates, Bonferroni, and neither BLEU nor "
                 f"ROUGE-L significantly lower")
         if gains:
-            b = max(gains, key=lambda x: (smaller[x]["diff"], -x))
+            b = max(gains, key=lambda x: (smaller[x]["diff"], -size(x)))
             return b, f"goal quality: the largest validation gain beyond noise, {said(b)}; {rule}{notes}"
-        best = max(smaller, key=lambda x: (smaller[x]["diff"], -x))
+        best = max(smaller, key=lambda x: (smaller[x]["diff"], -size(x)))
         return full, (f"goal quality: no candidate beat the full adapter beyond noise ({rule}); the closest was "
                       f"{said(best)}, so LoRA stays on every layer{notes}")
     fits = [b for b, t in smaller.items() if t["diff"] >= -tolerance and b not in worse]
     rule = (f"not significantly worse on BLEU, ROUGE-L or their mean (p >= {LEVEL} or no drop) and at most "
             f"{tolerance:g} points below it")
     if fits:
-        return min(fits), f"goal size: the smallest b {rule}, {said(min(fits))}{notes}"
+        b = min(fits, key=size)
+        return b, f"goal size: the smallest {noun} {rule}, {said(b)}{notes}"
     return full, f"goal size: no smaller candidate was {rule}, so LoRA stays on every layer{notes}"
 
 
@@ -280,7 +309,7 @@ def _pick_for_goal(scored: dict[int, dict], goal: str, tolerance: float, full: i
 @dataclass
 class SearchResult:
     criterion: str
-    boundary: int
+    boundary: int | None  # None: the chosen selection is no prefix (see `selection`)
     num_layers: int
     reason: str
     candidates: list[dict]
@@ -288,6 +317,12 @@ class SearchResult:
     lora_params_total: int = 0
     goal: str | None = None
     validation_tests: dict | None = None  # how the candidates were compared with the full adapter
+    # per-module / greedy-drop (selection_search.py): the chosen Selection (Selection.to_json), said for people,
+    # its comparison on validation with the prefix of the same size, and the greedy removal path
+    selection: dict | None = None
+    selection_text: str | None = None
+    compared_prefix: dict | None = None
+    greedy_path: dict | None = None
 
     @property
     def kept_fraction(self) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__, distributed
 from .analysis import CURVES
-from .boundary import CRITERIA, GOALS
+from .boundary import CRITERIA, GOALS, SELECTION_CRITERIA
 from .evaluate import COMBINED, MetricOptions
 from .errors import LoraboundError
 from .runtime import set_threads
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     search_rule(p)
     p.add_argument("--candidates", type=int, nargs="+", help="boundaries to generate for (auto, bleu, rougeL, chrf; "
                    "default: read off the truncation curve)")
+    p.add_argument("--keep-fraction", type=float, help="for --criterion greedy-drop: share of the LoRA parameters to "
+                   "keep, in (0, 1] (a parameter budget instead of --tolerance)")
     p.add_argument("--out", help="optional folder to keep curves, generations and search.json")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks, alpha = 2 x rank (default: 16)")
     for name in ("train-size", "validation-size", "test-size", "max-length", "max-new-tokens"):
         p.add_argument(f"--{name}", type=int, help="as in run, for every cell")
-    p.add_argument("--criterion", choices=CRITERIA, help="how each cell picks b (default: auto)")
+    p.add_argument("--criterion", choices=[c for c in CRITERIA if c not in SELECTION_CRITERIA],
+                   help="how each cell picks b (default: auto)")
     p.add_argument("--bootstrap", type=int, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--transfer", help="also apply each cell's b to this task's test split")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep them failed)")
@@ -288,7 +291,11 @@ def _dispatch(args: argparse.Namespace) -> int:
                                  boundary=args.boundary, tolerance=args.tolerance, knee_fraction=args.knee_fraction,
                                  candidates=args.candidates, out=args.out, batch_size=args.batch_size,
                                  generation=generation, overwrite=args.overwrite, goal=args.goal,
-                                 bootstrap=args.bootstrap, metric_options=metrics, **common)
+                                 bootstrap=args.bootstrap, metric_options=metrics,
+                                 keep_fraction=args.keep_fraction, **common)
+        if result.selection_text is not None:
+            _print_selection(result)
+            return 0
         print(f"boundary b = {result.boundary} ({result.reason})")
         print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
               f"({result.kept_fraction:.1%})")
@@ -361,6 +368,29 @@ def _interval(test: dict | None) -> str:
     if test is None:
         return f"{'(reference)':>22}"
     return f"{test['diff']:+7.2f} [{test['ci_low']:+6.1f}, {test['ci_high']:+6.1f}]"
+
+
+def _print_selection(result) -> None:
+    """per-module / greedy-drop: the chosen selection, its candidates and the prefix of the same size."""
+    print(f"selection: {result.selection_text} ({result.reason})")
+    print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
+          f"({result.kept_fraction:.1%})")
+    tests = result.validation_tests
+    print(f"validation, {tests['n']} examples; against the full adapter: difference of the mean of BLEU and ROUGE-L "
+          f"[95% CI] by a paired bootstrap of {tests['resamples']} resamples")
+    for row in result.candidates:
+        vs = (row.get("vs_full") or {}).get(COMBINED)
+        versus = f"  {_interval(vs)}  p {vs['p_value']:.3f}" if vs else ""
+        print(f"  {row['describe']:<40} params {row['lora_params_kept']:>10,}  BLEU {row['bleu']:6.2f}  "
+              f"ROUGE-L {row['rougeL']:6.2f}{versus}  ({', '.join(row['why'])})")
+    prefix = result.compared_prefix
+    tests = prefix["tests"]
+    if isinstance(tests, dict):
+        t = tests[COMBINED]
+        print(f"against the prefix of the same size ({prefix['describe']}, {prefix['lora_params_kept']:,} parameters): "
+              f"mean of BLEU and ROUGE-L {t['chosen']:.2f} vs {t['prefix']:.2f}, {_interval(t)}, p {t['p_value']:.3f}")
+    else:
+        print(f"prefix of the same size: {prefix['describe']} ({tests})")
 
 
 def _print_candidates(result) -> None:

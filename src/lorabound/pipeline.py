@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Iterator
 
 from . import __version__
-from .analysis import CURVES
+from .analysis import CURVES, check_joint_groups
 from .analysis import analyze as analyze_curves
-from .boundary import METRIC_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary, knee
+from .boundary import (METRIC_CRITERIA, SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary,
+                       knee)
 from .boundary import search as search_boundary
 from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
                    require_nonempty, split_task)
@@ -35,7 +36,10 @@ from . import distributed
 from .engines import HFEngine, Variant, VLLMEngine, VLLMOptions, check_engine
 from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
 from .generation import _eos_ids
+from .greedy import greedy_path, params_budget
 from .runtime import torch_threads
+from .selection import Selection
+from .selection_search import pair_params, search_greedy, search_per_module
 from .files import (MARKER, check_folder_path, check_not_input, check_output_dir, check_replaceable, empty_folder,
                     existing_path, folder_contents, holds_folder_locks, input_identity,
                     lock_folder, output_folder, read_json, read_jsonl, write_json_atomic, write_marker,
@@ -43,8 +47,8 @@ from .files import (MARKER, check_folder_path, check_not_input, check_output_dir
 from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, adapter_weights_file, check_adapter_files, check_lora_config,
                     find_layer_stack, load_adapter, load_model, model_paths, read_adapter_config, resolve_model_dir)
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, exported_bytes,
-                      lora_params_per_layer, prune_adapter)
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, exported_bytes, keep_selection,
+                      lora_params_per_layer, parts_outside_layers, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 from .validation import check_arguments
@@ -336,13 +340,15 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
            generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
            progress: bool = True, goal: str | None = None, bootstrap: int = 1000,
-           metric_options: MetricOptions | None = None) -> SearchResult:
-    """Pick the boundary b on the validation split (see boundary.py for the criteria)."""
+           metric_options: MetricOptions | None = None, keep_fraction: float | None = None) -> SearchResult:
+    """Pick the boundary b on the validation split (see boundary.py for the criteria; per-module and greedy-drop
+    pick a Selection, see selection_search.py)."""
     check_arguments(adapter=adapter, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
-                    candidates=candidates, batch_size=batch_size, bootstrap=bootstrap,
+                    candidates=candidates, batch_size=batch_size, bootstrap=bootstrap, keep_fraction=keep_fraction,
                     **({} if out is None else {"out": out}))
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, goal=goal,
-                              knee_fraction=knee_fraction, candidates=candidates, bootstrap=bootstrap)
+                              knee_fraction=knee_fraction, candidates=candidates, bootstrap=bootstrap,
+                              keep_fraction=keep_fraction)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     if out is not None:
@@ -350,9 +356,11 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
         check_output_dir(out, overwrite, "--out")
     generation = generation or GenerationOptions()
     _check_engine(generation, model_options, [adapter], vllm)
+    _check_selection_engine(settings, generation)
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
+    _check_selection_search(settings, peft_model)
     with _output_folder(out, overwrite) if out is not None else contextlib.nullcontext() as folder:
         engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
         try:
@@ -368,9 +376,10 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
     num_layers = find_layer_stack(peft_model).num_layers
     engine = engine or _make_engine(generation, None, peft_model, tokenizer, model_options, adapter, out)
     top = max(adapter_layers(peft_model))
+    selection_search = settings.criterion in SELECTION_CRITERIA and settings.boundary is None
     if (cached := _cached_json(out, "curves.json")) is not None:
         truncation = cached["truncation"]
-    elif settings.boundary is not None:
+    elif settings.boundary is not None or selection_search:  # these need no truncation curve
         truncation = {"boundary": [settings.boundary], "mean_prob": [None]}  # the user's b needs no curve
     else:
         with tempfile.TemporaryDirectory(prefix="lorabound-") as scratch:
@@ -390,11 +399,113 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
 
     validation = Validation(generate_for, [list(e.references) for e in splits.validation],
                             metric_options or MetricOptions(), data_options.seed, generate_many)
-    result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), validation)
+    if selection_search:
+        selections = _SelectionGenerator(engine, peft_model, task, splits.validation, out, generation, model_id,
+                                         adapter, layers, progress)
+        validation = Validation(lambda s: selections.texts([s])[s], validation.references, validation.metrics,
+                                validation.seed, selections.texts)
+        result = _search_selection(peft_model, tokenizer, task, splits, settings, num_layers, out, batch_size,
+                                   data_options, model_options, adapter, progress, validation)
+    else:
+        result = search_boundary(truncation, settings, num_layers, lora_params_per_layer(peft_model), validation)
     if out is not None and distributed.is_main():
         write_json_atomic(out / "search.json", result.to_dict())
     distributed.barrier()
     return result
+
+
+def _check_selection_engine(settings: SearchSettings, generation: GenerationOptions) -> None:
+    if settings.criterion in SELECTION_CRITERIA and settings.boundary is None and generation.engine != "hf":
+        raise LoraboundError(f"--criterion {settings.criterion} generates its selections in memory with --engine hf; "
+                             "drop --engine vllm (or use --criterion auto)")
+
+
+def _check_selection_search(settings: SearchSettings, peft_model) -> None:
+    """What the per-module and greedy-drop searches refuse, once the model is loaded and before any curve."""
+    if settings.boundary is not None:
+        return
+    if settings.criterion == "per-module":
+        check_joint_groups(peft_model)
+    if settings.criterion == "greedy-drop" and settings.keep_fraction is not None:
+        params_budget(lora_params_per_layer(peft_model), settings.keep_fraction)
+
+
+def _search_selection(peft_model, tokenizer, task, splits, settings: SearchSettings, num_layers: int, out, batch_size,
+                      data_options, model_options, adapter, progress, validation: Validation) -> SearchResult:
+    """per-module: the joint curve (curves.json, computed unless there), then the search; greedy-drop: the path."""
+    params = pair_params(peft_model)
+    if settings.criterion == "per-module":
+        curves = _cached_json(out, "curves.json")
+        if curves is None or "joint" not in curves:
+            with tempfile.TemporaryDirectory(prefix="lorabound-") as scratch:
+                # Into OUT with the truncation curve when it has no curves yet; else added to its curves.json.
+                joint = _analyze(peft_model, tokenizer, task, splits, out if curves is None and out else Path(scratch),
+                                 ("truncation", "joint") if curves is None else ("joint",), batch_size, data_options,
+                                 model_options, adapter, progress)
+            if curves is not None and out is not None and distributed.is_main():
+                write_json_atomic(out / "curves.json", {**curves, "joint": joint["joint"]})
+            curves = {**(curves or {}), "joint": joint["joint"]}
+        return search_per_module(curves["joint"], settings, num_layers, params, validation)
+    per_layer = lora_params_per_layer(peft_model)
+    stop = params_budget(per_layer, settings.keep_fraction) if settings.keep_fraction is not None else None
+    encoded = encode_pairs(tokenizer, task, first_reference_pairs(splits.validation), data_options.max_length)
+    path = greedy_path(peft_model, encoded, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id,
+                       params_per_layer=per_layer, stop_at_params=stop, progress=progress and distributed.is_main())
+    return search_greedy(path, settings, num_layers, params, validation)
+
+
+@dataclass(frozen=True)
+class _SelectionRequest:
+    """A Selection to generate with, in _generate_cached (until engines.Variant takes a Selection)."""
+    name: str
+    selection: Selection
+
+
+@dataclass(frozen=True)
+class _SelectionId:
+    """The cache identity of a _SelectionRequest: the adapter's content and the LoRA modules kept."""
+    adapter: str
+    selection: Selection
+
+    def key(self) -> str:
+        blob = json.dumps({"adapter": self.adapter, "selection": self.selection.key()})
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _SelectionGenerator:
+    """Validation outputs per Selection: the full adapter and prefixes as the usual boundary variants (their cache
+    is shared with `auto`), any other selection in memory on the HF engine's model with keep_selection.
+
+    The in-memory path stands in until engines.Variant and generate_variants take a Selection (the lead
+    reconnects it there, which also batches the selections together and opens the vLLM engine to them)."""
+
+    def __init__(self, engine, peft_model, task, examples, out, generation, model_id, adapter, layers, progress):
+        self.engine, self.model, self.task, self.examples, self.out = engine, peft_model, task, examples, out
+        self.generation, self.model_id, self.adapter, self.layers, self.progress = (generation, model_id, adapter,
+                                                                                   layers, progress)
+
+    def texts(self, selections: list[Selection]) -> dict[Selection, list[str]]:
+        top = max(self.layers)
+        requests = {}
+        for s in selections:
+            b = top if s.is_full else s.prefix_boundary()
+            if b == -1 and parts_outside_layers(self.model):
+                b = None  # no LoRA layer, but the adapter's other parts on: not the base model
+            requests[s] = (_boundary_variant(b, top) if b is not None
+                           else _SelectionRequest(f"selection {s.describe()}", s))
+        generated = _generate_cached(self, self.task, self.examples, list(requests.values()), "validation", self.out,
+                                     self.generation, self.model_id, self.adapter, self.layers, self.progress)
+        return {s: generated[request.name].texts for s, request in requests.items()}
+
+    def generate(self, requests, prompts: list[str], label: str, progress) -> dict[str, list[str]]:
+        """The engine interface _generate_cached calls: boundary variants on the engine, selections here."""
+        texts = self.engine.generate([r for r in requests if isinstance(r, Variant)], prompts, label, progress)
+        for r in requests:
+            if isinstance(r, _SelectionRequest):
+                with keep_selection(self.model, r.selection):
+                    texts[r.name] = self.engine._sharded(self.model, prompts,
+                                                         f"{label}: {r.name}" if progress else False)
+        return texts
 
 
 def _cached_json(folder: Path | None, name: str) -> dict | None:
@@ -441,6 +552,8 @@ def _model_identity(model_options: ModelOptions) -> dict:
 
 def _identity(request: Variant, fingerprint: str, layers: list[int]) -> VariantId:
     """What determines a request's outputs: the adapter's content and the layers whose LoRA is kept."""
+    if isinstance(request, _SelectionRequest):
+        return _SelectionId(fingerprint, request.selection)
     if request.adapter is not None:
         return VariantId(request.name, adapter_fingerprint(request.adapter))
     if request.boundary is not None and request.boundary < 0:
