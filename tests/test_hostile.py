@@ -48,6 +48,8 @@ NUMERIC = {
     "--bootstrap": ({"search", "evaluate", "run"}, ["0", "-10", str(10**9)]),
     "--tolerance": ({"search", "run"}, ["nan", "inf", "-1"]),
     "--knee-fraction": ({"search", "run"}, ["0", "1.5", "nan", "-inf"]),
+    "--keep-fraction": ({"search", "run"}, ["0", "1.5", "nan", "-inf", "-0.5",
+                                            ("0.5", "--keep-fraction applies to --criterion greedy-drop only")]),
     "--boundary": ({"search", "run", "prune"}, ["-2", "x"]),
     "--boundaries": ({"evaluate", "run"}, ["-5"]),
     "--candidates": ({"search"}, ["-3"]),
@@ -109,6 +111,7 @@ def world(tmp_path_factory):
     model.save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
     tiny_lora().save_pretrained(root / "adapter")
+    tiny_lora(tiny_llama(), target_modules=["q_proj", "v_proj"]).save_pretrained(root / "adapter-attention")
     rows = [{"input": f"name: Place {i}, area: riverside", "target": f"Place {i} is by the river."} for i in range(20)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (root / "template.txt").write_text("Describe: {input}\nText:", encoding="utf-8")
@@ -214,6 +217,37 @@ def test_hostile_argument_is_refused_in_one_line(command, flag, value, expected,
         args = args + [flag, value]
     else:
         args = with_flag(args, flag, value)
+    assert_refused(args, expected, command, world, out, capsys)
+
+
+# Refusals that need two flags together (the selection searches); each is checked like a table case.
+PAIRS = [
+    ("search", ["--criterion", "greedy-drop", "--keep-fraction", "0.01"], "keeps fewer LoRA parameters than any one"),
+    ("run", ["--criterion", "greedy-drop", "--keep-fraction", "0.01"], "keeps fewer LoRA parameters than any one"),
+    ("search", ["--criterion", "greedy-drop", "--keep-fraction", "0.5", "--tolerance", "1"], "two ways to stop"),
+    ("run", ["--criterion", "greedy-drop", "--keep-fraction", "0.5", "--tolerance", "1"], "two ways to stop"),
+    ("search", ["--criterion", "per-module", "--adapter", "{root}/adapter-attention"], "no LoRA on mlp modules"),
+    ("run", ["--criterion", "per-module", "--adapter", "{root}/adapter-attention"], "no LoRA on mlp modules"),
+    ("search", ["--criterion", "per-module", "--engine", "vllm"], "with --engine hf"),
+    ("search", ["--criterion", "greedy-drop", "--goal", "size"], "--goal applies to --criterion auto or per-module"),
+    ("search", ["--criterion", "greedy-drop", "--candidates", "1"], "--candidates lists boundaries"),
+]
+
+
+@pytest.mark.parametrize("command,flags,expected", PAIRS, ids=[f"{c} {' '.join(f)}" for c, f, _ in PAIRS])
+def test_selection_search_refusals_are_one_line(command, flags, expected, world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORABOUND_CACHE", str(world.root / "cache"))
+    monkeypatch.chdir(world.root / "work")
+    for slow in ("lorabound.data._fetch_builtin_tasks", "lorabound.model.loading.embedded_gguf_path"):
+        monkeypatch.setattr(slow, unexpected(slow))
+    out = tmp_path / "out"
+    args = valid_args(world, command, out)
+    for flag, value in zip(flags[::2], flags[1::2]):
+        args = with_flag(args, flag, value.format(root=world.root))
+    assert_refused(args, expected, command, world, out, capsys)
+
+
+def assert_refused(args: list[str], expected: str, command: str, world, out: Path, capsys) -> None:
     before = snapshot(world.root)
 
     code, stdout, stderr = run_cli(args, capsys)

@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boundary", type=int, help="your own b (skips the search)")
     search_rule(p)
     p.add_argument("--boundaries", type=int, nargs="+", default=[], help="also evaluate LoRA kept up to each b")
+    p.add_argument("--keep-fraction", type=float, help="for --criterion greedy-drop: share of the LoRA parameters to "
+                   "keep, in (0, 1] (a parameter budget instead of --tolerance)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
@@ -318,7 +320,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                               boundary=args.boundary, tolerance=args.tolerance, knee_fraction=args.knee_fraction,
                               boundaries=args.boundaries, batch_size=args.batch_size, bootstrap=args.bootstrap,
                               generation=generation, overwrite=args.overwrite, goal=args.goal,
-                              metric_options=metrics, exact_curves=args.exact_curves, **common)
+                              metric_options=metrics, exact_curves=args.exact_curves,
+                              keep_fraction=args.keep_fraction, **common)
         from .report import format_table
         print(format_table(report))
         print(report["verdict"])

@@ -355,8 +355,8 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
         check_not_input(out, _inputs(adapter, data_options, model_options))
         check_output_dir(out, overwrite, "--out")
     generation = generation or GenerationOptions()
-    _check_engine(generation, model_options, [adapter], vllm)
     _check_selection_engine(settings, generation)
+    _check_engine(generation, model_options, [adapter], vllm)
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
@@ -479,8 +479,10 @@ class _SelectionGenerator:
     The in-memory path stands in until engines.Variant and generate_variants take a Selection (the lead
     reconnects it there, which also batches the selections together and opens the vLLM engine to them)."""
 
-    def __init__(self, engine, peft_model, task, examples, out, generation, model_id, adapter, layers, progress):
+    def __init__(self, engine, peft_model, task, examples, out, generation, model_id, adapter, layers, progress,
+                 split: str = "validation"):
         self.engine, self.model, self.task, self.examples, self.out = engine, peft_model, task, examples, out
+        self.split = split
         self.generation, self.model_id, self.adapter, self.layers, self.progress = (generation, model_id, adapter,
                                                                                    layers, progress)
 
@@ -493,7 +495,7 @@ class _SelectionGenerator:
                 b = None  # no LoRA layer, but the adapter's other parts on: not the base model
             requests[s] = (_boundary_variant(b, top) if b is not None
                            else _SelectionRequest(f"selection {s.describe()}", s))
-        generated = _generate_cached(self, self.task, self.examples, list(requests.values()), "validation", self.out,
+        generated = _generate_cached(self, self.task, self.examples, list(requests.values()), self.split, self.out,
                                      self.generation, self.model_id, self.adapter, self.layers, self.progress)
         return {s: generated[request.name].texts for s, request in requests.items()}
 
@@ -770,19 +772,21 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
         generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
         progress: bool = True, goal: str | None = None, metric_options: MetricOptions | None = None,
-        exact_curves: bool = False, earlier_stages: dict[str, float] | None = None) -> dict:
+        exact_curves: bool = False, earlier_stages: dict[str, float] | None = None,
+        keep_fraction: float | None = None) -> dict:
     """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped.
 
     report.json records each stage's wall time in this invocation (and `earlier_stages`, e.g. the demo's training).
     """
     check_arguments(adapter=adapter, out=out, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
-                    boundaries=boundaries or [], batch_size=batch_size, bootstrap=bootstrap)
+                    boundaries=boundaries or [], batch_size=batch_size, bootstrap=bootstrap,
+                    keep_fraction=keep_fraction)
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     generation = generation or GenerationOptions()
     metric_options = metric_options or MetricOptions()
     settings = SearchSettings(criterion=criterion, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
-                              goal=goal, bootstrap=bootstrap)
+                              goal=goal, bootstrap=bootstrap, keep_fraction=keep_fraction)
     out = Path(out)
     inputs = _inputs(adapter, data_options, model_options)
     # The run resumes only if all of this is unchanged, the contents of its input files included.
@@ -793,12 +797,14 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)},
              "exact_curves": exact_curves}
     check_not_input(out, inputs)
+    _check_selection_engine(settings, generation)
     _check_engine(generation, model_options, [adapter], vllm)
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     _claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
                                                       needs=("validation", "test"))
+    _check_selection_search(settings, peft_model)
     num_layers = find_layer_stack(peft_model).num_layers
     for given in ([boundary] if boundary is not None else []) + list(boundaries or []):
         check_boundary(given, num_layers)  # before the analysis, not after it
@@ -820,9 +826,10 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     times = StageTimes(progress, earlier_stages)
     _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
     times.next("analysis")
+    joint = ("joint",) if settings.criterion == "per-module" and settings.boundary is None else ()
     curves = _cached_json(out, "curves.json") or _analyze(
-        peft_model, tokenizer, task, splits, out, CURVES, batch_size, data_options, model_options, adapter, progress,
-        exact_curves)
+        peft_model, tokenizer, task, splits, out, CURVES + joint, batch_size, data_options, model_options, adapter,
+        progress, exact_curves)
 
     times.next(None)
     _progress_print(progress, "[2/5] search: choosing the boundary")
@@ -837,7 +844,9 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     pruned_dir = out / "adapter-pruned"
     layers = curves["meta"]["adapter_layers"]
     top = max(layers)
-    if b >= top:
+    if b is None:  # until exports take a Selection (the lead reconnects prune_adapter here)
+        _progress_print(progress, f"[3/5] prune: {found['selection_text']} is no prefix; this run does not export it")
+    elif b >= top:
         _progress_print(progress, f"[3/5] prune: b = {b} keeps every LoRA layer, nothing to export")
     elif not any(layer <= b for layer in layers):
         _progress_print(progress, f"[3/5] prune: b = {b} drops every LoRA layer (the base model), nothing to export")
@@ -859,6 +868,10 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(origins), out, generation, bootstrap,
                            data_options.seed, progress, metric_options, adapter=adapter,
                            model_id=_model_identity(model_options), origins=origins, engine=engine)
+    if b is None:  # a selection that is no prefix: not a row of the evaluation table
+        evaluation["selection_test"] = _selection_on_test(found, engine, peft_model, task, splits, out, generation,
+                                                          model_options, adapter, progress, bootstrap,
+                                                          data_options.seed, metric_options)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
@@ -889,11 +902,41 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     return report
 
 
+def _selection_on_test(found: dict, engine, peft_model, task, splits, out: Path, generation, model_options, adapter,
+                       progress, bootstrap: int, seed: int, metric_options) -> dict:
+    """The chosen selection on test against the full adapter and the prefix of the same size (paired bootstrap).
+
+    Generated through _SelectionGenerator like the search's candidates, until the evaluation table takes
+    Selections (the lead then makes it a row of that table)."""
+    chosen = Selection.from_json(found["selection"])
+    prefix = Selection.from_json(found["compared_prefix"]["selection"])
+    generator = _SelectionGenerator(engine, peft_model, task, splits.test, out, generation,
+                                    _model_identity(model_options), adapter, adapter_layers(peft_model), progress,
+                                    split="test")
+    texts = generator.texts(list(dict.fromkeys([chosen, prefix, Selection.full()])))
+    references = [list(e.references) for e in splits.test]
+    result = {"selection": found["selection"], "describe": chosen.describe(),
+              "metrics": {k: v for k, v in score(texts[chosen], references, metric_options).items()
+                          if k in ("bleu", "rougeL", "chrf")}, "against": {}}
+    for name, other in (("full adapter", Selection.full()), (f"prefix {prefix.describe()}", prefix)):
+        if other == chosen:
+            continue
+        result["against"][name] = {m: paired_bootstrap(texts[chosen], texts[other], references, metric=m,
+                                                       n_resamples=bootstrap, seed=seed, options=metric_options)
+                                   for m in ("bleu", "rougeL")}
+    return result
+
+
 def _run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[int], top: int) -> dict[int, list[str]]:
-    """The boundaries `run` evaluates on test, each with why: chosen, the knee, asked, or the best smaller one."""
+    """The boundaries `run` evaluates on test, each with why: chosen, the knee, asked, or the best smaller one.
+
+    A chosen selection that is no prefix (per-module, greedy-drop) is evaluated apart (_selection_on_test); its
+    prefix of the same size is a row here."""
     b = found["boundary"]
     chosen = ("given with --boundary" if found["criterion"] == "boundary"
               else f"chosen by the search ({found['criterion']})")
+    if b is None:
+        b, chosen = found["compared_prefix"]["boundary"], "for comparison: prefix of the same size as the selection"
     origins: dict[int, list[str]] = {b: [chosen]}
     knee_b = knee(curves["truncation"], knee_fraction)
     origins.setdefault(knee_b, []).append(f"for comparison: knee of the curve ({knee_fraction:.0%} of the gain)")
@@ -902,7 +945,8 @@ def _run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[in
     if all(c >= top for c in origins):
         # The search kept everything: still show on test what the best smaller candidate would have cost.
         metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
-        below = [c for c in found["candidates"] if 0 <= c["boundary"] < top and c.get(metric) is not None]
+        below = [c for c in found["candidates"]
+                 if c.get("boundary") is not None and 0 <= c["boundary"] < top and c.get(metric) is not None]
         if below:
             best = max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"]
             origins.setdefault(best, []).append(f"for comparison: best smaller candidate by validation {metric}")
@@ -955,6 +999,8 @@ def _output_folder(out, overwrite: bool) -> Iterator[Path]:
 def verdict(search: dict, evaluation: dict, top: int) -> str:
     """Plain sentences on what the chosen boundary does on the test split, how it was chosen, and which other
     rows are there only for comparison (and why)."""
+    if search.get("boundary") is None and "selection_test" in evaluation:
+        return _selection_verdict(search, evaluation["selection_test"])
     b = search["boundary"]
     tests = {(s["a"], s["metric"]): s for s in evaluation["significance"]}
     name = variant_name(b, top)
@@ -976,6 +1022,15 @@ def verdict(search: dict, evaluation: dict, top: int) -> str:
     share = 1 - search.get("kept_fraction", 0.0)
     return (f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). "
             f"On test: {on_test(name)}{compared}")
+
+
+def _selection_verdict(search: dict, on_test: dict) -> str:
+    """verdict() for a chosen selection that is no prefix (per-module, greedy-drop)."""
+    chosen = on_test["describe"]
+    sentences = [describe_significance(test, chosen, other) for other, tests in on_test["against"].items()
+                 for test in tests.values()]
+    return (f"The search ({search['criterion']}) chose {chosen}, keeping {search.get('kept_fraction', 0.0):.0%} of "
+            f"the LoRA parameters ({search['reason']}). On test: {' '.join(sentences)}")
 
 
 def _comparison_reason(row: dict) -> str:

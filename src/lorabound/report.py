@@ -3,7 +3,8 @@
 Read top to bottom:
 
 1. :func:`plot_curves` draws the truncation curve, the logit lens and the single-layer ablation as PNGs, each
-   with the chosen boundary marked;
+   with the chosen boundary marked, the joint curve as a heat map (Ba x Bm) when it was computed, and, for a
+   per-module or greedy-drop search, the chosen selection and the prefix of the same size over the layer stack;
 2. :func:`format_table` is the variant table shown in the terminal and in report.md;
 3. :func:`write_report` writes everything into the run folder. The HTML has inline CSS and the plots as
    base64 data URIs, so it opens anywhere with no network.
@@ -22,10 +23,13 @@ from pathlib import Path
 from .evaluate import describe_significance
 from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
-PLOT_FILES = {"truncation": "truncation_curve.png", "logit_lens": "logit_lens.png", "ablation": "layer_ablation.png"}
+PLOT_FILES = {"truncation": "truncation_curve.png", "logit_lens": "logit_lens.png", "ablation": "layer_ablation.png",
+              "joint": "joint_curve.png", "selection": "selection_layers.png"}
 PLOT_TITLES = {"truncation": "Truncation curve: LoRA kept on layers 0..b",
                "logit_lens": "Logit lens: base model vs full adapter",
-               "ablation": "Single-layer ablation: NLL change when one layer's LoRA is removed"}
+               "ablation": "Single-layer ablation: NLL change when one layer's LoRA is removed",
+               "joint": "Joint curve: attention LoRA on layers 0..Ba, MLP LoRA on 0..Bm",
+               "selection": "Which (layer, module group) pairs keep LoRA"}
 PLOT_CAPTIONS = {
     "truncation": "Mean probability of the ground-truth token (top) and NLL (bottom) with LoRA kept on layers 0..b "
                   "and dropped above; b = -1 is the base model, the last point the full adapter. "
@@ -34,6 +38,12 @@ PLOT_CAPTIONS = {
                   "base model and the full adapter. Shaded: layers whose LoRA the pruned adapter drops.",
     "ablation": "Rise in NLL when only that layer's LoRA is removed (higher: the layer's LoRA matters more). "
                 "Shaded: layers whose LoRA the pruned adapter drops.",
+    "joint": "Mean probability of the ground-truth token (measured on every validation example, exact) for every "
+             "pair: rows Ba, columns Bm, -1 = that group's LoRA off on every layer; the diagonal is the truncation "
+             "curve. Circles: pairs the per-module search generated for; star: the chosen pair.",
+    "selection": "Filled: the layer's LoRA of that module group is kept; empty: dropped; hatched: the adapter has "
+                 "no LoRA there. Top: the chosen selection; below it, for comparison: the prefix keeping no more LoRA "
+                 "parameters.",
 }
 MAX_EXAMPLES = 5
 
@@ -144,8 +154,71 @@ def _plot_ablation(curve: dict, boundary: int | None) -> bytes:
     return _png(fig)
 
 
-def _plot_bytes(curves: dict, boundary: int | None) -> dict[str, bytes]:
-    """PNG bytes of each plot whose curve is present, keyed by curve name."""
+def _plot_joint(joint: dict, search: dict | None) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    bounds = joint["attention_boundary"]
+    fig = Figure(figsize=(6.4, 5.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(joint["mean_prob"], origin="lower", cmap="viridis", aspect="auto")  # cell (i, j) at x=j, y=i
+    fig.colorbar(image, ax=ax, label="mean ground-truth probability")
+    step = max(1, len(bounds) // 12)  # at most about a dozen tick labels per axis
+    ticks = list(range(0, len(bounds), step))
+    ax.set_xticks(ticks, [str(bounds[i]) for i in ticks])
+    ax.set_yticks(ticks, [str(bounds[i]) for i in ticks])
+    for row in (search or {}).get("candidates") or []:
+        if "attention_boundary" in row:
+            x, y = bounds.index(row["mlp_boundary"]), bounds.index(row["attention_boundary"])
+            if row.get("selection") == search.get("selection"):
+                ax.plot(x, y, marker="*", markersize=15, markerfacecolor="#c0392b", markeredgecolor="black")
+            else:
+                ax.plot(x, y, marker="o", markersize=8, markerfacecolor="none", markeredgecolor="white")
+    ax.set_xlabel("Bm: MLP LoRA kept on layers 0..Bm")
+    ax.set_ylabel("Ba: attention LoRA kept on layers 0..Ba")
+    ax.set_title(PLOT_TITLES["joint"], fontsize=10)
+    return _png(fig)
+
+
+def _plot_selection(search: dict, adapter_layers: list[int] | None) -> bytes:
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+
+    from .selection import Selection
+
+    chosen = Selection.from_json(search.get("selection"))
+    prefix = search.get("compared_prefix") or {}
+    panels = [(f"chosen: {search.get('selection_text')}", chosen)]
+    if prefix and Selection.from_json(prefix.get("selection")) != chosen:
+        panels.append((f"prefix of the same size: {prefix.get('describe')}", Selection.from_json(prefix["selection"])))
+    named = {group for s in (p[1] for p in panels) if s.kept for group, _ in s.kept}
+    groups = ["attention", "mlp"] + (["other"] if "other" in named else [])
+    num_layers = search.get("num_layers") or (max(adapter_layers or [0]) + 1)
+    has_lora = set(adapter_layers) if adapter_layers else set(range(num_layers))
+    fig, axes = _figure(rows=len(panels))
+    for ax, (title, selection) in zip(axes, panels):
+        for y, group in enumerate(groups):
+            for layer in range(num_layers):
+                if layer not in has_lora:
+                    ax.add_patch(Rectangle((layer - 0.45, y - 0.4), 0.9, 0.8, fill=False, hatch="///",
+                                           edgecolor="#bbbbbb"))
+                    continue
+                kept = selection.keeps(layer, group)
+                ax.add_patch(Rectangle((layer - 0.45, y - 0.4), 0.9, 0.8, facecolor="#1f77b4" if kept else "white",
+                                       edgecolor="#1f77b4"))
+        ax.set_xlim(-0.7, num_layers - 0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(-0.7, len(groups) - 0.3)
+        ax.set_yticks(range(len(groups)), groups)
+        ax.set_title(title, fontsize=9)
+    axes[-1].set_xlabel("layer")
+    axes[0].figure.suptitle(PLOT_TITLES["selection"], fontsize=10)
+    return _png(fig)
+
+
+def _plot_bytes(curves: dict, boundary: int | None, search: dict | None = None) -> dict[str, bytes]:
+    """PNG bytes of each plot whose curve (or selection search) is present, keyed by curve name."""
     curves = curves or {}
     out = {}
     if (curves.get("truncation") or {}).get("mean_prob"):
@@ -154,6 +227,10 @@ def _plot_bytes(curves: dict, boundary: int | None) -> dict[str, bytes]:
         out["logit_lens"] = _plot_logit_lens(curves["logit_lens"], boundary)
     if (curves.get("ablation") or {}).get("layer") and _ablation_deltas(curves["ablation"]) is not None:
         out["ablation"] = _plot_ablation(curves["ablation"], boundary)
+    if (curves.get("joint") or {}).get("mean_prob"):
+        out["joint"] = _plot_joint(curves["joint"], search)
+    if (search or {}).get("selection_text") is not None:
+        out["selection"] = _plot_selection(search, (curves.get("meta") or {}).get("adapter_layers"))
     return out
 
 
@@ -326,7 +403,8 @@ def _versus_full(c: dict) -> str:
 def _candidate_rows(report: dict) -> list[list[str]]:
     rows = []
     for c in (report.get("search") or {}).get("candidates") or []:
-        rows.append([str(c.get("boundary")), _number(c.get("mean_prob"), 4), _number(c.get("bleu")),
+        name = c["describe"] if "describe" in c else str(c.get("boundary"))  # a selection (per-module, greedy-drop)
+        rows.append([name, _number(c.get("mean_prob"), 4), _number(c.get("bleu")),
                      _number(c.get("rougeL")), _number(c.get("chrf")), _versus_full(c),
                      ", ".join(c.get("why") or [])])
     return rows
@@ -334,6 +412,32 @@ def _candidate_rows(report: dict) -> list[list[str]]:
 
 CANDIDATE_COLUMNS = ["b", "mean prob", "BLEU", "ROUGE-L", "chrF", "mean of BLEU, ROUGE-L vs full [95% CI]",
                      "candidate because"]
+
+
+def _candidate_columns(report: dict) -> list[str]:
+    selections = (report.get("search") or {}).get("selection_text") is not None
+    return ["selection"] + CANDIDATE_COLUMNS[1:] if selections else CANDIDATE_COLUMNS
+
+
+def _prefix_comparison(report: dict) -> list[str]:
+    """Sentences: the chosen selection against the prefix of the same size, on validation (and on test)."""
+    search = report.get("search") or {}
+    prefix = search.get("compared_prefix")
+    if not prefix:
+        return []
+    if not isinstance(prefix.get("tests"), dict):
+        return [f"The chosen selection is the prefix of the same size ({prefix['describe']})."]
+    t = prefix["tests"]["bleu+rougeL"]
+    said = [f"On validation, for comparison: the chosen selection ({search['selection_text']}, "
+            f"{search['lora_params_kept']:,} LoRA parameters) against the prefix of the same size ({prefix['describe']}, "
+            f"{prefix['lora_params_kept']:,}): mean of BLEU and ROUGE-L {t['chosen']:.2f} vs {t['prefix']:.2f}, "
+            f"{t['diff']:+.2f} [95% CI {t['ci_low']:+.2f}, {t['ci_high']:+.2f}], p = {t['p_value']:.3f} "
+            "(paired bootstrap)."]
+    on_test = report.get("selection_test")
+    if on_test:
+        said.append(f"On test, {on_test['describe']} (measured): BLEU {on_test['metrics']['bleu']:.2f}, ROUGE-L "
+                    f"{on_test['metrics']['rougeL']:.2f}, chrF {on_test['metrics']['chrf']:.2f}.")
+    return said
 
 
 def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
@@ -355,7 +459,8 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
         if search.get("criterion"):
             out += [f"Criterion: {search['criterion']}. {search.get('reason', '')}".strip(), ""]
         if _candidate_rows(report):
-            out += [_markdown_table(CANDIDATE_COLUMNS, _candidate_rows(report)), ""]
+            out += [_markdown_table(_candidate_columns(report), _candidate_rows(report)), ""]
+        out += [f"{sentence}\n" for sentence in _prefix_comparison(report)]
     if plot_files:
         out += ["## Curves", ""]
         out += [f"![{PLOT_TITLES[name]}]({file})\n\n{PLOT_CAPTIONS[name]}\n" for name, file in plot_files.items()]
@@ -435,7 +540,8 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
             parts.append(f"<p>Criterion: <strong>{_esc(search['criterion'])}</strong>. "
                          f"{_esc(search.get('reason', ''))}</p>")
         if _candidate_rows(report):
-            parts.append(_html_table(CANDIDATE_COLUMNS, _candidate_rows(report), table_id="candidates"))
+            parts.append(_html_table(_candidate_columns(report), _candidate_rows(report), table_id="candidates"))
+        parts += [f'<p class="prefix">{_esc(sentence)}</p>' for sentence in _prefix_comparison(report)]
 
     if plots:
         parts.append("<h2>Curves</h2>")
@@ -471,7 +577,7 @@ def write_report(run_dir, report: dict) -> dict[str, Path]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     boundary = (report.get("search") or {}).get("boundary")
-    plots = _plot_bytes(report.get("curves") or {}, boundary)
+    plots = _plot_bytes(report.get("curves") or {}, boundary, report.get("search"))
     paths: dict[str, Path] = {}
     for name, data in plots.items():
         paths[name] = run_dir / PLOT_FILES[name]
