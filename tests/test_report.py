@@ -226,3 +226,65 @@ def test_every_row_says_where_its_b_comes_from_and_estimates_say_so(tmp_path):
     for origin in origins:
         assert f"<td>{origin}</td>" in metrics
     assert "an estimate is marked ~ (estimate)" in md
+
+
+# ---------------------------------------------------------------------------
+# The joint curve's heat map and the selection over the layer stack (per-module / greedy-drop searches)
+# ---------------------------------------------------------------------------
+
+BLUE = (0x1F, 0x77, 0xB4)  # a kept (layer, group) cell
+
+
+def _pixels(path, colour) -> np.ndarray:
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=int)
+    return np.abs(pixels - np.array(colour)).max(axis=-1) <= 12
+
+
+def selection_report() -> dict:
+    report = synthetic_report()
+    bounds = list(range(-1, L))
+    report["curves"]["meta"]["adapter_layers"] = list(range(L))
+    report["curves"]["joint"] = {"attention_boundary": bounds, "mlp_boundary": bounds,
+                                 "mean_prob": [[0.1 + 0.05 * i + 0.02 * j for j in range(L + 1)] for i in range(L + 1)]}
+    chosen = {"attention": [0, 1, 2, 3], "mlp": [0]}
+    report["search"] = {
+        "criterion": "per-module", "boundary": None, "num_layers": L, "selection": chosen,
+        "selection_text": "attention 0..3, mlp 0", "lora_params_kept": 25_000, "lora_params_total": 60_000,
+        "kept_fraction": 25 / 60, "reason": "goal size: the smallest selection ...",
+        "candidates": [{"selection": chosen, "describe": "attention 0..3, mlp 0", "attention_boundary": 3,
+                        "mlp_boundary": 0, "mean_prob": 0.27, "bleu": 30.0, "rougeL": 50.0, "chrf": 51.0,
+                        "why": ["fewest parameters reaching 90% of the gain"]},
+                       {"selection": None, "describe": "every LoRA layer", "attention_boundary": 5,
+                        "mlp_boundary": 5, "mean_prob": 0.45, "bleu": 31.0, "rougeL": 51.0, "chrf": 52.0,
+                        "why": ["full adapter"]}],
+        "compared_prefix": {"boundary": 1, "selection": {"*": [0, 1]}, "describe": "LoRA on layers 0..1",
+                            "lora_params_kept": 20_000,
+                            "tests": {"bleu+rougeL": {"chosen": 40.0, "prefix": 37.5, "diff": 2.5, "ci_low": -0.5,
+                                                      "ci_high": 5.25, "p_value": 0.125}}}}
+    return report
+
+
+def test_selection_search_report_draws_the_heat_map_and_the_kept_pairs(tmp_path):
+    paths = write_report(tmp_path, selection_report())
+    assert paths["joint"].name == "joint_curve.png" and paths["selection"].name == "selection_layers.png"
+    assert _pixels(paths["joint"], RED).sum() > 50  # the chosen pair's star
+    kept = _pixels(paths["selection"], BLUE)
+    top, bottom = kept[: kept.shape[0] // 2].sum(), kept[kept.shape[0] // 2:].sum()
+    # The chosen selection keeps 5 (layer, group) pairs, the prefix 0..1 keeps 4; filled cells dominate the blue.
+    assert top > bottom * 1.1, (top, bottom)
+    markdown = paths["markdown"].read_text()
+    assert re.search(r"\| selection +\| mean prob \|", markdown) and "| attention 0..3, mlp 0 |" in markdown
+    assert "against the prefix of the same size (LoRA on layers 0..1, 20,000): mean of BLEU and ROUGE-L 40.00 vs " \
+           "37.50, +2.50 [95% CI -0.50, +5.25], p = 0.125" in markdown
+    assert "![Joint curve" in markdown and "joint_curve.png" in markdown
+    html_text = paths["html"].read_text()
+    assert "Which (layer, module group) pairs keep LoRA" in html_text and 'class="prefix"' in html_text
+
+
+def test_the_heat_map_has_no_star_without_a_per_module_search(tmp_path):
+    report = selection_report()
+    report["search"] = synthetic_report()["search"]
+    paths = write_report(tmp_path, report)
+    assert "joint" in paths and "selection" not in paths
+    assert _pixels(paths["joint"], RED).sum() < 5

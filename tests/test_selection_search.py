@@ -192,3 +192,27 @@ def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(works
     assert len(files) == 2 and any("attention-0-2-mlp-0" in f.name for f in files)
     engine.generate = engine._sharded = None  # a second request must not generate
     assert make().texts([odd])[odd] == direct
+
+
+def test_run_with_a_selection_that_is_no_prefix_reports_it_on_test(workspace, monkeypatch, tmp_path, capsys):
+    """A greedy set {0, 2} (the path is fixed here, its measurement is tested in test_greedy.py): run evaluates
+    it on test against the full adapter and the prefix of the same size (layers 0..1), and reports both."""
+    from lorabound import pipeline
+
+    root, common = workspace
+    path = greedy_path_of(([0, 1, 2, 3], 0.2), ([0, 2, 3], 0.19), ([0, 2], 0.18))
+    monkeypatch.setattr(pipeline, "greedy_path", lambda *a, **k: path)
+    out = tmp_path / "run"
+    assert main(["--quiet", "run", *common, "--criterion", "greedy-drop", "--keep-fraction", "0.5",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["selection"] == {"*": [0, 2]} and report["search"]["boundary"] is None
+    on_test = report["selection_test"]
+    assert set(on_test["against"]) == {"full adapter", "prefix LoRA on layers 0..1"}
+    assert on_test["against"]["full adapter"]["bleu"]["n"] == 8  # the test split
+    assert report["verdict"].startswith("The search (greedy-drop) chose LoRA on layers 0,2, keeping 50% of the LoRA")
+    rows = {row["boundary"]: row["origin"] for row in report["variants"]}
+    assert rows[1] == "for comparison: prefix of the same size as the selection"
+    assert not (out / "adapter-pruned").exists()
+    assert any(f.name.startswith("test-selection-lora-on-layers-0-2-") for f in (out / "generations").iterdir())
+    assert (out / "selection_layers.png").is_file()
