@@ -294,3 +294,30 @@ def test_joint_curve_refuses_an_adapter_without_mlp_lora(tok):
     with pytest.raises(LoraboundError, match="no LoRA on mlp modules"):
         analyze(model, tiny_encoded(tok), batch_size=8, pad_token_id=tok.pad_token_id, curves=("joint",),
                 progress=False)
+
+
+@pytest.mark.real
+def test_real_model_joint_curve_equals_direct_forwards(real_model):
+    """On SmolLM2-135M (30 layers), LoRA on 4 of them: every (Ba, Bm) cell equals a whole-model forward with
+    keep_selection, and the diagonal is the truncation curve."""
+    import copy
+
+    from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
+
+    base, tokenizer = real_model
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, layers_to_transform=[0, 5, 17, 29],
+                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_lora(model, scale=0.02)
+    model.eval()
+    task = load_task("e2e")
+    examples = split_task(task, train=0, validation=2, test=0, seed=0).validation
+    encoded = encode_pairs(tokenizer, task, first_reference_pairs(examples), 128)
+    result = analyze(model, encoded, batch_size=2, pad_token_id=tokenizer.pad_token_id, progress=False,
+                     curves=("truncation", "joint"))
+    plain = analysis.joint_curve_plain(model, encoded, batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    joint = result["joint"]
+    assert joint["attention_boundary"] == [-1, 0, 5, 17, 29]
+    for key in ("mean_prob", "nll"):
+        for row, expected in zip(joint[key], plain[key]):
+            assert close(row, expected, tol=1e-4), key
+    assert close([joint["nll"][i][i] for i in range(5)], result["truncation"]["nll"], tol=1e-6)

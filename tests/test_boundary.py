@@ -246,7 +246,7 @@ def test_user_boundary_and_errors():
         SearchSettings(tolerance=-1)
     with pytest.raises(LoraboundError, match="unknown goal 'small'; choose one of quality, size"):
         SearchSettings(goal="small")
-    with pytest.raises(LoraboundError, match="--goal applies to --criterion auto only, not bleu"):
+    with pytest.raises(LoraboundError, match="--goal applies to --criterion auto or per-module only, not bleu"):
         SearchSettings(criterion="bleu", goal="size")
     with pytest.raises(LoraboundError, match="--tolerance is not used by --criterion auto --goal quality"):
         SearchSettings(tolerance=1.0)
@@ -324,8 +324,8 @@ def test_cli_search_refuses_a_goal_for_another_criterion(tiny_world, capsys):
 
     _, args = tiny_world
     assert main(["--quiet", "search", *args, "--criterion", "bleu", "--goal", "size"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: --goal applies to --criterion auto only, not bleu; "
-                                               "drop --goal or use --criterion auto")
+    assert capsys.readouterr().err.strip() == ("error: --goal applies to --criterion auto or per-module only, not "
+                                               "bleu; drop --goal or use --criterion auto")
     assert main(["--quiet", "search", *args, "--bleu-tokenize", "klingon"]) == 2
     assert "--bleu-tokenize 'klingon' is not a tokenizer" in capsys.readouterr().err
 

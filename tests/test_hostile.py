@@ -310,6 +310,7 @@ def test_real_valued_flags_accept_exactly_their_finite_range(x):
     assert refused(warmup=x) != (finite and 0 <= x <= 1)
     assert refused(dropout=x) != (finite and 0 <= x < 1)
     assert refused(knee_fraction=x) != (finite and 0 < x <= 1)
+    assert refused(keep_fraction=x) != (finite and 0 < x <= 1)
     assert refused(tolerance=x) != (finite and x >= 0)
     for name in ("learning_rate", "epochs", "alpha"):
         assert refused(**{name: x}) != (finite and x > 0), name
