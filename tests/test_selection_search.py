@@ -92,8 +92,8 @@ def test_greedy_keep_fraction_takes_the_budgets_set():
                            GREEDY_PARAMS, fake_validation({Selection.full()}))
     assert result.selection == {"*": [0, 2]} and result.lora_params_kept == 20
     assert "keeping at most 0.5 of the LoRA parameters (20 of 40)" in result.reason
-    assert [r["why"] for r in result.candidates] == [["full adapter"],
-                                                     ["first set on the path keeping at most 0.5 of the LoRA parameters"]]
+    budget = "first set on the path keeping at most 0.5 of the LoRA parameters"
+    assert [r["why"] for r in result.candidates] == [["full adapter"], [budget]]
 
 
 def test_same_size_prefix_counts_parameters_not_layers():

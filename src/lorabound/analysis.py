@@ -443,9 +443,9 @@ def check_joint_groups(model) -> None:
     have = {m.group for m in lora_modules(model)}
     missing = [g for g in JOINT_GROUPS if g not in have]
     if missing:
-        raise LoraboundError(f"the adapter has no LoRA on {' or '.join(missing)} modules (it has {', '.join(sorted(have))}), "
-                             "so there is no per-module pair to search; use --criterion auto (one boundary for all "
-                             "modules) or an adapter trained on attention and MLP modules")
+        raise LoraboundError(f"the adapter has no LoRA on {' or '.join(missing)} modules (it has "
+                             f"{', '.join(sorted(have))}), so there is no per-module pair to search; use --criterion "
+                             "auto (one boundary for all modules) or an adapter trained on attention and MLP modules")
 
 
 def joint_result(means: dict[str, list[float]], boundaries: list[int]) -> dict:

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__, distributed
-from .analysis import CURVES
+from .analysis import CURVES, OPTIONAL_CURVES
 from .boundary import CRITERIA, GOALS, SELECTION_CRITERIA
 from .evaluate import COMBINED, MetricOptions
 from .errors import LoraboundError
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("analyze")
     model_and_data(p)
     p.add_argument("--out", required=True, help="run folder for curves.json and plots")
-    p.add_argument("--curves", nargs="+", choices=CURVES, default=list(CURVES), help="which curves to compute")
+    p.add_argument("--curves", nargs="+", choices=CURVES + OPTIONAL_CURVES, default=list(CURVES),
+                   help="which curves to compute (default: the first three; joint costs about 2L/3 truncation sweeps)")
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

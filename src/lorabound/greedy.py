@@ -105,6 +105,3 @@ def _score_removals(model, stack, batch, kept: list[int], scores: TokenScores) -
         passes += stack.num_layers - layer
     return passes
 
-
-def path_selection(step: dict) -> Selection:
-    return Selection.layers(step["kept"])

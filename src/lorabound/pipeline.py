@@ -481,10 +481,9 @@ class _SelectionGenerator:
 
     def __init__(self, engine, peft_model, task, examples, out, generation, model_id, adapter, layers, progress,
                  split: str = "validation"):
-        self.engine, self.model, self.task, self.examples, self.out = engine, peft_model, task, examples, out
-        self.split = split
-        self.generation, self.model_id, self.adapter, self.layers, self.progress = (generation, model_id, adapter,
-                                                                                   layers, progress)
+        self.engine, self.model, self.task, self.examples, self.split = engine, peft_model, task, examples, split
+        self.out, self.generation, self.model_id = out, generation, model_id
+        self.adapter, self.layers, self.progress = adapter, layers, progress
 
     def texts(self, selections: list[Selection]) -> dict[Selection, list[str]]:
         top = max(self.layers)

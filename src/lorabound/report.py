@@ -429,8 +429,8 @@ def _prefix_comparison(report: dict) -> list[str]:
         return [f"The chosen selection is the prefix of the same size ({prefix['describe']})."]
     t = prefix["tests"]["bleu+rougeL"]
     said = [f"On validation, for comparison: the chosen selection ({search['selection_text']}, "
-            f"{search['lora_params_kept']:,} LoRA parameters) against the prefix of the same size ({prefix['describe']}, "
-            f"{prefix['lora_params_kept']:,}): mean of BLEU and ROUGE-L {t['chosen']:.2f} vs {t['prefix']:.2f}, "
+            f"{search['lora_params_kept']:,} LoRA parameters) against the prefix of the same size "
+            f"({prefix['describe']}, {prefix['lora_params_kept']:,}): mean of BLEU and ROUGE-L {t['chosen']:.2f} vs {t['prefix']:.2f}, "
             f"{t['diff']:+.2f} [95% CI {t['ci_low']:+.2f}, {t['ci_high']:+.2f}], p = {t['p_value']:.3f} "
             "(paired bootstrap)."]
     on_test = report.get("selection_test")

@@ -24,7 +24,6 @@ from typing import Callable
 from .analysis import joint_selection
 from .boundary import (COMPARED, KNEE_FRACTIONS, LEVEL, SearchResult, SearchSettings, Validation, _pick_for_goal,
                        _score_candidates, knee, preselect)
-from .errors import LoraboundError
 from .evaluate import COMBINED, paired_bootstrap
 from .selection import Selection
 from .surgery import lora_modules
@@ -62,8 +61,8 @@ def preselect_pairs(joint: dict, params: Pairs, num_layers: int, knee_fraction: 
     why: dict[tuple[int, int], list[str]] = {}
     for f in fractions:
         reach = [pair for pair, p in cells.items() if p >= base + f * (full - base) - 1e-12]
-        why.setdefault(min(reach, key=lambda pair: (size[pair], -cells[pair])), []).append(f"fewest parameters "
-                                                                                         f"reaching {f:.0%} of the gain")
+        cheapest = min(reach, key=lambda pair: (size[pair], -cells[pair]))
+        why.setdefault(cheapest, []).append(f"fewest parameters reaching {f:.0%} of the gain")
     best = max(cells.values())
     why.setdefault(min((pair for pair, p in cells.items() if p == best), key=size.get), []).append("max-likelihood")
     last = len(bounds) - 1
@@ -127,8 +126,10 @@ def search_greedy(path: dict, settings: SearchSettings, num_layers: int, params:
                          "preselected along the greedy path, plus the full adapter")
     else:
         last = canonical(Selection.layers(path["steps"][-1]["kept"]), params)
+        why = (f"{last.describe()}: the first set on the greedy path keeping at most {settings.keep_fraction:g} of "
+               f"the LoRA parameters ({kept_params(last, params):,} of {sum(params.values()):,})")
         result = _decide(candidates, settings, None, params, num_layers, validation, "greedy-drop",
-                         "the budget's set and the full adapter", fixed=last)
+                         "the budget's set and the full adapter", fixed=(last, why))
     result.greedy_path = path
     return result
 
@@ -139,18 +140,19 @@ def search_greedy(path: dict, settings: SearchSettings, num_layers: int, params:
 
 def _decide(candidates: dict[Selection, tuple[list[str], dict]], settings: SearchSettings, goal: str | None,
             params: Pairs, num_layers: int, validation: Validation, criterion: str, where: str,
-            fixed: Selection | None = None) -> SearchResult:
-    """Score the candidates on validation against the full adapter and pick one by `goal` (or take `fixed`)."""
+            fixed: tuple[Selection, str] | None = None) -> SearchResult:
+    """Score the candidates (the full adapter among them) on validation against the full adapter, and pick one
+    by `goal`, or take `fixed` (a selection and why)."""
     full = Selection.full()
-    if full not in candidates:
-        raise LoraboundError("internal: the full adapter must be a candidate")
-    size = lambda s: kept_params(s, params)  # noqa: E731
+
+    def size(selection: Selection) -> int:
+        return kept_params(selection, params)
+
     memo = _Memo(validation)
     scored = _score_candidates({s: why for s, (why, _) in candidates.items()}, full, memo.validation(),
                                settings.bootstrap)
     if fixed is not None:
-        chosen, reason = fixed, (f"{fixed.describe()}: the first set on the greedy path keeping at most "
-                                 f"{settings.keep_fraction:g} of the LoRA parameters ({size(fixed):,} of {size(full):,})")
+        chosen, reason = fixed
     else:
         chosen, reason = _pick_for_goal(scored, goal, settings.tolerance, full, size=size,
                                         name=lambda s: s.describe(), noun="selection")
@@ -162,11 +164,9 @@ def _decide(candidates: dict[Selection, tuple[list[str], dict]], settings: Searc
              **scored[s]} for s, (_, extra) in candidates.items()]
     tests = {"against": "full adapter", "metrics": list(COMPARED), "n": len(validation.references),
              "resamples": settings.bootstrap, "seed": validation.seed, "level": LEVEL, **signatures}
-    total = size(full)
     return SearchResult(criterion=criterion, boundary=_as_boundary(chosen, params), num_layers=num_layers,
-                        reason=reason, candidates=rows, lora_params_kept=size(chosen), lora_params_total=total,
-                        goal=goal, validation_tests=tests,
-                        selection=chosen.to_json(), selection_text=chosen.describe(),
+                        reason=reason, candidates=rows, lora_params_kept=size(chosen), lora_params_total=size(full),
+                        goal=goal, validation_tests=tests, selection=chosen.to_json(), selection_text=chosen.describe(),
                         compared_prefix=compare_with_prefix(chosen, params, memo, settings.bootstrap))
 
 
