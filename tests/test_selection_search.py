@@ -216,3 +216,12 @@ def test_run_with_a_selection_that_is_no_prefix_reports_it_on_test(workspace, mo
     assert not (out / "adapter-pruned").exists()
     assert any(f.name.startswith("test-selection-lora-on-layers-0-2-") for f in (out / "generations").iterdir())
     assert (out / "selection_layers.png").is_file()
+
+
+def test_cli_analyze_computes_the_joint_curve_on_request(workspace):
+    root, common = workspace
+    args = [a for a in common[:-4]]  # without --max-new-tokens and --bootstrap, which analyze does not take
+    assert main(["--quiet", "analyze", *args, "--curves", "truncation", "joint", "--out", str(root / "an")]) == 0
+    curves = json.loads((root / "an" / "curves.json").read_text())
+    assert set(curves) == {"meta", "truncation", "joint"} and (root / "an" / "joint_curve.png").is_file()
+    assert [row[i] for i, row in enumerate(curves["joint"]["nll"])] == pytest.approx(curves["truncation"]["nll"])
