@@ -3,7 +3,7 @@
 RUN_DIR layout:
   run.json                    what the run was asked (a rerun with other settings is refused)
   curves.json, *.png          analysis (analysis.partial.json while it is under way)
-  search.json                 the chosen boundary and the candidates' validation scores
+  search.json                 the chosen boundary (or selection: per-module, greedy-drop) and the candidates' scores
   generations/*.jsonl         every hypothesis, per split and variant (cached: a rerun skips finished ones)
   adapter-pruned/, prune.json the exported PEFT adapter with LoRA on layers 0..b, and its summary
   report.json / .md / .html   the report
