@@ -3,7 +3,8 @@
 - the token-id stop rule stops exactly where the text-based rule ("a newline after the first non-blank
   character") would;
 - the greedy loop over the KV cache (finished rows leave the batch) gives model.generate's tokens;
-- several LoRA variants in one batch (per-row layer masks) give the outputs of separate runs.
+- several LoRA variants in one batch (per-row module masks; boundaries, per-group selections, layer sets) give
+  the outputs of separate runs.
 """
 
 import copy
@@ -17,7 +18,8 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
 
 from lorabound import generation
 from lorabound.generation import (StopRule, answer_line_ended, generate, generate_variants, newline_token_ids)
-from lorabound.surgery import keep_lora
+from lorabound.selection import Selection
+from lorabound.surgery import keep_lora, keep_selection
 
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
 
@@ -205,6 +207,39 @@ def test_variants_in_one_batch_equal_separate_runs(arch, monkeypatch):
     assert {k: r.texts for k, r in batched.items()} == separate
     assert len({tuple(t) for t in separate.values()}) == len(VARIANTS), "every variant should generate differently"
     assert len(set(ends)) > 1, "rows should leave the batch at different steps"
+
+
+SELECTIONS = [("base", []), ("attention 0..2, mlp 0", Selection.per_group({"attention": 2, "mlp": 0})),
+              ("mlp 0..2", Selection.per_group({"mlp": 2})), ("layers 0,2", Selection.layers([0, 2])),
+              ("full", None)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_group_and_layer_set_variants_in_one_batch_equal_separate_runs(arch):
+    """Per-module masks: variants that keep attention and MLP LoRA on different layers, or a non-contiguous
+    layer set, share each batch and give the outputs of one run each with keep_selection."""
+    tokenizer = tiny_tokenizer()
+    if arch == "llama":
+        model = tiny_lora(chatty(tiny_llama(num_layers=3), tokenizer))
+    else:
+        model = _tiny_gpt2()
+        chatty(model, tokenizer)
+        randomize_lora(model, seed=1, scale=0.5)
+        model.eval()
+    settings = dict(max_new_tokens=12, batch_size=4)
+    batched = generate_variants(model, tokenizer, PROMPTS, SELECTIONS, progress=False, **settings)
+    separate = {}
+    for key, selection in SELECTIONS:
+        if selection is None:
+            separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+        elif selection == []:
+            with model.disable_adapter():
+                separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+        else:
+            with keep_selection(model, selection):
+                separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+    assert {k: r.texts for k, r in batched.items()} == separate
+    assert len({tuple(t) for t in separate.values()}) == len(SELECTIONS), "every variant should generate differently"
 
 
 def test_variants_one_by_one_when_masks_would_not_be_exact():
