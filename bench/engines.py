@@ -49,8 +49,9 @@ def main() -> None:
     layers = find_layer_stack(model).num_layers
     task = load_task("e2e")
     prompts = [task.prompt(e) for e in split_task(task, train=0, validation=0, test=args.examples, seed=0).test]
-    variants = [Variant("base model", -1), Variant("full adapter", None),
-                Variant(f"pruned (b={layers // 3})", layers // 3), Variant(f"pruned (b={2 * layers // 3})", 2 * layers // 3)]
+    variants = [Variant.at_boundary("base model", -1), Variant.at_boundary("full adapter", None),
+                Variant.at_boundary(f"pruned (b={layers // 3})", layers // 3),
+                Variant.at_boundary(f"pruned (b={2 * layers // 3})", 2 * layers // 3)]
     n = len(prompts) * len(variants)
     print(f"{args.model}, {len(prompts)} E2E prompts x {len(variants)} variants, max {args.max_new_tokens} new "
           f"tokens, {args.device}, {torch.get_num_threads()} threads")

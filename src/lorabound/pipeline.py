@@ -32,7 +32,7 @@ from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, i
                    require_nonempty, split_task)
 from .errors import LoraboundError
 from . import distributed
-from .engines import HFEngine, Variant, VLLMEngine, VLLMOptions, check_engine
+from .engines import HFEngine, VLLMEngine, VLLMOptions, check_engine
 from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
 from .generation import _eos_ids
 from .runtime import torch_threads
@@ -43,13 +43,12 @@ from .files import (MARKER, check_folder_path, check_not_input, check_output_dir
 from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, adapter_weights_file, check_adapter_files, check_lora_config,
                     find_layer_stack, load_adapter, load_model, model_paths, read_adapter_config, resolve_model_dir)
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, exported_bytes,
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, adapter_pairs, exported_bytes,
                       lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 from .validation import check_arguments
-from .variants import Variant as VariantId
-from .variants import adapter_fingerprint
+from .variants import Variant, adapter_fingerprint
 
 
 # ---------------------------------------------------------------------------
@@ -377,12 +376,12 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
-    model_id, layers = _model_identity(model_options), adapter_layers(peft_model)
+    model_id, pairs = _model_identity(model_options), adapter_pairs(peft_model)
 
     def generate_many(boundaries: list[int]) -> dict[int, list[str]]:  # the candidates in one engine call
         requests = {b: _boundary_variant(b, top) for b in boundaries}
         generated = _generate_cached(engine, task, splits.validation, list(requests.values()), "validation", out,
-                                     generation, model_id, adapter, layers, progress)
+                                     generation, model_id, adapter, pairs, progress)
         return {b: generated[request.name].texts for b, request in requests.items()}
 
     def generate_for(b: int) -> list[str]:
@@ -424,7 +423,7 @@ def _slug(name: str) -> str:
 
 
 def _boundary_variant(boundary: int | None, top: int) -> Variant:
-    return Variant(name=variant_name(boundary, top), boundary=boundary)
+    return Variant.at_boundary(variant_name(boundary, top), boundary)
 
 
 @dataclass
@@ -439,40 +438,35 @@ def _model_identity(model_options: ModelOptions) -> dict:
             "files": input_identity(model_options.model)}
 
 
-def _identity(request: Variant, fingerprint: str, layers: list[int]) -> VariantId:
-    """What determines a request's outputs: the adapter's content and the layers whose LoRA is kept."""
-    if request.adapter is not None:
-        return VariantId(request.name, adapter_fingerprint(request.adapter))
-    if request.boundary is not None and request.boundary < 0:
-        return VariantId(request.name)
-    return VariantId.at_boundary(request.name, fingerprint, request.boundary, layers)
-
-
 def _generate_cached(engine, task: Task, examples: list[Example], requests: list[Variant], split: str,
-                     out: Path | None, generation: GenerationOptions, model_id: dict, adapter, layers: list[int],
-                     progress) -> dict[str, Generated]:
+                     out: Path | None, generation: GenerationOptions, model_id: dict, adapter,
+                     pairs: list[tuple[int, str]], progress) -> dict[str, Generated]:
     """Outputs per variant name, reusing finished files; the rest are generated in one engine call.
 
     The file is OUT/generations/SPLIT-NAME-KEY.jsonl. KEY hashes everything that determines the outputs: the
-    variant's identity (adapter content, kept layers), the model's identity, the prompts and the generation
-    settings; the name is only there to help a reader, so two variants never share a file. Only rank 0 writes.
+    variant's identity (adapter content, the modules it keeps of the adapter's (layer, group) `pairs`), the model's
+    identity, the prompts and the generation settings; the name is only there to help a reader, so two variants
+    never share a file. Only rank 0 writes.
     """
     prompts = [task.prompt(e) for e in examples]
     fingerprint = adapter_fingerprint(adapter)
     outputs, missing = {}, []
     for request in {r.name: r for r in requests}.values():
-        identity = _identity(request, fingerprint, layers)
-        key = hashlib.sha256(json.dumps({"variant": identity.key(), "model": model_id, "split": split,
+        key = hashlib.sha256(json.dumps({"variant": request.key(fingerprint, pairs), "model": model_id, "split": split,
                                          "prompts": prompts, "generation": asdict(generation)},
                                         sort_keys=True).encode()).hexdigest()
         relative = f"generations/{split}-{_slug(request.name)[-40:].strip('-') or 'variant'}-{key[:12]}.jsonl"
         path = out / relative if out is not None else None
-        if path is not None and path.is_file():
-            rows = read_jsonl(path, "delete it and rerun the same command to generate it again")
+        # The same variant under another name (b = 29 and b = 40, a per-group selection equal to a prefix) wrote
+        # a file with the same key: reuse it.
+        for found in ([path] + sorted(out.glob(f"generations/{split}-*-{key[:12]}.jsonl"))) if out else []:
+            rows = read_jsonl(found, "delete it and rerun the same command to generate it again") \
+                if found.is_file() else None
             if rows and rows[0].get("key") == key and len(rows) == len(examples):
-                outputs[request.name] = Generated([r["output"] for r in rows], relative)
-                continue
-        missing.append((request, key, relative, path))
+                outputs[request.name] = Generated([r["output"] for r in rows], str(found.relative_to(out)))
+                break
+        else:
+            missing.append((request, key, relative, path))
     if missing:
         generated = engine.generate([request for request, *_ in missing], prompts, f"generate {split}", progress)
         for request, key, relative, path in missing:
@@ -558,7 +552,7 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     references = [list(e.references) for e in splits.test]
     generated = _generate_cached(engine, task, splits.test, [_boundary_variant(b, top) for b in wanted] + list(extras),
-                                 "test", out, generation, model_id, adapter, layers, progress)
+                                 "test", out, generation, model_id, adapter, adapter_pairs(peft_model), progress)
     outputs = {name: g.texts for name, g in generated.items()}
     variants = []
     for b in wanted:

@@ -89,6 +89,11 @@ def adapter_layers(model) -> list[int]:
     return sorted({m.layer for m in lora_modules(model)})
 
 
+def adapter_pairs(model) -> list[tuple[int, str]]:
+    """Every (layer, module group) that carries LoRA in the stack: what a Selection can keep or drop."""
+    return sorted({(m.layer, m.group) for m in lora_modules(model)})
+
+
 def lora_params_per_layer(model) -> dict[int, int]:
     counts: dict[int, int] = {}
     for m in lora_modules(model):
