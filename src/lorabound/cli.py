@@ -17,6 +17,7 @@ from .boundary import CRITERIA, GOALS
 from .evaluate import COMBINED, MetricOptions
 from .errors import LoraboundError
 from .runtime import set_threads
+from .selection import GROUPS
 from .surgery import EXPORT_FORMATS
 from .training import TrainSettings
 
@@ -24,7 +25,8 @@ EXAMPLES = {
     "train": "lorabound train --model smollm2-135m --data e2e --out adapter --epochs 1",
     "analyze": "lorabound analyze --model smollm2-135m --adapter adapter --data e2e --out run",
     "search": "lorabound search --model smollm2-135m --adapter adapter --data e2e --criterion auto",
-    "prune": "lorabound prune --adapter adapter --boundary 19 --out adapter-b19",
+    "prune": "lorabound prune --adapter adapter --boundary 19 --out adapter-b19\n"
+             "  lorabound prune --adapter adapter --boundary-attention 20 --boundary-mlp 9 --out adapter-a20-m9",
     "evaluate": "lorabound evaluate --model smollm2-135m --adapter adapter --data e2e --boundaries 14 19 --out eval",
     "run": "lorabound run --model smollm2-135m --adapter adapter --data e2e --out run",
     "demo": "lorabound demo --out lorabound-demo",
@@ -34,7 +36,8 @@ DESCRIPTIONS = {
     "train": "Fine-tune LoRA on every layer (loss on target tokens only) and save a PEFT adapter.",
     "analyze": "Per-layer teacher-forced curves on validation: truncation, logit lens, single-layer ablation.",
     "search": "Choose the boundary b: LoRA is kept on layers 0..b and dropped above.",
-    "prune": "Write a new adapter with LoRA on layers 0..b only (peft, zero-fill or merged).",
+    "prune": "Write a new adapter with LoRA on layers 0..b only, on a layer set, or up to a b per module group "
+             "(peft, zero-fill or merged).",
     "evaluate": "Generate on test for base, full and pruned variants; BLEU, ROUGE, chrF and bootstrap tests.",
     "run": "analyze, search, prune, evaluate and report into one folder; rerun to resume.",
     "demo": "Train SmolLM2-135M with LoRA on E2E, then the whole run, and print the results table.",
@@ -119,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "the smallest b within this many points of the best for bleu / rougeL / chrf (default: 0)")
         p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
 
+    def selection_flags(p, lead: str, many: bool = False):
+        """What to keep besides a boundary: a layer set, or per module group boundaries (issue 12)."""
+        p.add_argument("--layers", nargs="+" if many else None, default=[] if many else None, metavar="SET",
+                       help=lead + "LoRA on a layer set, every module group, e.g. 0-9,12,15" + (
+                           " (one row per set)" if many else ""))
+        for group in GROUPS:
+            p.add_argument(f"--boundary-{group}", type=int, metavar="B", help=lead + f"{group} LoRA on layers "
+                           f"0..B only (-1: none); module groups not given keep all their LoRA")
+
     p = command("train")
     model_and_data(p, adapter=False)
     p.add_argument("--out", required=True, help="folder for the new adapter")
@@ -152,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune")
     p.add_argument("--adapter", required=True, help="the LoRA adapter folder to prune (read only)")
-    p.add_argument("--boundary", type=int, required=True, help="keep LoRA on layers 0..B")
+    p.add_argument("--boundary", type=int, help="keep LoRA on layers 0..B")
+    selection_flags(p, "instead of --boundary: ")
     p.add_argument("--out", required=True, help="folder for the new adapter (written atomically)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="peft", help="export format (default: peft)")
     p.add_argument("--model", help="base model: needed for --format merged, and to check the boundary's range")
@@ -164,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_data(p)
     p.add_argument("--boundaries", type=int, nargs="+", default=[], help="also evaluate LoRA kept up to each b")
     p.add_argument("--adapters", nargs="+", default=[], help="also evaluate these exported adapter folders")
+    selection_flags(p, "also evaluate ", many=True)
     p.add_argument("--out", required=True, help="folder for generations and evaluation.json")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -249,7 +263,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     name = args.command
     if name == "prune":
         result = pipeline.prune(args.adapter, args.boundary, args.out, format=args.format, model=args.model,
-                                overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                                overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                layers=args.layers, group_boundaries=_group_boundaries(args))
         print(result.summary())
         return 0
     if name == "demo":
@@ -296,7 +311,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if name == "evaluate":
         result = pipeline.evaluate(args.model, args.adapter, args.data, boundaries=args.boundaries,
-                                   adapters=args.adapters, out=args.out, generation=generation,
+                                   adapters=args.adapters, layers=args.layers,
+                                   group_boundaries=_group_boundaries(args), out=args.out, generation=generation,
                                    bootstrap=args.bootstrap, overwrite=args.overwrite, metric_options=metrics,
                                    **common)
         from .report import format_table
@@ -349,6 +365,11 @@ def _os_error_line(error: OSError) -> str:
     else:
         fix = "check the path and rerun the same command"
     return " ".join(f"{error.strerror or type(error).__name__}{where}; {fix}".split())
+
+
+def _group_boundaries(args: argparse.Namespace) -> dict[str, int]:
+    """--boundary-attention / --boundary-mlp / --boundary-other as {group: b}, the ones given only."""
+    return {group: b for group in GROUPS if (b := getattr(args, f"boundary_{group}")) is not None}
 
 
 def _target_modules(value):

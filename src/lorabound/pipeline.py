@@ -41,10 +41,12 @@ from .files import (MARKER, check_folder_path, check_not_input, check_output_dir
                     lock_folder, output_folder, read_json, read_jsonl, write_json_atomic, write_marker,
                     write_text_atomic)
 from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, adapter_weights_file, check_adapter_files, check_lora_config,
-                    find_layer_stack, load_adapter, load_model, model_paths, read_adapter_config, resolve_model_dir)
+                    find_layer_stack, load_adapter, load_model, model_num_layers, model_paths, read_adapter_config,
+                    resolve_model_dir)
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, adapter_pairs, exported_bytes,
-                      lora_params_per_layer, prune_adapter)
+from .selection import GROUPS, Selection, parse_layers, per_group_over
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
+                      check_selection, exported_bytes, lora_modules, lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 from .validation import check_arguments
@@ -484,14 +486,59 @@ def _generate_cached(engine, task: Task, examples: list[Example], requests: list
 # prune
 # ---------------------------------------------------------------------------
 
-def prune(adapter: str | Path, boundary: int, out: str | Path, *, format: str = "peft", model: str | None = None,
-          overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
-    """Export a new adapter with LoRA on layers 0..boundary (the input folder is never written to)."""
-    check_arguments(adapter=adapter, boundary=boundary, out=out, format=format,
+def prune(adapter: str | Path, boundary: int | Selection | None, out: str | Path, *, format: str = "peft",
+          model: str | None = None, overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
+          layers: str | None = None, group_boundaries: dict[str, int] | None = None) -> PruneResult:
+    """Export a new adapter with only some of its LoRA (the input folder is never written to).
+
+    What is kept: `boundary` (layers 0..b, or any Selection), or `layers` (a layer set such as "0-9,12,15"), or
+    `group_boundaries` ({"attention": Ba, "mlp": Bm}; groups not named keep all their LoRA): exactly one of them.
+    """
+    group_boundaries = {g: b for g, b in (group_boundaries or {}).items() if b is not None}
+    check_arguments(adapter=adapter, boundary=None if isinstance(boundary, Selection) else boundary, out=out,
+                    format=format, layers=layers, **_group_flags(group_boundaries),
                     **({} if model is None else {"model": model}))
+    given = [flag for flag, value in (("--boundary", boundary), ("--layers", layers),
+                                      ("--boundary-GROUP", group_boundaries or None)) if value is not None]
+    if len(given) != 1:
+        raise LoraboundError(f"{' and '.join(given)} each say what to keep; pass only one of them" if given else
+                             "prune needs what to keep; pass --boundary B, --layers 0-9,12 or --boundary-attention "
+                             "/ --boundary-mlp")
     read_adapter_config(adapter)  # a missing or broken folder is named first; export then needs safetensors
+    if layers is not None or group_boundaries:
+        num_layers = model_num_layers(model, trust_remote_code=trust_remote_code) if model is not None else None
+        [(boundary, _)] = _asked_selections(adapter, model, [layers] if layers is not None else [], group_boundaries,
+                                            num_layers, trust_remote_code=trust_remote_code)
     return prune_adapter(adapter, boundary, out, format=format, model_spec=model, overwrite=overwrite,
                          dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _group_flags(group_boundaries: dict[str, int] | None) -> dict[str, int]:
+    """{"mlp": 9} -> {"boundary_mlp": 9}: the names validation.py's rules use. An unknown group is refused."""
+    unknown = sorted(set(group_boundaries or {}) - set(GROUPS))
+    if unknown:
+        raise LoraboundError(f"unknown module group {unknown[0]}; the groups are {', '.join(GROUPS)}")
+    return {f"boundary_{group}": b for group, b in (group_boundaries or {}).items()}
+
+
+def _asked_selections(adapter, model: str | None, layer_sets: list[str], group_boundaries: dict[str, int] | None,
+                      num_layers: int | None, *, allow_pickle: bool = False,
+                      trust_remote_code: bool = False) -> list[tuple[Selection, str]]:
+    """The selections given on the command line, each with where it comes from, checked against the adapter's
+    module groups and the model's layers before any work (from tensor names and config files only)."""
+    asked = [(Selection.layers(parse_layers(text)), "given with --layers") for text in layer_sets]
+    pairs = adapter_file_pairs(adapter, model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if group_boundaries:
+        for group, b in group_boundaries.items():
+            if num_layers is not None and b > num_layers - 1:
+                raise LoraboundError(f"--boundary-{group} {b} is outside -1..{num_layers - 1} for this "
+                                     f"{num_layers}-layer model; pass a b from -1 (none) to {num_layers - 1} (all)")
+        flags = " ".join(f"--boundary-{g} {b}" for g, b in sorted(group_boundaries.items()))
+        check_selection(Selection.per_group(group_boundaries), pairs, None)  # a group the adapter lacks
+        asked.append((per_group_over(group_boundaries, pairs), f"given with {flags}"))
+    for selection, _ in asked:
+        check_selection(selection, pairs, num_layers)
+    return asked
 
 
 # ---------------------------------------------------------------------------
@@ -503,10 +550,16 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              out: str | Path = "run", data_options: DataOptions | None = None,
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
              vllm: VLLMOptions | None = None, bootstrap: int = 1000, overwrite: bool = False,
-             progress: bool = True, metric_options: MetricOptions | None = None) -> dict:
-    """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
+             progress: bool = True, metric_options: MetricOptions | None = None, layers: list[str] | None = None,
+             group_boundaries: dict[str, int] | None = None, selections: list[Selection] | None = None) -> dict:
+    """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them.
+
+    Also a row for each layer set in `layers` ("0-9,12,15"), for `group_boundaries` ({"attention": Ba, "mlp": Bm};
+    groups not named keep all their LoRA) and for each Selection in `selections`.
+    """
+    group_boundaries = {g: b for g, b in (group_boundaries or {}).items() if b is not None}
     check_arguments(adapter=adapter, boundaries=boundaries or [], adapters=adapters or [], out=out,
-                    bootstrap=bootstrap)
+                    bootstrap=bootstrap, layers=layers or [], **_group_flags(group_boundaries))
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
@@ -514,6 +567,12 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     _check_adapters(adapter, *(adapters or []), allow_pickle=model_options.allow_pickle)
     generation = generation or GenerationOptions()
     _check_engine(generation, model_options, [adapter, *(adapters or [])], vllm)
+    asked = [(selection, "given (Python API)") for selection in selections or []]
+    if layers or group_boundaries or selections:
+        num_layers = model_num_layers(model_options.model, trust_remote_code=model_options.trust_remote_code)
+        asked += _asked_selections(adapter, model_options.model, list(layers or []), group_boundaries, num_layers,
+                                   allow_pickle=model_options.allow_pickle,
+                                   trust_remote_code=model_options.trust_remote_code)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
@@ -524,7 +583,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
             result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
                                data_options.seed, progress, metric_options, adapter=adapter,
                                model_id=_model_identity(model_options), origins=origins, engine=engine,
-                               extras=extras)
+                               extras=extras, selections=asked)
         finally:
             engine.close()
         if distributed.is_main():
@@ -537,9 +596,10 @@ REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every 
 
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
               seed: int, progress, metric_options: MetricOptions | None = None, *, adapter, model_id: dict,
-              origins: dict[int, list[str]], engine=None, extras: list[Variant] = ()) -> dict:
-    """Base, full adapter, LoRA kept up to each b, and `extras` (exported adapters), all generated in one engine
-    call. `origins`: b -> why that b is in the table."""
+              origins: dict[int, list[str]], engine=None, extras: list[Variant] = (),
+              selections: list[tuple[Selection, str]] = ()) -> dict:
+    """Base, full adapter, LoRA kept up to each b, each of `selections` (a Selection and where it comes from) and
+    `extras` (exported adapters), all generated in one engine call. `origins`: b -> why that b is in the table."""
     require_nonempty(splits.test, "test")
     engine = engine or _make_engine(generation, None, peft_model, tokenizer, None, None, out)
     num_layers = find_layer_stack(peft_model).num_layers
@@ -550,9 +610,12 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     top = max(layers)  # the adapter's highest LoRA layer: any b from there up is the full adapter
     sizes = _SizeOf(adapter, peft_model)
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
+    chosen = {selection.describe(): (selection, origin) for selection, origin in selections}
     references = [list(e.references) for e in splits.test]
-    generated = _generate_cached(engine, task, splits.test, [_boundary_variant(b, top) for b in wanted] + list(extras),
-                                 "test", out, generation, model_id, adapter, adapter_pairs(peft_model), progress)
+    requests = [_boundary_variant(b, top) for b in wanted] + [Variant(name, selection) for name, (selection, _)
+                                                              in chosen.items()] + list(extras)
+    generated = _generate_cached(engine, task, splits.test, requests, "test", out, generation, model_id, adapter,
+                                 adapter_pairs(peft_model), progress)
     outputs = {name: g.texts for name, g in generated.items()}
     variants = []
     for b in wanted:
@@ -560,9 +623,14 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
         metrics = score(outputs[name], references, metric_options)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, sizes.at(b, top), generated[name].file,
-                                     _origin(b, top, origins)))
+                                     _origin(b, top, origins), None if b == -1 else _boundary_selection(b)))
         if b is None:
             signature, rouge_signature = metrics["bleu_signature"], metrics["rouge_signature"]
+    for name, (selection, origin) in chosen.items():
+        metrics = score(outputs[name], references, metric_options)
+        params = sum(m.num_params() for m in lora_modules(peft_model) if selection.keeps(m.layer, m.group))
+        variants.append(_variant_row(name, selection.prefix_boundary(), metrics, params, sizes.of(selection),
+                                     generated[name].file, origin, selection))
     significance = []
     for row in variants:
         if row["name"] != FULL:
@@ -582,6 +650,10 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
             "rouge_signature": rouge_signature, "lora_params_total": sum(per_layer.values())}
 
 
+def _boundary_selection(b: int | None) -> Selection:
+    return Selection.full() if b is None else Selection.prefix(b)
+
+
 def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
     """Why a row is in the table: its b's origins, the full adapter's for any b from the top layer up."""
     if b == -1:
@@ -594,9 +666,12 @@ def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
 
 
 def _variant_row(name, boundary, metrics: dict, params, size: tuple[float | None, str | None], hypotheses_file,
-                 origin: str) -> dict:
+                 origin: str, selection: Selection | None = None) -> dict:
+    """One row of the table. `selection`: the LoRA of the loaded adapter it keeps (None: the base model or another
+    adapter folder, which are no selection of it): recorded as Selection.to_json() and in words."""
     mb, how = size
-    return {"name": name, "boundary": boundary, "origin": origin, "lora_params": params, "adapter_mb": mb,
+    kept = {} if selection is None else {"selection": selection.to_json(), "description": selection.describe()}
+    return {"name": name, "boundary": boundary, "origin": origin, **kept, "lora_params": params, "adapter_mb": mb,
             "adapter_mb_source": how,
             "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
             "hypotheses_file": hypotheses_file}
@@ -622,9 +697,13 @@ class _SizeOf:
             return None, None
         if b is None or b >= top:
             return _file_size(self.adapter)
+        return self.of(Selection.prefix(b))
+
+    def of(self, selection: Selection) -> tuple[float | None, str | None]:
+        """The size of a peft export of `selection` (see at)."""
         if self.files is not None:
-            return exported_bytes(self.files, b) / 1e6, "export"
-        params = sum(n for layer, n in lora_params_per_layer(self.model).items() if layer <= b)
+            return exported_bytes(self.files, selection) / 1e6, "export"
+        params = sum(m.num_params() for m in lora_modules(self.model) if selection.keeps(m.layer, m.group))
         element = next(p for n, p in self.model.named_parameters() if "lora_" in n).element_size()
         return params * element / 1e6, "estimate"
 

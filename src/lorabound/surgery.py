@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import (check_adapter_files, find_layer_stack, layers_path_of_names, model_layers_path, model_num_layers,
-                    model_paths, module_layer_index, read_adapter_config)
+from .model import (adapter_tensor_names, check_adapter_files, find_layer_stack, layers_path_of_names,
+                    model_layers_path, model_num_layers, model_paths, module_layer_index, read_adapter_config)
 from .selection import EVERY, GROUPS, Selection
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -191,6 +191,33 @@ def _short_module_name(name: str) -> str:
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_[A-Za-z_]+)(?:\.|$)")
 
 
+def _pair_of_name(tensor_name: str, layers_path: str) -> tuple[int, str] | None:
+    """(layer, module group) of a LoRA tensor name inside the stack at `layers_path`; None elsewhere."""
+    match = _TENSOR.match(tensor_name)
+    if match is None or not layers_path:
+        return None
+    index = module_layer_index(match["module"], layers_path)
+    if index is None:
+        return None
+    return index, module_group(match["module"][len(f"{layers_path}.{index}."):])
+
+
+def adapter_file_pairs(adapter_dir: str | Path, model_spec: str | None, *, allow_pickle: bool = False,
+                       trust_remote_code: bool = False) -> list[tuple[int, str]]:
+    """The adapter's (layer, module group) pairs from its tensor names, without loading any weights: to check a
+    selection before any work. The stack is guessed from the names, or read from the model's config."""
+    names = adapter_tensor_names(adapter_dir, allow_pickle=allow_pickle)
+    config = read_adapter_config(adapter_dir)
+    layers_path = layers_path_of_names([m["module"] for name in names if (m := _TENSOR.match(name))],
+                                       config.get("layers_pattern"))
+    if layers_path is None and model_spec is None:
+        raise LoraboundError(f"the adapter {adapter_dir} has LoRA in several numbered layer stacks and none is a "
+                             "known text decoder path; pass --model so lorabound finds the decoder's layers")
+    if layers_path is None:
+        layers_path = model_layers_path(model_spec, trust_remote_code=trust_remote_code)
+    return sorted({pair for name in names if (pair := _pair_of_name(name, layers_path))})
+
+
 @dataclass
 class AdapterFiles:
     """An adapter folder read into memory: its config and tensors, and where the model keeps its layers.
@@ -245,12 +272,8 @@ class AdapterFiles:
 
     def pair_of(self, tensor_name: str) -> tuple[int, str] | None:
         """(layer, module group) of a tensor in the layer stack, as a Selection names it; None outside the stack."""
-        where = self.layer_of(tensor_name)
-        if where is None:
-            return None
-        module = _TENSOR.match(tensor_name)["module"]
-        inside = module[len(f"{self.layers_path}.{where[1]}."):]
-        return where[1], module_group(inside)
+        self.layer_of(tensor_name)  # refuses ambiguous layer stacks
+        return _pair_of_name(tensor_name, self.layers_path)
 
     def pairs(self) -> list[tuple[int, str]]:
         """Every (layer, module group) that carries LoRA: what a selection can keep or drop."""
