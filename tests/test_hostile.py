@@ -64,6 +64,9 @@ NUMERIC = {
     "--max-model-len": ({"search", "evaluate", "run"}, ["0"]),
     "--max-lora-rank": ({"search", "evaluate", "run"}, ["0"]),
     "--max-loras": ({"search", "evaluate", "run"}, ["0"]),
+    "--boundary-attention": ({"prune", "evaluate"}, ["-2", "x", "1.5"]),
+    "--boundary-mlp": ({"prune", "evaluate"}, ["-2", "nan"]),
+    "--boundary-other": ({"prune", "evaluate"}, ["-3"]),
 }
 # flags naming a path or a text: the empty value, and values naming nothing usable; a (value, expected) pair
 # gives the words the refusal must hold where that is not the flag itself
@@ -83,7 +86,18 @@ TEXT = {
     "--criterion": ({"search", "run"}, ["bogus"]),
     "--curves": ({"analyze"}, ["bogus"]),
     "--format": ({"prune"}, ["bogus"]),
+    "--layers": ({"prune", "evaluate"}, ["", (",", "not a layer set"), ("3-1", "not a layer set"),
+                                         ("x", "not a layer set"), ("-1", "not a layer set")]),
 }
+# selections the adapter or model cannot have, or given twice: (command, flag, value, words the refusal holds).
+# The world's adapter has attention and MLP LoRA on 4 layers; prune's valid arguments already hold --boundary 1.
+SELECTIONS = [
+    ("evaluate", "--boundary-other", "1", "no LoRA on other modules"),
+    ("evaluate", "--layers", "0,9", "layer 9 is outside 0..3"),
+    ("evaluate", "--boundary-mlp", "9", "--boundary-mlp 9 is outside -1..3"),
+    ("prune", "--layers", "0,2", "--boundary and --layers each say what to keep"),
+    ("prune", "--boundary-attention", "2", "--boundary and --boundary-GROUP each say what to keep"),
+]
 # data files that must be refused naming the line (written by the `world` fixture)
 BAD_DATA = {
     "cells.csv": ("input,target\na,b\nc,d,e\n", "line 3 has 3 cells"),
@@ -151,6 +165,8 @@ def cases() -> list:
             for value, expected in (v if isinstance(v, tuple) else (v, flag) for v in values):
                 if command in commands:
                     table.append(pytest.param(command, flag, value, expected, id=f"{command} {flag}={value!r}"))
+    for command, flag, value, expected in SELECTIONS:
+        table.append(pytest.param(command, flag, value, expected, id=f"{command} {flag}={value!r} (selection)"))
     for command in MODEL_AND_DATA:
         for name, (_, expected) in BAD_DATA.items():
             table.append(pytest.param(command, "--data", f"{{bad}}/{name}", expected, id=f"{command} --data {name}"))
@@ -287,6 +303,8 @@ def test_whole_number_flags_accept_exactly_their_range(n):
     assert refused(batch_size=n) != (n >= 1)
     assert refused(bootstrap=n) != (1 <= n <= 100_000)
     assert refused(boundary=n) != (n >= -1)
+    for group in ("attention", "mlp", "other"):
+        assert refused(**{f"boundary_{group}": n}) != (n >= -1)
     assert refused(seed=n) != (0 <= n <= 2**32 - 1)
     assert refused(validation_size=n) != (n >= 0)
     assert refused(max_length=n) != (n >= 8)

@@ -498,6 +498,8 @@ def prune(adapter: str | Path, boundary: int | Selection | None, out: str | Path
     check_arguments(adapter=adapter, boundary=None if isinstance(boundary, Selection) else boundary, out=out,
                     format=format, layers=layers, **_group_flags(group_boundaries),
                     **({} if model is None else {"model": model}))
+    if layers is not None:
+        parse_layers(layers)  # a value that is no layer set is named before the flags' combination
     given = [flag for flag, value in (("--boundary", boundary), ("--layers", layers),
                                       ("--boundary-GROUP", group_boundaries or None)) if value is not None]
     if len(given) != 1:
