@@ -104,3 +104,16 @@ def _lora_params(model):
         match = re.search(r"layers\.(\d+)\.(self_attn|mlp)\..*lora_", name)
         if match:
             yield (int(match[1]), "attention" if match[2] == "self_attn" else "mlp"), name, p
+
+
+def test_run_report_records_each_rows_selection(capsys, ws, tmp_path):
+    root, common = ws
+    ok(capsys, "run", *common, "--adapter", root / "adapter", "--boundary", 1, "--boundaries", 2,
+       "--out", tmp_path / "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    by_name = {row["name"]: row for row in report["variants"]}
+    for name, b in (("pruned (b=1)", 1), ("pruned (b=2)", 2)):
+        assert Selection.from_json(by_name[name]["selection"]) == Selection.prefix(b)
+        assert by_name[name]["description"] == f"LoRA on layers 0..{b}"
+    assert by_name["full adapter"]["description"] == "every LoRA layer"
+    assert "selection" not in by_name["base model"]

@@ -631,7 +631,7 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     for name, (selection, origin) in chosen.items():
         metrics = score(outputs[name], references, metric_options)
         params = sum(m.num_params() for m in lora_modules(peft_model) if selection.keeps(m.layer, m.group))
-        variants.append(_variant_row(name, selection.prefix_boundary(), metrics, params, sizes.of(selection),
+        variants.append(_variant_row(name, None, metrics, params, sizes.of(selection),
                                      generated[name].file, origin, selection))
     significance = []
     for row in variants:
