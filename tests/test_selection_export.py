@@ -181,3 +181,28 @@ def test_selection_refusals(tmp_path):
     with pytest.raises(LoraboundError, match="keeps no LoRA layer"):
         prune_adapter(tmp_path / "adapter", Selection.layers([]), tmp_path / "x", num_layers=4)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.real
+def test_real_model_per_group_export_loads_without_warnings_and_matches_in_memory(tmp_path, real_model):
+    """SmolLM2-135M, LoRA on every linear module: attention LoRA on layers 0..20, MLP LoRA on 0..9 (per-group, so
+    the export names its modules exactly). PEFT loads it with no warning and gives the in-memory logits."""
+    model, tokenizer = real_model
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora(peft_model, scale=0.02)
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    selection = Selection.per_group({"attention": 20, "mlp": 9})
+    result = prune_adapter(tmp_path / "adapter", selection, tmp_path / "out", model_spec="smollm2-135m")
+    assert result.pairs_kept == sorted([(layer, "attention") for layer in range(21)] +
+                                       [(layer, "mlp") for layer in range(10)])
+    exported = load_without_warnings(copy.deepcopy(model), tmp_path / "out")
+    prompts = ["Describe the restaurant.\nData: name: The Eagle, food: French\nText:", "The capital of France is"]
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            with keep_selection(peft_model, selection):
+                expected = peft_model(input_ids=ids).logits
+            full = peft_model(input_ids=ids).logits
+            got = exported(input_ids=ids).logits
+        assert torch.allclose(got, expected, atol=1e-4)
+        assert not torch.allclose(got, full, atol=1e-3)
