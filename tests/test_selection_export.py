@@ -206,3 +206,34 @@ def test_real_model_per_group_export_loads_without_warnings_and_matches_in_memor
             got = exported(input_ids=ids).logits
         assert torch.allclose(got, expected, atol=1e-4)
         assert not torch.allclose(got, full, atol=1e-3)
+
+
+def test_vllm_engine_runs_a_selection_as_its_peft_export(tmp_path, monkeypatch):
+    """Without vllm: a fake LLM shows that a per-group variant is requested as the peft export of its selection,
+    and a selection equal to the full adapter as the adapter itself."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from lorabound import engines
+    from lorabound.variants import Variant
+
+    from test_engines import _FakeLLM
+
+    fake = ModuleType("vllm")
+    fake.LLM = _FakeLLM
+    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    lora = ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda **kw: SimpleNamespace(**kw)
+    for name, module in (("vllm", fake), ("vllm.lora", ModuleType("vllm.lora")), ("vllm.lora.request", lora)):
+        monkeypatch.setitem(sys.modules, name, module)
+    tiny_lora(tiny_llama()).save_pretrained(tmp_path / "adapter")
+    engine = engines.VLLMEngine(str(tmp_path / "base"), tmp_path / "adapter", tiny_tokenizer(), num_layers=4,
+                                max_new_tokens=8, stop_at_newline=True, eos_ids=[1], scratch=tmp_path / "scratch")
+    selection = Selection.per_group({"attention": 3, "mlp": 0})
+    variants = [Variant("per group", selection), Variant("all", Selection.per_group({"attention": 3, "mlp": 3}))]
+    engine.generate(variants, ["a"], progress=False)
+    requested = engine._llm.calls[0][1]
+    folder = next((tmp_path / "scratch").iterdir())
+    assert requested == [str(folder.resolve()), str((tmp_path / "adapter").resolve())]
+    assert Selection.from_json(json.loads((folder / "lorabound.json").read_text())["selection"]) == selection
+    engine.close()
