@@ -117,3 +117,13 @@ def test_run_report_records_each_rows_selection(capsys, ws, tmp_path):
         assert by_name[name]["description"] == f"LoRA on layers 0..{b}"
     assert by_name["full adapter"]["description"] == "every LoRA layer"
     assert "selection" not in by_name["base model"]
+
+
+def test_python_api_prune_takes_a_selection(ws, tmp_path):
+    from lorabound import pipeline
+
+    root, _ = ws
+    selection = Selection.per_group({"attention": 2, "mlp": 0})
+    result = pipeline.prune(root / "adapter", selection, tmp_path / "a2-m0")
+    assert result.selection == selection and result.boundary is None
+    assert result.pairs_kept == [(0, "attention"), (0, "mlp"), (1, "attention"), (2, "attention")]
