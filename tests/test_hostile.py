@@ -87,7 +87,8 @@ TEXT = {
     "--curves": ({"analyze"}, ["bogus"]),
     "--format": ({"prune"}, ["bogus"]),
     "--layers": ({"prune", "evaluate"}, ["", (",", "not a layer set"), ("3-1", "not a layer set"),
-                                         ("x", "not a layer set"), ("-1", "not a layer set")]),
+                                         ("x", "not a layer set"), ("-1", "not a layer set"),
+                                         ("0-1000000000", "beyond any model")]),
 }
 # selections the adapter or model cannot have, or given twice: (command, flag, value, words the refusal holds).
 # The world's adapter has attention and MLP LoRA on 4 layers; prune's valid arguments already hold --boundary 1.

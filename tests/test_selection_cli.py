@@ -127,3 +127,13 @@ def test_python_api_prune_takes_a_selection(ws, tmp_path):
     result = pipeline.prune(root / "adapter", selection, tmp_path / "a2-m0")
     assert result.selection == selection and result.boundary is None
     assert result.pairs_kept == [(0, "attention"), (0, "mlp"), (1, "attention"), (2, "attention")]
+
+
+def test_prune_without_a_model_keeps_a_group_whole_from_its_top_layer_up(capsys, ws, tmp_path):
+    """Without --model, a group boundary above the adapter's layers keeps that group's LoRA (built in no time)."""
+    root, _ = ws
+    out = ok(capsys, "prune", "--adapter", root / "adapter", "--boundary-mlp", 10**9, "--boundary-attention", 0,
+             "--out", tmp_path / "x")
+    assert "attention 0, mlp 0..3" in out
+    out = ok(capsys, "prune", "--adapter", root / "adapter", "--boundary", 10**9, "--out", tmp_path / "y")
+    assert f"boundary {10**9} keeps all of them" in out

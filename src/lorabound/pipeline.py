@@ -524,11 +524,13 @@ def _group_flags(group_boundaries: dict[str, int] | None) -> dict[str, int]:
 
 
 def _asked_selections(adapter, model: str | None, layer_sets: list[str], group_boundaries: dict[str, int] | None,
-                      num_layers: int | None, *, allow_pickle: bool = False,
+                      num_layers: int | None, *, given: list[Selection] = (), allow_pickle: bool = False,
                       trust_remote_code: bool = False) -> list[tuple[Selection, str]]:
-    """The selections given on the command line, each with where it comes from, checked against the adapter's
-    module groups and the model's layers before any work (from tensor names and config files only)."""
-    asked = [(Selection.layers(parse_layers(text)), "given with --layers") for text in layer_sets]
+    """The selections asked for (`given` ones from Python, then the command line's), each with where it comes
+    from, checked against the adapter's module groups and the model's layers before any work (from tensor names
+    and config files only)."""
+    asked = [(selection, "given (Python API)") for selection in given]
+    asked += [(Selection.layers(parse_layers(text)), "given with --layers") for text in layer_sets]
     pairs = adapter_file_pairs(adapter, model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if group_boundaries:
         for group, b in group_boundaries.items():
@@ -536,6 +538,9 @@ def _asked_selections(adapter, model: str | None, layer_sets: list[str], group_b
                 raise LoraboundError(f"--boundary-{group} {b} is outside -1..{num_layers - 1} for this "
                                      f"{num_layers}-layer model; pass a b from -1 (none) to {num_layers - 1} (all)")
         flags = " ".join(f"--boundary-{g} {b}" for g, b in sorted(group_boundaries.items()))
+        # Without the model, a b above the adapter's top layer keeps all of that group's LoRA.
+        top = max((layer for layer, _ in pairs), default=-1)
+        group_boundaries = {g: min(b, top) for g, b in group_boundaries.items()}
         check_selection(Selection.per_group(group_boundaries), pairs, None)  # a group the adapter lacks
         asked.append((per_group_over(group_boundaries, pairs), f"given with {flags}"))
     for selection, _ in asked:
@@ -569,12 +574,12 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     _check_adapters(adapter, *(adapters or []), allow_pickle=model_options.allow_pickle)
     generation = generation or GenerationOptions()
     _check_engine(generation, model_options, [adapter, *(adapters or [])], vllm)
-    asked = [(selection, "given (Python API)") for selection in selections or []]
+    asked = []
     if layers or group_boundaries or selections:
         num_layers = model_num_layers(model_options.model, trust_remote_code=model_options.trust_remote_code)
-        asked += _asked_selections(adapter, model_options.model, list(layers or []), group_boundaries, num_layers,
-                                   allow_pickle=model_options.allow_pickle,
-                                   trust_remote_code=model_options.trust_remote_code)
+        asked = _asked_selections(adapter, model_options.model, list(layers or []), group_boundaries, num_layers,
+                                  given=list(selections or []), allow_pickle=model_options.allow_pickle,
+                                  trust_remote_code=model_options.trust_remote_code)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]

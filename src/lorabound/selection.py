@@ -135,6 +135,8 @@ class Selection:
 
 # -- from the command line ---------------------------------------------------
 
+MAX_LAYER = 100_000  # a layer set is built element by element: refuse numbers no model reaches
+
 def parse_layers(text: str, flag: str = "--layers") -> tuple[int, ...]:
     """A layer set as written on the command line: "0-9,12,15" -> (0, 1, ..., 9, 12, 15).
 
@@ -146,7 +148,11 @@ def parse_layers(text: str, flag: str = "--layers") -> tuple[int, ...]:
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
             raise LoraboundError(f"{flag} {text!r} is not a layer set; write layers and ranges such as 0-9,12,15")
-        layers.update(range(int(match[1]), int(match[2] or match[1]) + 1))
+        high = int(match[2] or match[1])
+        if high >= MAX_LAYER:
+            raise LoraboundError(f"{flag} {text!r} names layer {high}, beyond any model; select layers below "
+                                 f"{MAX_LAYER} (the model's layers are 0..L-1)")
+        layers.update(range(int(match[1]), high + 1))
     return tuple(sorted(layers))
 
 

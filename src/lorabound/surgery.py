@@ -377,12 +377,14 @@ def prune_adapter(adapter_dir: str | Path, selection: Selection | int, out_dir: 
     if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     source = AdapterFiles.read(adapter_dir, layers_path, num_layers=num_layers)
+    asked = selection
     if not isinstance(selection, Selection):
         if num_layers is not None:
             check_boundary(selection, num_layers)
         elif selection < -1:
             raise LoraboundError(f"boundary {selection} is below -1; pass --boundary -1 (base model) or higher")
-    selection = as_selection(selection)
+        # A b above the adapter's top layer keeps all of it (without --model, b is not bounded by the model).
+        selection = Selection.prefix(min(selection, max(source.layers(), default=-1)))
     check_selection(selection, source.pairs(), num_layers)
     if format == "merged" and model_spec is None:
         raise LoraboundError("--format merged needs the base model; pass --model")
@@ -390,7 +392,8 @@ def prune_adapter(adapter_dir: str | Path, selection: Selection | int, out_dir: 
     tensors = _pruned_tensors(source, selection, zero_fill=(format == "zero-fill"))
     pairs = [pair for pair in source.pairs() if selection.keeps(*pair)]
     kept = sorted({layer for layer, _ in pairs})
-    notes = [f"note: the adapter's layers are {_ranges(source.layers())}; {selection.describe()} keeps all of them"] \
+    what = selection.describe() if isinstance(asked, Selection) else f"boundary {asked}"
+    notes = [f"note: the adapter's layers are {_ranges(source.layers())}; {what} keeps all of them"] \
         if pairs == source.pairs() else []
     saved_whole = source.config.get("modules_to_save") or []
     if saved_whole:
@@ -415,17 +418,22 @@ def prune_adapter(adapter_dir: str | Path, selection: Selection | int, out_dir: 
             _write_adapter(tmp, config, tensors, source.path)
         bytes_after = sum(p.stat().st_size for p in tmp.rglob("*.safetensors"))
         write_json_atomic(tmp / "lorabound.json", {
-            "pruned_from": str(adapter_dir.resolve()), "boundary": selection.prefix_boundary(), "format": format,
+            "pruned_from": str(adapter_dir.resolve()), "boundary": _boundary_asked(asked), "format": format,
             "selection": selection.to_json(), "selection_description": selection.describe(),
             "pairs_kept": [list(pair) for pair in pairs], "layers_kept": kept, "layers_in_source": source.layers(),
         })
 
     return PruneResult(
-        boundary=selection.prefix_boundary(), format=format, out_dir=out_dir, layers_kept=kept,
+        boundary=_boundary_asked(asked), format=format, out_dir=out_dir, layers_kept=kept,
         lora_params_before=source.lora_params(), lora_params_after=source.lora_params(selection),
         bytes_before=bytes_before, bytes_after=bytes_after, notes=notes, dtype=dtype, selection=selection,
         pairs_kept=pairs,
     )
+
+
+def _boundary_asked(asked: Selection | int) -> int | None:
+    """The b a prune was asked for, or the b of a prefix selection; None for any other selection."""
+    return asked.prefix_boundary() if isinstance(asked, Selection) else int(asked)
 
 
 def _pruned_tensors(source: AdapterFiles, selection: Selection, zero_fill: bool) -> dict[str, torch.Tensor]:
