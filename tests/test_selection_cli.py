@@ -9,12 +9,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorabound.cli import main
 from lorabound.generation import generate
 from lorabound.model import load_adapter, load_model
 from lorabound.selection import Selection, parse_layers, per_group_over
 from lorabound.surgery import keep_selection
 
+from clitools import ok
 from test_cli import TEMPLATE, rows, table_rows, write_jsonl
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 
@@ -29,13 +29,6 @@ def ws(tmp_path_factory):
     common = ["--model", root / "base", "--data", root / "data.jsonl", "--template", TEMPLATE, "--validation-size",
               2, "--test-size", 4, "--max-length", 64, "--max-new-tokens", 4, "--bootstrap", 20]
     return root, [str(a) for a in common]
-
-
-def ok(capsys, *args) -> str:
-    code = main(["--quiet", *map(str, args)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return captured.out
 
 
 def test_parse_layers_reads_ranges_and_single_layers():
