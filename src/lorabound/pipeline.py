@@ -647,6 +647,63 @@ def _file_size(folder) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------
+# speed: what dropping LoRA buys at inference (speed.py)
+# ---------------------------------------------------------------------------
+
+@holds_folder_locks  # a run folder's lock, when speed.json is written into it
+def speed(model: str | None = None, adapter: str | Path | None = None, *, boundary: int | None = None,
+          run: str | Path | None = None, out: str | Path | None = None, settings=None,
+          data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
+          overwrite: bool = False, progress: bool = True) -> dict:
+    """Latency, throughput and peak memory of the base model, the full and the pruned adapter (LoRA on layers
+    0..boundary), unmerged and merged. `run`: take model, adapter, data and boundary from a run folder (a
+    `boundary` given too overrides its b) and, without `out`, write speed.json there and add it to its report."""
+    from . import speed as measuring
+
+    settings = settings or measuring.SpeedSettings()
+    check_arguments(boundary=boundary, **{k: v for k, v in (("adapter", adapter), ("out", out), ("model", model))
+                                          if v is not None})
+    origin = "asked with --boundary"
+    if run is not None:
+        source = measuring.run_folder_source(run)
+        if model is not None or adapter is not None:
+            raise LoraboundError("--run reads the model and the adapter from the run folder; drop --model and "
+                                 "--adapter, or drop --run")
+        if data_options is not None and data_options != DataOptions():
+            raise LoraboundError("--run reads the data options from the run folder; drop the data flags, or "
+                                 "drop --run")
+        model, adapter, data_options = source["model"], source["adapter"], DataOptions(**source["data"])
+        if boundary is None:
+            boundary, origin = source["boundary"], source["origin"]
+        model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), "dtype": source["dtype"]
+                                        or "float32"})
+    if adapter is None:
+        raise LoraboundError("no adapter to measure; pass --adapter (and --boundary), or --run RUN_DIR")
+    if boundary is None:
+        raise LoraboundError("no boundary to measure; pass --boundary B (LoRA kept on layers 0..B), or --run RUN_DIR")
+    if out is None and run is None:
+        raise LoraboundError("no output folder; pass --out (or --run RUN_DIR to write into the run folder)")
+    model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), **({"model": model} if model else {}),
+                                    "device": measuring.resolve_device(settings.device)})
+    data_options = data_options or DataOptions()
+    folder = Path(out) if out is not None else Path(run)
+    check_not_input(folder, _inputs(adapter, data_options, model_options))
+    if out is not None:
+        check_output_dir(out, overwrite, "--out")
+    request = measuring.check_request(model_options, data_options, adapter, boundary, origin, settings)
+    if out is None:  # into the run folder: speed.json, speed.md, and the report re-rendered with them
+        lock_folder(folder, "--run")
+        result = measuring.measure_request(request, settings, folder, progress)
+        measuring.write_results(folder, result)
+        write_report(folder, read_json(folder / "report.json", "rerun that run to rewrite it"))
+        return result
+    with output_folder(out, overwrite) as folder:
+        result = measuring.measure_request(request, settings, folder, progress)
+        measuring.write_results(folder, result)
+    return result
+
+
+# ---------------------------------------------------------------------------
 # run: every stage into one folder, resumable
 # ---------------------------------------------------------------------------
 

@@ -83,13 +83,15 @@ RULES: dict[str, Number | Text] = {
     "format": Text(), "boundary": _whole(-1, optional=True), "boundaries": _whole(-1), "candidates": _whole(-1),
     "tolerance": _real(0), "knee_fraction": _real(0, 1, open_low=True), "bootstrap": _whole(1, BOOTSTRAP_MAX),
     "threads": _whole(1, optional=True),
+    # speed (speed.SpeedSettings)
+    "batch_sizes": _whole(1), "new_tokens": _whole(1), "repeats": _whole(1), "prompt_tokens": _whole(1), "run": Text(),
     # the vLLM engine (engines.VLLMOptions)
     "tensor_parallel_size": _whole(1), "gpu_memory_utilization": _real(0, 1, open_low=True),
     "max_model_len": _whole(1, optional=True), "max_lora_rank": _whole(1, optional=True), "max_loras": _whole(1),
 }
 
 FLAGS = {"learning_rate": "--lr"}
-LISTS = {"adapters", "boundaries", "candidates", "curves", "target_modules"}
+LISTS = {"adapters", "batch_sizes", "boundaries", "candidates", "curves", "target_modules"}
 
 
 def flag(name: str) -> str:
