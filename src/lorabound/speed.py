@@ -240,8 +240,13 @@ class LocalVariant:
 def _serve(job: Job, batch_sizes: list[int], new_tokens: int, conn) -> None:
     """The body of a variant's own process: load, then answer ("measure", batch) until ("finish", None)."""
     try:
-        import torch
+        import warnings
 
+        import torch
+        from transformers.utils import logging as transformers_logging
+
+        warnings.filterwarnings("ignore", category=FutureWarning)  # as the parent (cli.main) does
+        transformers_logging.disable_progress_bar()  # the parent's bar is the one to read
         torch.set_num_threads(job.threads)
         runner = Runner(job, batch_sizes, new_tokens)
         conn.send(("ready", None))
@@ -427,8 +432,13 @@ def describe(result: dict) -> str:
     p = result["prompts"]
     prompts = (f"the first {p['count']} prompts of the {p['task']} test split" if p["source"] == "test"
                else f"{p['count']} synthetic prompts of {p['tokens']} random token ids")
-    memory = result["variants"][0].get("memory_mib", {}).get("how", "")
-    return (f"Measured on {result['device']} ({result['device_name']}), {result['threads']} torch threads, "
+    if p["source"] == "test" and p["distinct"] < p["count"]:
+        prompts += f" (cycled: the split has {p['distinct']})"
+    memory = result["variants"][0].get("memory_mib", {})
+    before = [v["memory_mib"]["before_load"] for v in result["variants"] if (v.get("memory_mib") or {}).get("before_load")]
+    memory = memory.get("how", "") + (f"; each process held {min(before):,.0f}-{max(before):,.0f} MiB before "
+                                      "loading its model (Python and the libraries)" if before else "")
+    return (f"Measured on {result['device']} ({result['device_name']}), torch threads {result['threads']}, "
             f"torch {result['torch_version']}, {result['dtype']}; model {result['model']}, LoRA kept on layers "
             f"0..{result['boundary']} ({result['boundary_origin']}). Prompts: {prompts} (batch B takes the first "
             f"B). Each measurement: one prefill forward over the left-padded prompts, then {result['new_tokens']} "
