@@ -661,8 +661,8 @@ def speed(model: str | None = None, adapter: str | Path | None = None, *, bounda
     from . import speed as measuring
 
     settings = settings or measuring.SpeedSettings()
-    check_arguments(boundary=boundary, **{k: v for k, v in (("adapter", adapter), ("out", out), ("model", model))
-                                          if v is not None})
+    check_arguments(boundary=boundary, **{k: v for k, v in (("adapter", adapter), ("out", out), ("model", model),
+                                                            ("run", run)) if v is not None})
     origin = "asked with --boundary"
     if run is not None:
         source = measuring.run_folder_source(run)
@@ -678,11 +678,14 @@ def speed(model: str | None = None, adapter: str | Path | None = None, *, bounda
         model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), "dtype": source["dtype"]
                                         or "float32"})
     if adapter is None:
-        raise LoraboundError("no adapter to measure; pass --adapter (and --boundary), or --run RUN_DIR")
+        raise LoraboundError("no adapter to measure: --adapter is required without --run; pass --adapter (and --boundary), "
+                             "or --run RUN_DIR")
     if boundary is None:
-        raise LoraboundError("no boundary to measure; pass --boundary B (LoRA kept on layers 0..B), or --run RUN_DIR")
+        raise LoraboundError("no boundary to measure: --boundary is required without --run; pass --boundary B (LoRA kept "
+                             "on layers 0..B), or --run RUN_DIR")
     if out is None and run is None:
-        raise LoraboundError("no output folder; pass --out (or --run RUN_DIR to write into the run folder)")
+        raise LoraboundError("no output folder: --out is required without --run; pass --out (or --run RUN_DIR to "
+                             "write into the run folder)")
     model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), **({"model": model} if model else {}),
                                     "device": measuring.resolve_device(settings.device)})
     data_options = data_options or DataOptions()

@@ -539,6 +539,10 @@ def check_request(model_options, data_options, adapter, boundary: int, origin: s
     from .model import model_layers_path, model_num_layers, read_adapter_config
     from .surgery import AdapterFiles
 
+    from .model import DTYPES
+
+    if model_options.dtype not in DTYPES:
+        raise LoraboundError(f"unknown dtype '{model_options.dtype}'; choose one of: {', '.join(DTYPES)}")
     read_adapter_config(adapter)  # names a missing folder first
     num_layers = model_num_layers(model_options.model, trust_remote_code=model_options.trust_remote_code)
     check_boundary(boundary, num_layers)
