@@ -259,3 +259,21 @@ def test_speed_on_the_embedded_model(real_model, tmp_path):
     assert result["num_layers"] == 30 and result["layers_kept"] == list(range(15))
     full = next(v for v in result["variants"] if v["name"] == "full adapter")
     assert full["memory_mib"]["after_load"] - full["memory_mib"]["before_load"] > 300  # 135M float32 weights
+
+
+def test_run_with_speed_adds_the_speed_section(world, tmp_path, capsys, monkeypatch):
+    """`run --speed` measures at the chosen b after the report, and the report shows it (small settings here)."""
+    measure = pipeline.speed
+
+    def small(**kwargs):
+        return measure(**{**kwargs, "settings": SpeedSettings(**{**FAST, "device": kwargs["settings"].device})})
+
+    monkeypatch.setattr(pipeline, "speed", small)
+    code = main(["--quiet", "--threads", "1", "run", "--model", str(world / "base"), "--data",
+                 str(world / "data.jsonl"), "--validation-size", "2", "--test-size", "3", "--adapter",
+                 str(world / "adapter"), "--boundary", "1", "--max-new-tokens", "2", "--bootstrap", "20", "--speed",
+                 "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| pruned (b=1), merged |" in out
+    assert json.loads((tmp_path / "run" / "speed.json").read_text())["boundary"] == 1
+    assert "## Inference speed (measured)" in (tmp_path / "run" / "report.md").read_text()

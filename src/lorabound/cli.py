@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
+    p.add_argument("--speed", action="store_true", help="then measure inference speed at the chosen b (as "
+                   "'lorabound speed --run OUT' with its defaults) and add it to the report")
     _add_fields(p, GenerationOptions)
     _add_fields(p, VLLMOptions)
     _add_fields(p, MetricOptions)
@@ -340,6 +342,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .report import format_table
         print(format_table(report))
         print(report["verdict"])
+        if args.speed:
+            _run_speed(report, args, progress)
         print(f"report: {Path(args.out) / 'report.html'}")
         return 0
     raise AssertionError(name)
@@ -378,6 +382,25 @@ def _speed(args: argparse.Namespace, progress: bool) -> int:
     print(_markdown_table(*speed_table(result)))
     print(f"wrote {Path(args.out or args.run) / 'speed.json'} and speed.md")
     return 0
+
+
+def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
+    """run --speed: measure at the chosen b, unless it drops nothing (or everything): then say so."""
+    from . import pipeline
+    from .pipeline import ModelOptions
+    from .speed import SpeedSettings, describe, speed_table
+    from .report import _markdown_table
+
+    b, layers = report["search"]["boundary"], report["curves"]["meta"]["adapter_layers"]
+    if not min(layers) <= b < max(layers):
+        print(f"speed: skipped, b = {b} drops {'no' if b >= max(layers) else 'every'} LoRA layer, so there is no "
+              f"pruned adapter to measure; run 'lorabound speed --run {args.out} --boundary B' for another b")
+        return
+    options = _picked(args, ModelOptions)
+    result = pipeline.speed(run=args.out, settings=SpeedSettings(device=options.device), progress=progress,
+                            model_options=options)
+    print(describe(result))
+    print(_markdown_table(*speed_table(result)))
 
 
 def _int_list(text: str) -> list[int]:

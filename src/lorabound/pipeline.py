@@ -678,11 +678,11 @@ def speed(model: str | None = None, adapter: str | Path | None = None, *, bounda
         model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), "dtype": source["dtype"]
                                         or "float32"})
     if adapter is None:
-        raise LoraboundError("no adapter to measure: --adapter is required without --run; pass --adapter (and --boundary), "
-                             "or --run RUN_DIR")
+        raise LoraboundError("no adapter to measure: --adapter is required without --run; pass --adapter "
+                             "(and --boundary), or --run RUN_DIR")
     if boundary is None:
-        raise LoraboundError("no boundary to measure: --boundary is required without --run; pass --boundary B (LoRA kept "
-                             "on layers 0..B), or --run RUN_DIR")
+        raise LoraboundError("no boundary to measure: --boundary is required without --run; pass --boundary B "
+                             "(LoRA kept on layers 0..B), or --run RUN_DIR")
     if out is None and run is None:
         raise LoraboundError("no output folder: --out is required without --run; pass --out (or --run RUN_DIR to "
                              "write into the run folder)")

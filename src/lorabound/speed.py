@@ -434,10 +434,10 @@ def describe(result: dict) -> str:
                else f"{p['count']} synthetic prompts of {p['tokens']} random token ids")
     if p["source"] == "test" and p["distinct"] < p["count"]:
         prompts += f" (cycled: the split has {p['distinct']})"
-    memory = result["variants"][0].get("memory_mib", {})
-    before = [v["memory_mib"]["before_load"] for v in result["variants"] if (v.get("memory_mib") or {}).get("before_load")]
-    memory = memory.get("how", "") + (f"; each process held {min(before):,.0f}-{max(before):,.0f} MiB before "
-                                      "loading its model (Python and the libraries)" if before else "")
+    memories = [v.get("memory_mib") or {} for v in result["variants"]]
+    before = [m["before_load"] for m in memories if m.get("before_load")]
+    memory = memories[0].get("how", "") + (f"; each process held {min(before):,.0f}-{max(before):,.0f} MiB before "
+                                           "loading its model (Python and the libraries)" if before else "")
     return (f"Measured on {result['device']} ({result['device_name']}), torch threads {result['threads']}, "
             f"torch {result['torch_version']}, {result['dtype']}; model {result['model']}, LoRA kept on layers "
             f"0..{result['boundary']} ({result['boundary_origin']}). Prompts: {prompts} (batch B takes the first "
