@@ -7,6 +7,7 @@ RUN_DIR layout:
   generations/*.jsonl         every hypothesis, per split and variant (cached: a rerun skips finished ones)
   adapter-pruned/, prune.json the exported PEFT adapter with LoRA on layers 0..b, and its summary
   report.json / .md / .html   the report
+  speed.json, speed.md        inference speed, when `lorabound speed --run` (or `run --speed`) measured it
 """
 
 from __future__ import annotations

@@ -299,11 +299,12 @@ class ProcessVariant:
         return info
 
     def close(self) -> None:
-        if self.process.is_alive():
-            self.process.join(10)
+        """After finish() the child returns by itself; otherwise (an error, Ctrl-C) it is stopped."""
+        self.process.join(2)
         if self.process.is_alive():
             self.process.kill()  # our own child, by its handle
             self.process.join()
+        self.conn.close()
 
 
 # ---------------------------------------------------------------------------
