@@ -258,8 +258,11 @@ def _serve(job: Job, batch_sizes: list[int], new_tokens: int, conn) -> None:
             conn.send(("timing", runner.measure(batch)))
     except BaseException as error:  # reported to the parent, which refuses in one line
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        conn.send(("error", f"{type(error).__name__}: {message}" if not isinstance(error, LoraboundError)
-                   else message, traceback.format_exc(limit=3)))
+        try:
+            conn.send(("error", f"{type(error).__name__}: {message}" if not isinstance(error, LoraboundError)
+                       else message, traceback.format_exc(limit=3)))
+        except OSError:  # the parent is gone (it was interrupted): nothing to tell
+            pass
 
 
 class ProcessVariant:
