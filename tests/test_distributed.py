@@ -137,6 +137,9 @@ def test_a_dying_rank_stops_the_others_and_a_rerun_resumes(workspace, tmp_path, 
     assert died.returncode != 0
     # torchrun's summary names the rank that died and its exit code
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: 7", died.stderr), died.stderr[-3000:]
+    # and so does the survivor, in one line
+    assert re.search(r"error: rank 0 of 2: .* failed because rank 1 stopped .*rerun the same command to resume",
+                     died.stderr), died.stderr[-3000:]
     assert not (out / "curves.json").exists()
     assert json.loads((out / "analysis.partial.json").read_text())["batches_done"] == 4  # two whole rounds
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import time
 from typing import Any, Sequence
 
 from .errors import LoraboundError
@@ -52,6 +54,43 @@ def start(device: str = "cpu") -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(minutes=float(os.environ.get("LORABOUND_DIST_TIMEOUT_MIN", _TIMEOUT_MINUTES)))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    # Every rank learns where the others run, so that a survivor can name a rank that dies.
+    global _peers
+    _peers = [None] * world_size()
+    dist.all_gather_object(_peers, (socket.gethostname(), os.getpid()))
+
+
+_peers: list[tuple[str, int]] | None = None  # (host, pid) of every rank, in rank order, once started
+
+
+def _process_gone(pid: int) -> bool:
+    """True when process `pid` has exited (or is a zombie its parent has not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
+
+
+def stopped_ranks() -> list[int] | None:
+    """The ranks on this host whose process has gone; None when some rank runs on another host (unknown)."""
+    if _peers is None:
+        return None
+    here = socket.gethostname()
+    for _ in range(20):  # a peer's sockets close while it exits: give its exit a moment to finish
+        gone = [r for r, (host, pid) in enumerate(_peers) if host == here and r != rank() and _process_gone(pid)]
+        if gone:
+            break
+        time.sleep(0.1)
+    if gone or all(host == here for host, _ in _peers):
+        return gone
+    return None
 
 
 def _group():
@@ -68,9 +107,14 @@ def _collective(what: str, call):
         return call()
     except RuntimeError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise LoraboundError(f"rank {rank()} of {world_size()}: {what} failed because another rank stopped "
-                             f"({first}); see torchrun's summary for the failed rank, then rerun the same "
-                             "command to resume") from err
+        gone = stopped_ranks()
+        if gone:
+            who = f"rank {gone[0]} stopped" if len(gone) == 1 else f"ranks {', '.join(map(str, gone))} stopped"
+            fix = "see why in its output above"
+        else:
+            who, fix = "another rank stopped", "see torchrun's summary for the failed rank"
+        raise LoraboundError(f"rank {rank()} of {world_size()}: {what} failed because {who} ({first}); "
+                             f"{fix}, then rerun the same command to resume") from err
 
 
 def sum_floats(values: list[float]) -> list[float]:

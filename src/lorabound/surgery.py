@@ -12,7 +12,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -25,6 +25,7 @@ from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
 from .model import (check_adapter_files, find_layer_stack, layers_path_of_names, model_layers_path, model_num_layers,
                     model_paths, module_layer_index, read_adapter_config)
+from .selection import GROUPS, Selection
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -95,15 +96,28 @@ def kept_layers(boundary: int, num_layers: int) -> list[int]:
     return list(range(boundary + 1))
 
 
-@contextlib.contextmanager
-def keep_lora(model, layers: Iterable[int], module_types: Iterable[str] | None = None) -> Iterator[None]:
-    """Run the model with LoRA on `layers` only (optionally only on some module types); restore on exit.
+def keep_lora(model, layers: Iterable[int], module_types: Iterable[str] | None = None):
+    """Run the model with LoRA on `layers` only (optionally only on some module types); restore on exit."""
+    if module_types is None:
+        return keep_selection(model, Selection.layers(layers))
+    groups = tuple(module_types)
+    if any(t not in GROUPS for t in groups):  # short module names ("q_proj"): match them as before
+        keep = set(layers)
+        return _keep_modules(model, lambda m: m.layer in keep and m.matches(groups))
+    return keep_selection(model, Selection(tuple((g, tuple(sorted(set(layers)))) for g in sorted(set(groups)))))
+
+
+def keep_selection(model, selection: Selection):
+    """Run the model with only the LoRA modules `selection` keeps; restore on exit.
 
     Exact: a disabled LoRA module returns its base layer's output untouched, the same as a model whose
     adapter never had that module. LoRA outside the layer stack (e.g. on the output head) is left as is.
     """
-    keep = set(layers)
-    types = None if module_types is None else tuple(module_types)
+    return _keep_modules(model, lambda m: selection.keeps(m.layer, m.group))
+
+
+@contextlib.contextmanager
+def _keep_modules(model, keep: Callable[[LoraModule], bool]) -> Iterator[None]:
     modules = lora_modules(model)
     if any(m.module.merged for m in modules):
         raise LoraboundError("the adapter is merged into the base weights; load it unmerged to drop layers")
@@ -111,7 +125,7 @@ def keep_lora(model, layers: Iterable[int], module_types: Iterable[str] | None =
               {n: p.requires_grad for n, p in m.module.named_parameters()}) for m in modules]
     try:
         for m in modules:
-            if m.layer in keep and m.matches(types):
+            if keep(m):
                 if m.module.disable_adapters:
                     m.module.enable_adapters(True)
             else:
