@@ -184,7 +184,7 @@ def memory_mib(device: str) -> dict:
     try:
         fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
         return {"now": int(fields["VmRSS"].split()[0]) / 1024, "peak": int(fields["VmHWM"].split()[0]) / 1024,
-                "kind": "peak resident set size (VmHWM) of the variant's process"}
+                "kind": "peak resident set size (VmHWM) of the variant's own process, loading included"}
     except (OSError, KeyError, ValueError):
         return {"now": None, "peak": None, "kind": "not measured (no /proc/self/status)"}
 
