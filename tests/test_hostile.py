@@ -49,7 +49,7 @@ NUMERIC = {
     "--bootstrap": ({"search", "evaluate", "run"}, ["0", "-10", str(10**9)]),
     "--tolerance": ({"search", "run"}, ["nan", "inf", "-1"]),
     "--knee-fraction": ({"search", "run"}, ["0", "1.5", "nan", "-inf"]),
-    "--boundary": ({"search", "run", "prune", "speed"}, ["-2", "x", "99"]),
+    "--boundary": ({"search", "run", "prune", "speed"}, ["-2", "x"]),
     "--batch-sizes": ({"speed"}, ["0", "1,0", "-16", "x", "1.5", "", "nan"]),
     "--new-tokens": ({"speed"}, ["0", "-1", "inf"]),
     "--repeats": ({"speed"}, ["0", "-3"]),
