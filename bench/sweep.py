@@ -16,8 +16,8 @@ import argparse
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 
+from common import random_adapter
 from lorabound.analysis import analyze, truncation_curve_plain
 from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
 from lorabound.model import load_adapter, load_model
@@ -40,12 +40,7 @@ def main() -> None:
     if args.adapter:
         model = load_adapter(model, args.adapter)
     else:
-        torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02)  # a trained-looking adapter: B is not zero
+        model = random_adapter(model)
     model.eval()
     task = load_task(args.data)
     examples = split_task(task, train=0, validation=args.examples, test=0, seed=0).validation

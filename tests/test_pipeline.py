@@ -19,17 +19,22 @@ from lorabound.surgery import keep_up_to
 from tiny import tiny_llama, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny model folder, a JSONL task with two references per example, and an adapter trained by the CLI."""
-    root = tmp_path_factory.mktemp("tiny")
+def tiny_task_folder(root):
+    """A tiny model folder and a JSONL task with two references per example; returns the CLI's common flags."""
     tiny_llama().save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
     rows = [{"input": f"name: Place {i}, area: riverside",
              "target": [f"Place {i} is by the riverside.", f"By the river is Place {i}."]} for i in range(30)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--model", str(root / "base"), "--data", str(root / "data.jsonl"), "--validation-size", "6",
-              "--test-size", "8", "--max-length", "64"]
+    return ["--model", str(root / "base"), "--data", str(root / "data.jsonl"), "--validation-size", "6",
+            "--test-size", "8", "--max-length", "64"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """tiny_task_folder and an adapter trained on it by the CLI."""
+    root = tmp_path_factory.mktemp("tiny")
+    common = tiny_task_folder(root)
     assert main(["--quiet", "train", *common, "--out", str(root / "adapter"), "--rank", "4", "--epochs", "3",
                  "--batch-size", "4", "--lr", "5e-3"]) == 0
     return root, common
@@ -197,16 +202,9 @@ def test_run_records_each_stage_time(workspace):
 
 @pytest.fixture(scope="module")
 def light(tmp_path_factory):
-    """The tiny model folder and JSONL task of `workspace`, without training an adapter."""
+    """tiny_task_folder without training an adapter."""
     root = tmp_path_factory.mktemp("light")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
-    rows = [{"input": f"name: Place {i}, area: riverside",
-             "target": [f"Place {i} is by the riverside.", f"By the river is Place {i}."]} for i in range(30)]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--model", str(root / "base"), "--data", str(root / "data.jsonl"), "--validation-size", "6",
-              "--test-size", "8", "--max-length", "64"]
-    return root, common
+    return root, tiny_task_folder(root)
 
 
 def hypotheses(folder, row) -> list[str]:
