@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from lorabound import pipeline
-from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.files import folder_hashes
 from lorabound.speed import (Job, SpeedSettings, build_model, greedy_steps, lora_module_count, prompt_batch,
                              variant_jobs)
 from lorabound.surgery import prune_adapter
 
+from clitools import ok, refused_alone
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 
 FAST = dict(batch_sizes=[1, 2], new_tokens=2, repeats=2, isolate=False)
@@ -134,12 +134,9 @@ def test_speed_writes_every_variant_batch_and_ratio(world, tmp_path):
 
 def test_cli_speed_runs_each_variant_in_its_own_process(world, tmp_path, capsys):
     """The CLI path with the default isolation: every variant's peak memory is its own process's RSS."""
-    code = main(["--quiet", "--threads", "1", "speed", "--model", str(world / "base"), "--adapter",
-                 str(world / "adapter"), "--data", str(world / "data.jsonl"), "--validation-size", "2",
-                 "--test-size", "3", "--boundary", "2", "--batch-sizes", "1,2", "--new-tokens", "2", "--repeats",
-                 "1", "--out", str(tmp_path / "out")])
-    out = capsys.readouterr().out
-    assert code == 0
+    out = ok(capsys, "--threads", 1, "speed", "--model", world / "base", "--adapter", world / "adapter", "--data",
+             world / "data.jsonl", "--validation-size", 2, "--test-size", 3, "--boundary", 2, "--batch-sizes", "1,2",
+             "--new-tokens", 2, "--repeats", 1, "--out", tmp_path / "out")
     assert "| pruned (b=2)" in out and "Peak memory (MiB)" in out
     written = json.loads((tmp_path / "out" / "speed.json").read_text())
     assert written["isolated"] is True and written["threads"] == 1
@@ -221,10 +218,9 @@ def test_bad_settings_are_refused(change, message):
 def test_cuda_without_a_gpu_is_refused_in_one_line(world, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    code = main(["--quiet", "speed", "--model", str(world / "base"), "--adapter", str(world / "adapter"),
-                 "--boundary", "1", "--device", "cuda", "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "torch sees no CUDA GPU" in err
+    line = refused_alone(capsys, "speed", "--model", world / "base", "--adapter", world / "adapter",
+                         "--boundary", 1, "--device", "cuda", "--out", tmp_path / "out")
+    assert "torch sees no CUDA GPU" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -269,11 +265,9 @@ def test_run_with_speed_adds_the_speed_section(world, tmp_path, capsys, monkeypa
         return measure(**{**kwargs, "settings": SpeedSettings(**{**FAST, "device": kwargs["settings"].device})})
 
     monkeypatch.setattr(pipeline, "speed", small)
-    code = main(["--quiet", "--threads", "1", "run", "--model", str(world / "base"), "--data",
-                 str(world / "data.jsonl"), "--validation-size", "2", "--test-size", "3", "--adapter",
-                 str(world / "adapter"), "--boundary", "1", "--max-new-tokens", "2", "--bootstrap", "20", "--speed",
-                 "--out", str(tmp_path / "run")])
-    out = capsys.readouterr().out
-    assert code == 0 and "| pruned (b=1), merged |" in out
+    out = ok(capsys, "--threads", 1, "run", "--model", world / "base", "--data", world / "data.jsonl",
+             "--validation-size", 2, "--test-size", 3, "--adapter", world / "adapter", "--boundary", 1,
+             "--max-new-tokens", 2, "--bootstrap", 20, "--speed", "--out", tmp_path / "run")
+    assert "| pruned (b=1), merged |" in out
     assert json.loads((tmp_path / "run" / "speed.json").read_text())["boundary"] == 1
     assert "## Inference speed (measured)" in (tmp_path / "run" / "report.md").read_text()
