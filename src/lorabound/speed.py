@@ -14,7 +14,9 @@ Read top to bottom:
    own (the honest way to get each variant's peak memory on CPU: the peak RSS of that process);
 4. :func:`measure`: warm-up, then repetitions interleaved across variants (ABCDE, BCDEA, ...), so machine noise
    that drifts over time spreads over all of them instead of biasing a ratio; medians with min and max;
-5. :func:`speed_table` / :func:`render_markdown`: the table printed, written to speed.md and shown by the report.
+5. :func:`speed_table` / :func:`render_markdown`: the table printed, written to speed.md and shown by the report;
+6. :func:`check_request` (every refusal, before any work) and :func:`measure_request` (the pruned export into a
+   scratch folder, the measurement, speed.json's content), called by pipeline.speed.
 """
 
 from __future__ import annotations
