@@ -31,6 +31,7 @@ EXAMPLES = {
     "run": "lorabound run --model smollm2-135m --adapter adapter --data e2e --out run",
     "demo": "lorabound demo --out lorabound-demo",
     "study": "lorabound study --grid studies/paper.toml --out study",
+    "speed": "lorabound speed --model smollm2-135m --adapter adapter --boundary 19 --out speed",
 }
 DESCRIPTIONS = {
     "train": "Fine-tune LoRA on every layer (loss on target tokens only) and save a PEFT adapter.",
@@ -42,6 +43,8 @@ DESCRIPTIONS = {
     "run": "analyze, search, prune, evaluate and report into one folder; rerun to resume.",
     "demo": "Train SmolLM2-135M with LoRA on E2E, then the whole run, and print the results table.",
     "study": "Train and run every cell of a grid (models x tasks x seeds x training settings), then pool the answer.",
+    "speed": "Measure latency, throughput and memory of the base model, the full and the pruned adapter, "
+             "unmerged and merged.",
 }
 
 
@@ -196,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
+    p.add_argument("--speed", action="store_true", help="then measure inference speed at the chosen b (as "
+                   "'lorabound speed --run OUT' with its defaults) and add it to the report")
     _add_fields(p, GenerationOptions)
     _add_fields(p, VLLMOptions)
     _add_fields(p, MetricOptions)
@@ -210,6 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for everything")
     p.add_argument("--overwrite", action="store_true", help="start the demo folder afresh")
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
+
+    p = command("speed")
+    from .speed import DEVICES, PROMPT_SOURCES, SpeedSettings
+    p.add_argument("--model", help="smollm2-135m, a model folder, a .gguf file or a hub id (default: smollm2-135m, "
+                   "or the run's with --run)")
+    _add_fields(p, ModelOptions, skip=("model", "device"))
+    p.add_argument("--adapter", help="the LoRA adapter folder (PEFT format; read only)")
+    p.add_argument("--boundary", type=int, help="keep LoRA on layers 0..B in the pruned variant (with --run: "
+                   "instead of the run's b)")
+    p.add_argument("--run", help="a 'lorabound run' folder: its model, adapter, data and chosen b; without --out, "
+                   "speed.json is written there and shown in its report")
+    p.add_argument("--out", help="folder for speed.json and speed.md (default with --run: the run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--batch-sizes", type=_int_list, default=SpeedSettings().batch_sizes,
+                   help="comma-separated batch sizes (default: 1,16)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--prompts", choices=PROMPT_SOURCES, default="test",
+                   help="test: the task's test split (default); synthetic: random token ids of --prompt-tokens")
+    _add_fields(p, SpeedSettings, skip=("batch_sizes", "device", "prompts"))
+    _add_fields(p, DataOptions)
 
     p = command("study")
     p.add_argument("--out", required=True, help="study folder (rerun the same command to resume)")
@@ -275,6 +300,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if name == "study":
         return _study(args, progress)
+    if name == "speed":
+        return _speed(args, progress)
 
     data_options, model_options = _picked(args, DataOptions), _picked(args, ModelOptions)
     common = dict(data_options=data_options, model_options=model_options, progress=progress)
@@ -331,6 +358,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .report import format_table
         print(format_table(report))
         print(report["verdict"])
+        if args.speed:
+            _run_speed(report, args, progress)
         print(f"report: {Path(args.out) / 'report.html'}")
         return 0
     raise AssertionError(name)
@@ -349,6 +378,50 @@ def _study(args: argparse.Namespace, progress: bool) -> int:
         print(f"failed cell {failed['id']}: {failed['reason']}")
     print(f"report: {Path(args.out) / 'study.html'}")
     return 0
+
+
+def _speed(args: argparse.Namespace, progress: bool) -> int:
+    from . import pipeline
+    from .model import DEFAULT_MODEL
+    from .pipeline import DataOptions, ModelOptions
+    from .speed import SpeedSettings, describe, speed_table
+    from .report import _markdown_table
+
+    settings = _picked(args, SpeedSettings)
+    data_options = _picked(args, DataOptions)
+    result = pipeline.speed(args.model, args.adapter, boundary=args.boundary, run=args.run, out=args.out,
+                            settings=settings, data_options=None if data_options == DataOptions() else data_options,
+                            model_options=_picked(args, ModelOptions, model=args.model or DEFAULT_MODEL,
+                                                  device="cpu"),
+                            overwrite=args.overwrite, progress=progress)
+    print(describe(result))
+    print(_markdown_table(*speed_table(result)))
+    print(f"wrote {Path(args.out or args.run) / 'speed.json'} and speed.md")
+    return 0
+
+
+def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
+    """run --speed: measure at the chosen b, unless it drops nothing (or everything): then say so."""
+    from . import pipeline
+    from .pipeline import ModelOptions
+    from .speed import SpeedSettings, describe, speed_table
+    from .report import _markdown_table
+
+    b, layers = report["search"]["boundary"], report["curves"]["meta"]["adapter_layers"]
+    if not min(layers) <= b < max(layers):
+        print(f"speed: skipped, b = {b} drops {'no' if b >= max(layers) else 'every'} LoRA layer, so there is no "
+              f"pruned adapter to measure; run 'lorabound speed --run {args.out} --boundary B' for another b")
+        return
+    options = _picked(args, ModelOptions)
+    result = pipeline.speed(run=args.out, settings=SpeedSettings(device=options.device), progress=progress,
+                            model_options=options)
+    print(describe(result))
+    print(_markdown_table(*speed_table(result)))
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,16' (or '1 16') as [1, 16]; argparse turns the ValueError into a one-line refusal."""
+    return [int(part) for part in text.replace(",", " ").split()]
 
 
 def _os_error_line(error: OSError) -> str:

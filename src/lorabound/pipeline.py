@@ -7,6 +7,7 @@ RUN_DIR layout:
   generations/*.jsonl         every hypothesis, per split and variant (cached: a rerun skips finished ones)
   adapter-pruned/, prune.json the exported PEFT adapter with LoRA on layers 0..b, and its summary
   report.json / .md / .html   the report
+  speed.json, speed.md        inference speed, when `lorabound speed --run` (or `run --speed`) measured it
 """
 
 from __future__ import annotations
@@ -724,6 +725,66 @@ def _file_size(folder) -> tuple[float, str]:
     folder = Path(folder)
     weights = folder / ADAPTER_WEIGHTS if (folder / ADAPTER_WEIGHTS).is_file() else folder / ADAPTER_PICKLE
     return weights.stat().st_size / 1e6, "file"
+
+
+# ---------------------------------------------------------------------------
+# speed: what dropping LoRA buys at inference (speed.py)
+# ---------------------------------------------------------------------------
+
+@holds_folder_locks  # a run folder's lock, when speed.json is written into it
+def speed(model: str | None = None, adapter: str | Path | None = None, *, boundary: int | None = None,
+          run: str | Path | None = None, out: str | Path | None = None, settings=None,
+          data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
+          overwrite: bool = False, progress: bool = True) -> dict:
+    """Latency, throughput and peak memory of the base model, the full and the pruned adapter (LoRA on layers
+    0..boundary), unmerged and merged. `run`: take model, adapter, data and boundary from a run folder (a
+    `boundary` given too overrides its b) and, without `out`, write speed.json there and add it to its report."""
+    from . import speed as measuring
+
+    settings = settings or measuring.SpeedSettings()
+    check_arguments(boundary=boundary, **{k: v for k, v in (("adapter", adapter), ("out", out), ("model", model),
+                                                            ("run", run)) if v is not None})
+    origin = "asked with --boundary"
+    if run is not None:
+        source = measuring.run_folder_source(run)
+        if model is not None or adapter is not None:
+            raise LoraboundError("--run reads the model and the adapter from the run folder; drop --model and "
+                                 "--adapter, or drop --run")
+        if data_options is not None and data_options != DataOptions():
+            raise LoraboundError("--run reads the data options from the run folder; drop the data flags, or "
+                                 "drop --run")
+        model, adapter, data_options = source["model"], source["adapter"], DataOptions(**source["data"])
+        if boundary is None:
+            boundary, origin = source["boundary"], source["origin"]
+        model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), "dtype": source["dtype"]
+                                        or "float32"})
+    if adapter is None:
+        raise LoraboundError("no adapter to measure: --adapter is required without --run; pass --adapter "
+                             "(and --boundary), or --run RUN_DIR")
+    if boundary is None:
+        raise LoraboundError("no boundary to measure: --boundary is required without --run; pass --boundary B "
+                             "(LoRA kept on layers 0..B), or --run RUN_DIR")
+    if out is None and run is None:
+        raise LoraboundError("no output folder: --out is required without --run; pass --out (or --run RUN_DIR to "
+                             "write into the run folder)")
+    model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), **({"model": model} if model else {}),
+                                    "device": measuring.resolve_device(settings.device)})
+    data_options = data_options or DataOptions()
+    folder = Path(out) if out is not None else Path(run)
+    check_not_input(folder, _inputs(adapter, data_options, model_options))
+    if out is not None:
+        check_output_dir(out, overwrite, "--out")
+    request = measuring.check_request(model_options, data_options, adapter, boundary, origin, settings)
+    if out is None:  # into the run folder: speed.json, speed.md, and the report re-rendered with them
+        lock_folder(folder, "--run")
+        result = measuring.measure_request(request, settings, folder, progress)
+        measuring.write_results(folder, result)
+        write_report(folder, read_json(folder / "report.json", "rerun that run to rewrite it"))
+        return result
+    with output_folder(out, overwrite) as folder:
+        result = measuring.measure_request(request, settings, folder, progress)
+        measuring.write_results(folder, result)
+    return result
 
 
 # ---------------------------------------------------------------------------
