@@ -23,8 +23,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 def main() -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
 
+    from common import random_adapter
     from lorabound.data import load_task, split_task
     from lorabound.engines import HFEngine, Variant, VLLMEngine, VLLMOptions
     from lorabound.generation import _eos_ids
@@ -39,18 +39,13 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model, device=args.device)
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)  # a trained-looking adapter: B is not zero
-    model.eval()
+    model = random_adapter(model)
     layers = find_layer_stack(model).num_layers
     task = load_task("e2e")
     prompts = [task.prompt(e) for e in split_task(task, train=0, validation=0, test=args.examples, seed=0).test]
-    variants = [Variant("base model", -1), Variant("full adapter", None),
-                Variant(f"pruned (b={layers // 3})", layers // 3), Variant(f"pruned (b={2 * layers // 3})", 2 * layers // 3)]
+    variants = [Variant.at_boundary("base model", -1), Variant.at_boundary("full adapter", None),
+                Variant.at_boundary(f"pruned (b={layers // 3})", layers // 3),
+                Variant.at_boundary(f"pruned (b={2 * layers // 3})", 2 * layers // 3)]
     n = len(prompts) * len(variants)
     print(f"{args.model}, {len(prompts)} E2E prompts x {len(variants)} variants, max {args.max_new_tokens} new "
           f"tokens, {args.device}, {torch.get_num_threads()} threads")

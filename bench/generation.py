@@ -16,21 +16,11 @@ import copy
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 
+from common import random_adapter
 from lorabound.data import load_task, split_task
 from lorabound.generation import generate, generate_variants
 from lorabound.model import find_layer_stack, load_adapter, load_model
-
-
-def random_adapter(model):
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)  # a trained-looking adapter: B is not zero
-    return peft_model
 
 
 def pipeline_outputs(merged, tokenizer, prompts, max_new_tokens):

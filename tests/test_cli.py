@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from lorabound.cli import main
 from lorabound.files import folder_hashes
 from lorabound.pipeline import check_held_out
 from lorabound.errors import LoraboundError
 from lorabound.surgery import AdapterFiles
 
+from clitools import cli, ok, refused
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 
 TEMPLATE = "Describe: {input}\nText:"
@@ -48,27 +48,6 @@ def ws(tmp_path_factory):
                 "--test-size", 4, "--max-length", 64]
     w.gen = ["--max-new-tokens", 4, "--bootstrap", 20]
     return w
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main(["--quiet", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def ok(capsys, *args) -> str:
-    code, out, err = cli(capsys, *args)
-    assert code == 0, err
-    assert "Traceback" not in err
-    return out
-
-
-def refused(capsys, *args) -> str:
-    code, out, err = cli(capsys, *args)
-    assert code == 2, (code, out, err)
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def number(text: str) -> float | None:

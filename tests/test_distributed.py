@@ -93,6 +93,35 @@ def test_two_ranks_run_gives_single_process_results(workspace):
     assert "error" not in done.stderr
 
 
+REPORTING_RANK = """
+import atexit, os, sys
+from lorabound.cli import main
+
+atexit.register(lambda: print(f"process of rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}", file=sys.stderr))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_accelerate_launch_gives_single_process_curves(workspace, tmp_path):
+    """`accelerate launch --multi_gpu` starts the ranks through torch.distributed.run; on CPU the ranks use gloo."""
+    root, common = workspace
+    flags = ["--batch-size", "2", "--curves", "truncation"]
+    assert main(["--quiet", "analyze", *common, *flags, "--out", str(tmp_path / "single")]) == 0
+    script = tmp_path / "reporting.py"
+    script.write_text(REPORTING_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(lorabound.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    launcher = Path(sys.executable).with_name("accelerate")
+    done = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "--quiet", "analyze",
+                           *common, *flags, "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "process of rank 0 of 2" in done.stderr and "process of rank 1 of 2" in done.stderr, done.stderr[-3000:]
+    _assert_close(json.loads((tmp_path / "single" / "curves.json").read_text()),
+                  json.loads((tmp_path / "two" / "curves.json").read_text()))
+
+
 def test_more_ranks_than_batches_is_handled(workspace):
     root, common = workspace
     flags = ["--curves", "truncation", "--batch-size", "8"]  # 7 validation examples: one batch for three ranks

@@ -31,7 +31,7 @@ def tok():
 def test_hf_engine_generates_each_variant_as_its_layers_say(tok):
     model = tiny_lora()
     engine = HFEngine(model, tok, max_new_tokens=6, batch_size=2, stop_at_newline=True)
-    variants = [Variant("base", -1), Variant("full", None), Variant("b1", 1)]
+    variants = [Variant.at_boundary("base", -1), Variant.at_boundary("full", None), Variant.at_boundary("b1", 1)]
     got = engine.generate(variants, PROMPTS, progress=False)
 
     def direct(layers):
@@ -209,7 +209,7 @@ def test_vllm_engine_requests_and_the_leading_blank_line_rule(tmp_path, tok, mon
     tiny_lora(tiny_llama()).save_pretrained(tmp_path / "adapter")
     engine = engines.VLLMEngine(str(tmp_path / "base"), tmp_path / "adapter", tok, num_layers=4, max_new_tokens=8,
                                 stop_at_newline=True, eos_ids=[1], scratch=tmp_path / "run" / "vllm-adapters")
-    variants = [Variant("base", -1), Variant("full", None), Variant("b1", 1)]
+    variants = [Variant.at_boundary("base", -1), Variant.at_boundary("full", None), Variant.at_boundary("b1", 1)]
     out = engine.generate(variants, PROMPTS[:2], progress=False)
     assert out == {v.name: ["The Eagle is French."] * 2 for v in variants}  # the first non-blank line
     llm = engine._llm

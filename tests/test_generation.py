@@ -3,7 +3,8 @@
 - the token-id stop rule stops exactly where the text-based rule ("a newline after the first non-blank
   character") would;
 - the greedy loop over the KV cache (finished rows leave the batch) gives model.generate's tokens;
-- several LoRA variants in one batch (per-row layer masks) give the outputs of separate runs.
+- several LoRA variants in one batch (per-row module masks; boundaries, per-group selections, layer sets) give
+  the outputs of separate runs.
 """
 
 import copy
@@ -17,7 +18,8 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
 
 from lorabound import generation
 from lorabound.generation import (StopRule, answer_line_ended, generate, generate_variants, newline_token_ids)
-from lorabound.surgery import keep_lora
+from lorabound.selection import Selection
+from lorabound.surgery import adapter_pairs, keep_lora, keep_selection
 
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
 
@@ -207,6 +209,39 @@ def test_variants_in_one_batch_equal_separate_runs(arch, monkeypatch):
     assert len(set(ends)) > 1, "rows should leave the batch at different steps"
 
 
+SELECTIONS = [("base", []), ("attention 0..2, mlp 0", Selection.per_group({"attention": 2, "mlp": 0})),
+              ("mlp 0..2", Selection.per_group({"mlp": 2})), ("layers 0,2", Selection.layers([0, 2])),
+              ("full", None)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_group_and_layer_set_variants_in_one_batch_equal_separate_runs(arch):
+    """Per-module masks: variants that keep attention and MLP LoRA on different layers, or a non-contiguous
+    layer set, share each batch and give the outputs of one run each with keep_selection."""
+    tokenizer = tiny_tokenizer()
+    if arch == "llama":
+        model = tiny_lora(chatty(tiny_llama(num_layers=3), tokenizer))
+    else:
+        model = _tiny_gpt2()
+        chatty(model, tokenizer)
+        randomize_lora(model, seed=1, scale=0.5)
+        model.eval()
+    settings = dict(max_new_tokens=12, batch_size=4)
+    batched = generate_variants(model, tokenizer, PROMPTS, SELECTIONS, progress=False, **settings)
+    separate = {}
+    for key, selection in SELECTIONS:
+        if selection is None:
+            separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+        elif selection == []:
+            with model.disable_adapter():
+                separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+        else:
+            with keep_selection(model, selection):
+                separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+    assert {k: r.texts for k, r in batched.items()} == separate
+    assert len({tuple(t) for t in separate.values()}) == len(SELECTIONS), "every variant should generate differently"
+
+
 def test_variants_one_by_one_when_masks_would_not_be_exact():
     tokenizer = tiny_tokenizer()
     model = tiny_lora(num_layers=3, use_dora=True)
@@ -285,7 +320,7 @@ def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monk
         requests = {b: pipeline._boundary_variant(b, 1) for b in boundaries}
         out = pipeline._generate_cached(engine, task, task.examples[:3], list(requests.values()), "test", tmp_path,
                                         GenerationOptions(max_new_tokens=4), {"model": "tiny"}, tmp_path / "adapter",
-                                        [0, 1], False)
+                                        adapter_pairs(model), False)
         return {b: out[r.name].texts for b, r in requests.items()}
 
     texts = generate([None, 1, -1, 0])
@@ -294,3 +329,44 @@ def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monk
     again = generate([0, -1])
     assert asked == [["full adapter", "base model", "pruned (b=0)"]]  # read back from the files
     assert again == {0: texts[0], -1: texts[-1]}
+
+
+def test_equal_selections_share_cached_generations_and_different_ones_never_do(tmp_path, monkeypatch):
+    """The cache key holds the selection stated on the adapter's own modules, not its name or how it was asked."""
+    from lorabound import engines, pipeline
+    from lorabound.engines import HFEngine
+    from lorabound.pipeline import GenerationOptions
+    from lorabound.variants import Variant
+
+    from tiny import tiny_task
+
+    model, tokenizer, task = tiny_lora(num_layers=3), tiny_tokenizer(), tiny_task()
+    model.save_pretrained(tmp_path / "adapter")
+    engine = HFEngine(model, tokenizer, max_new_tokens=4, batch_size=16, stop_at_newline=True)
+    asked = []
+    real = engines.generate
+    monkeypatch.setattr(engines, "generate", lambda *a, **k: asked.append(1) or real(*a, **k))
+
+    def generate(variant: Variant):
+        out = pipeline._generate_cached(engine, task, task.examples[:3], [variant], "test", tmp_path,
+                                        GenerationOptions(max_new_tokens=4), {"model": "tiny"}, tmp_path / "adapter",
+                                        adapter_pairs(model), False)
+        return out[variant.name]
+
+    first = generate(Variant.at_boundary("pruned (b=1)", 1))
+    same = generate(Variant("attention 0..1, mlp 0..1", Selection.per_group({"attention": 1, "mlp": 1})))
+    assert len(asked) == 1 and same.texts == first.texts  # read back, not generated again
+    files = {first.file}
+    for name, selection in [("attention 0..1", Selection.per_group({"attention": 1, "mlp": -1})),
+                            ("mlp 0..1", Selection.per_group({"mlp": 1})), ("layers 0,2", Selection.layers([0, 2]))]:
+        calls = len(asked)
+        result = generate(Variant(name, selection))
+        assert len(asked) == calls + 1 and result.file not in files  # a new variant: generated, its own file
+        files.add(result.file)
+        with keep_selection(model, selection):
+            assert result.texts == generate_plain(model, tokenizer, task)
+
+
+def generate_plain(model, tokenizer, task):
+    return generate(model, tokenizer, [task.prompt(e) for e in task.examples[:3]], max_new_tokens=4,
+                    progress=False).texts

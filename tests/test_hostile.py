@@ -29,19 +29,20 @@ from lorabound.validation import RULES, Number, check_arguments
 
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 
-COMMANDS = ("train", "analyze", "search", "prune", "evaluate", "run", "demo")
+COMMANDS = ("train", "analyze", "search", "prune", "evaluate", "run", "demo", "speed")
 MODEL_AND_DATA = {"train", "analyze", "search", "evaluate", "run"}
-WITH_ADAPTER = {"analyze", "search", "prune", "evaluate", "run"}
-WITH_OUT = {"train", "analyze", "prune", "evaluate", "run", "demo"}  # search's --out is optional
-OVERWRITE = {"train", "analyze", "search", "prune", "evaluate", "run", "demo"}
+DATA = MODEL_AND_DATA | {"speed"}  # speed reads the test split's prompts
+WITH_ADAPTER = {"analyze", "search", "prune", "evaluate", "run", "speed"}
+WITH_OUT = {"train", "analyze", "prune", "evaluate", "run", "demo", "speed"}  # search's --out is optional
+OVERWRITE = {"train", "analyze", "search", "prune", "evaluate", "run", "demo", "speed"}
 
 # flag -> (commands that take it, bad values). Every numeric flag of every command is here.
 NUMERIC = {
-    "--validation-size": (MODEL_AND_DATA | {"demo"}, ["-1", "1.5", "nan", "ten"]),
-    "--test-size": (MODEL_AND_DATA | {"demo"}, ["-1", "1e3"]),
-    "--train-size": (MODEL_AND_DATA | {"demo"}, ["-5"]),
-    "--seed": (MODEL_AND_DATA | {"demo"}, ["-1", str(2**40)]),
-    "--max-length": (MODEL_AND_DATA, ["0", "7", "-64"]),
+    "--validation-size": (DATA | {"demo"}, ["-1", "1.5", "nan", "ten"]),
+    "--test-size": (DATA | {"demo"}, ["-1", "1e3"]),
+    "--train-size": (DATA | {"demo"}, ["-5"]),
+    "--seed": (DATA | {"demo"}, ["-1", str(2**40)]),
+    "--max-length": (DATA, ["0", "7", "-64"]),
     "--batch-size": ({"train", "analyze", "search", "run"}, ["0", "-3"]),
     "--generation-batch-size": ({"search", "evaluate", "run"}, ["0"]),
     "--max-new-tokens": ({"search", "evaluate", "run", "demo"}, ["0", "-1"]),
@@ -50,7 +51,11 @@ NUMERIC = {
     "--knee-fraction": ({"search", "run"}, ["0", "1.5", "nan", "-inf"]),
     "--keep-fraction": ({"search", "run"}, ["0", "1.5", "nan", "-inf", "-0.5",
                                             ("0.5", "--keep-fraction applies to --criterion greedy-drop only")]),
-    "--boundary": ({"search", "run", "prune"}, ["-2", "x"]),
+    "--boundary": ({"search", "run", "prune", "speed"}, ["-2", "x"]),
+    "--batch-sizes": ({"speed"}, ["0", "1,0", "-16", "x", "1.5", "", "nan"]),
+    "--new-tokens": ({"speed"}, ["0", "-1", "inf"]),
+    "--repeats": ({"speed"}, ["0", "-3"]),
+    "--prompt-tokens": ({"speed"}, ["0"]),
     "--boundaries": ({"evaluate", "run"}, ["-5"]),
     "--candidates": ({"search"}, ["-3"]),
     "--epochs": ({"train", "demo"}, ["0", "-1", "inf", "nan"]),
@@ -66,26 +71,43 @@ NUMERIC = {
     "--max-model-len": ({"search", "evaluate", "run"}, ["0"]),
     "--max-lora-rank": ({"search", "evaluate", "run"}, ["0"]),
     "--max-loras": ({"search", "evaluate", "run"}, ["0"]),
+    "--boundary-attention": ({"prune", "evaluate"}, ["-2", "x", "1.5"]),
+    "--boundary-mlp": ({"prune", "evaluate"}, ["-2", "nan"]),
+    "--boundary-other": ({"prune", "evaluate"}, ["-3"]),
 }
 # flags naming a path or a text: the empty value, and values naming nothing usable; a (value, expected) pair
 # gives the words the refusal must hold where that is not the flag itself
 TEXT = {
-    "--data": (MODEL_AND_DATA, ["", " ", ("{missing}", "unknown task")]),
-    "--model": (MODEL_AND_DATA, ["", ("{missing}", "unknown model spec"), ("{adapter}", "not a model folder")]),
+    "--data": (DATA, ["", " ", ("{missing}", "unknown task")]),
+    "--model": (DATA, ["", ("{missing}", "unknown model spec"), ("{adapter}", "not a model folder")]),
     "--adapter": (WITH_ADAPTER, ["", ("{missing}", "adapter folder"), ("{data}", "adapter"),
                                  ("{base}", "not a PEFT adapter folder")]),
     "--out": (WITH_OUT, ["", "{file}/x", "{file}", "/proc/lorabound-x"]),
-    "--template": (MODEL_AND_DATA, ["", ("no placeholder here", "template")]),
-    "--input-field": (MODEL_AND_DATA, ["", ("no_such_field", "no field 'no_such_field'")]),
-    "--target-field": (MODEL_AND_DATA, [""]),
+    "--template": (DATA, ["", ("no placeholder here", "template")]),
+    "--input-field": (DATA, ["", ("no_such_field", "no field 'no_such_field'")]),
+    "--target-field": (DATA, [""]),
     "--adapters": ({"evaluate"}, ["", ("{missing}", "adapter folder")]),
     "--target-modules": ({"train"}, ["", "nonexistent_proj"]),
-    "--dtype": (MODEL_AND_DATA, ["", ("float64", "unknown dtype")]),
+    "--dtype": (DATA, ["", ("float64", "unknown dtype")]),
+    "--run": ({"speed"}, ["", ("{missing}", "not a folder"), ("{mine}", "has no run.json")]),
+    "--prompts": ({"speed"}, ["bogus"]),
     "--device": (MODEL_AND_DATA, ["", ("tpu", "unknown device")]),
     "--criterion": ({"search", "run"}, ["bogus"]),
     "--curves": ({"analyze"}, ["bogus"]),
     "--format": ({"prune"}, ["bogus"]),
+    "--layers": ({"prune", "evaluate"}, ["", (",", "not a layer set"), ("3-1", "not a layer set"),
+                                         ("x", "not a layer set"), ("-1", "not a layer set"),
+                                         ("0-1000000000", "beyond any model")]),
 }
+# selections the adapter or model cannot have, or given twice: (command, flag, value, words the refusal holds).
+# The world's adapter has attention and MLP LoRA on 4 layers; prune's valid arguments already hold --boundary 1.
+SELECTIONS = [
+    ("evaluate", "--boundary-other", "1", "no LoRA on other modules"),
+    ("evaluate", "--layers", "0,9", "layer 9 is outside 0..3"),
+    ("evaluate", "--boundary-mlp", "9", "--boundary-mlp 9 is outside -1..3"),
+    ("prune", "--layers", "0,2", "--boundary and --layers each say what to keep"),
+    ("prune", "--boundary-attention", "2", "--boundary and --boundary-GROUP each say what to keep"),
+]
 # data files that must be refused naming the line (written by the `world` fixture)
 BAD_DATA = {
     "cells.csv": ("input,target\na,b\nc,d,e\n", "line 3 has 3 cells"),
@@ -136,6 +158,8 @@ def valid_args(world, command: str, out: Path) -> list[str]:
                 "--validation-size", 4, "--test-size", 3, "--max-length", 64]
         if command in WITH_ADAPTER:
             args += ["--adapter", world.adapter]
+        if command == "speed":
+            args += ["--boundary", 1]
     return [command, *map(str, args), "--out", str(out)]
 
 
@@ -154,7 +178,9 @@ def cases() -> list:
             for value, expected in (v if isinstance(v, tuple) else (v, flag) for v in values):
                 if command in commands:
                     table.append(pytest.param(command, flag, value, expected, id=f"{command} {flag}={value!r}"))
-    for command in MODEL_AND_DATA:
+    for command, flag, value, expected in SELECTIONS:
+        table.append(pytest.param(command, flag, value, expected, id=f"{command} {flag}={value!r} (selection)"))
+    for command in DATA:
         for name, (_, expected) in BAD_DATA.items():
             table.append(pytest.param(command, "--data", f"{{bad}}/{name}", expected, id=f"{command} --data {name}"))
     for command in COMMANDS:
@@ -322,6 +348,8 @@ def test_whole_number_flags_accept_exactly_their_range(n):
     assert refused(batch_size=n) != (n >= 1)
     assert refused(bootstrap=n) != (1 <= n <= 100_000)
     assert refused(boundary=n) != (n >= -1)
+    for group in ("attention", "mlp", "other"):
+        assert refused(**{f"boundary_{group}": n}) != (n >= -1)
     assert refused(seed=n) != (0 <= n <= 2**32 - 1)
     assert refused(validation_size=n) != (n >= 0)
     assert refused(max_length=n) != (n >= 8)

@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.files import folder_hashes
 from lorabound.model import load_adapter, load_model
 from lorabound.surgery import AdapterFiles, prune_adapter
 
+from clitools import refused_alone
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 
 WEIGHTS = "adapter_model.safetensors"
@@ -69,20 +69,6 @@ def altered(world, tmp_path, source: str, *, config=None, tensors=None) -> Path:
         tensors(state)
         save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
     return folder
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main(["--quiet", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def refused(capsys, *args) -> str:
-    """Run the CLI, expect exit status 2 and one `error:` line on stderr, nothing else; return that line."""
-    code, out, err = cli(capsys, *args)
-    assert code == 2, (code, out, err)
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err.strip()
 
 
 def no_lora_left(model) -> bool:
@@ -236,7 +222,7 @@ def test_cli_refuses_target_modules_mismatch(capsys, tmp_path, world, command):
     out = tmp_path / "out"
     args = (["prune", "--adapter", folder, "--boundary", 1, "--out", out] if command == "prune"
             else [command, *world.small, "--adapter", folder, "--out", out])
-    line = refused(capsys, *args)
+    line = refused_alone(capsys, *args)
     assert "does not select, so PEFT would ignore them" in line and str(folder) in line
     assert folder_hashes(folder) == before
     # Nothing that blocks the corrected rerun: no folder, an empty one, or a run folder holding only run.json.
@@ -275,7 +261,7 @@ def test_cli_refuses_nan_adapter_before_writing(capsys, tmp_path, world, command
     out = tmp_path / "out"
     args = (["prune", "--adapter", folder, "--boundary", 1, "--out", out] if command == "prune"
             else [command, *world.small, "--adapter", folder, "--out", out])
-    line = refused(capsys, *args)
+    line = refused_alone(capsys, *args)
     assert "holds non-finite weights" in line and "v_proj.lora_B.weight" in line
     assert folder_hashes(folder) == before
     assert not out.exists() or [p.name for p in out.iterdir() if not p.name.startswith(".lorabound")] in \
@@ -353,10 +339,10 @@ def test_tied_output_head_is_not_missing(wrong_models):
 def test_cli_train_and_analyze_refuse_the_wrong_kind_of_model(capsys, tmp_path, world, wrong_models, name):
     data = ["--data", world.data, "--template", TEMPLATE, "--max-length", 64, "--validation-size", 3,
             "--test-size", 3]
-    line = refused(capsys, "train", "--model", wrong_models / name, *data, "--out", tmp_path / "adapter",
+    line = refused_alone(capsys, "train", "--model", wrong_models / name, *data, "--out", tmp_path / "adapter",
                    "--epochs", 0.1)
     assert "causal language model" in line
-    line = refused(capsys, "analyze", "--model", wrong_models / name, *data, "--adapter", world.root / "qv",
+    line = refused_alone(capsys, "analyze", "--model", wrong_models / name, *data, "--adapter", world.root / "qv",
                    "--out", tmp_path / "run")
     assert "causal language model" in line
     assert not (tmp_path / "adapter").exists()
@@ -369,7 +355,7 @@ def test_cli_train_and_analyze_refuse_the_wrong_kind_of_model(capsys, tmp_path, 
 
 def test_cli_train_with_a_huge_lr_exits_2_and_writes_no_adapter(capsys, tmp_path, world):
     out = tmp_path / "adapter"
-    line = refused(capsys, "train", "--model", world.base, "--data", world.data, "--template", TEMPLATE,
+    line = refused_alone(capsys, "train", "--model", world.base, "--data", world.data, "--template", TEMPLATE,
                    "--max-length", 64, "--validation-size", 2, "--test-size", 2, "--rank", 4, "--batch-size", 2,
                    "--lr", 1e6, "--out", out)
     assert line.startswith("error: training diverged at step ") and "lower --lr (now 1e+06" in line
@@ -426,5 +412,5 @@ def test_adapter_files_are_checked_before_the_model_is_loaded(capsys, tmp_path, 
         raise AssertionError("the model was loaded before the adapter files were checked")
 
     monkeypatch.setattr(pipeline, "load_model", no_model)
-    line = refused(capsys, "analyze", *world.small, "--adapter", folder, "--out", tmp_path / "out")
+    line = refused_alone(capsys, "analyze", *world.small, "--adapter", folder, "--out", tmp_path / "out")
     assert ("holds non-finite weights" if case == "nan" else "has rank 4 but adapter_config.json gives it r 8") in line

@@ -19,17 +19,22 @@ from lorabound.surgery import keep_up_to
 from tiny import tiny_llama, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny model folder, a JSONL task with two references per example, and an adapter trained by the CLI."""
-    root = tmp_path_factory.mktemp("tiny")
+def tiny_task_folder(root):
+    """A tiny model folder and a JSONL task with two references per example; returns the CLI's common flags."""
     tiny_llama().save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
     rows = [{"input": f"name: Place {i}, area: riverside",
              "target": [f"Place {i} is by the riverside.", f"By the river is Place {i}."]} for i in range(30)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--model", str(root / "base"), "--data", str(root / "data.jsonl"), "--validation-size", "6",
-              "--test-size", "8", "--max-length", "64"]
+    return ["--model", str(root / "base"), "--data", str(root / "data.jsonl"), "--validation-size", "6",
+            "--test-size", "8", "--max-length", "64"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """tiny_task_folder and an adapter trained on it by the CLI."""
+    root = tmp_path_factory.mktemp("tiny")
+    common = tiny_task_folder(root)
     assert main(["--quiet", "train", *common, "--out", str(root / "adapter"), "--rank", "4", "--epochs", "3",
                  "--batch-size", "4", "--lr", "5e-3"]) == 0
     return root, common
@@ -197,16 +202,9 @@ def test_run_records_each_stage_time(workspace):
 
 @pytest.fixture(scope="module")
 def light(tmp_path_factory):
-    """The tiny model folder and JSONL task of `workspace`, without training an adapter."""
+    """tiny_task_folder without training an adapter."""
     root = tmp_path_factory.mktemp("light")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
-    rows = [{"input": f"name: Place {i}, area: riverside",
-             "target": [f"Place {i} is by the riverside.", f"By the river is Place {i}."]} for i in range(30)]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["--model", str(root / "base"), "--data", str(root / "data.jsonl"), "--validation-size", "6",
-              "--test-size", "8", "--max-length", "64"]
-    return root, common
+    return root, tiny_task_folder(root)
 
 
 def hypotheses(folder, row) -> list[str]:
@@ -250,7 +248,7 @@ def test_adapters_whose_names_collide_get_their_own_outputs(light, tmp_path, mon
 def test_changed_adapter_files_are_regenerated_not_reused(light, tmp_path, monkeypatch):
     from lorabound.engines import HFEngine, Variant
     from lorabound.model import load_adapter
-    from lorabound.surgery import adapter_layers
+    from lorabound.surgery import adapter_pairs
     from tiny import tiny_lora, tiny_task
 
     root, _ = light
@@ -267,7 +265,7 @@ def test_changed_adapter_files_are_regenerated_not_reused(light, tmp_path, monke
         engine = HFEngine(model, tokenizer, max_new_tokens=8, batch_size=16, stop_at_newline=True)
         return pipeline._generate_cached(engine, task, task.examples[:4], [Variant("my adapter")], "test",
                                          tmp_path / "out", GenerationOptions(max_new_tokens=8), {"model": "tiny"},
-                                         folder, adapter_layers(model), False)["my adapter"]
+                                         folder, adapter_pairs(model), False)["my adapter"]
 
     first = generate_with(1)
     assert generate_with(1).texts == first.texts and len(calls) == 1  # unchanged: reused
@@ -278,15 +276,28 @@ def test_changed_adapter_files_are_regenerated_not_reused(light, tmp_path, monke
 
 
 def test_variant_keys_hold_content_not_names():
+    from lorabound.selection import Selection
     from lorabound.variants import Variant
 
-    assert Variant("a", "hash1", (0, 1)).key() == Variant("b", "hash1", (0, 1)).key()
-    assert Variant("a", "hash1", (0, 1)).key() != Variant("a", "hash2", (0, 1)).key()
-    assert Variant("a", "hash1", (0, 1)).key() != Variant("a", "hash1", (0,)).key()
-    assert Variant("a", "hash1").key() != Variant("a").key()  # the full adapter is not the base model
-    # A b between or above the adapter's layers keeps the same layers, so it is the same variant.
-    assert Variant.at_boundary("x", "h", 2, [0, 2]) == Variant("x", "h", None)
-    assert Variant.at_boundary("x", "h", 1, [0, 2]).kept_layers == (0,)
+    pairs = [(layer, group) for layer in (0, 1, 2) for group in ("attention", "mlp")]
+    prefix = Variant.at_boundary("a", 1)
+    assert prefix.key("hash1", pairs) == Variant.at_boundary("b", 1).key("hash1", pairs)  # names do not count
+    assert prefix.key("hash1", pairs) != prefix.key("hash2", pairs)  # the adapter's content does
+    assert prefix.key("hash1", pairs) != Variant.at_boundary("a", 0).key("hash1", pairs)
+    assert Variant("a").key("hash1", pairs) != Variant.at_boundary("a", -1).key("hash1", pairs)  # full is not base
+    assert Variant.at_boundary("a", -1).key("hash1", pairs) == Variant.at_boundary("b", -1).key("hash2", pairs)
+    # Selections that keep the same modules of this adapter are one variant; any other selection is not.
+    same = [Selection.per_group({"attention": 1, "mlp": 1}), Selection.layers([0, 1])]
+    assert {Variant("x", s).key("hash1", pairs) for s in same} == {prefix.key("hash1", pairs)}
+    assert Variant.at_boundary("x", 2).key("hash1", pairs) == Variant("x").key("hash1", pairs)
+    assert Variant.at_boundary("x", 9).key("hash1", pairs) == Variant("x").key("hash1", pairs)
+    others = [Selection.per_group({"attention": 1, "mlp": 0}), Selection.per_group({"attention": 0, "mlp": 1}),
+              Selection.layers([0, 2]), Selection.layers([1]), Selection.per_group({"attention": 2})]
+    keys = [Variant("x", s).key("hash1", pairs) for s in others]
+    assert len(set(keys)) == len(others) and prefix.key("hash1", pairs) not in keys
+    # On an adapter with LoRA on layers 0 and 2 only, b = 1 keeps what b = 0 keeps.
+    sparse = [(0, "attention"), (2, "attention")]
+    assert Variant.at_boundary("x", 1).key("h", sparse) == Variant.at_boundary("y", 0).key("h", sparse)
 
 
 # ---------------------------------------------------------------------------

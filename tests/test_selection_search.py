@@ -165,7 +165,7 @@ def test_cli_search_greedy_drop_with_a_budget(workspace, capsys):
 
 
 def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(workspace, tmp_path):
-    """The in-memory path for selections that are no prefix: outputs equal generate() under keep_selection,
+    """Selections that are no prefix go through the engine: outputs equal generate() under keep_selection,
     and a second request reads the file back instead of generating."""
     from lorabound import pipeline
     from lorabound.generation import generate
@@ -179,9 +179,11 @@ def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(works
     engine = pipeline._make_engine(generation, None, peft_model, tokenizer, model_options, root / "adapter", tmp_path)
     task = tiny_task()
     examples = task.examples[:4]
-    layers = [0, 1, 2, 3]
+    from lorabound.surgery import adapter_pairs
+
+    pairs = adapter_pairs(peft_model)
     make = lambda: pipeline._SelectionGenerator(engine, peft_model, task, examples, tmp_path, generation,  # noqa: E731
-                                                {"model": "tiny"}, root / "adapter", layers, False)
+                                                {"model": "tiny"}, root / "adapter", pairs, False)
     odd = Selection.per_group({"attention": 2, "mlp": 0})
     texts = make().texts([odd, Selection.full()])
     with keep_selection(peft_model, odd):

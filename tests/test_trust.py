@@ -36,6 +36,7 @@ from lorabound.pipeline import DataOptions, ModelOptions
 from lorabound.pipeline import analyze as pipeline_analyze
 from lorabound.surgery import adapter_layers, keep_up_to, prune_adapter
 
+from clitools import cli, refused
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 
 TEMPLATE = "Describe: {input}\nText:"
@@ -87,22 +88,6 @@ def world(tmp_path_factory):
     w.small = ["--model", w.base, *w.data_args, "--validation-size", 4, "--test-size", 3]
     w.hashes = folder_hashes(w.adapter)
     return w
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main(["--quiet", *map(str, args)])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def refused(capsys, *args) -> str:
-    """Run the CLI, expect exit status 2 and exactly one `error:` line; return that line."""
-    code, out, err = cli(capsys, *args)
-    assert code == 2, (code, out, err)
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    return errors[0]
 
 
 def logits(model) -> torch.Tensor:

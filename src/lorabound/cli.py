@@ -17,6 +17,7 @@ from .boundary import CRITERIA, GOALS, SELECTION_CRITERIA
 from .evaluate import COMBINED, MetricOptions
 from .errors import LoraboundError
 from .runtime import set_threads
+from .selection import GROUPS
 from .surgery import EXPORT_FORMATS
 from .training import TrainSettings
 
@@ -24,21 +25,26 @@ EXAMPLES = {
     "train": "lorabound train --model smollm2-135m --data e2e --out adapter --epochs 1",
     "analyze": "lorabound analyze --model smollm2-135m --adapter adapter --data e2e --out run",
     "search": "lorabound search --model smollm2-135m --adapter adapter --data e2e --criterion auto",
-    "prune": "lorabound prune --adapter adapter --boundary 19 --out adapter-b19",
+    "prune": "lorabound prune --adapter adapter --boundary 19 --out adapter-b19\n"
+             "  lorabound prune --adapter adapter --boundary-attention 20 --boundary-mlp 9 --out adapter-a20-m9",
     "evaluate": "lorabound evaluate --model smollm2-135m --adapter adapter --data e2e --boundaries 14 19 --out eval",
     "run": "lorabound run --model smollm2-135m --adapter adapter --data e2e --out run",
     "demo": "lorabound demo --out lorabound-demo",
     "study": "lorabound study --grid studies/paper.toml --out study",
+    "speed": "lorabound speed --model smollm2-135m --adapter adapter --boundary 19 --out speed",
 }
 DESCRIPTIONS = {
     "train": "Fine-tune LoRA on every layer (loss on target tokens only) and save a PEFT adapter.",
     "analyze": "Per-layer teacher-forced curves on validation: truncation, logit lens, single-layer ablation.",
     "search": "Choose the boundary b: LoRA is kept on layers 0..b and dropped above.",
-    "prune": "Write a new adapter with LoRA on layers 0..b only (peft, zero-fill or merged).",
+    "prune": "Write a new adapter with LoRA on layers 0..b only, on a layer set, or up to a b per module group "
+             "(peft, zero-fill or merged).",
     "evaluate": "Generate on test for base, full and pruned variants; BLEU, ROUGE, chrF and bootstrap tests.",
     "run": "analyze, search, prune, evaluate and report into one folder; rerun to resume.",
     "demo": "Train SmolLM2-135M with LoRA on E2E, then the whole run, and print the results table.",
     "study": "Train and run every cell of a grid (models x tasks x seeds x training settings), then pool the answer.",
+    "speed": "Measure latency, throughput and memory of the base model, the full and the pruned adapter, "
+             "unmerged and merged.",
 }
 
 
@@ -119,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "the smallest b within this many points of the best for bleu / rougeL / chrf (default: 0)")
         p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
 
+    def selection_flags(p, lead: str, many: bool = False):
+        """What to keep besides a boundary: a layer set, or per module group boundaries (issue 12)."""
+        p.add_argument("--layers", nargs="+" if many else None, default=[] if many else None, metavar="SET",
+                       help=lead + "LoRA on a layer set, every module group, e.g. 0-9,12,15" + (
+                           " (one row per set)" if many else ""))
+        for group in GROUPS:
+            p.add_argument(f"--boundary-{group}", type=int, metavar="B", help=lead + f"{group} LoRA on layers "
+                           f"0..B only (-1: none); module groups not given keep all their LoRA")
+
     p = command("train")
     model_and_data(p, adapter=False)
     p.add_argument("--out", required=True, help="folder for the new adapter")
@@ -155,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prune")
     p.add_argument("--adapter", required=True, help="the LoRA adapter folder to prune (read only)")
-    p.add_argument("--boundary", type=int, required=True, help="keep LoRA on layers 0..B")
+    p.add_argument("--boundary", type=int, help="keep LoRA on layers 0..B")
+    selection_flags(p, "instead of --boundary: ")
     p.add_argument("--out", required=True, help="folder for the new adapter (written atomically)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="peft", help="export format (default: peft)")
     p.add_argument("--model", help="base model: needed for --format merged, and to check the boundary's range")
@@ -167,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_and_data(p)
     p.add_argument("--boundaries", type=int, nargs="+", default=[], help="also evaluate LoRA kept up to each b")
     p.add_argument("--adapters", nargs="+", default=[], help="also evaluate these exported adapter folders")
+    selection_flags(p, "also evaluate ", many=True)
     p.add_argument("--out", required=True, help="folder for generations and evaluation.json")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -187,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
+    p.add_argument("--speed", action="store_true", help="then measure inference speed at the chosen b (as "
+                   "'lorabound speed --run OUT' with its defaults) and add it to the report")
     _add_fields(p, GenerationOptions)
     _add_fields(p, VLLMOptions)
     _add_fields(p, MetricOptions)
@@ -201,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for everything")
     p.add_argument("--overwrite", action="store_true", help="start the demo folder afresh")
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
+
+    p = command("speed")
+    from .speed import DEVICES, PROMPT_SOURCES, SpeedSettings
+    p.add_argument("--model", help="smollm2-135m, a model folder, a .gguf file or a hub id (default: smollm2-135m, "
+                   "or the run's with --run)")
+    _add_fields(p, ModelOptions, skip=("model", "device"))
+    p.add_argument("--adapter", help="the LoRA adapter folder (PEFT format; read only)")
+    p.add_argument("--boundary", type=int, help="keep LoRA on layers 0..B in the pruned variant (with --run: "
+                   "instead of the run's b)")
+    p.add_argument("--run", help="a 'lorabound run' folder: its model, adapter, data and chosen b; without --out, "
+                   "speed.json is written there and shown in its report")
+    p.add_argument("--out", help="folder for speed.json and speed.md (default with --run: the run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--batch-sizes", type=_int_list, default=SpeedSettings().batch_sizes,
+                   help="comma-separated batch sizes (default: 1,16)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--prompts", choices=PROMPT_SOURCES, default="test",
+                   help="test: the task's test split (default); synthetic: random token ids of --prompt-tokens")
+    _add_fields(p, SpeedSettings, skip=("batch_sizes", "device", "prompts"))
+    _add_fields(p, DataOptions)
 
     p = command("study")
     p.add_argument("--out", required=True, help="study folder (rerun the same command to resume)")
@@ -255,7 +294,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     name = args.command
     if name == "prune":
         result = pipeline.prune(args.adapter, args.boundary, args.out, format=args.format, model=args.model,
-                                overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+                                overwrite=args.overwrite, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                layers=args.layers, group_boundaries=_group_boundaries(args))
         print(result.summary())
         return 0
     if name == "demo":
@@ -266,6 +306,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if name == "study":
         return _study(args, progress)
+    if name == "speed":
+        return _speed(args, progress)
 
     data_options, model_options = _picked(args, DataOptions), _picked(args, ModelOptions)
     common = dict(data_options=data_options, model_options=model_options, progress=progress)
@@ -306,7 +348,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if name == "evaluate":
         result = pipeline.evaluate(args.model, args.adapter, args.data, boundaries=args.boundaries,
-                                   adapters=args.adapters, out=args.out, generation=generation,
+                                   adapters=args.adapters, layers=args.layers,
+                                   group_boundaries=_group_boundaries(args), out=args.out, generation=generation,
                                    bootstrap=args.bootstrap, overwrite=args.overwrite, metric_options=metrics,
                                    **common)
         from .report import format_table
@@ -326,6 +369,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .report import format_table
         print(format_table(report))
         print(report["verdict"])
+        if args.speed:
+            _run_speed(report, args, progress)
         print(f"report: {Path(args.out) / 'report.html'}")
         return 0
     raise AssertionError(name)
@@ -346,6 +391,50 @@ def _study(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _speed(args: argparse.Namespace, progress: bool) -> int:
+    from . import pipeline
+    from .model import DEFAULT_MODEL
+    from .pipeline import DataOptions, ModelOptions
+    from .speed import SpeedSettings, describe, speed_table
+    from .report import _markdown_table
+
+    settings = _picked(args, SpeedSettings)
+    data_options = _picked(args, DataOptions)
+    result = pipeline.speed(args.model, args.adapter, boundary=args.boundary, run=args.run, out=args.out,
+                            settings=settings, data_options=None if data_options == DataOptions() else data_options,
+                            model_options=_picked(args, ModelOptions, model=args.model or DEFAULT_MODEL,
+                                                  device="cpu"),
+                            overwrite=args.overwrite, progress=progress)
+    print(describe(result))
+    print(_markdown_table(*speed_table(result)))
+    print(f"wrote {Path(args.out or args.run) / 'speed.json'} and speed.md")
+    return 0
+
+
+def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
+    """run --speed: measure at the chosen b, unless it drops nothing (or everything): then say so."""
+    from . import pipeline
+    from .pipeline import ModelOptions
+    from .speed import SpeedSettings, describe, speed_table
+    from .report import _markdown_table
+
+    b, layers = report["search"]["boundary"], report["curves"]["meta"]["adapter_layers"]
+    if not min(layers) <= b < max(layers):
+        print(f"speed: skipped, b = {b} drops {'no' if b >= max(layers) else 'every'} LoRA layer, so there is no "
+              f"pruned adapter to measure; run 'lorabound speed --run {args.out} --boundary B' for another b")
+        return
+    options = _picked(args, ModelOptions)
+    result = pipeline.speed(run=args.out, settings=SpeedSettings(device=options.device), progress=progress,
+                            model_options=options)
+    print(describe(result))
+    print(_markdown_table(*speed_table(result)))
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,16' (or '1 16') as [1, 16]; argparse turns the ValueError into a one-line refusal."""
+    return [int(part) for part in text.replace(",", " ").split()]
+
+
 def _os_error_line(error: OSError) -> str:
     """One line naming the file and the fix, for an OSError no earlier check foresaw."""
     from .files import CACHE_ENV, cache_root
@@ -360,6 +449,11 @@ def _os_error_line(error: OSError) -> str:
     else:
         fix = "check the path and rerun the same command"
     return " ".join(f"{error.strerror or type(error).__name__}{where}; {fix}".split())
+
+
+def _group_boundaries(args: argparse.Namespace) -> dict[str, int]:
+    """--boundary-attention / --boundary-mlp / --boundary-other as {group: b}, the ones given only."""
+    return {group: b for group in GROUPS if (b := getattr(args, f"boundary_{group}")) is not None}
 
 
 def _target_modules(value):

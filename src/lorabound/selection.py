@@ -12,6 +12,7 @@ model (no adapter at all) is a separate thing, see surgery.no_adapter.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -130,3 +131,37 @@ class Selection:
             layers = self.kept[0][1]
             return "no LoRA layer" if not layers else f"LoRA on layers {_ranges(layers)}"
         return ", ".join(f"{group} {_ranges(layers)}" for group, layers in self.kept)
+
+
+# -- from the command line ---------------------------------------------------
+
+MAX_LAYER = 100_000  # a layer set is built element by element: refuse numbers no model reaches
+
+def parse_layers(text: str, flag: str = "--layers") -> tuple[int, ...]:
+    """A layer set as written on the command line: "0-9,12,15" -> (0, 1, ..., 9, 12, 15).
+
+    Ranges are inclusive; order and repeats do not matter. Refused: an empty set, a part that is not a whole
+    number or a range a-b with a <= b, a negative layer.
+    """
+    layers: set[int] = set()
+    for part in str(text).replace(" ", "").split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise LoraboundError(f"{flag} {text!r} is not a layer set; write layers and ranges such as 0-9,12,15")
+        high = int(match[2] or match[1])
+        if high >= MAX_LAYER:
+            raise LoraboundError(f"{flag} {text!r} names layer {high}, beyond any model; select layers below "
+                                 f"{MAX_LAYER} (the model's layers are 0..L-1)")
+        layers.update(range(int(match[1]), high + 1))
+    return tuple(sorted(layers))
+
+
+def per_group_over(boundaries: Mapping[str, int], pairs: Iterable[tuple[int, str]]) -> Selection:
+    """Selection.per_group for the groups named; every other module group of the adapter (its (layer, group)
+    `pairs`) keeps all of its LoRA. So "--boundary-mlp 9" alone drops MLP LoRA above layer 9 and nothing else."""
+    given = Selection.per_group(boundaries)
+    others = {}
+    for layer, group in sorted(set(pairs)):
+        if group not in boundaries:
+            others.setdefault(group, []).append(layer)
+    return Selection(tuple(sorted(list(given.kept) + [(g, tuple(layers)) for g, layers in others.items()])))

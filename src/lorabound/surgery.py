@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import (check_adapter_files, find_layer_stack, layers_path_of_names, model_layers_path, model_num_layers,
-                    model_paths, module_layer_index, read_adapter_config)
-from .selection import GROUPS, Selection
+from .model import (adapter_tensor_names, check_adapter_files, find_layer_stack, layers_path_of_names,
+                    model_layers_path, model_num_layers, model_paths, module_layer_index, read_adapter_config)
+from .selection import EVERY, GROUPS, Selection
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,6 +36,16 @@ MODULE_GROUPS = {"attention": ("attn", "attention"), "mlp": ("mlp", "feed_forwar
 # ---------------------------------------------------------------------------
 # In memory
 # ---------------------------------------------------------------------------
+
+def module_group(path_in_layer: str) -> str:
+    """The module group of a module path inside its transformer layer: "self_attn.q_proj" -> "attention",
+    "attn.c_attn" (GPT-2) -> "attention", "mlp.down_proj" -> "mlp", anything else -> "other"."""
+    parent = path_in_layer.split(".")[0].lower()
+    for group, words in MODULE_GROUPS.items():
+        if any(w in parent for w in words):
+            return group
+    return "other"
+
 
 @dataclass(frozen=True)
 class LoraModule:
@@ -50,11 +60,7 @@ class LoraModule:
     @property
     def group(self) -> str:
         """"attention", "mlp" or "other", from the module's path inside the layer."""
-        parent = self.name.split(".")[0].lower()
-        for group, words in MODULE_GROUPS.items():
-            if any(w in parent for w in words):
-                return group
-        return "other"
+        return module_group(self.name)
 
     def matches(self, module_types: Iterable[str] | None) -> bool:
         if module_types is None:
@@ -81,6 +87,11 @@ def lora_modules(model) -> list[LoraModule]:
 def adapter_layers(model) -> list[int]:
     """Indices of the layers that carry LoRA (all layers, or the adapter's layers_to_transform)."""
     return sorted({m.layer for m in lora_modules(model)})
+
+
+def adapter_pairs(model) -> list[tuple[int, str]]:
+    """Every (layer, module group) that carries LoRA in the stack: what a Selection can keep or drop."""
+    return sorted({(m.layer, m.group) for m in lora_modules(model)})
 
 
 def lora_params_per_layer(model) -> dict[int, int]:
@@ -180,6 +191,33 @@ def _short_module_name(name: str) -> str:
 _TENSOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_[A-Za-z_]+)(?:\.|$)")
 
 
+def _pair_of_name(tensor_name: str, layers_path: str) -> tuple[int, str] | None:
+    """(layer, module group) of a LoRA tensor name inside the stack at `layers_path`; None elsewhere."""
+    match = _TENSOR.match(tensor_name)
+    if match is None or not layers_path:
+        return None
+    index = module_layer_index(match["module"], layers_path)
+    if index is None:
+        return None
+    return index, module_group(match["module"][len(f"{layers_path}.{index}."):])
+
+
+def adapter_file_pairs(adapter_dir: str | Path, model_spec: str | None, *, allow_pickle: bool = False,
+                       trust_remote_code: bool = False) -> list[tuple[int, str]]:
+    """The adapter's (layer, module group) pairs from its tensor names, without loading any weights: to check a
+    selection before any work. The stack is guessed from the names, or read from the model's config."""
+    names = adapter_tensor_names(adapter_dir, allow_pickle=allow_pickle)
+    config = read_adapter_config(adapter_dir)
+    layers_path = layers_path_of_names([m["module"] for name in names if (m := _TENSOR.match(name))],
+                                       config.get("layers_pattern"))
+    if layers_path is None and model_spec is None:
+        raise LoraboundError(f"the adapter {adapter_dir} has LoRA in several numbered layer stacks and none is a "
+                             "known text decoder path; pass --model so lorabound finds the decoder's layers")
+    if layers_path is None:
+        layers_path = model_layers_path(model_spec, trust_remote_code=trust_remote_code)
+    return sorted({pair for name in names if (pair := _pair_of_name(name, layers_path))})
+
+
 @dataclass
 class AdapterFiles:
     """An adapter folder read into memory: its config and tensors, and where the model keeps its layers.
@@ -232,11 +270,27 @@ class AdapterFiles:
     def layers(self) -> list[int]:
         return sorted({lp[1] for name in self.tensors if (lp := self.layer_of(name))})
 
-    def lora_params(self, up_to: int | None = None) -> int:
-        """LoRA parameter count, optionally only of tensors outside the stack or on layers <= up_to."""
-        def counted(name: str) -> bool:
-            return up_to is None or (layer := self.layer_of(name)) is None or layer[1] <= up_to
-        return sum(t.numel() for name, t in self.tensors.items() if ".lora_" in name and counted(name))
+    def pair_of(self, tensor_name: str) -> tuple[int, str] | None:
+        """(layer, module group) of a tensor in the layer stack, as a Selection names it; None outside the stack."""
+        self.layer_of(tensor_name)  # refuses ambiguous layer stacks
+        return _pair_of_name(tensor_name, self.layers_path)
+
+    def pairs(self) -> list[tuple[int, str]]:
+        """Every (layer, module group) that carries LoRA: what a selection can keep or drop."""
+        return sorted({pair for name in self.tensors if (pair := self.pair_of(name))})
+
+    def keeps(self, tensor_name: str, selection: Selection) -> bool:
+        """Whether `selection` keeps this tensor's module (tensors outside the stack are always kept)."""
+        pair = self.pair_of(tensor_name)
+        return pair is None or selection.keeps(*pair)
+
+    def lora_params(self, selection: Selection | None = None, *, up_to: int | None = None) -> int:
+        """LoRA parameter count, optionally only of the modules `selection` (or layers 0..up_to) keeps, and those
+        outside the stack."""
+        if up_to is not None:
+            selection = Selection.prefix(up_to)
+        return sum(t.numel() for name, t in self.tensors.items()
+                   if ".lora_" in name and (selection is None or self.keeps(name, selection)))
 
     def is_dora(self) -> bool:
         return bool(self.config.get("use_dora")) or any("lora_magnitude_vector" in n for n in self.tensors)
@@ -244,22 +298,24 @@ class AdapterFiles:
 
 @dataclass
 class PruneResult:
-    boundary: int
+    boundary: int | None      # b for LoRA on layers 0..b of every module; None for any other selection
     format: str
     out_dir: Path
-    layers_kept: list[int]
+    layers_kept: list[int]    # stack layers where the export keeps some LoRA module
     lora_params_before: int
     lora_params_after: int
     bytes_before: int | None  # peft / zero-fill: the source adapter's file; merged: the base model's weights
     bytes_after: int          # every .safetensors file written, measured on disk
     notes: list[str] = field(default_factory=list)
     dtype: str = "float32"    # of a merged model
+    selection: Selection = field(default_factory=Selection.full)  # what was asked
+    pairs_kept: list[tuple[int, str]] = field(default_factory=list)  # (layer, module group) pairs that keep LoRA
 
     def summary(self) -> str:
         def mb(n: int | None) -> str:
             return "n/a (a hub model)" if n is None else f"{n / 1e6:.2f} MB"
         share = self.lora_params_after / self.lora_params_before if self.lora_params_before else 0.0
-        on = f"LoRA on layers 0..{self.boundary}" if self.boundary >= 0 else "no LoRA layer"
+        on = self.selection.describe()
         if self.format == "merged":
             what = f"merged model ({self.dtype}) with {on}"
             size = f"model weights on disk: base model {mb(self.bytes_before)} -> merged model {mb(self.bytes_after)}"
@@ -272,14 +328,42 @@ class PruneResult:
         return "\n".join(lines + self.notes)
 
 
-def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *, format: str = "peft",
-                  model_spec: str | None = None, num_layers: int | None = None, overwrite: bool = False,
-                  dtype: str = "float32", trust_remote_code: bool = False,
-                  layers_path: str | None = None) -> PruneResult:
-    """Write a new adapter with LoRA kept on layers 0..boundary. The input folder is only read.
+def as_selection(selection: Selection | int) -> Selection:
+    """A Selection as it is; an int b as LoRA on layers 0..b (the paper's boundary)."""
+    return selection if isinstance(selection, Selection) else Selection.prefix(int(selection))
 
-    format "peft": tensors above b removed, config restricted to the kept layers.
-    format "zero-fill": every tensor name kept, lora_B zeroed above b (for servers that need every layer).
+
+def check_selection(selection: Selection, pairs: Iterable[tuple[int, str]], num_layers: int | None) -> None:
+    """Refuse a selection that names a module group the adapter lacks, or a layer the model lacks.
+
+    `pairs`: the adapter's (layer, module group) pairs; `num_layers`: the model's (None: unknown, then only
+    negative layers are refused).
+    """
+    if selection.is_full:
+        return
+    groups = sorted({group for _, group in pairs})
+    named = [group for group, _ in selection.kept if group != EVERY]
+    lacking = [group for group in named if group not in groups]
+    if lacking:
+        raise LoraboundError(f"the adapter has no LoRA on {lacking[0]} modules (its module groups: "
+                             f"{', '.join(groups) or 'none'}); drop --boundary-{lacking[0]}, or select among those")
+    layers = sorted({layer for _, kept in selection.kept for layer in kept})
+    top = "" if num_layers is None else f"{num_layers - 1}"
+    outside = [layer for layer in layers if layer < 0 or (num_layers is not None and layer >= num_layers)]
+    if outside:
+        where = f"0..{top} for this {num_layers}-layer model" if num_layers is not None else "0 or above"
+        raise LoraboundError(f"layer {outside[0]} is outside {where}; select layers from that range")
+
+
+def prune_adapter(adapter_dir: str | Path, selection: Selection | int, out_dir: str | Path, *,
+                  format: str = "peft", model_spec: str | None = None, num_layers: int | None = None,
+                  overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
+                  layers_path: str | None = None) -> PruneResult:
+    """Write a new adapter with only the LoRA modules `selection` keeps. The input folder is only read.
+
+    `selection`: a Selection (any set of (layer, module group) pairs), or an int b for LoRA on layers 0..b.
+    format "peft": dropped modules' tensors removed, config restricted so PEFT builds LoRA exactly where tensors are.
+    format "zero-fill": every tensor name kept, lora_B of dropped modules zeroed (for servers that need every layer).
     format "merged": a full model (needs model_spec) with the kept LoRA merged into its weights.
     layers_path: where the model keeps its layers (find_layer_stack's layers_path); read from model_spec's config
     when not given, else guessed from the tensor names (see AdapterFiles).
@@ -293,24 +377,33 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
     if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     source = AdapterFiles.read(adapter_dir, layers_path, num_layers=num_layers)
-    if num_layers is not None:
-        check_boundary(boundary, num_layers)
-    elif boundary < -1:
-        raise LoraboundError(f"boundary {boundary} is below -1; pass --boundary -1 (base model) or higher")
+    asked = selection
+    if not isinstance(selection, Selection):
+        if num_layers is not None:
+            check_boundary(selection, num_layers)
+        elif selection < -1:
+            raise LoraboundError(f"boundary {selection} is below -1; pass --boundary -1 (base model) or higher")
+        # A b above the adapter's top layer keeps all of it (without --model, b is not bounded by the model).
+        selection = Selection.prefix(min(selection, max(source.layers(), default=-1)))
+    check_selection(selection, source.pairs(), num_layers)
     if format == "merged" and model_spec is None:
         raise LoraboundError("--format merged needs the base model; pass --model")
 
-    tensors = _pruned_tensors(source, boundary, zero_fill=(format == "zero-fill"))
-    kept = [layer for layer in source.layers() if layer <= boundary]
-    notes = [f"note: the adapter's layers are {_ranges(source.layers())}; boundary {boundary} keeps all of them"] \
-        if kept == source.layers() else []
+    tensors = _pruned_tensors(source, selection, zero_fill=(format == "zero-fill"))
+    pairs = [pair for pair in source.pairs() if selection.keeps(*pair)]
+    kept = sorted({layer for layer, _ in pairs})
+    what = selection.describe() if isinstance(asked, Selection) else f"boundary {asked}"
+    notes = [f"note: the adapter's layers are {_ranges(source.layers())}; {what} keeps all of them"] \
+        if pairs == source.pairs() else []
     saved_whole = source.config.get("modules_to_save") or []
     if saved_whole:
         notes.append("note: modules_to_save kept whole: "
                      + ", ".join([saved_whole] if isinstance(saved_whole, str) else map(str, saved_whole)))
 
-    if format == "peft" and not kept:
-        raise LoraboundError(f"boundary {boundary} keeps no LoRA layer, so a peft adapter would be empty; "
+    if format == "peft" and not pairs:
+        b = selection.prefix_boundary()
+        what = f"boundary {b}" if b is not None else f"the selection ({selection.describe()})"
+        raise LoraboundError(f"{what} keeps no LoRA layer of the adapter, so a peft adapter would be empty; "
                              "use the base model itself, or --format zero-fill / merged")
     if format == "zero-fill" and source.is_dora():
         raise LoraboundError("zero-fill cannot drop a DoRA layer (its magnitude vector still rescales the "
@@ -319,29 +412,34 @@ def prune_adapter(adapter_dir: str | Path, boundary: int, out_dir: str | Path, *
     with atomic_dir(out_dir, overwrite=overwrite, what="--out") as tmp:
         bytes_before = (adapter_dir / ADAPTER_WEIGHTS).stat().st_size
         if format == "merged":
-            bytes_before = _write_merged(source, tensors, kept, boundary, model_spec, tmp, dtype, trust_remote_code)
+            bytes_before = _write_merged(source, tensors, selection, model_spec, tmp, dtype, trust_remote_code)
         else:
-            config = _pruned_config(source, kept) if format == "peft" else dict(source.config)
+            config = _pruned_config(source, selection) if format == "peft" else dict(source.config)
             _write_adapter(tmp, config, tensors, source.path)
         bytes_after = sum(p.stat().st_size for p in tmp.rglob("*.safetensors"))
         write_json_atomic(tmp / "lorabound.json", {
-            "pruned_from": str(adapter_dir.resolve()), "boundary": boundary, "format": format,
-            "layers_kept": kept, "layers_in_source": source.layers(),
+            "pruned_from": str(adapter_dir.resolve()), "boundary": _boundary_asked(asked), "format": format,
+            "selection": selection.to_json(), "selection_description": selection.describe(),
+            "pairs_kept": [list(pair) for pair in pairs], "layers_kept": kept, "layers_in_source": source.layers(),
         })
 
     return PruneResult(
-        boundary=boundary, format=format, out_dir=out_dir, layers_kept=kept,
-        lora_params_before=source.lora_params(),
-        lora_params_after=source.lora_params(up_to=boundary),
-        bytes_before=bytes_before, bytes_after=bytes_after, notes=notes, dtype=dtype,
+        boundary=_boundary_asked(asked), format=format, out_dir=out_dir, layers_kept=kept,
+        lora_params_before=source.lora_params(), lora_params_after=source.lora_params(selection),
+        bytes_before=bytes_before, bytes_after=bytes_after, notes=notes, dtype=dtype, selection=selection,
+        pairs_kept=pairs,
     )
 
 
-def _pruned_tensors(source: AdapterFiles, boundary: int, zero_fill: bool) -> dict[str, torch.Tensor]:
+def _boundary_asked(asked: Selection | int) -> int | None:
+    """The b a prune was asked for, or the b of a prefix selection; None for any other selection."""
+    return asked.prefix_boundary() if isinstance(asked, Selection) else int(asked)
+
+
+def _pruned_tensors(source: AdapterFiles, selection: Selection, zero_fill: bool) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in source.tensors.items():
-        layer = source.layer_of(name)
-        if layer is None or layer[1] <= boundary:
+        if source.keeps(name, selection):
             out[name] = tensor
         elif zero_fill:
             # lora_B = 0 makes the update exactly zero; lora_A is kept so every tensor name still exists.
@@ -349,11 +447,12 @@ def _pruned_tensors(source: AdapterFiles, boundary: int, zero_fill: bool) -> dic
     return out
 
 
-def exported_bytes(source: AdapterFiles, boundary: int) -> int:
-    """The exact size of the adapter_model.safetensors a peft export at `boundary` writes (stored dtypes)."""
+def exported_bytes(source: AdapterFiles, selection: Selection | int) -> int:
+    """The exact size of the adapter_model.safetensors a peft export of `selection` writes (stored dtypes)."""
     from safetensors.torch import save
 
-    return len(save(_contiguous(_pruned_tensors(source, boundary, zero_fill=False)), metadata={"format": "pt"}))
+    tensors = _pruned_tensors(source, as_selection(selection), zero_fill=False)
+    return len(save(_contiguous(tensors), metadata={"format": "pt"}))
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -364,9 +463,26 @@ def _is_lora_b(name: str) -> bool:
     return ".lora_B." in name or ".lora_embedding_B" in name
 
 
-def _pruned_config(source: AdapterFiles, kept: list[int]) -> dict:
-    """The config restricted to the kept layers, so PEFT builds LoRA exactly where tensors exist."""
+def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
+    """The config restricted to the kept modules, so PEFT builds LoRA exactly where tensors exist.
+
+    When every kept layer keeps all of its modules (a boundary, a layer set): layers_to_transform lists the kept
+    layers. Otherwise (attention and MLP kept on different layers) no layer list can say it, so target_modules
+    becomes the exact paths of the kept modules: PEFT selects a module whose full path is listed without reading
+    layers_to_transform (peft.tuners.tuners_utils.check_target_module_exists), and an exact path matches nothing
+    else.
+    """
     config = dict(source.config)
+    pairs = [pair for pair in source.pairs() if selection.keeps(*pair)]
+    kept = sorted({layer for layer, _ in pairs})
+    whole_layers = all(pair in pairs for pair in source.pairs() if pair[0] in kept)
+    outside_stack = {m["module"] for name in source.tensors
+                     if (m := _TENSOR.match(name)) and source.layer_of(name) is None}
+    exact = {m["module"] for name in source.tensors
+             if (m := _TENSOR.match(name)) and source.pair_of(name) in pairs} | outside_stack
+    if not whole_layers:
+        config.update(target_modules=sorted(exact), layers_to_transform=None, layers_pattern=None)
+        return config
     patterns = {lp[0] for name in source.tensors if (lp := source.layer_of(name))}
     original_layers = config.get("layers_to_transform")
     if isinstance(original_layers, int):
@@ -375,14 +491,10 @@ def _pruned_config(source: AdapterFiles, kept: list[int]) -> dict:
         kept = [layer for layer in kept if layer in original_layers]
     config["layers_to_transform"] = kept
     config["layers_pattern"] = sorted(patterns)[0] if len(patterns) == 1 else sorted(patterns)
-    outside_stack = {m["module"] for name in source.tensors
-                     if (m := _TENSOR.match(name)) and source.layer_of(name) is None}
     if isinstance(config.get("target_modules"), str) or outside_stack:
         # PEFT ignores layers_to_transform for a string (regex / all-linear) target, and with a list it would
         # drop modules outside the layer stack (they have no layer index): name every module exactly instead.
-        modules = {m["module"] for name in source.tensors
-                   if (m := _TENSOR.match(name)) and (lp := source.layer_of(name)) and lp[1] in kept}
-        config["target_modules"] = sorted(modules | outside_stack)
+        config["target_modules"] = sorted(exact)
     return config
 
 
@@ -395,7 +507,7 @@ def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor],
         shutil.copyfile(readme, folder / "README.md")
 
 
-def _write_merged(source: AdapterFiles, tensors, kept, boundary, model_spec, folder: Path, dtype,
+def _write_merged(source: AdapterFiles, tensors, selection: Selection, model_spec, folder: Path, dtype,
                   trust_remote_code) -> int | None:
     """Save the base model with the kept LoRA merged in and modules_to_save copies in place.
 
@@ -407,7 +519,7 @@ def _write_merged(source: AdapterFiles, tensors, kept, boundary, model_spec, fol
     if any(".lora_" in name for name in tensors):
         staging = folder / ".pruned-adapter"
         staging.mkdir()
-        _write_adapter(staging, _pruned_config(source, kept), tensors, source.path)
+        _write_adapter(staging, _pruned_config(source, selection), tensors, source.path)
         # load_adapter checks the adapter against this model before PEFT touches it.
         model = load_adapter(model, staging, model_name=model_spec).merge_and_unload()
         shutil.rmtree(staging)

@@ -84,13 +84,18 @@ RULES: dict[str, Number | Text] = {
     "tolerance": _real(0), "knee_fraction": _real(0, 1, open_low=True),
     "keep_fraction": _real(0, 1, open_low=True, optional=True), "bootstrap": _whole(1, BOOTSTRAP_MAX),
     "threads": _whole(1, optional=True),
+    # a selection other than a boundary (prune, evaluate): per-group boundaries, layer sets ("0-9,12,15")
+    "boundary_attention": _whole(-1, optional=True), "boundary_mlp": _whole(-1, optional=True),
+    "boundary_other": _whole(-1, optional=True), "layers": Text(optional=True),
+    # speed (speed.SpeedSettings)
+    "batch_sizes": _whole(1), "new_tokens": _whole(1), "repeats": _whole(1), "prompt_tokens": _whole(1), "run": Text(),
     # the vLLM engine (engines.VLLMOptions)
     "tensor_parallel_size": _whole(1), "gpu_memory_utilization": _real(0, 1, open_low=True),
     "max_model_len": _whole(1, optional=True), "max_lora_rank": _whole(1, optional=True), "max_loras": _whole(1),
 }
 
 FLAGS = {"learning_rate": "--lr"}
-LISTS = {"adapters", "boundaries", "candidates", "curves", "target_modules"}
+LISTS = {"adapters", "batch_sizes", "boundaries", "candidates", "curves", "target_modules", "layers"}
 
 
 def flag(name: str) -> str:
