@@ -13,7 +13,7 @@ from PIL import Image
 from lorabound import pipeline, study as study_module
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
-from lorabound.study import Training, bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
+from lorabound.study import bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
 
 from test_report import chromium_binary, run_chromium
 from tiny import tiny_llama, tiny_tokenizer

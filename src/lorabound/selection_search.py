@@ -24,7 +24,7 @@ from typing import Callable
 from .analysis import joint_selection
 from .boundary import (COMPARED, KNEE_FRACTIONS, LEVEL, SearchResult, SearchSettings, Validation, _pick_for_goal,
                        _score_candidates, knee, preselect)
-from .evaluate import COMBINED, paired_bootstrap
+from .evaluate import paired_bootstrap
 from .selection import Selection
 from .surgery import lora_modules
 
