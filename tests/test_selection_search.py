@@ -215,7 +215,9 @@ def test_run_with_a_selection_that_is_no_prefix_reports_it_on_test(workspace, mo
     assert report["verdict"].startswith("The search (greedy-drop) chose LoRA on layers 0,2, keeping 50% of the LoRA")
     rows = {row["boundary"]: row["origin"] for row in report["variants"]}
     assert rows[1] == "for comparison: prefix of the same size as the selection"
-    assert not (out / "adapter-pruned").exists()
+    exported = json.loads((out / "adapter-pruned" / "adapter_config.json").read_text())
+    assert exported["layers_to_transform"] == [0, 2] and on_test["exported_to"] == str(out / "adapter-pruned")
+    assert json.loads((out / "adapter-pruned" / "lorabound.json").read_text())["selection"] == {"*": [0, 2]}
     assert any(f.name.startswith("test-selection-lora-on-layers-0-2-") for f in (out / "generations").iterdir())
     assert (out / "selection_layers.png").is_file()
 

@@ -952,19 +952,18 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     pruned_dir = out / "adapter-pruned"
     layers = curves["meta"]["adapter_layers"]
     top = max(layers)
-    if b is None:  # until exports take a Selection (the lead reconnects prune_adapter here)
-        _progress_print(progress, f"[3/5] prune: {found['selection_text']} is no prefix; this run does not export it")
-    elif b >= top:
+    selection = Selection.from_json(found["selection"]) if b is None else Selection.prefix(b)
+    if b is not None and b >= top:
         _progress_print(progress, f"[3/5] prune: b = {b} keeps every LoRA layer, nothing to export")
-    elif not any(layer <= b for layer in layers):
+    elif b is not None and not any(layer <= b for layer in layers):
         _progress_print(progress, f"[3/5] prune: b = {b} drops every LoRA layer (the base model), nothing to export")
     elif not Path(adapter, ADAPTER_WEIGHTS).is_file():
         _progress_print(progress, "[3/5] prune: skipped, the adapter is a pickled adapter_model.bin "
                                   "(convert it to safetensors to export)")
     else:
-        _progress_print(progress, f"[3/5] prune: exporting LoRA on layers 0..{b} to {pruned_dir}")
+        _progress_print(progress, f"[3/5] prune: exporting {selection.describe()} to {pruned_dir}")
         if _cached_json(out, "prune.json") is None and distributed.is_main():
-            export = prune_adapter(adapter, b, pruned_dir, num_layers=num_layers, overwrite=True,
+            export = prune_adapter(adapter, selection, pruned_dir, num_layers=num_layers, overwrite=True,
                                    layers_path=find_layer_stack(peft_model).layers_path)
             write_json_atomic(out / "prune.json", {"summary": export.summary().splitlines()})
         distributed.barrier()
@@ -980,7 +979,9 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
         evaluation["selection_test"] = _selection_on_test(found, engine, peft_model, task, splits, out, generation,
                                                           model_options, adapter, progress, bootstrap,
                                                           data_options.seed, metric_options)
-    if (pruned_dir / ADAPTER_WEIGHTS).is_file():
+    if (pruned_dir / ADAPTER_WEIGHTS).is_file() and b is None and evaluation.get("selection_test"):
+        evaluation["selection_test"]["exported_to"] = str(pruned_dir)
+    elif (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
                 (row["adapter_mb"], row["adapter_mb_source"]), row["exported_to"] = _file_size(pruned_dir), \
