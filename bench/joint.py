@@ -15,42 +15,19 @@ import argparse
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
 
+from common import analysis_arguments, analysis_setup
 from lorabound.analysis import analyze
-from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
 from lorabound.greedy import greedy_path
-from lorabound.model import load_adapter, load_model
 from lorabound.surgery import lora_params_per_layer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--adapter", help="a LoRA adapter; default: random LoRA (r=16, all-linear) on every layer")
-    parser.add_argument("--data", default="e2e")
-    parser.add_argument("--examples", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    analysis_arguments(parser, examples=4, batch_size=4)
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy path")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    model, tokenizer = load_model(args.model)
-    if args.adapter:
-        model = load_adapter(model, args.adapter)
-    else:
-        torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02)
-    model.eval()
-    task = load_task(args.data)
-    examples = split_task(task, train=0, validation=args.examples, test=0, seed=0).validation
-    encoded = encode_pairs(tokenizer, task, first_reference_pairs(examples), 256)
+    model, tokenizer, encoded = analysis_setup(args)
     kwargs = dict(batch_size=args.batch_size, pad_token_id=tokenizer.pad_token_id, progress=False)
     layers = len(lora_params_per_layer(model))
     print(f"{args.model}, {len(encoded.input_ids)} {args.data} examples, batch {args.batch_size}, "

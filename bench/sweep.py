@@ -17,36 +17,18 @@ import time
 
 import torch
 
-from common import random_adapter
+from common import analysis_arguments, analysis_setup
 from lorabound.analysis import analyze, truncation_curve_plain
-from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
-from lorabound.model import load_adapter, load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--adapter", help="a LoRA adapter; default: random LoRA (r=16, all-linear) on every layer")
-    parser.add_argument("--data", default="e2e")
-    parser.add_argument("--examples", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    analysis_arguments(parser, examples=16, batch_size=8)
     parser.add_argument("--exact-all", action="store_true", help="also time the three curves with --exact-curves")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop (time the analysis against "
                         "the sweep only)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    model, tokenizer = load_model(args.model)
-    if args.adapter:
-        model = load_adapter(model, args.adapter)
-    else:
-        model = random_adapter(model)
-    model.eval()
-    task = load_task(args.data)
-    examples = split_task(task, train=0, validation=args.examples, test=0, seed=0).validation
-    encoded = encode_pairs(tokenizer, task, first_reference_pairs(examples), 256)
+    model, tokenizer, encoded = analysis_setup(args)
     pad = tokenizer.pad_token_id
     print(f"{args.model}, {len(encoded.input_ids)} {args.data} examples, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
