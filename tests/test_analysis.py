@@ -10,7 +10,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LM
 from lorabound import analysis
 from lorabound.analysis import analyze, truncation_curve_plain
 
-from tiny import randomize_lora, tiny_encoded, tiny_lora, tiny_tokenizer
+from tiny import randomize_lora, real_sparse_lora, tiny_encoded, tiny_lora, tiny_tokenizer
 
 
 def tiny_arch(name: str):
@@ -300,18 +300,7 @@ def test_joint_curve_refuses_an_adapter_without_mlp_lora(tok):
 def test_real_model_joint_curve_equals_direct_forwards(real_model):
     """On SmolLM2-135M (30 layers), LoRA on 4 of them: every (Ba, Bm) cell equals a whole-model forward with
     keep_selection, and the diagonal is the truncation curve."""
-    import copy
-
-    from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
-
-    base, tokenizer = real_model
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, layers_to_transform=[0, 5, 17, 29],
-                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
-    randomize_lora(model, scale=0.02)
-    model.eval()
-    task = load_task("e2e")
-    examples = split_task(task, train=0, validation=2, test=0, seed=0).validation
-    encoded = encode_pairs(tokenizer, task, first_reference_pairs(examples), 128)
+    model, tokenizer, encoded = real_sparse_lora(real_model, validation=2)
     result = analyze(model, encoded, batch_size=2, pad_token_id=tokenizer.pad_token_id, progress=False,
                      curves=("truncation", "joint"))
     plain = analysis.joint_curve_plain(model, encoded, batch_size=2, pad_token_id=tokenizer.pad_token_id)

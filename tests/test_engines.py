@@ -194,8 +194,8 @@ class _FakeLLM:
         return [NS(outputs=[NS(text=full, stop_reason=None)]) for _ in prompts]
 
 
-def test_vllm_engine_requests_and_the_leading_blank_line_rule(tmp_path, tok, monkeypatch):
-    """Without vllm: a fake LLM shows the requests per variant and the rerun of rows stopped by a leading blank line."""
+def install_fake_vllm(monkeypatch) -> None:
+    """Stand-in vllm modules (LLM = _FakeLLM) for this test only, so the engine's requests can be inspected."""
     import sys
     from types import ModuleType, SimpleNamespace
 
@@ -206,6 +206,12 @@ def test_vllm_engine_requests_and_the_leading_blank_line_rule(tmp_path, tok, mon
     lora.LoRARequest = lambda **kw: SimpleNamespace(**kw)
     for name, module in (("vllm", fake), ("vllm.lora", ModuleType("vllm.lora")), ("vllm.lora.request", lora)):
         monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_vllm_engine_requests_and_the_leading_blank_line_rule(tmp_path, tok, monkeypatch):
+    """Without vllm: a fake LLM shows the requests per variant and the rerun of rows stopped by a leading blank line."""
+
+    install_fake_vllm(monkeypatch)
     tiny_lora(tiny_llama()).save_pretrained(tmp_path / "adapter")
     engine = engines.VLLMEngine(str(tmp_path / "base"), tmp_path / "adapter", tok, num_layers=4, max_new_tokens=8,
                                 stop_at_newline=True, eos_ids=[1], scratch=tmp_path / "run" / "vllm-adapters")

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, StoppingCriteria,
                           StoppingCriteriaList)
 
-from lorabound import generation
+from lorabound import generation, generation_cache
 from lorabound.generation import (StopRule, answer_line_ended, generate, generate_variants, newline_token_ids)
 from lorabound.selection import Selection
 from lorabound.surgery import adapter_pairs, keep_lora, keep_selection
@@ -317,8 +317,8 @@ def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monk
                         lambda m, t, p, variants, **k: asked.append([v[0] for v in variants]) or real(m, t, p, variants, **k))
 
     def generate(boundaries):
-        requests = {b: pipeline._boundary_variant(b, 1) for b in boundaries}
-        out = pipeline._generate_cached(engine, task, task.examples[:3], list(requests.values()), "test", tmp_path,
+        requests = {b: generation_cache.boundary_variant(b, 1) for b in boundaries}
+        out = generation_cache.generate_cached(engine, task, task.examples[:3], list(requests.values()), "test", tmp_path,
                                         GenerationOptions(max_new_tokens=4), {"model": "tiny"}, tmp_path / "adapter",
                                         adapter_pairs(model), False)
         return {b: out[r.name].texts for b, r in requests.items()}
@@ -348,7 +348,7 @@ def test_equal_selections_share_cached_generations_and_different_ones_never_do(t
     monkeypatch.setattr(engines, "generate", lambda *a, **k: asked.append(1) or real(*a, **k))
 
     def generate(variant: Variant):
-        out = pipeline._generate_cached(engine, task, task.examples[:3], [variant], "test", tmp_path,
+        out = generation_cache.generate_cached(engine, task, task.examples[:3], [variant], "test", tmp_path,
                                         GenerationOptions(max_new_tokens=4), {"model": "tiny"}, tmp_path / "adapter",
                                         adapter_pairs(model), False)
         return out[variant.name]

@@ -67,21 +67,9 @@ def test_a_budget_below_every_layer_is_refused():
 def test_real_model_greedy_path_matches_direct_ablation(real_model):
     """On SmolLM2-135M, LoRA on 4 of its 30 layers: the first removal is the layer whose direct single-layer
     ablation leaves the most probability, scored as a whole-model forward; a budget of half stops at 2 layers."""
-    import copy
+    from tiny import real_sparse_lora
 
-    from peft import LoraConfig, get_peft_model
-
-    from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
-    from tiny import randomize_lora
-
-    base, tokenizer = real_model
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, layers_to_transform=[0, 5, 17, 29],
-                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
-    randomize_lora(model, scale=0.02)
-    model.eval()
-    task = load_task("e2e")
-    examples = split_task(task, train=0, validation=3, test=0, seed=0).validation
-    encoded = encode_pairs(tokenizer, task, first_reference_pairs(examples), 128)
+    model, tokenizer, encoded = real_sparse_lora(real_model, validation=3)
     params = lora_params_per_layer(model)
     path = greedy_path(model, encoded, batch_size=3, pad_token_id=tokenizer.pad_token_id, params_per_layer=params,
                        stop_at_params=params_budget(params, 0.5), progress=False)

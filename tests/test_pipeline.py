@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorabound import engines, pipeline
+from lorabound import engines, generation_cache, pipeline
 from lorabound.cli import main
 from lorabound.data import Example, load_task
 from lorabound.files import folder_hashes
@@ -263,7 +263,7 @@ def test_changed_adapter_files_are_regenerated_not_reused(light, tmp_path, monke
         model, tokenizer = load_model(str(root / "base"))
         model = load_adapter(model, folder)
         engine = HFEngine(model, tokenizer, max_new_tokens=8, batch_size=16, stop_at_newline=True)
-        return pipeline._generate_cached(engine, task, task.examples[:4], [Variant("my adapter")], "test",
+        return generation_cache.generate_cached(engine, task, task.examples[:4], [Variant("my adapter")], "test",
                                          tmp_path / "out", GenerationOptions(max_new_tokens=8), {"model": "tiny"},
                                          folder, adapter_pairs(model), False)["my adapter"]
 
@@ -356,7 +356,7 @@ def test_run_rows_say_where_each_b_comes_from(light, tmp_path):
                           progress=False)
     origins = {v["name"]: v["origin"] for v in report["variants"]}
     knee_b = pipeline.knee(report["curves"]["truncation"])
-    knee_row = pipeline.variant_name(knee_b, 3)
+    knee_row = generation_cache.variant_name(knee_b, 3)
     assert "knee of the curve (90% of the gain)" in origins[knee_row]
     assert origins["pruned (b=1)"].startswith("given with --boundary")
     assert "asked with --boundaries" in origins["pruned (b=2)"]

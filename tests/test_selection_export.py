@@ -211,21 +211,13 @@ def test_real_model_per_group_export_loads_without_warnings_and_matches_in_memor
 def test_vllm_engine_runs_a_selection_as_its_peft_export(tmp_path, monkeypatch):
     """Without vllm: a fake LLM shows that a per-group variant is requested as the peft export of its selection,
     and a selection equal to the full adapter as the adapter itself."""
-    import sys
-    from types import ModuleType, SimpleNamespace
 
     from lorabound import engines
     from lorabound.variants import Variant
 
-    from test_engines import _FakeLLM
+    from test_engines import install_fake_vllm
 
-    fake = ModuleType("vllm")
-    fake.LLM = _FakeLLM
-    fake.SamplingParams = lambda **kw: SimpleNamespace(**kw)
-    lora = ModuleType("vllm.lora.request")
-    lora.LoRARequest = lambda **kw: SimpleNamespace(**kw)
-    for name, module in (("vllm", fake), ("vllm.lora", ModuleType("vllm.lora")), ("vllm.lora.request", lora)):
-        monkeypatch.setitem(sys.modules, name, module)
+    install_fake_vllm(monkeypatch)
     tiny_lora(tiny_llama()).save_pretrained(tmp_path / "adapter")
     engine = engines.VLLMEngine(str(tmp_path / "base"), tmp_path / "adapter", tiny_tokenizer(), num_layers=4,
                                 max_new_tokens=8, stop_at_newline=True, eos_ids=[1], scratch=tmp_path / "scratch")

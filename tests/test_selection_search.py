@@ -167,7 +167,7 @@ def test_cli_search_greedy_drop_with_a_budget(workspace, capsys):
 def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(workspace, tmp_path):
     """Selections that are no prefix go through the engine: outputs equal generate() under keep_selection,
     and a second request reads the file back instead of generating."""
-    from lorabound import pipeline
+    from lorabound import generation_cache, pipeline
     from lorabound.generation import generate
     from lorabound.surgery import keep_selection
     from tiny import tiny_task
@@ -176,13 +176,13 @@ def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(works
     model_options = pipeline.ModelOptions(model=str(root / "base"))
     peft_model, tokenizer = model_options.load(root / "adapter")
     generation = pipeline.GenerationOptions(max_new_tokens=6)
-    engine = pipeline._make_engine(generation, None, peft_model, tokenizer, model_options, root / "adapter", tmp_path)
+    engine = generation_cache.make_engine(generation, None, peft_model, tokenizer, model_options, root / "adapter", tmp_path)
     task = tiny_task()
     examples = task.examples[:4]
     from lorabound.surgery import adapter_pairs
 
     pairs = adapter_pairs(peft_model)
-    make = lambda: pipeline._SelectionGenerator(engine, peft_model, task, examples, tmp_path, generation,  # noqa: E731
+    make = lambda: generation_cache.SelectionGenerator(engine, peft_model, task, examples, tmp_path, generation,  # noqa: E731
                                                 {"model": "tiny"}, root / "adapter", pairs, False)
     odd = Selection.per_group({"attention": 2, "mlp": 0})
     texts = make().texts([odd, Selection.full()])

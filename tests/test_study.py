@@ -411,16 +411,23 @@ def test_one_cell_study_on_the_real_model(real_model, tmp_path):
 
 @pytest.mark.real
 def test_paper_grid_parses_and_its_splits_fit_the_data():
-    """studies/paper.toml: 18 cells (3 tasks x short/long x 3 seeds), every split size fits the built-in data."""
+    """studies/paper.toml: 27 cells (3 tasks x short/long/long-r8 x 3 seeds); every split has the size the file asks
+    for, so the built-in data is large enough for every cell."""
+    import tomllib
     from pathlib import Path
 
-    grid = load_grid(Path(__file__).parent.parent / "studies" / "paper.toml")
+    path = Path(__file__).parent.parent / "studies" / "paper.toml"
+    raw = tomllib.loads(path.read_text())
+    grid = load_grid(path)
     cells = grid.cells()
-    assert len(cells) == 18 and {c.training.name for c in cells} == {"short", "long"}
+    assert len(cells) == 27 and {c.training.name for c in cells} == {"short", "long", "long-r8"}
+    assert {c.training.rank for c in cells} == {8, 16}
     assert [c.id for c in cells[:3]] == ["smollm2-135m-e2e-short-s0", "smollm2-135m-e2e-short-s1",
                                          "smollm2-135m-e2e-short-s2"]
     for cell in cells:
+        asked = {**raw["data"], **raw["data"].get(cell.task, {})}
         options = grid.data_options(cell.task, cell.seed)
         _, splits = options.load()
-        assert len(splits.test) == 24 and len(splits.train) == options.train_size
-    assert grid.data_options("xsum", 0).max_length == 512 and grid.data_options("e2e", 0).max_length == 256
+        assert len(splits.test) == asked["test_size"] and len(splits.validation) == asked["validation_size"]
+        assert len(splits.train) == options.train_size == asked["train_size"]
+    assert grid.data_options("xsum", 0).max_length == 320 and grid.data_options("e2e", 0).max_length == 256

@@ -62,3 +62,21 @@ def tiny_task() -> Task:
 def tiny_encoded(tokenizer, max_length: int = 64):
     task = tiny_task()
     return encode_pairs(tokenizer, task, first_reference_pairs(task.examples), max_length)
+
+
+def real_sparse_lora(real_model, validation: int):
+    """The real model (a copy) with random LoRA r=4 on q, v and down of layers 0, 5, 17, 29 only, and `validation`
+    E2E validation examples encoded for it: a real-model case where some layers have no LoRA at all."""
+    import copy
+
+    from lorabound.data import encode_pairs, first_reference_pairs, load_task, split_task
+
+    base, tokenizer = real_model
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, layers_to_transform=[0, 5, 17, 29],
+                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_lora(model, scale=0.02)
+    model.eval()
+    task = load_task("e2e")
+    examples = split_task(task, train=0, validation=validation, test=0, seed=0).validation
+    return model, tokenizer, encode_pairs(tokenizer, task, first_reference_pairs(examples), 128)
+

@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "the smallest b within this many points of the best for bleu / rougeL / chrf (default: 0)")
         p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
 
+    def generation_flags(p):
+        """How outputs are generated (engine included) and scored: search, evaluate and run."""
+        _add_fields(p, GenerationOptions)
+        _add_fields(p, VLLMOptions)
+        _add_fields(p, MetricOptions)
+
     def selection_flags(p, lead: str, many: bool = False):
         """What to keep besides a boundary: a layer set, or per module group boundaries (issue 12)."""
         p.add_argument("--layers", nargs="+" if many else None, default=[] if many else None, metavar="SET",
@@ -164,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    _add_fields(p, GenerationOptions)
-    _add_fields(p, VLLMOptions)
-    _add_fields(p, MetricOptions)
+    generation_flags(p)
 
     p = command("prune")
     p.add_argument("--adapter", required=True, help="the LoRA adapter folder to prune (read only)")
@@ -187,9 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for generations and evaluation.json")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    _add_fields(p, GenerationOptions)
-    _add_fields(p, VLLMOptions)
-    _add_fields(p, MetricOptions)
+    generation_flags(p)
 
     p = command("run")
     model_and_data(p)
@@ -206,9 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
     p.add_argument("--speed", action="store_true", help="then measure inference speed at the chosen b (as "
                    "'lorabound speed --run OUT' with its defaults) and add it to the report")
-    _add_fields(p, GenerationOptions)
-    _add_fields(p, VLLMOptions)
-    _add_fields(p, MetricOptions)
+    generation_flags(p)
 
     p = command("demo")
     p.add_argument("--out", default="lorabound-demo", help="folder for the adapter and the run (default: lorabound-demo)")

@@ -34,6 +34,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def print_progress(progress: bool, message: str) -> None:
+    """A progress line, printed once (by rank 0) under torchrun."""
+    if progress and is_main():
+        print(message, flush=True)
+
+
 def shard(items: Sequence) -> list:
     """This rank's items: item i goes to rank i % world_size (the same rule on every rank)."""
     return [item for i, item in enumerate(items) if i % world_size() == rank()]

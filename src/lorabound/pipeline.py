@@ -13,106 +13,49 @@ RUN_DIR layout:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
-from . import __version__
+from . import __version__, distributed
 from .analysis import CURVES, check_joint_groups
 from .analysis import analyze as analyze_curves
 from .boundary import (METRIC_CRITERIA, SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary,
                        knee)
 from .boundary import search as search_boundary
-from .data import (Example, Splits, Task, encode_pairs, first_reference_pairs, input_fingerprints, load_task,
-                   require_nonempty, split_task)
+from .data import Splits, encode_pairs, first_reference_pairs, input_fingerprints, require_nonempty
+from .engines import VLLMOptions
 from .errors import LoraboundError
-from . import distributed
-from .engines import HFEngine, VLLMEngine, VLLMOptions, check_engine
 from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
-from .generation import _eos_ids
+from .files import (check_not_input, check_output_dir, existing_path, holds_folder_locks, input_identity,
+                    lock_folder, output_folder, read_json, write_json_atomic)
+from .generation_cache import (FULL, SelectionGenerator, boundary_variant, check_engine_options, generate_cached,
+                               make_engine, model_identity, variant_name)
 from .greedy import greedy_path, params_budget
-from .runtime import torch_threads
-from .selection_search import pair_params, search_greedy, search_per_module
-from .files import (MARKER, check_folder_path, check_not_input, check_output_dir, check_replaceable, empty_folder,
-                    existing_path, folder_contents, holds_folder_locks, input_identity,
-                    lock_folder, output_folder, read_json, read_jsonl, write_json_atomic, write_marker,
-                    write_text_atomic)
-from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, adapter_weights_file, check_adapter_files, check_lora_config,
-                    find_layer_stack, load_adapter, load_model, model_num_layers, model_paths, read_adapter_config,
-                    resolve_model_dir)
+from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, adapter_weights_file, check_lora_config, find_layer_stack,
+                    model_num_layers, model_paths, read_adapter_config)
+from .options import DataOptions, GenerationOptions, ModelOptions
 from .report import format_table, plot_curves, write_report
+from .run_folders import claim_folder, rank0_output_folder
+from .runtime import torch_threads
 from .selection import GROUPS, Selection, parse_layers, per_group_over
+from .selection_search import pair_params, search_greedy, search_per_module
 from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
-                      check_selection, exported_bytes, lora_modules, lora_params_per_layer, parts_outside_layers,
-                      prune_adapter)
+                      check_selection, exported_bytes, lora_modules, lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 from .validation import check_arguments
-from .variants import Variant, adapter_fingerprint
+from .variants import Variant
+from .verdict import report_notes, verdict
 
 
 # ---------------------------------------------------------------------------
-# Shared options
+# Shared helpers
 # ---------------------------------------------------------------------------
-
-@dataclass
-class DataOptions:
-    data: str = field(default="e2e", metadata={"help": "built-in task (e2e, webnlg, xsum) or a .jsonl/.csv file"})
-    input_field: str = field(default="input", metadata={"help": "field holding the input, for user files"})
-    target_field: str = field(default="target", metadata={"help": "field holding the reference(s), for user files"})
-    template: str | None = field(default=None, metadata={"help": "prompt template with {input}, inline or a file"})
-    train_size: int | None = field(default=None, metadata={"help": "training examples (default: all the rest)"})
-    validation_size: int = field(default=40, metadata={"help": "validation examples (analysis and search)"})
-    test_size: int = field(default=100, metadata={"help": "test examples (evaluation)"})
-    seed: int = field(default=0, metadata={"help": "seed for the split (and everything else)"})
-    max_length: int = field(default=256, metadata={"help": "max tokens of prompt + target"})
-
-    def __post_init__(self):
-        _check_fields(self)
-
-    def load(self) -> tuple[Task, Splits]:
-        task = load_task(self.data, input_field=self.input_field, target_field=self.target_field,
-                         template=self.template)
-        train = self.train_size
-        if train is None:
-            train = max(0, len(task.examples) - self.validation_size - self.test_size)
-        return task, split_task(task, train=train, validation=self.validation_size, test=self.test_size,
-                                seed=self.seed)
-
-
-@dataclass
-class ModelOptions:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m, a model folder, a .gguf file or a hub id"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "run the model repository's own code"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow a pickled adapter_model.bin (weights_only)"})
-
-    def __post_init__(self):
-        _check_fields(self)
-
-    def load(self, adapter: str | Path | None = None):
-        if adapter is not None:
-            check_adapter_files(adapter, allow_pickle=self.allow_pickle)  # before the model: it may be large
-        model, tokenizer = load_model(self.model, dtype=self.dtype, device=self.device,
-                                      trust_remote_code=self.trust_remote_code)
-        if adapter is not None:
-            model = load_adapter(model, adapter, allow_pickle=self.allow_pickle, model_name=self.model)
-        model.eval()
-        return model, tokenizer
-
-
-def _check_fields(options) -> None:
-    """Every field of an options dataclass against its rule in validation.py."""
-    check_arguments(**{f.name: getattr(options, f.name) for f in fields(options)})
-
 
 def _check_adapters(*folders, allow_pickle: bool = False) -> None:
     """Each adapter folder has a readable config and weights: refused before any model is loaded."""
@@ -145,11 +88,6 @@ def _inputs(adapter, data_options: DataOptions, model_options: ModelOptions, *ot
             *model_paths(model_options.model), *others]
 
 
-def _progress_print(progress: bool, message: str) -> None:
-    if progress and distributed.is_main():
-        print(message, flush=True)
-
-
 class StageTimes:
     """Wall seconds of each stage in this invocation (a stage resumed from its files takes about 0 s)."""
 
@@ -164,7 +102,7 @@ class StageTimes:
         if self.current is not None:
             name, started = self.current
             self.seconds[name] = round(now - started, 1)
-            _progress_print(self.progress, f"      {name}: {self.seconds[name]:.1f} s")
+            distributed.print_progress(self.progress, f"      {name}: {self.seconds[name]:.1f} s")
         self.current = (stage, now) if stage else None
 
     def summary(self) -> str:
@@ -245,7 +183,7 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
-    with _output_folder(out, overwrite) as out:
+    with rank0_output_folder(out, overwrite) as out:
         result = _analyze(peft_model, tokenizer, task, splits, out, curves, batch_size, data_options,
                           model_options, adapter, progress, exact_curves)
         # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
@@ -298,44 +236,6 @@ def _sizes(splits: Splits) -> dict:
 # search
 # ---------------------------------------------------------------------------
 
-@dataclass
-class GenerationOptions:
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per example at most"})
-    generation_batch_size: int = field(default=16, metadata={"help": "examples per generation batch"})
-    stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
-    engine: str = field(default="hf", metadata={"help": "generation engine: hf (transformers) or vllm"})
-
-    def __post_init__(self):
-        _check_fields(self)
-
-
-def _check_engine(generation: GenerationOptions, model_options: ModelOptions, adapters: list,
-                  vllm: VLLMOptions | None) -> None:
-    """Refuse what the generation engine cannot run, before the model is loaded."""
-    model_dir = resolve_model_dir(model_options.model) if generation.engine == "vllm" else ""
-    check_engine(generation.engine, model_dir=model_dir, adapters=adapters, options=vllm or VLLMOptions(),
-                 trust_remote_code=model_options.trust_remote_code)
-
-
-def _make_engine(generation: GenerationOptions, vllm: VLLMOptions | None, peft_model, tokenizer,
-                 model_options: ModelOptions, adapter, out: Path | None):
-    """The engine that generates every variant; vLLM's pruned exports go to OUT/vllm-adapters (removed after)."""
-    if generation.engine == "vllm":
-        return VLLMEngine(resolve_model_dir(model_options.model), adapter, tokenizer,
-                          num_layers=find_layer_stack(peft_model).num_layers,
-                          max_new_tokens=generation.max_new_tokens, stop_at_newline=generation.stop_at_newline,
-                          dtype=model_options.dtype, options=vllm, eos_ids=_eos_ids(peft_model, tokenizer),
-                          scratch=out / "vllm-adapters" if out is not None else None,
-                          trust_remote_code=model_options.trust_remote_code,
-                          layers_path=find_layer_stack(peft_model).layers_path)
-    return HFEngine(peft_model, tokenizer, max_new_tokens=generation.max_new_tokens,
-                    batch_size=generation.generation_batch_size, stop_at_newline=generation.stop_at_newline,
-                    load_adapter=lambda folder: model_options.load(folder)[0])
-
-    def __post_init__(self):
-        _check_fields(self)
-
-
 def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
            criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
            candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
@@ -358,13 +258,13 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
         check_output_dir(out, overwrite, "--out")
     generation = generation or GenerationOptions()
     _check_selection_engine(settings, generation)
-    _check_engine(generation, model_options, [adapter], vllm)
+    check_engine_options(generation, model_options, [adapter], vllm)
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     _check_selection_search(settings, peft_model)
-    with _output_folder(out, overwrite) if out is not None else contextlib.nullcontext() as folder:
-        engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
+    with rank0_output_folder(out, overwrite) if out is not None else contextlib.nullcontext() as folder:
+        engine = make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
         try:
             return _search(peft_model, tokenizer, task, splits, settings, generation, folder, batch_size,
                            data_options, model_options, adapter, progress, metric_options, engine=engine)
@@ -376,7 +276,7 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             out: Path | None, batch_size, data_options, model_options, adapter, progress,
             metric_options: MetricOptions | None = None, engine=None) -> SearchResult:
     num_layers = find_layer_stack(peft_model).num_layers
-    engine = engine or _make_engine(generation, None, peft_model, tokenizer, model_options, adapter, out)
+    engine = engine or make_engine(generation, None, peft_model, tokenizer, model_options, adapter, out)
     top = max(adapter_layers(peft_model))
     selection_search = settings.criterion in SELECTION_CRITERIA and settings.boundary is None
     if (cached := _cached_json(out, "curves.json")) is not None:
@@ -388,11 +288,11 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
             truncation = _analyze(peft_model, tokenizer, task, splits, out or Path(scratch), ("truncation",),
                                   batch_size, data_options, model_options, adapter, progress)["truncation"]
 
-    model_id, pairs = _model_identity(model_options), adapter_pairs(peft_model)
+    model_id, pairs = model_identity(model_options), adapter_pairs(peft_model)
 
     def generate_many(boundaries: list[int]) -> dict[int, list[str]]:  # the candidates in one engine call
-        requests = {b: _boundary_variant(b, top) for b in boundaries}
-        generated = _generate_cached(engine, task, splits.validation, list(requests.values()), "validation", out,
+        requests = {b: boundary_variant(b, top) for b in boundaries}
+        generated = generate_cached(engine, task, splits.validation, list(requests.values()), "validation", out,
                                      generation, model_id, adapter, pairs, progress)
         return {b: generated[request.name].texts for b, request in requests.items()}
 
@@ -402,7 +302,7 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
     validation = Validation(generate_for, [list(e.references) for e in splits.validation],
                             metric_options or MetricOptions(), data_options.seed, generate_many)
     if selection_search:
-        selections = _SelectionGenerator(engine, peft_model, task, splits.validation, out, generation, model_id,
+        selections = SelectionGenerator(engine, peft_model, task, splits.validation, out, generation, model_id,
                                          adapter, pairs, progress)
         validation = Validation(lambda s: selections.texts([s])[s], validation.references, validation.metrics,
                                 validation.seed, selections.texts)
@@ -456,113 +356,10 @@ def _search_selection(peft_model, tokenizer, task, splits, settings: SearchSetti
     return search_greedy(path, settings, num_layers, params, validation)
 
 
-class _SelectionGenerator:
-    """Validation (or test) outputs per Selection, through the engine and its cache like every variant; the
-    full adapter and prefixes under their usual names, so their files are shared with `auto`."""
-
-    def __init__(self, engine, peft_model, task, examples, out, generation, model_id, adapter, pairs, progress,
-                 split: str = "validation"):
-        self.engine, self.model, self.task, self.examples, self.split = engine, peft_model, task, examples, split
-        self.out, self.generation, self.model_id = out, generation, model_id
-        self.adapter, self.pairs, self.progress = adapter, pairs, progress
-
-    def texts(self, selections: list[Selection]) -> dict[Selection, list[str]]:
-        top = max(layer for layer, _ in self.pairs)
-        requests = {}
-        for s in selections:
-            b = top if s.is_full else s.prefix_boundary()
-            if b == -1 and parts_outside_layers(self.model):
-                b = None  # no LoRA layer, but the adapter's other parts on: not the base model
-            requests[s] = (_boundary_variant(b, top) if b is not None
-                           else Variant(f"selection {s.describe()}", selection=s))
-        generated = _generate_cached(self.engine, self.task, self.examples, list(requests.values()), self.split,
-                                     self.out, self.generation, self.model_id, self.adapter, self.pairs,
-                                     self.progress)
-        return {s: generated[request.name].texts for s, request in requests.items()}
-
-
 def _cached_json(folder: Path | None, name: str) -> dict | None:
     if folder is not None and (folder / name).is_file():
         return read_json(folder / name, "delete it and rerun the same command to compute that stage again")
     return None
-
-
-# ---------------------------------------------------------------------------
-# Generation per variant, cached as JSONL
-# ---------------------------------------------------------------------------
-
-BASE, FULL = "base model", "full adapter"
-
-
-def variant_name(boundary: int | None, top: int) -> str:
-    """"full adapter" at or above the adapter's top LoRA layer, "base model" below 0, else "pruned (b=N)"."""
-    if boundary is None or boundary >= top:
-        return FULL
-    if boundary < 0:
-        return BASE
-    return f"pruned (b={boundary})"
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _boundary_variant(boundary: int | None, top: int) -> Variant:
-    return Variant.at_boundary(variant_name(boundary, top), boundary)
-
-
-@dataclass
-class Generated:
-    texts: list[str]
-    file: str | None  # the JSONL holding them, relative to the output folder (None: not saved)
-
-
-def _model_identity(model_options: ModelOptions) -> dict:
-    """What identifies the loaded model in a cache key: its spec, dtype, device and its files' identity."""
-    return {"model": model_options.model, "dtype": model_options.dtype, "device": model_options.device,
-            "files": input_identity(model_options.model)}
-
-
-def _generate_cached(engine, task: Task, examples: list[Example], requests: list[Variant], split: str,
-                     out: Path | None, generation: GenerationOptions, model_id: dict, adapter,
-                     pairs: list[tuple[int, str]], progress) -> dict[str, Generated]:
-    """Outputs per variant name, reusing finished files; the rest are generated in one engine call.
-
-    The file is OUT/generations/SPLIT-NAME-KEY.jsonl. KEY hashes everything that determines the outputs: the
-    variant's identity (adapter content, the modules it keeps of the adapter's (layer, group) `pairs`), the model's
-    identity, the prompts and the generation settings; the name is only there to help a reader, so two variants
-    never share a file. Only rank 0 writes.
-    """
-    prompts = [task.prompt(e) for e in examples]
-    fingerprint = adapter_fingerprint(adapter)
-    outputs, missing = {}, []
-    for request in {r.name: r for r in requests}.values():
-        key = hashlib.sha256(json.dumps({"variant": request.key(fingerprint, pairs), "model": model_id, "split": split,
-                                         "prompts": prompts, "generation": asdict(generation)},
-                                        sort_keys=True).encode()).hexdigest()
-        relative = f"generations/{split}-{_slug(request.name)[-40:].strip('-') or 'variant'}-{key[:12]}.jsonl"
-        path = out / relative if out is not None else None
-        # The same variant under another name (b = 29 and b = 40, a per-group selection equal to a prefix) wrote
-        # a file with the same key: reuse it.
-        for found in ([path] + sorted(out.glob(f"generations/{split}-*-{key[:12]}.jsonl"))) if out else []:
-            rows = read_jsonl(found, "delete it and rerun the same command to generate it again") \
-                if found.is_file() else None
-            if rows and rows[0].get("key") == key and len(rows) == len(examples):
-                outputs[request.name] = Generated([r["output"] for r in rows], str(found.relative_to(out)))
-                break
-        else:
-            missing.append((request, key, relative, path))
-    if missing:
-        generated = engine.generate([request for request, *_ in missing], prompts, f"generate {split}", progress)
-        for request, key, relative, path in missing:
-            texts = generated[request.name]
-            if path is not None and distributed.is_main():
-                rows = [{"key": key, "index": i, "input": e.input, "references": list(e.references), "output": t}
-                        for i, (e, t) in enumerate(zip(examples, texts))]
-                write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            outputs[request.name] = Generated(texts, relative if path is not None else None)
-        distributed.barrier()
-    return outputs
 
 
 # ---------------------------------------------------------------------------
@@ -656,7 +453,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     check_output_dir(out, overwrite, "--out")
     _check_adapters(adapter, *(adapters or []), allow_pickle=model_options.allow_pickle)
     generation = generation or GenerationOptions()
-    _check_engine(generation, model_options, [adapter, *(adapters or [])], vllm)
+    check_engine_options(generation, model_options, [adapter, *(adapters or [])], vllm)
     asked = []
     if layers or group_boundaries or selections:
         num_layers = model_num_layers(model_options.model, trust_remote_code=model_options.trust_remote_code)
@@ -667,12 +464,12 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
                                                                               model_options, needs=("test",))
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
     origins = {b: ["asked with --boundaries"] for b in boundaries or []}
-    with _output_folder(out, overwrite) as out:
-        engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
+    with rank0_output_folder(out, overwrite) as out:
+        engine = make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
         try:
             result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
                                data_options.seed, progress, metric_options, adapter=adapter,
-                               model_id=_model_identity(model_options), origins=origins, engine=engine,
+                               model_id=model_identity(model_options), origins=origins, engine=engine,
                                extras=extras, selections=asked)
         finally:
             engine.close()
@@ -691,7 +488,7 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     """Base, full adapter, LoRA kept up to each b, each of `selections` (a Selection and where it comes from) and
     `extras` (exported adapters), all generated in one engine call. `origins`: b -> why that b is in the table."""
     require_nonempty(splits.test, "test")
-    engine = engine or _make_engine(generation, None, peft_model, tokenizer, None, None, out)
+    engine = engine or make_engine(generation, None, peft_model, tokenizer, None, None, out)
     num_layers = find_layer_stack(peft_model).num_layers
     for b in boundaries:
         check_boundary(b, num_layers)
@@ -702,9 +499,9 @@ def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: P
     wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
     chosen = {selection.describe(): (selection, origin) for selection, origin in selections}
     references = [list(e.references) for e in splits.test]
-    requests = [_boundary_variant(b, top) for b in wanted] + [Variant(name, selection) for name, (selection, _)
+    requests = [boundary_variant(b, top) for b in wanted] + [Variant(name, selection) for name, (selection, _)
                                                               in chosen.items()] + list(extras)
-    generated = _generate_cached(engine, task, splits.test, requests, "test", out, generation, model_id, adapter,
+    generated = generate_cached(engine, task, splits.test, requests, "test", out, generation, model_id, adapter,
                                  adapter_pairs(peft_model), progress)
     outputs = {name: g.texts for name, g in generated.items()}
     variants = []
@@ -873,7 +670,7 @@ def speed(model: str | None = None, adapter: str | Path | None = None, *, bounda
 # run: every stage into one folder, resumable
 # ---------------------------------------------------------------------------
 
-@holds_folder_locks  # the run folder's lock, taken in _claim_folder
+@holds_folder_locks  # the run folder's lock, taken in claim_folder
 def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", out: str | Path = "run", *,
         criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
@@ -906,9 +703,9 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "exact_curves": exact_curves}
     check_not_input(out, inputs)
     _check_selection_engine(settings, generation)
-    _check_engine(generation, model_options, [adapter], vllm)
+    check_engine_options(generation, model_options, [adapter], vllm)
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
-    _claim_folder(out, "run.json", asked, overwrite)
+    claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
                                                       needs=("validation", "test"))
@@ -916,7 +713,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     num_layers = find_layer_stack(peft_model).num_layers
     for given in ([boundary] if boundary is not None else []) + list(boundaries or []):
         check_boundary(given, num_layers)  # before the analysis, not after it
-    engine = _make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
+    engine = make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
     try:
         return _run_stages(out, adapter, task, splits, peft_model, tokenizer, num_layers, settings, generation,
                            boundaries, batch_size, bootstrap, data_options, model_options, engine, progress,
@@ -932,7 +729,7 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     """The five stages of `run`, each skipped when its result is already in OUT."""
 
     times = StageTimes(progress, earlier_stages)
-    _progress_print(progress, "[1/5] analysis: per-layer curves on validation")
+    distributed.print_progress(progress, "[1/5] analysis: per-layer curves on validation")
     times.next("analysis")
     joint = ("joint",) if settings.criterion == "per-module" and settings.boundary is None else ()
     curves = _cached_json(out, "curves.json") or _analyze(
@@ -940,7 +737,7 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
         progress, exact_curves)
 
     times.next(None)
-    _progress_print(progress, "[2/5] search: choosing the boundary")
+    distributed.print_progress(progress, "[2/5] search: choosing the boundary")
     times.next("search")
     found = _cached_json(out, "search.json")
     if found is None:
@@ -954,14 +751,14 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     top = max(layers)
     selection = Selection.from_json(found["selection"]) if b is None else Selection.prefix(b)
     if b is not None and b >= top:
-        _progress_print(progress, f"[3/5] prune: b = {b} keeps every LoRA layer, nothing to export")
+        distributed.print_progress(progress, f"[3/5] prune: b = {b} keeps every LoRA layer, nothing to export")
     elif b is not None and not any(layer <= b for layer in layers):
-        _progress_print(progress, f"[3/5] prune: b = {b} drops every LoRA layer (the base model), nothing to export")
+        distributed.print_progress(progress, f"[3/5] prune: b = {b} drops every LoRA layer (the base model), nothing to export")
     elif not Path(adapter, ADAPTER_WEIGHTS).is_file():
-        _progress_print(progress, "[3/5] prune: skipped, the adapter is a pickled adapter_model.bin "
+        distributed.print_progress(progress, "[3/5] prune: skipped, the adapter is a pickled adapter_model.bin "
                                   "(convert it to safetensors to export)")
     else:
-        _progress_print(progress, f"[3/5] prune: exporting {selection.describe()} to {pruned_dir}")
+        distributed.print_progress(progress, f"[3/5] prune: exporting {selection.describe()} to {pruned_dir}")
         if _cached_json(out, "prune.json") is None and distributed.is_main():
             export = prune_adapter(adapter, selection, pruned_dir, num_layers=num_layers, overwrite=True,
                                    layers_path=find_layer_stack(peft_model).layers_path)
@@ -969,12 +766,12 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
         distributed.barrier()
 
     times.next(None)
-    _progress_print(progress, "[4/5] evaluate: generation on test")
+    distributed.print_progress(progress, "[4/5] evaluate: generation on test")
     times.next("evaluate")
     origins = _run_origins(found, curves, settings.knee_fraction, boundaries or [], top)
     evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(origins), out, generation, bootstrap,
                            data_options.seed, progress, metric_options, adapter=adapter,
-                           model_id=_model_identity(model_options), origins=origins, engine=engine)
+                           model_id=model_identity(model_options), origins=origins, engine=engine)
     if b is None:  # a selection that is no prefix: not a row of the evaluation table
         evaluation["selection_test"] = _selection_on_test(found, engine, peft_model, task, splits, out, generation,
                                                           model_options, adapter, progress, bootstrap,
@@ -988,7 +785,7 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
                     str(pruned_dir)
 
     times.next(None)
-    _progress_print(progress, "[5/5] report")
+    distributed.print_progress(progress, "[5/5] report")
     times.next("report")
     report = {
         "meta": {"model": model_options.model, "adapter": str(adapter), "task": task.name, "sizes": _sizes(splits),
@@ -998,7 +795,7 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
                  "torch_threads": torch_threads()},
         "curves": curves, "search": found, **evaluation,
         "verdict": verdict(found, evaluation, top),
-        "notes": _notes(curves, _cached_json(out, "prune.json")),
+        "notes": report_notes(curves, _cached_json(out, "prune.json")),
     }
     if distributed.is_main():
         write_report(out, report)
@@ -1007,7 +804,7 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     report["stage_seconds"] = times.seconds
     if distributed.is_main():
         write_json_atomic(out / "report.json", report)
-    _progress_print(progress, times.summary())
+    distributed.print_progress(progress, times.summary())
     return report
 
 
@@ -1015,12 +812,12 @@ def _selection_on_test(found: dict, engine, peft_model, task, splits, out: Path,
                        progress, bootstrap: int, seed: int, metric_options) -> dict:
     """The chosen selection on test against the full adapter and the prefix of the same size (paired bootstrap).
 
-    Generated through _SelectionGenerator like the search's candidates, until the evaluation table takes
+    Generated through SelectionGenerator like the search's candidates, until the evaluation table takes
     Selections (the lead then makes it a row of that table)."""
     chosen = Selection.from_json(found["selection"])
     prefix = Selection.from_json(found["compared_prefix"]["selection"])
-    generator = _SelectionGenerator(engine, peft_model, task, splits.test, out, generation,
-                                    _model_identity(model_options), adapter, adapter_pairs(peft_model), progress,
+    generator = SelectionGenerator(engine, peft_model, task, splits.test, out, generation,
+                                    model_identity(model_options), adapter, adapter_pairs(peft_model), progress,
                                     split="test")
     texts = generator.texts(list(dict.fromkeys([chosen, prefix, Selection.full()])))
     references = [list(e.references) for e in splits.test]
@@ -1062,107 +859,11 @@ def _run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[in
     return origins
 
 
-def _claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
-    """Lock a run (or demo) folder; resume one of the same settings, refuse one of other settings unless --overwrite.
-
-    The lock is held until the calling @holds_folder_locks command returns: a second process is refused.
-    """
-    check_folder_path(out, "--out")
-    _folder_verdict(out, marker_name, asked, overwrite)  # refusals before the lock file is made
-    distributed.barrier()  # under torchrun every rank has judged the folder before rank 0 changes it
-    if distributed.is_main():
-        lock_folder(out)
-        if _folder_verdict(out, marker_name, asked, overwrite) == "replace":  # again, now that no one else writes
-            empty_folder(out)
-        write_marker(out, finished=True)  # a run folder is resumed, never cleared unasked
-        write_json_atomic(out / marker_name, asked)
-    distributed.barrier()
-
-
-def _folder_verdict(out: Path, marker_name: str, asked: dict, overwrite: bool) -> str:
-    """"new", "resume" or "replace" (--overwrite); refuses a folder of other settings or contents otherwise."""
-    marker = out / marker_name
-    # A folder holding only its settings stopped on a bad input before any work: start it afresh.
-    if not any(p.name not in (marker.name, MARKER) for p in folder_contents(out)):
-        return "new"
-    settings = read_json(marker, "rerun with --overwrite to start afresh") if marker.is_file() else None
-    if settings == json.loads(json.dumps(asked)):
-        return "resume"
-    if not overwrite:
-        why = "holds a run with other settings" if marker.is_file() else "is not empty"
-        raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
-    check_replaceable(out, "--out")
-    return "replace"
-
-
-@contextlib.contextmanager
-def _output_folder(out, overwrite: bool) -> Iterator[Path]:
-    """files.output_folder on rank 0; under torchrun the other ranks only use the path (rank 0 alone writes)."""
-    if distributed.is_main():
-        with output_folder(out, overwrite) as folder:
-            yield folder
-    else:
-        yield Path(out)
-
-
-def verdict(search: dict, evaluation: dict, top: int) -> str:
-    """Plain sentences on what the chosen boundary does on the test split, how it was chosen, and which other
-    rows are there only for comparison (and why)."""
-    if search.get("boundary") is None and "selection_test" in evaluation:
-        return _selection_verdict(search, evaluation["selection_test"])
-    b = search["boundary"]
-    tests = {(s["a"], s["metric"]): s for s in evaluation["significance"]}
-    name = variant_name(b, top)
-    why = f"b = {b}: {search['reason']}"
-
-    def on_test(variant: str) -> str:
-        return " ".join(tests[(variant, m)]["sentence"] for m in ("bleu", "rougeL") if (variant, m) in tests)
-
-    others = [v for v in evaluation["variants"] if v["name"] not in (BASE, FULL, name)]
-    compared = ""
-    if others:
-        listed = "; ".join(f"{v['name']}: {_comparison_reason(v)}" for v in others)
-        compared = (f" Not chosen, shown for comparison only: {listed}. On test: "
-                    + " ".join(on_test(v["name"]) for v in others))
-    if name == FULL:
-        return f"LoRA was kept on every layer, so nothing was dropped ({why}).{compared}"
-    if name == BASE:
-        return f"Every LoRA layer was dropped: the base model ({why}). On test: {on_test(BASE)}{compared}"
-    share = 1 - search.get("kept_fraction", 0.0)
-    return (f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). "
-            f"On test: {on_test(name)}{compared}")
-
-
-def _selection_verdict(search: dict, on_test: dict) -> str:
-    """verdict() for a chosen selection that is no prefix (per-module, greedy-drop)."""
-    chosen = on_test["describe"]
-    sentences = [describe_significance(test, chosen, other) for other, tests in on_test["against"].items()
-                 for test in tests.values()]
-    return (f"The search ({search['criterion']}) chose {chosen}, keeping {search.get('kept_fraction', 0.0):.0%} of "
-            f"the LoRA parameters ({search['reason']}). On test: {' '.join(sentences)}")
-
-
-def _comparison_reason(row: dict) -> str:
-    return str(row.get("origin") or "for comparison").removeprefix("for comparison: ")
-
-
-def _notes(curves: dict, export: dict | None) -> list[str]:
-    meta = curves["meta"]
-    notes = []
-    if meta.get("n_truncated"):
-        notes.append(f"{meta['n_truncated']} validation targets were cut to --max-length for the curves.")
-    if meta.get("n_skipped"):
-        notes.append(f"{meta['n_skipped']} validation examples were skipped: their prompt alone exceeds --max-length.")
-    if export is not None:
-        notes.append("; ".join(export["summary"]))
-    return notes
-
-
 # ---------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------
 
-@holds_folder_locks  # the demo folder's lock, taken in _claim_folder
+@holds_folder_locks  # the demo folder's lock, taken in claim_folder
 def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation_size: int = 40,
          test_size: int = 100, epochs: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
          overwrite: bool = False, progress: bool = True, exact_curves: bool = False) -> dict:
@@ -1174,12 +875,12 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
     settings = TrainSettings(epochs=epochs, seed=seed)  # every argument checked before the training
     out = Path(out)
     adapter = out / "adapter"
-    _claim_folder(out, "demo.json", {"train_size": train_size, "validation_size": validation_size,
+    claim_folder(out, "demo.json", {"train_size": train_size, "validation_size": validation_size,
                                      "test_size": test_size, "epochs": epochs, "seed": seed,
                                      "max_new_tokens": max_new_tokens, "exact_curves": exact_curves}, overwrite)
     started = time.perf_counter()
     if not (adapter / ADAPTER_WEIGHTS).is_file():
-        _progress_print(progress, "[0/5] train: LoRA on every layer of SmolLM2-135M, E2E")
+        distributed.print_progress(progress, "[0/5] train: LoRA on every layer of SmolLM2-135M, E2E")
         result = train(DEFAULT_MODEL, "e2e", adapter, settings=settings,
                        data_options=data_options, progress=progress)
         if progress and result.validation_loss_after is not None:

@@ -34,13 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import pipeline
+from . import distributed, pipeline
 from .boundary import SearchSettings
 from .errors import LoraboundError
 from .evaluate import METRIC_LABELS, format_p, paired_bootstrap
 from .files import check_not_input, holds_folder_locks, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .generation_cache import BASE, FULL
 from .model import DEFAULT_MODEL, model_num_layers
-from .pipeline import BASE, FULL, DataOptions, GenerationOptions, ModelOptions
+from .options import DataOptions, GenerationOptions, ModelOptions
+from .run_folders import claim_folder
 from .surgery import ADAPTER_WEIGHTS
 from .training import TrainSettings
 
@@ -303,7 +305,7 @@ def check_grid(grid: Grid) -> dict[str, int]:
 # 2. The cells
 # ---------------------------------------------------------------------------
 
-@holds_folder_locks  # the study folder's lock, taken in pipeline._claim_folder
+@holds_folder_locks  # the study folder's lock, taken in claim_folder
 def study(out: str | Path, grid: Grid, *, overwrite: bool = False, retry_failed: bool = False,
           progress: bool = True) -> dict:
     """Run every cell of `grid` into OUT (resumable), then write study.json, study.md and study.html."""
@@ -311,12 +313,12 @@ def study(out: str | Path, grid: Grid, *, overwrite: bool = False, retry_failed:
     check_grid(grid)
     given = [c.given_adapter() for c in grid.cells()]
     check_not_input(out, [*grid.models, *grid.tasks, grid.transfer, *given])
-    pipeline._claim_folder(out, GRID_MARKER, _grid_record(grid), overwrite)
+    claim_folder(out, GRID_MARKER, _grid_record(grid), overwrite)
     started = time.time()
     cells = grid.cells()
     rows = []
     for index, cell in enumerate(cells, 1):
-        pipeline._progress_print(progress, f"=== cell {index}/{len(cells)}: {cell.id}")
+        distributed.print_progress(progress, f"=== cell {index}/{len(cells)}: {cell.id}")
         record = _run_cell(cell, grid, out / "cells" / cell.id, retry_failed, progress)
         rows.append(summarise_cell(record, out / "cells" / cell.id, grid))
     summary = build_summary(grid, rows, seconds=time.time() - started)
@@ -334,7 +336,7 @@ def _run_cell(cell: Cell, grid: Grid, folder: Path, retry_failed: bool, progress
     record_file = folder / "cell.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else None
     if record and (record["status"] == "ok" or (record["status"] == "failed" and not retry_failed)):
-        pipeline._progress_print(progress, f"already {record['status']}: {cell.id}")
+        distributed.print_progress(progress, f"already {record['status']}: {cell.id}")
         return record
     folder.mkdir(parents=True, exist_ok=True)
     data_options = grid.data_options(cell.task, cell.seed)
@@ -360,7 +362,7 @@ def _run_cell(cell: Cell, grid: Grid, folder: Path, retry_failed: bool, progress
             times["transfer"] = time.time() - clock
         record = {"cell": _cell_dict(cell), "status": "ok", "reason": None, "adapter": str(adapter), "seconds": times}
     except LoraboundError as error:
-        pipeline._progress_print(progress, f"cell {cell.id} failed: {error}")
+        distributed.print_progress(progress, f"cell {cell.id} failed: {error}")
         record = {"cell": _cell_dict(cell), "status": "failed", "reason": str(error), "seconds": times}
     write_json_atomic(record_file, record)
     return record
@@ -416,7 +418,7 @@ def _transfer(cell: Cell, grid: Grid, adapter: Path, report: dict, out: Path, pr
     done = out / "evaluation.json"
     if done.is_file() and (out / "transfer.json").is_file() and json.loads((out / "transfer.json").read_text()) == marker:
         return json.loads(done.read_text())
-    pipeline._progress_print(progress, f"transfer: b = {b} on {grid.transfer} test")
+    distributed.print_progress(progress, f"transfer: b = {b} on {grid.transfer} test")
     result = pipeline.evaluate(cell.model, adapter, grid.transfer, boundaries=[b] if b >= 0 else [], out=out,
                                data_options=grid.data_options(grid.transfer, cell.seed),
                                generation=grid.generation_options(), bootstrap=grid.bootstrap, overwrite=True,

@@ -1,0 +1,59 @@
+"""The report's plain sentences: what the chosen boundary (or selection) does on test, and its notes."""
+
+from __future__ import annotations
+
+from .evaluate import describe_significance
+from .generation_cache import BASE, FULL, variant_name
+
+
+def verdict(search: dict, evaluation: dict, top: int) -> str:
+    """Plain sentences on what the chosen boundary does on the test split, how it was chosen, and which other
+    rows are there only for comparison (and why)."""
+    if search.get("boundary") is None and "selection_test" in evaluation:
+        return selection_verdict(search, evaluation["selection_test"])
+    b = search["boundary"]
+    tests = {(s["a"], s["metric"]): s for s in evaluation["significance"]}
+    name = variant_name(b, top)
+    why = f"b = {b}: {search['reason']}"
+
+    def on_test(variant: str) -> str:
+        return " ".join(tests[(variant, m)]["sentence"] for m in ("bleu", "rougeL") if (variant, m) in tests)
+
+    others = [v for v in evaluation["variants"] if v["name"] not in (BASE, FULL, name)]
+    compared = ""
+    if others:
+        listed = "; ".join(f"{v['name']}: {comparison_reason(v)}" for v in others)
+        compared = (f" Not chosen, shown for comparison only: {listed}. On test: "
+                    + " ".join(on_test(v["name"]) for v in others))
+    if name == FULL:
+        return f"LoRA was kept on every layer, so nothing was dropped ({why}).{compared}"
+    if name == BASE:
+        return f"Every LoRA layer was dropped: the base model ({why}). On test: {on_test(BASE)}{compared}"
+    share = 1 - search.get("kept_fraction", 0.0)
+    return (f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). "
+            f"On test: {on_test(name)}{compared}")
+
+
+def selection_verdict(search: dict, on_test: dict) -> str:
+    """verdict() for a chosen selection that is no prefix (per-module, greedy-drop)."""
+    chosen = on_test["describe"]
+    sentences = [describe_significance(test, chosen, other) for other, tests in on_test["against"].items()
+                 for test in tests.values()]
+    return (f"The search ({search['criterion']}) chose {chosen}, keeping {search.get('kept_fraction', 0.0):.0%} of "
+            f"the LoRA parameters ({search['reason']}). On test: {' '.join(sentences)}")
+
+
+def comparison_reason(row: dict) -> str:
+    return str(row.get("origin") or "for comparison").removeprefix("for comparison: ")
+
+
+def report_notes(curves: dict, export: dict | None) -> list[str]:
+    meta = curves["meta"]
+    notes = []
+    if meta.get("n_truncated"):
+        notes.append(f"{meta['n_truncated']} validation targets were cut to --max-length for the curves.")
+    if meta.get("n_skipped"):
+        notes.append(f"{meta['n_skipped']} validation examples were skipped: their prompt alone exceeds --max-length.")
+    if export is not None:
+        notes.append("; ".join(export["summary"]))
+    return notes
