@@ -279,11 +279,10 @@ def tiny_world(tmp_path_factory):
     """A tiny model folder, a random adapter on every layer, and a JSONL task with Russian references."""
     import json
 
-    from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+    from tiny import tiny_lora, save_tiny_base
 
     root = tmp_path_factory.mktemp("search")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     tiny_lora().save_pretrained(root / "adapter")
     rows = [{"input": f"место {i}", "target": RUSSIAN[i % len(RUSSIAN)]} for i in range(12)]
     (root / "data.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -16,7 +16,7 @@ from lorabound.errors import LoraboundError
 from lorabound.surgery import AdapterFiles
 
 from clitools import cli, ok, refused
-from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+from tiny import tiny_lora, save_tiny_base
 
 TEMPLATE = "Describe: {input}\nText:"
 
@@ -39,8 +39,7 @@ def write_jsonl(path: Path, data) -> Path:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     tiny_lora().save_pretrained(root / "adapter")
     write_jsonl(root / "data.jsonl", rows(24))
     w = SimpleNamespace(root=root, base=root / "base", adapter=root / "adapter", data=root / "data.jsonl")

@@ -13,7 +13,7 @@ import lorabound
 from lorabound import distributed
 from lorabound.cli import main
 
-from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+from tiny import tiny_llama, tiny_lora, save_tiny_base
 
 TESTS = Path(__file__).parent
 
@@ -22,8 +22,7 @@ TESTS = Path(__file__).parent
 def workspace(tmp_path_factory):
     """A tiny model folder, a JSONL task and a random LoRA adapter on all its layers."""
     root = tmp_path_factory.mktemp("dist")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     tiny_lora(tiny_llama()).save_pretrained(root / "adapter")
     rows = [{"input": f"name: Place {i}, area: riverside", "target": f"Place {i} is by the riverside."}
             for i in range(40)]

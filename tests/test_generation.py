@@ -302,7 +302,7 @@ def test_real_tokenizer_id_rule_stops_where_the_text_rule_does(real_model):
 
 
 def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monkeypatch):
-    from lorabound import engines, pipeline
+    from lorabound import engines
     from lorabound.engines import HFEngine
     from lorabound.pipeline import GenerationOptions
 
@@ -333,7 +333,7 @@ def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monk
 
 def test_equal_selections_share_cached_generations_and_different_ones_never_do(tmp_path, monkeypatch):
     """The cache key holds the selection stated on the adapter's own modules, not its name or how it was asked."""
-    from lorabound import engines, pipeline
+    from lorabound import engines
     from lorabound.engines import HFEngine
     from lorabound.pipeline import GenerationOptions
     from lorabound.variants import Variant

@@ -26,7 +26,7 @@ from lorabound.model import load_adapter, load_model
 from lorabound.surgery import AdapterFiles, prune_adapter
 
 from clitools import refused_alone
-from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+from tiny import tiny_llama, tiny_lora, tiny_tokenizer, save_tiny_base
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -44,8 +44,7 @@ def write_rows(path: Path, n: int = 12) -> Path:
 def world(tmp_path_factory):
     """A 4-layer tiny model folder; adapters on q,v (plain and DoRA) and on every linear module; a JSONL task."""
     root = tmp_path_factory.mktemp("integrity")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     tiny_lora(target_modules=["q_proj", "v_proj"]).save_pretrained(root / "qv")
     tiny_lora().save_pretrained(root / "all")
     tiny_lora(target_modules=["q_proj", "v_proj"], use_dora=True).save_pretrained(root / "dora")

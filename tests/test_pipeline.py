@@ -16,13 +16,12 @@ from lorabound.model import load_model
 from lorabound.pipeline import DataOptions, GenerationOptions
 from lorabound.surgery import keep_up_to
 
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import save_tiny_base
 
 
 def tiny_task_folder(root):
     """A tiny model folder and a JSONL task with two references per example; returns the CLI's common flags."""
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     rows = [{"input": f"name: Place {i}, area: riverside",
              "target": [f"Place {i} is by the riverside.", f"By the river is Place {i}."]} for i in range(30)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -16,14 +16,13 @@ from lorabound.surgery import keep_selection
 
 from clitools import ok
 from test_cli import TEMPLATE, rows, table_rows, write_jsonl
-from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+from tiny import tiny_lora, save_tiny_base
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("selection-cli")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     tiny_lora().save_pretrained(root / "adapter")
     write_jsonl(root / "data.jsonl", rows(16))
     common = ["--model", root / "base", "--data", root / "data.jsonl", "--template", TEMPLATE, "--validation-size",

@@ -122,11 +122,10 @@ def test_settings_refuse_what_the_new_criteria_do_not_take(settings, message):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+    from tiny import tiny_lora, save_tiny_base
 
     root = tmp_path_factory.mktemp("selections")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     tiny_lora(seed=3).save_pretrained(root / "adapter")
     rows = [{"input": f"name: Place {i}, area: riverside",
              "target": [f"Place {i} is by the riverside.", f"By the river is Place {i}."]} for i in range(30)]

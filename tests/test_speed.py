@@ -17,7 +17,7 @@ from lorabound.speed import (Job, SpeedSettings, build_model, greedy_steps, lora
 from lorabound.surgery import prune_adapter
 
 from clitools import ok, refused_alone
-from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+from tiny import tiny_lora, save_tiny_base
 
 FAST = dict(batch_sizes=[1, 2], new_tokens=2, repeats=2, isolate=False)
 
@@ -25,8 +25,7 @@ FAST = dict(batch_sizes=[1, 2], new_tokens=2, repeats=2, isolate=False)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("speed")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     tiny_lora().save_pretrained(root / "adapter")
     rows = [{"input": f"name: Place {i}, area: riverside", "target": f"Place {i} is by the river."} for i in range(12)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

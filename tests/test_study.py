@@ -16,7 +16,7 @@ from lorabound.errors import LoraboundError
 from lorabound.study import bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
 
 from test_report import chromium_binary, run_chromium
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import save_tiny_base
 
 
 def _rows(place: str, n: int = 30) -> str:
@@ -29,8 +29,7 @@ def _rows(place: str, n: int = 30) -> str:
 def workspace(tmp_path_factory):
     """A tiny model folder and two JSONL tasks."""
     root = tmp_path_factory.mktemp("study")
-    tiny_llama().save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_tiny_base(root)
     (root / "places.jsonl").write_text(_rows("Place"))
     (root / "inns.jsonl").write_text(_rows("Inn"))
     return root

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -80,3 +82,10 @@ def real_sparse_lora(real_model, validation: int):
     examples = split_task(task, train=0, validation=validation, test=0, seed=0).validation
     return model, tokenizer, encode_pairs(tokenizer, task, first_reference_pairs(examples), 128)
 
+
+
+def save_tiny_base(root: Path) -> Path:
+    """A tiny Llama and its tokenizer saved as a model folder ROOT/base, as a user's model folder would be."""
+    tiny_llama().save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    return root / "base"
