@@ -430,3 +430,19 @@ def test_paper_grid_parses_and_its_splits_fit_the_data():
         assert len(splits.test) == asked["test_size"] and len(splits.validation) == asked["validation_size"]
         assert len(splits.train) == options.train_size == asked["train_size"]
     assert grid.data_options("xsum", 0).max_length == 320 and grid.data_options("e2e", 0).max_length == 256
+
+
+def test_gemma_grid_is_the_paper_grids_long_training_on_one_seed():
+    """studies/gemma.toml (the second model): the long r = 16 training and every data setting of studies/paper.toml,
+    so its cells are comparable with the paper grid's long cells."""
+    import tomllib
+    from pathlib import Path
+
+    studies = Path(__file__).parent.parent / "studies"
+    paper, gemma = (tomllib.loads((studies / name).read_text()) for name in ("paper.toml", "gemma.toml"))
+    assert gemma["data"] == paper["data"] and gemma["generation"] == paper["generation"]
+    assert gemma["search"] == paper["search"] and gemma["tasks"] == paper["tasks"]
+    long = next(t for t in paper["training"] if t["name"] == "long")
+    assert gemma["training"] == [long] and gemma["seeds"] == [0]
+    cells = load_grid(studies / "gemma.toml").cells()
+    assert [c.id for c in cells] == [f"gemma-3-270m-q4-k-m-{task}-long-s0" for task in ("e2e", "webnlg", "xsum")]
