@@ -132,7 +132,7 @@ def test_more_ranks_than_batches_is_handled(workspace):
 
 
 DYING_RANK = """
-import atexit, os, sys
+import atexit, os, sys, time
 from lorabound import analysis
 from lorabound.cli import main
 
@@ -144,12 +144,31 @@ def score_batch(*args, **kwargs):
     calls[0] += 1
     if os.environ["RANK"] == "1" and calls[0] == die_at:
         os._exit(7)  # rank 1 dies in the middle of the analysis
+    if os.environ["RANK"] == "0" and calls[0] == die_at and os.environ.get("BUSY"):
+        time.sleep(60)  # rank 0 is busy (no collective) when the launcher stops it
     return real(*args, **kwargs)
 
 analysis.score_batch = score_batch
 atexit.register(lambda: print(f"rank {os.environ['RANK']} scored {calls[0]} batches", file=sys.stderr))
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def test_a_rank_stopped_by_the_launcher_while_busy_names_the_rank_that_died(workspace, tmp_path, monkeypatch):
+    """torchrun sends SIGTERM to the survivors as soon as one rank fails; a survivor busy outside any collective
+    still says in one line which rank stopped, instead of dying silently."""
+    root, common = workspace
+    flags = ["--batch-size", "1", "--criterion", "knee", "--max-new-tokens", "4", "--bootstrap", "50"]
+    script = tmp_path / "dying.py"
+    script.write_text(DYING_RANK)
+    monkeypatch.setenv("DIE_AT", "4")
+    monkeypatch.setenv("BUSY", "1")
+    died = _torchrun(["--quiet", "run", *common, *flags, "--out", str(tmp_path / "two")], script=script)
+    assert died.returncode != 0
+    assert re.search(r"error: rank 0 of 2: the command failed because rank 1 stopped \(SIGTERM from the launcher\); "
+                     r"see why in its output above, then rerun the same command to resume", died.stderr), \
+        died.stderr[-3000:]
+    assert "rank 0 scored 4 batches" in died.stderr  # it was stopped inside its sleep, not after it
 
 
 def test_a_dying_rank_stops_the_others_and_a_rerun_resumes(workspace, tmp_path, monkeypatch):

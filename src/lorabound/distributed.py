@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Any, Sequence
 
@@ -64,6 +66,15 @@ def start(device: str = "cpu") -> None:
     global _peers
     _peers = [None] * world_size()
     dist.all_gather_object(_peers, (socket.gethostname(), os.getpid()))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)
+
+
+def _stopped_by_launcher(signum, frame) -> None:
+    """torchrun sends SIGTERM to the other ranks as soon as one fails, often before they reach a collective and
+    notice: say which rank stopped, in the same one line as a failed collective, instead of dying silently."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise LoraboundError(_failure_line("the command", "SIGTERM from the launcher"))
 
 
 _peers: list[tuple[str, int]] | None = None  # (host, pid) of every rank, in rank order, once started
@@ -113,14 +124,19 @@ def _collective(what: str, call):
         return call()
     except RuntimeError as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        gone = stopped_ranks()
-        if gone:
-            who = f"rank {gone[0]} stopped" if len(gone) == 1 else f"ranks {', '.join(map(str, gone))} stopped"
-            fix = "see why in its output above"
-        else:
-            who, fix = "another rank stopped", "see torchrun's summary for the failed rank"
-        raise LoraboundError(f"rank {rank()} of {world_size()}: {what} failed because {who} ({first}); "
-                             f"{fix}, then rerun the same command to resume") from err
+        raise LoraboundError(_failure_line(what, first)) from err
+
+
+def _failure_line(what: str, cause: str) -> str:
+    """One line naming this rank, what failed, the rank that stopped (when it can be told) and the fix."""
+    gone = stopped_ranks()
+    if gone:
+        who = f"rank {gone[0]} stopped" if len(gone) == 1 else f"ranks {', '.join(map(str, gone))} stopped"
+        fix = "see why in its output above"
+    else:
+        who, fix = "another rank stopped", "see torchrun's summary for the failed rank"
+    return (f"rank {rank()} of {world_size()}: {what} failed because {who} ({cause}); {fix}, then rerun the same "
+            f"command to resume")
 
 
 def sum_floats(values: list[float]) -> list[float]:
@@ -172,3 +188,5 @@ def finish() -> None:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
