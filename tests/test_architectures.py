@@ -31,6 +31,7 @@ from lorabound.analysis import analyze, truncation_curve_plain
 from lorabound.data import batches
 from lorabound.errors import LoraboundError
 from lorabound.model import apply_head, find_layer_stack
+from lorabound.training import target_loss
 from lorabound.surgery import AdapterFiles, keep_lora, keep_up_to, lora_modules, prune_adapter
 
 from tiny import randomize_lora, tiny_encoded, tiny_tokenizer
@@ -130,6 +131,32 @@ def test_old_norm_then_head_missed_the_logit_scaling(arch):
         old = old_head(stack, hidden)
     factor = 8.0 if arch == "granite" else 1 / 0.125
     torch.testing.assert_close(old, expected * factor, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_training_loss_with_the_head_at_targets_only_equals_the_models_own(tok, arch):
+    """training.target_loss runs the head only where a target is predicted: same loss and LoRA gradients as
+    model(labels=...).loss, also where the model scales or soft-caps its logits after the head."""
+    model = tiny_adapter(arch).train()
+    encoded = tiny_encoded(tok)
+    encoded.input_ids[1], encoded.labels[1] = encoded.input_ids[1][:-3], encoded.labels[1][:-3]
+    batch = next(batches(encoded, 4, 0))
+    assert (batch.attention_mask == 0).any()  # rows of different lengths: padding is not predicted either
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    losses, grads = [], []
+    for compute in (lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  labels=batch.labels).loss,
+                    lambda: target_loss(model, batch)):
+        model.zero_grad()
+        torch.manual_seed(0)  # GPT-2's own dropout: the same masks both times
+        loss = compute()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in lora])
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads[0])
 
 
 # ---- the sweep and its self-check ----------------------------------------------------------------------

@@ -70,6 +70,35 @@ def test_interrupted_training_resumes_from_checkpoint(tmp_path, monkeypatch):
         assert torch.allclose(a(input_ids=x).logits, b(input_ids=x).logits, atol=1e-5)
 
 
+def _own_loss(model, batch, reduction="mean"):
+    """The loss before the head ran at targets only: transformers' own, from the logits of every position."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    return out.loss * (batch.labels[:, 1:] != -100).sum() if reduction == "sum" else out.loss
+
+
+def _trained_both_ways(monkeypatch, tmp_path, model_factory, tok, task, splits, settings):
+    """Adapter tensors trained with training.target_loss, then with the model's own loss (same seed)."""
+    import lorabound.training
+
+    adapters = []
+    for name in ("targets-only", "own-loss"):
+        if name == "own-loss":
+            monkeypatch.setattr(lorabound.training, "target_loss", _own_loss)
+        train(model_factory(), tok, task, splits, tmp_path / name, settings, progress=False)
+        adapters.append(load_file(str(tmp_path / name / "adapter_model.safetensors")))
+    return adapters
+
+
+def test_training_with_the_head_at_targets_only_equals_training_on_the_models_own_loss(tmp_path, monkeypatch):
+    task, splits = tiny_splits()
+    settings = TrainSettings(rank=4, alpha=8, epochs=4, batch_size=4, learning_rate=5e-3, max_length=64)
+    fast, own = _trained_both_ways(monkeypatch, tmp_path, tiny_llama, tiny_tokenizer(), task, splits, settings)
+    assert fast.keys() == own.keys()
+    for name in own:
+        torch.testing.assert_close(fast[name], own[name], atol=1e-6, rtol=1e-5)
+    assert any(own[name].abs().sum() > 0 for name in own if "lora_B" in name)  # training moved B off zero
+
+
 def test_training_refuses_existing_adapter_and_empty_split(tmp_path):
     task, splits = tiny_splits()
     (tmp_path / "adapter").mkdir()
@@ -99,6 +128,20 @@ def test_real_model_trains_saves_and_reloads(tmp_path):
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
     assert adapter_layers(reloaded) == list(range(30))
+
+
+@pytest.mark.real
+def test_real_model_training_with_the_head_at_targets_only_equals_the_models_own_loss(tmp_path, monkeypatch):
+    """Two steps on SmolLM2-135M and E2E (dropout on): the same adapter as training on model(labels=...).loss."""
+    task = load_task("e2e")
+    splits = split_task(task, train=3, validation=0, test=0, seed=0)
+    settings = TrainSettings(epochs=1, batch_size=8, max_length=256)
+    model_factory = lambda: load_model("smollm2-135m")[0]  # noqa: E731
+    tok = load_model("smollm2-135m")[1]
+    fast, own = _trained_both_ways(monkeypatch, tmp_path, model_factory, tok, task, splits, settings)
+    for name in own:
+        torch.testing.assert_close(fast[name], own[name], atol=1e-6, rtol=1e-5)
+    assert any(own[name].abs().sum() > 0 for name in own if "lora_B" in name)
 
 
 def test_diverging_training_stops_writes_nothing_and_a_lower_lr_reruns(tmp_path, capsys):

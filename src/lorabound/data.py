@@ -527,13 +527,16 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.indices)
 
 
-def batches(encoded: Encoded, batch_size: int, pad_token_id: int, *, shuffle_seed: int | None = None):
-    """Yield Batch objects in order (or shuffled with the seed)."""
+def batches(encoded: Encoded, batch_size: int, pad_token_id: int, *, shuffle_seed: int | None = None,
+            by_length: bool = False):
+    """Yield Batch objects in order, shuffled with the seed, or `by_length` (longest first: least padding)."""
     if batch_size < 1:
         raise LoraboundError(f"--batch-size {batch_size} is too small; pass at least 1")
     order = list(range(len(encoded.input_ids)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
+    elif by_length:
+        order.sort(key=lambda i: -len(encoded.input_ids[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         width = max(len(encoded.input_ids[i]) for i in rows)

@@ -24,6 +24,7 @@ from .data import (Encoded, Splits, Task, batches, encode_pairs, input_fingerpri
                    training_pairs)
 from .errors import LoraboundError
 from .files import atomic_dir, check_output_dir, write_json_atomic
+from .model import head_only_at
 from .validation import check_arguments
 
 
@@ -70,17 +71,32 @@ def lora_config(settings: TrainSettings) -> LoraConfig:
     )
 
 
+def target_loss(model, batch, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the target tokens (labels != -100), what transformers' loss gives for `labels`.
+
+    The output head runs only at the positions that predict a target (model.head_only_at): the same logits for
+    those rows, and the other rows never had a gradient. tests/test_training.py checks that the trained adapter
+    equals the one trained on the model's own loss.
+    """
+    predicts = torch.zeros_like(batch.labels, dtype=torch.bool)
+    predicts[:, :-1] = batch.labels[:, 1:] != -100  # the hidden state at t predicts token t + 1
+    with head_only_at(model, predicts) as gathered:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = logits[0] if gathered[0] else logits[predicts]
+    return torch.nn.functional.cross_entropy(logits.float(), batch.labels[:, 1:][predicts[:, :-1]],
+                                             reduction=reduction)
+
+
 @torch.no_grad()
 def mean_loss(model, encoded: Encoded, batch_size: int, pad_token_id: int) -> float:
-    """Token-weighted mean cross-entropy on target tokens."""
+    """Token-weighted mean cross-entropy on target tokens (batched by length: less padding, same value)."""
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for batch in batches(encoded, batch_size, pad_token_id):
+    for batch in batches(encoded, batch_size, pad_token_id, by_length=True):
         batch = batch.to(device)
-        n = int((batch.labels[:, 1:] != -100).sum())
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-        total, count = total + out.loss.item() * n, count + n
+        total += target_loss(model, batch, reduction="sum").item()
+        count += int((batch.labels[:, 1:] != -100).sum())
     return total / max(count, 1)
 
 
@@ -128,8 +144,7 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
                 break
             torch.manual_seed(settings.seed * 1_000_003 + global_step)  # dropout masks independent of resumes
             batch = batch.to(device)
-            loss = peft_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              labels=batch.labels).loss
+            loss = target_loss(peft_model, batch)
             guard.step, guard.fresh = global_step + 1, not losses
             guard.check(loss, "the loss")
             loss.backward()

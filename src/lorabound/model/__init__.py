@@ -12,7 +12,7 @@ from .adapters import (ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, adap
                        load_adapter, read_adapter_config, read_adapter_tensors)
 from .gguf import DEFAULT_MODEL, load_gguf_model
 from .layers import (KNOWN_FINAL_NORM_NAMES, KNOWN_LAYER_PATHS, SUPPORTED_LAYOUTS, LayerStack, apply_head,
-                     find_layer_stack, layers_path_of_names, module_layer_index, unwrap_model)
+                     find_layer_stack, head_only_at, layers_path_of_names, module_layer_index, unwrap_model)
 from .loading import (DTYPES, EMBEDDED_GGUF, EMBEDDED_PACKAGE, EMBEDDED_PIP, embedded_gguf_path, load_model,
                       model_layers_path, model_num_layers, model_paths, resolve_model_dir)
 
@@ -40,6 +40,7 @@ __all__ = [
     "LayerStack",
     "apply_head",
     "find_layer_stack",
+    "head_only_at",
     "layers_path_of_names",
     "module_layer_index",
     "unwrap_model",

@@ -161,6 +161,37 @@ def apply_head(stack: LayerStack, hidden: torch.Tensor) -> torch.Tensor:
     return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
 
+@contextlib.contextmanager
+def head_only_at(model, predicts: torch.Tensor):
+    """Inside, the model's output head runs only on the positions where `predicts` ([batch, seq] bool) is True.
+
+    A forward pre-hook on the head hands it those hidden states as one sequence [1, n, hidden], so the logits
+    come out [1, n, vocab], in the order of ``predicts.nonzero()``; whatever the model does after the head
+    (soft-capping, scaling) still runs, on fewer rows. Training needs the logits only where a target token is
+    predicted (about a third of the positions on E2E), and the head over a 49k vocabulary is a fifth of
+    SmolLM2's forward. Yields a one-item list, [True] once the head ran on the gathered rows; a head called
+    with another shape (or a model without one) runs unchanged and the caller gathers from full logits.
+    """
+    base = unwrap_model(model)
+    get_output_embeddings = getattr(base, "get_output_embeddings", None)
+    head = get_output_embeddings() if callable(get_output_embeddings) else None
+    gathered = [False]
+
+    def gather(module, args):
+        hidden = args[0]
+        if gathered[0] or hidden.dim() != 3 or hidden.shape[:2] != predicts.shape:
+            return None
+        gathered[0] = True
+        return (hidden[predicts].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        yield gathered
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def _block_returns_tuple(stack: LayerStack, one_token: torch.Tensor) -> bool:
     """Run the model once on one position to see what its last block returns (transformers 5: mostly a tensor)."""
     seen = []
