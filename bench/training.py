@@ -5,9 +5,10 @@
 Both train LoRA (r=16, all-linear, the defaults) on the same E2E pairs, in the same shuffled batches, from
 the same base weights. lorabound's loop adds gradient clipping, the learning-rate schedule, per-step dropout
 seeds and a resumable checkpoint every 10 steps; the validation loss is left out (no validation split) so
-that only training steps are timed. Then one more plain pass is profiled (the ratio uses the faster of the
-two plain passes): forward, backward, optimizer,
-and the share of padding in the batches.
+that only training steps are timed. lorabound runs the output head only where a target token is predicted
+(training.target_loss); the plain loop gives transformers the labels, so its head covers every position. Then
+one more plain pass is profiled (the ratio uses the faster of the two plain passes): forward, backward,
+optimizer, and the share of padding in the batches; and torch.profiler splits lorabound's own steps by operator.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from peft import get_peft_model
 
 from lorabound.data import Splits, batches, encode_pairs, load_task, split_task, training_pairs
 from lorabound.model import load_model
-from lorabound.training import TrainSettings, lora_config, train
+from lorabound.training import TrainSettings, lora_config, target_loss, train
 
 
 def plain_loop(model, encoded, settings: TrainSettings, pad: int, profile: dict | None = None) -> int:
@@ -95,6 +96,42 @@ def main() -> None:
           f"backward {share['backward']:.0%}, optimizer {share['optimizer']:.0%}, "
           f"other {1 - sum(share.values()):.0%}; padding is {1 - profile['tokens'] / profile['padded']:.0%} "
           f"of the batch positions")
+
+    shares = operator_shares(copy.deepcopy(base), encoded, settings, pad)
+    print("where lorabound's step time goes (torch.profiler, 2 steps): " +
+          ", ".join(f"{name} {share:.0%}" for name, share in shares.items()))
+
+
+# Operator groups for the profile; everything else is "other".
+GROUPS = {"matrix products": ("aten::mm", "aten::addmm", "aten::bmm"),
+          "LoRA dropout masks": ("aten::bernoulli_",),
+          "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                        "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+          "log-softmax": ("aten::_log_softmax", "aten::_log_softmax_backward_data")}
+
+
+def operator_shares(model, encoded, settings: TrainSettings, pad: int) -> dict[str, float]:
+    """Share of self CPU time by operator group over two of lorabound's training steps (after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    peft_model = get_peft_model(model, lora_config(settings)).train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=settings.learning_rate)
+    steps = list(batches(encoded, settings.batch_size, pad, shuffle_seed=settings.seed))[:3]
+
+    def step(batch):
+        target_loss(peft_model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(steps[0])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in steps[1:]:
+            step(batch)
+    self_time = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_time.values())
+    shares = {name: sum(self_time.get(op, 0) for op in ops) / total for name, ops in GROUPS.items()}
+    shares["other"] = 1 - sum(shares.values())
+    return shares
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LM
 
 from lorabound import analysis
 from lorabound.analysis import analyze, truncation_curve_plain
+from lorabound.data import batches
 
 from tiny import randomize_lora, real_sparse_lora, tiny_encoded, tiny_lora, tiny_tokenizer
 
@@ -212,6 +213,26 @@ def test_approximated_lens_and_ablation_are_the_exact_curves_of_the_first_batche
     assert abs(fast["ablation"]["full_nll"] - subset["truncation"]["nll"][-1]) < 1e-6
     whole = analyze(model, encoded, batch_size=2, pad_token_id=tok.pad_token_id, progress=False, exact=True)
     assert whole["logit_lens"]["full_prob"] != fast["logit_lens"]["full_prob"]  # really a subset
+
+
+def test_analysis_batches_by_length_within_the_approximated_group_and_the_rest(tok):
+    """Sorting by length cuts padding, but the approximated curves still cover the first examples in input order."""
+    encoded = tiny_encoded(tok)  # 7 examples
+    for row, cut in ((0, 6), (2, 1), (5, 4), (6, 2)):  # lengths that differ, so that order matters
+        encoded.input_ids[row], encoded.labels[row] = encoded.input_ids[row][:-cut], encoded.labels[row][:-cut]
+    sorted_batches, subset = analysis.analysis_batches(encoded, 2, tok.pad_token_id, exact=False)
+    assert subset == 1
+    assert sorted(sorted_batches[0].indices) == [0, 1]  # the approximated group: the first batch's examples
+    assert sorted(i for b in sorted_batches for i in b.indices) == list(range(7))
+    lengths = [len(ids) for ids in encoded.input_ids]
+    assert all(lengths[b.indices[0]] == max(lengths[i] for i in b.indices) for b in sorted_batches)
+
+    def padded(batches):
+        return sum(b.attention_mask.numel() for b in batches)
+    assert padded(sorted_batches) < padded(list(batches(encoded, 2, tok.pad_token_id)))
+    exact, _ = analysis.analysis_batches(encoded, 2, tok.pad_token_id, exact=True)
+    assert [len(b.indices) for b in exact] == [2, 2, 2, 1]
+    assert [lengths[b.indices[0]] for b in exact] == sorted(lengths, reverse=True)[::2]
 
 
 def test_approximated_plots_say_so(tok, tmp_path):

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import Encoded, batches
+from .data import Encoded, batches, by_length
 from .errors import LoraboundError
 from .files import write_json_atomic
 from .model import LayerStack, apply_head, find_layer_stack, unwrap_model
@@ -339,6 +339,20 @@ def approximated_batches(n_batches: int, exact: bool) -> int:
     return n_batches if exact else min(n_batches, max(1, round(n_batches * APPROXIMATE_SHARE)))
 
 
+def analysis_batches(encoded: Encoded, batch_size: int, pad_token_id: int, exact: bool) -> tuple[list, int]:
+    """(batches, how many leading ones the approximated curves use).
+
+    Rows are batched by length, which cuts the padding the layers run on (21% -> 8% of the positions on the
+    demo's validation split), but within two groups: the examples of the leading batches in input order
+    (those the approximated curves cover, as before) and the rest, so that sorting changes no example's group.
+    """
+    n_batches = -(-len(encoded.input_ids) // batch_size)
+    subset = approximated_batches(n_batches, exact)
+    split = subset * batch_size
+    order = by_length(encoded, 0, split) + by_length(encoded, split)
+    return list(batches(encoded, batch_size, pad_token_id, order=order)), subset
+
+
 def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, curves: tuple[str, ...] = CURVES,
             checkpoint: str | Path | None = None, progress: bool = True, meta: dict | None = None,
             exact: bool = False) -> dict:
@@ -367,9 +381,8 @@ def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, 
               "logit_lens": ["lens_base", "lens_full"],
               "ablation": ["ablation"] + ([] if exact else ["ablation_full"]), "joint": ["joint"]}
     names = [n for c in curves for n in wanted[c]]
-    all_batches = list(batches(encoded, batch_size, pad_token_id))
+    all_batches, subset = analysis_batches(encoded, batch_size, pad_token_id, exact)
     check_reproduces_model(model, stack, all_batches, lora_layers)
-    subset = approximated_batches(len(all_batches), exact)
     fingerprint = _fingerprint(encoded, batch_size, curves, lora_layers + outside, exact)
 
     state = _load_checkpoint(checkpoint, fingerprint)
@@ -479,7 +492,7 @@ def _full_nll(result: dict, scores: dict[str, TokenScores]) -> float | None:
 
 
 def _fingerprint(encoded: Encoded, batch_size: int, curves, lora_layers, exact: bool) -> str:
-    blob = json.dumps([encoded.input_ids, encoded.labels, batch_size, list(curves), lora_layers, exact])
+    blob = json.dumps([encoded.input_ids, encoded.labels, batch_size, list(curves), lora_layers, exact, "by length"])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -527,16 +527,21 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.indices)
 
 
+def by_length(encoded: Encoded, start: int = 0, stop: int | None = None) -> list[int]:
+    """Rows start..stop-1, longest first (ties in order): batches of similar lengths, the least padding."""
+    rows = range(len(encoded.input_ids))[start:stop]
+    return sorted(rows, key=lambda i: -len(encoded.input_ids[i]))
+
+
 def batches(encoded: Encoded, batch_size: int, pad_token_id: int, *, shuffle_seed: int | None = None,
-            by_length: bool = False):
-    """Yield Batch objects in order, shuffled with the seed, or `by_length` (longest first: least padding)."""
+            order: list[int] | None = None):
+    """Yield Batch objects in order, shuffled with the seed, or in the given `order` of rows."""
     if batch_size < 1:
         raise LoraboundError(f"--batch-size {batch_size} is too small; pass at least 1")
-    order = list(range(len(encoded.input_ids)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    elif by_length:
-        order.sort(key=lambda i: -len(encoded.input_ids[i]))
+    if order is None:
+        order = list(range(len(encoded.input_ids)))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(order)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         width = max(len(encoded.input_ids[i]) for i in rows)

@@ -182,7 +182,7 @@ def _maskable_modules(model):
 # Entry points
 # ---------------------------------------------------------------------------
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 16,
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 32,
              stop_at_newline: bool = True, max_prompt_length: int | None = None,
              progress: bool | str = True) -> GenerationResult:
     """Greedy outputs for `prompts` (new text only, only the first non-blank line when `stop_at_newline`, stripped).
@@ -200,7 +200,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
 
 def generate_variants(model, tokenizer, prompts: list[str],
                       variants: Sequence[tuple[str, Selection | Iterable[int] | None]], *,
-                      max_new_tokens: int = 64, batch_size: int = 16, stop_at_newline: bool = True,
+                      max_new_tokens: int = 64, batch_size: int = 32, stop_at_newline: bool = True,
                       max_prompt_length: int | None = None, progress: bool | str = True,
                       batched: bool = True) -> dict[str, GenerationResult]:
     """:func:`generate` for several LoRA variants of a peft model: {variant key: result}.

@@ -68,7 +68,8 @@ class ModelOptions:
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per example at most"})
-    generation_batch_size: int = field(default=16, metadata={"help": "examples per generation batch"})
+    # 32 rather than 16: 11% faster on 2 cores with the same outputs (README, Measurements).
+    generation_batch_size: int = field(default=32, metadata={"help": "examples per generation batch"})
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
     engine: str = field(default="hf", metadata={"help": "generation engine: hf (transformers) or vllm"})
 

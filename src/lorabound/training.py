@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import (Encoded, Splits, Task, batches, encode_pairs, input_fingerprints, require_nonempty,
+from .data import (Encoded, Splits, Task, batches, by_length, encode_pairs, input_fingerprints, require_nonempty,
                    training_pairs)
 from .errors import LoraboundError
 from .files import atomic_dir, check_output_dir, write_json_atomic
@@ -93,7 +93,7 @@ def mean_loss(model, encoded: Encoded, batch_size: int, pad_token_id: int) -> fl
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for batch in batches(encoded, batch_size, pad_token_id, by_length=True):
+    for batch in batches(encoded, batch_size, pad_token_id, order=by_length(encoded)):
         batch = batch.to(device)
         total += target_loss(model, batch, reduction="sum").item()
         count += int((batch.labels[:, 1:] != -100).sum())
