@@ -46,6 +46,12 @@ print("STAGES " + json.dumps(seconds))
 """
 
 
+def test_metrics(demo_folder: Path) -> dict:
+    """{row name: (BLEU, ROUGE-L, chrF)} of a demo's report."""
+    report = json.loads((demo_folder / "run" / "report.json").read_text())
+    return {row["name"]: tuple(row["metrics"][k] for k in ("bleu", "rougeL", "chrf")) for row in report["variants"]}
+
+
 def run_baseline(commit: str, scratch: Path) -> tuple[float, dict]:
     tree = scratch / "baseline"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
@@ -83,10 +89,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         if args.skip_baseline:
-            base_wall, base_stages = args.skip_baseline, {}
+            base_wall, base_stages, base_metrics = args.skip_baseline, {}, None
         else:
             base_wall, base_stages = run_baseline(args.baseline, scratch)
+            base_metrics = test_metrics(scratch / "demo-baseline")
         now_wall, now_stages = run_current(scratch)
+        now_metrics = test_metrics(scratch / "demo-current")
 
     def show(label: str, wall: float, stages: dict) -> None:
         parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items())
@@ -94,6 +102,12 @@ def main() -> None:
 
     show(f"baseline {args.baseline}", base_wall, base_stages)
     show("current", now_wall, now_stages)
+    for name, values in now_metrics.items():
+        print(f"  {name:<16} BLEU {values[0]:6.2f}  ROUGE-L {values[1]:6.2f}  chrF {values[2]:6.2f}")
+    if base_metrics is not None:
+        same = base_metrics == now_metrics
+        print("test metrics of every row: " + ("identical to the baseline's" if same else
+                                              f"DIFFERENT from the baseline's {base_metrics}"))
     ratio = now_wall / base_wall
     print(f"ratio current / baseline: {ratio:.3f}")
     print(f"estimate on the machine where the baseline took {args.baseline_seconds:.0f} s: "

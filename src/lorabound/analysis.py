@@ -342,7 +342,7 @@ def approximated_batches(n_batches: int, exact: bool) -> int:
 def analysis_batches(encoded: Encoded, batch_size: int, pad_token_id: int, exact: bool) -> tuple[list, int]:
     """(batches, how many leading ones the approximated curves use).
 
-    Rows are batched by length, which cuts the padding the layers run on (21% -> 8% of the positions on the
+    Rows are batched by length, which cuts the padding the layers run on (21% -> 12% of the positions on the
     demo's validation split), but within two groups: the examples of the leading batches in input order
     (those the approximated curves cover, as before) and the rest, so that sorting changes no example's group.
     """

@@ -24,19 +24,20 @@ from pathlib import Path
 from . import __version__, distributed
 from .analysis import CURVES, check_joint_groups
 from .analysis import analyze as analyze_curves
-from .boundary import (METRIC_CRITERIA, SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary,
+from .boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary,
                        knee)
 from .boundary import search as search_boundary
 from .data import Splits, encode_pairs, first_reference_pairs, input_fingerprints, require_nonempty
 from .engines import VLLMOptions
 from .errors import LoraboundError
-from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
+from .evaluate import MetricOptions
+from .evaluation_table import evaluate_variants, file_size, run_origins, selection_on_test
 from .files import (check_not_input, check_output_dir, existing_path, holds_folder_locks, input_identity,
                     lock_folder, output_folder, read_json, write_json_atomic)
-from .generation_cache import (FULL, SelectionGenerator, boundary_variant, check_engine_options, generate_cached,
-                               make_engine, model_identity, variant_name)
+from .generation_cache import (SelectionGenerator, boundary_variant, check_engine_options, generate_cached,
+                               make_engine, model_identity)
 from .greedy import greedy_path, params_budget
-from .model import (ADAPTER_PICKLE, DEFAULT_MODEL, adapter_weights_file, check_lora_config, find_layer_stack,
+from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, find_layer_stack,
                     model_num_layers, model_paths, read_adapter_config)
 from .options import DataOptions, GenerationOptions, ModelOptions
 from .report import format_table, plot_curves, write_report
@@ -44,8 +45,8 @@ from .run_folders import claim_folder, rank0_output_folder
 from .runtime import torch_threads
 from .selection import GROUPS, Selection, parse_layers, per_group_over
 from .selection_search import pair_params, search_greedy, search_per_module
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
-                      check_selection, exported_bytes, lora_modules, lora_params_per_layer, prune_adapter)
+from .surgery import (ADAPTER_WEIGHTS, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs, check_selection,
+                      lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
 from .validation import check_arguments
@@ -467,143 +468,15 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
     with rank0_output_folder(out, overwrite) as out:
         engine = make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, out)
         try:
-            result = _evaluate(peft_model, tokenizer, task, splits, boundaries or [], out, generation, bootstrap,
-                               data_options.seed, progress, metric_options, adapter=adapter,
-                               model_id=model_identity(model_options), origins=origins, engine=engine,
-                               extras=extras, selections=asked)
+            result = evaluate_variants(peft_model, tokenizer, task, splits, boundaries or [], out, generation,
+                                       bootstrap, data_options.seed, progress, metric_options, adapter=adapter,
+                                       model_id=model_identity(model_options), origins=origins, engine=engine,
+                                       extras=extras, selections=asked)
         finally:
             engine.close()
         if distributed.is_main():
             write_json_atomic(out / "evaluation.json", result)
     return result
-
-
-REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every LoRA layer"}
-
-
-def _evaluate(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation, bootstrap: int,
-              seed: int, progress, metric_options: MetricOptions | None = None, *, adapter, model_id: dict,
-              origins: dict[int, list[str]], engine=None, extras: list[Variant] = (),
-              selections: list[tuple[Selection, str]] = ()) -> dict:
-    """Base, full adapter, LoRA kept up to each b, each of `selections` (a Selection and where it comes from) and
-    `extras` (exported adapters), all generated in one engine call. `origins`: b -> why that b is in the table."""
-    require_nonempty(splits.test, "test")
-    engine = engine or make_engine(generation, None, peft_model, tokenizer, None, None, out)
-    num_layers = find_layer_stack(peft_model).num_layers
-    for b in boundaries:
-        check_boundary(b, num_layers)
-    per_layer = lora_params_per_layer(peft_model)
-    layers = sorted(per_layer)
-    top = max(layers)  # the adapter's highest LoRA layer: any b from there up is the full adapter
-    sizes = _SizeOf(adapter, peft_model)
-    wanted = [-1, None] + sorted({b for b in boundaries if 0 <= b < top})
-    chosen = {selection.describe(): (selection, origin) for selection, origin in selections}
-    references = [list(e.references) for e in splits.test]
-    requests = [boundary_variant(b, top) for b in wanted] + [Variant(name, selection) for name, (selection, _)
-                                                              in chosen.items()] + list(extras)
-    generated = generate_cached(engine, task, splits.test, requests, "test", out, generation, model_id, adapter,
-                                 adapter_pairs(peft_model), progress)
-    outputs = {name: g.texts for name, g in generated.items()}
-    variants = []
-    for b in wanted:
-        name = variant_name(b, top)
-        metrics = score(outputs[name], references, metric_options)
-        params = 0 if b == -1 else sum(n for layer, n in per_layer.items() if b is None or layer <= b)
-        variants.append(_variant_row(name, b, metrics, params, sizes.at(b, top), generated[name].file,
-                                     _origin(b, top, origins), None if b == -1 else _boundary_selection(b)))
-        if b is None:
-            signature, rouge_signature = metrics["bleu_signature"], metrics["rouge_signature"]
-    for name, (selection, origin) in chosen.items():
-        metrics = score(outputs[name], references, metric_options)
-        params = sum(m.num_params() for m in lora_modules(peft_model) if selection.keeps(m.layer, m.group))
-        variants.append(_variant_row(name, None, metrics, params, sizes.of(selection),
-                                     generated[name].file, origin, selection))
-    significance = []
-    for row in variants:
-        if row["name"] != FULL:
-            for metric in ("bleu", "rougeL"):
-                test = paired_bootstrap(outputs[row["name"]], outputs[FULL], references, metric=metric,
-                                        n_resamples=bootstrap, seed=seed, options=metric_options)
-                significance.append({**test, "a": row["name"], "b": FULL,
-                                     "sentence": describe_significance(test, row["name"], FULL)})
-    for extra in extras:
-        metrics = score(outputs[extra.name], references, metric_options)
-        variants.append(_variant_row(extra.name, None, metrics, _adapter_params(extra.adapter),
-                                     _file_size(extra.adapter), generated[extra.name].file,
-                                     "exported adapter (--adapters)"))
-    examples = [{"input": e.input, "references": list(e.references), "outputs": {n: t[i] for n, t in outputs.items()}}
-                for i, e in enumerate(splits.test[:5])]
-    return {"variants": variants, "significance": significance, "examples": examples, "bleu_signature": signature,
-            "rouge_signature": rouge_signature, "lora_params_total": sum(per_layer.values())}
-
-
-def _boundary_selection(b: int | None) -> Selection:
-    return Selection.full() if b is None else Selection.prefix(b)
-
-
-def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
-    """Why a row is in the table: its b's origins, the full adapter's for any b from the top layer up."""
-    if b == -1:
-        found = origins.get(-1, [])
-        return "; ".join(found) if found else REFERENCE_ORIGINS["base"]
-    if b is None:
-        found = [text for given, texts in sorted(origins.items()) if given >= top for text in texts]
-        return "; ".join(dict.fromkeys(found)) if found else REFERENCE_ORIGINS["full"]
-    return "; ".join(dict.fromkeys(origins.get(b, []))) or "asked"
-
-
-def _variant_row(name, boundary, metrics: dict, params, size: tuple[float | None, str | None], hypotheses_file,
-                 origin: str, selection: Selection | None = None) -> dict:
-    """One row of the table. `selection`: the LoRA of the loaded adapter it keeps (None: the base model or another
-    adapter folder, which are no selection of it): recorded as Selection.to_json() and in words."""
-    mb, how = size
-    kept = {} if selection is None else {"selection": selection.to_json(), "description": selection.describe()}
-    return {"name": name, "boundary": boundary, "origin": origin, **kept, "lora_params": params, "adapter_mb": mb,
-            "adapter_mb_source": how,
-            "metrics": {k: metrics[k] for k in ("bleu", "rouge1", "rouge2", "rougeL", "chrf")},
-            "hypotheses_file": hypotheses_file}
-
-
-class _SizeOf:
-    """On-disk adapter sizes (MB) per variant, and how each was found.
-
-    "file": the adapter's own weights file. "export": the exact size of the safetensors file a peft export at
-    that b writes, tensors in their stored dtype (computed by serialising them, nothing written).
-    "estimate": LoRA parameters x the loaded dtype's bytes, only where the weights cannot be read (pickles).
-    """
-
-    def __init__(self, adapter, peft_model):
-        self.adapter, self.model = Path(adapter), peft_model
-        try:
-            self.files = AdapterFiles.read(adapter)
-        except LoraboundError:
-            self.files = None
-
-    def at(self, b: int | None, top: int) -> tuple[float | None, str | None]:
-        if b == -1:
-            return None, None
-        if b is None or b >= top:
-            return _file_size(self.adapter)
-        return self.of(Selection.prefix(b))
-
-    def of(self, selection: Selection) -> tuple[float | None, str | None]:
-        """The size of a peft export of `selection` (see at)."""
-        if self.files is not None:
-            return exported_bytes(self.files, selection) / 1e6, "export"
-        params = sum(m.num_params() for m in lora_modules(self.model) if selection.keeps(m.layer, m.group))
-        element = next(p for n, p in self.model.named_parameters() if "lora_" in n).element_size()
-        return params * element / 1e6, "estimate"
-
-
-def _adapter_params(folder) -> int:
-    return AdapterFiles.read(folder).lora_params()
-
-
-def _file_size(folder) -> tuple[float, str]:
-    """The adapter's weights file size in MB (safetensors, else the pickle), measured."""
-    folder = Path(folder)
-    weights = folder / ADAPTER_WEIGHTS if (folder / ADAPTER_WEIGHTS).is_file() else folder / ADAPTER_PICKLE
-    return weights.stat().st_size / 1e6, "file"
 
 
 # ---------------------------------------------------------------------------
@@ -768,20 +641,20 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
     times.next(None)
     distributed.print_progress(progress, "[4/5] evaluate: generation on test")
     times.next("evaluate")
-    origins = _run_origins(found, curves, settings.knee_fraction, boundaries or [], top)
-    evaluation = _evaluate(peft_model, tokenizer, task, splits, sorted(origins), out, generation, bootstrap,
-                           data_options.seed, progress, metric_options, adapter=adapter,
-                           model_id=model_identity(model_options), origins=origins, engine=engine)
+    origins = run_origins(found, curves, settings.knee_fraction, boundaries or [], top)
+    evaluation = evaluate_variants(peft_model, tokenizer, task, splits, sorted(origins), out, generation,
+                                   bootstrap, data_options.seed, progress, metric_options, adapter=adapter,
+                                   model_id=model_identity(model_options), origins=origins, engine=engine)
     if b is None:  # a selection that is no prefix: not a row of the evaluation table
-        evaluation["selection_test"] = _selection_on_test(found, engine, peft_model, task, splits, out, generation,
-                                                          model_options, adapter, progress, bootstrap,
-                                                          data_options.seed, metric_options)
+        evaluation["selection_test"] = selection_on_test(found, engine, peft_model, task, splits, out, generation,
+                                                         model_options, adapter, progress, bootstrap,
+                                                         data_options.seed, metric_options)
     if (pruned_dir / ADAPTER_WEIGHTS).is_file() and b is None and evaluation.get("selection_test"):
         evaluation["selection_test"]["exported_to"] = str(pruned_dir)
     elif (pruned_dir / ADAPTER_WEIGHTS).is_file():
         for row in evaluation["variants"]:
             if row["boundary"] == b:
-                (row["adapter_mb"], row["adapter_mb_source"]), row["exported_to"] = _file_size(pruned_dir), \
+                (row["adapter_mb"], row["adapter_mb_source"]), row["exported_to"] = file_size(pruned_dir), \
                     str(pruned_dir)
 
     times.next(None)
@@ -806,57 +679,6 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
         write_json_atomic(out / "report.json", report)
     distributed.print_progress(progress, times.summary())
     return report
-
-
-def _selection_on_test(found: dict, engine, peft_model, task, splits, out: Path, generation, model_options, adapter,
-                       progress, bootstrap: int, seed: int, metric_options) -> dict:
-    """The chosen selection on test against the full adapter and the prefix of the same size (paired bootstrap).
-
-    Generated through SelectionGenerator like the search's candidates, until the evaluation table takes
-    Selections (the lead then makes it a row of that table)."""
-    chosen = Selection.from_json(found["selection"])
-    prefix = Selection.from_json(found["compared_prefix"]["selection"])
-    generator = SelectionGenerator(engine, peft_model, task, splits.test, out, generation,
-                                    model_identity(model_options), adapter, adapter_pairs(peft_model), progress,
-                                    split="test")
-    texts = generator.texts(list(dict.fromkeys([chosen, prefix, Selection.full()])))
-    references = [list(e.references) for e in splits.test]
-    result = {"selection": found["selection"], "describe": chosen.describe(),
-              "metrics": {k: v for k, v in score(texts[chosen], references, metric_options).items()
-                          if k in ("bleu", "rougeL", "chrf")}, "against": {}}
-    for name, other in (("full adapter", Selection.full()), (f"prefix {prefix.describe()}", prefix)):
-        if other == chosen:
-            continue
-        result["against"][name] = {m: paired_bootstrap(texts[chosen], texts[other], references, metric=m,
-                                                       n_resamples=bootstrap, seed=seed, options=metric_options)
-                                   for m in ("bleu", "rougeL")}
-    return result
-
-
-def _run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[int], top: int) -> dict[int, list[str]]:
-    """The boundaries `run` evaluates on test, each with why: chosen, the knee, asked, or the best smaller one.
-
-    A chosen selection that is no prefix (per-module, greedy-drop) is evaluated apart (_selection_on_test); its
-    prefix of the same size is a row here."""
-    b = found["boundary"]
-    chosen = ("given with --boundary" if found["criterion"] == "boundary"
-              else f"chosen by the search ({found['criterion']})")
-    if b is None:
-        b, chosen = found["compared_prefix"]["boundary"], "for comparison: prefix of the same size as the selection"
-    origins: dict[int, list[str]] = {b: [chosen]}
-    knee_b = knee(curves["truncation"], knee_fraction)
-    origins.setdefault(knee_b, []).append(f"for comparison: knee of the curve ({knee_fraction:.0%} of the gain)")
-    for given in asked:
-        origins.setdefault(given, []).append("for comparison: asked with --boundaries")
-    if all(c >= top for c in origins):
-        # The search kept everything: still show on test what the best smaller candidate would have cost.
-        metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
-        below = [c for c in found["candidates"]
-                 if c.get("boundary") is not None and 0 <= c["boundary"] < top and c.get(metric) is not None]
-        if below:
-            best = max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"]
-            origins.setdefault(best, []).append(f"for comparison: best smaller candidate by validation {metric}")
-    return origins
 
 
 # ---------------------------------------------------------------------------

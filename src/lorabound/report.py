@@ -262,7 +262,7 @@ def _number(value, digits: int = 2) -> str:
 
 
 def _size(variant: dict) -> str:
-    """The adapter's size on disk; an estimate says so (see pipeline._SizeOf for how each is found)."""
+    """The adapter's size on disk; an estimate says so (see evaluation_table.SizeOf for how each is found)."""
     text = _number(_as_float(variant.get("adapter_mb")))
     return f"~{text} (estimate)" if variant.get("adapter_mb_source") == "estimate" and text != "n/a" else text
 
