@@ -649,9 +649,9 @@ def test_refused_or_crashed_command_does_not_block_its_rerun(capsys, tmp_path, w
     line = refused(capsys, *command(world, "evaluate", out), "--adapters", tmp_path / "missing")
     assert "does not exist" in line and not out.exists()
 
-    import lorabound.pipeline as pipeline
+    import lorabound.evaluation_table as evaluation_table
 
-    real = pipeline.score
+    real = evaluation_table.score
     calls = []
 
     def crash_on_second(*args, **kwargs):
@@ -660,12 +660,12 @@ def test_refused_or_crashed_command_does_not_block_its_rerun(capsys, tmp_path, w
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "score", crash_on_second)
+    monkeypatch.setattr(evaluation_table, "score", crash_on_second)
     with pytest.raises(RuntimeError):
         main(["--quiet", *map(str, command(world, "evaluate", out))])
     capsys.readouterr()
     assert json.loads((out / ".lorabound").read_text())["finished"] is False
-    monkeypatch.setattr(pipeline, "score", real)
+    monkeypatch.setattr(evaluation_table, "score", real)
     code, _, err = cli(capsys, *command(world, "evaluate", out))  # the same command, no --overwrite needed
     assert code == 0, err
     assert json.loads((out / ".lorabound").read_text())["finished"] is True
