@@ -130,16 +130,22 @@ def test_quality_goal_drops_layers_for_a_gain_beyond_noise():
     assert test["ci_low"] > 0 and test["p_value"] < 0.05 / 4  # four smaller candidates: b = 1, 2, 3, 4
 
 
-def test_size_goal_takes_the_smallest_b_not_significantly_worse_within_tolerance():
-    # b = 1 loses two examples (a couple of points, not significant); b = 0 loses twelve (significant).
+def test_size_goal_takes_the_smallest_b_shown_non_inferior_within_the_margin():
+    # b = 1 loses two examples (about 5 points; its interval reaches about -15); b = 0 loses twelve.
     right = {0: 0, 1: 10, 3: 12, 5: 12}
     settings = dict(criterion="auto", goal="size", candidates=[0, 1, 3])
-    strict = search(CURVE, SearchSettings(**settings), 6, PER_LAYER, validation(right))
-    assert strict.boundary == 3  # tolerance 0: no loss at all
-    loose = search(CURVE, SearchSettings(**settings, tolerance=10), 6, PER_LAYER, validation(right))
+    strict = search(CURVE, SearchSettings(**settings, tolerance=0), 6, PER_LAYER, validation(right))
+    assert strict.boundary == 3  # margin 0: only b = 3, identical to the full adapter, shows no loss at all
+    default = search(CURVE, SearchSettings(**settings), 6, PER_LAYER, validation(right))
+    assert default.boundary == 3 and "margin of 1 points" in default.reason  # 24 examples cannot show -1 at most
+    assert "the sequence stopped at b = 1" in default.reason
+    loose = search(CURVE, SearchSettings(**settings, tolerance=20), 6, PER_LAYER, validation(right))
     assert loose.boundary == 1
-    assert loose.reason.startswith("goal size: the smallest b not significantly worse")
-    assert "at most 10 points below it" in loose.reason
+    assert loose.reason.startswith("goal size: the smallest b shown non-inferior, b = 1")
+    assert "margin of 20 points" in loose.reason and "the sequence stopped at b = 0" in loose.reason
+    by_b = {c["boundary"]: c for c in loose.candidates}
+    assert by_b[3]["non_inferior"] is True and by_b[1]["non_inferior"] is True and by_b[0]["non_inferior"] is False
+    assert loose.validation_tests["margin"] == 20
     zero = next(c for c in loose.candidates if c["boundary"] == 0)["vs_full"][COMBINED]
     assert zero["diff"] < -10 and zero["p_value"] < 0.05
 
@@ -156,7 +162,11 @@ def test_every_candidate_has_intervals_against_the_full_adapter():
             assert t["ci_low"] <= t["ci_high"] and 0 < t["p_value"] <= 1
         assert by_b[b]["vs_full"]["bleu"]["diff"] == pytest.approx(by_b[b]["bleu"] - by_b[5]["bleu"])
     assert by_b[0]["vs_full"]["rougeL"]["ci_high"] < 0  # far worse: the interval says so
-    assert by_b[3]["vs_full"][COMBINED] == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0}
+    same = by_b[3]["vs_full"][COMBINED]  # identical outputs: no difference, no spread, nothing to detect
+    assert (same["diff"], same["ci_low"], same["ci_high"], same["p_value"], same["mdd"]) == (0, 0, 0, 1, 0)
+    assert same["n_for_effect"] is None and same["n"] == 24
+    differs = by_b[1]["vs_full"][COMBINED]
+    assert 0 < differs["mdd"] < 100 and differs["n_for_effect"] > 24  # 24 examples cannot detect 1.15 points
     tests = result.validation_tests
     assert tests["n"] == 24 and tests["resamples"] == 1000 and "tok:13a" in tests["bleu_signature"]
     assert "tok:unicode" in tests["rouge_signature"]
@@ -184,24 +194,25 @@ def compared(bleu: tuple, rouge: tuple) -> dict:
     mean_p = min(bleu[1], rouge[1])
     tests = {"bleu": bleu, "rougeL": rouge, COMBINED: ((bleu[0] + rouge[0]) / 2, mean_p)}
     return {"bleu": 30 + bleu[0], "rougeL": 50 + rouge[0], COMBINED: 40 + tests[COMBINED][0],
-            "vs_full": {m: {"diff": d, "ci_low": d - 1, "ci_high": d + 1, "p_value": p} for m, (d, p) in tests.items()}}
+            "vs_full": {m: {"diff": d, "ci_low": d - 1, "ci_high": d + 1, "p_value": p, "smallest_p": 0.001, "se": 0.5,
+                            "n": 40, "effect": 1.0} for m, (d, p) in tests.items()}}
 
 
 def test_goal_rules_refuse_a_gain_that_costs_a_significant_loss_on_one_metric():
-    from lorabound.boundary import _pick_for_goal
+    from lorabound.boundary import pick_for_goal
 
     full = {"bleu": 30, "rougeL": 50, COMBINED: 40, "vs_full": None}
     # b = 1: a big BLEU gain, a significant ROUGE-L loss. b = 2: a modest gain on both, beyond noise.
     scored = {1: compared((+12, 0.001), (-4, 0.01)), 2: compared((+2, 0.004), (+2, 0.004)), 5: full}
-    b, reason = _pick_for_goal(scored, "quality", 0.0, 5)
+    b, reason = pick_for_goal(scored, "quality", 0.0, 5)
     assert b == 2 and "neither BLEU nor ROUGE-L significantly lower" in reason
     # For size, b = 1 is the smallest and gains on the mean, but is significantly worse on ROUGE-L.
-    b, reason = _pick_for_goal(scored, "size", 0.0, 5)
-    assert b == 2 and reason.startswith("goal size: the smallest b not significantly worse on BLEU, ROUGE-L")
+    b, reason = pick_for_goal(scored, "size", 0.0, 5)
+    assert b == 2 and reason.startswith("goal size: the smallest b shown non-inferior, b = 2")
     # A gain beyond noise for one candidate alone is not enough after the Bonferroni correction for three.
     scored = {0: compared((0, 1.0), (0, 1.0)), 1: compared((-1, 0.5), (-1, 0.5)), 2: compared((+2, 0.03), (+2, 0.03)),
               5: full}
-    b, reason = _pick_for_goal(scored, "quality", 0.0, 5)
+    b, reason = pick_for_goal(scored, "quality", 0.0, 5)
     assert b == 5 and "needs p < 0.0167: 0.05 / 3 candidates" in reason
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lorabound.errors import LoraboundError
 from lorabound.evaluate import (COMBINED, MetricOptions, UnicodeTokenizer, available_bleu_tokenizers,
-                                describe_significance, paired_bootstrap, score, score_from_stats, segment_stats)
+                                describe_significance, paired_test, score, score_from_stats, segment_stats)
 from lorabound.generation import generate
 
 SENTENCES = [
@@ -156,7 +156,7 @@ def test_identical_systems_have_no_difference():
     refs = [[s] for s in SENTENCES]
     hyps = [_damaged(s) for s in SENTENCES]
     for metric in ("bleu", "rougeL", COMBINED):
-        result = paired_bootstrap(hyps, list(hyps), refs, metric=metric, n_resamples=200)
+        result = paired_test(hyps, list(hyps), refs, metric=metric, n_resamples=200)
         assert result["mean_diff"] == 0.0
         assert result["p_value"] == 1.0
         assert result["ci_low"] == 0.0 and result["ci_high"] == 0.0
@@ -167,12 +167,12 @@ def test_a_system_better_on_every_example_is_significant():
     better = [s for s in SENTENCES * 3]
     worse = [_damaged(s) for s in SENTENCES * 3]
     for metric in ("bleu", "rougeL", COMBINED):
-        result = paired_bootstrap(better, worse, refs, metric=metric, n_resamples=1000, seed=1)
+        result = paired_test(better, worse, refs, metric=metric, n_resamples=1000, seed=1)
         assert result["p_value"] < 0.01, metric
         assert result["ci_low"] > 0, metric
         assert result["a_score"] > result["b_score"]
         assert result["mean_diff"] > 0
-        reverse = paired_bootstrap(worse, better, refs, metric=metric, n_resamples=1000, seed=1)
+        reverse = paired_test(worse, better, refs, metric=metric, n_resamples=1000, seed=1)
         assert reverse["ci_high"] < 0 and reverse["p_value"] < 0.01
 
 
@@ -180,9 +180,9 @@ def test_bootstrap_is_deterministic_for_a_seed():
     refs = [[s] for s in SENTENCES]
     a = [_damaged(s) if i % 2 else s for i, s in enumerate(SENTENCES)]
     b = [_damaged(s) if i % 3 else s for i, s in enumerate(SENTENCES)]
-    first = paired_bootstrap(a, b, refs, n_resamples=300, seed=7)
-    assert paired_bootstrap(a, b, refs, n_resamples=300, seed=7) == first
-    assert paired_bootstrap(a, b, refs, n_resamples=300, seed=8)["mean_diff"] != first["mean_diff"]
+    first = paired_test(a, b, refs, n_resamples=300, seed=7)
+    assert paired_test(a, b, refs, n_resamples=300, seed=7) == first
+    assert paired_test(a, b, refs, n_resamples=300, seed=8)["mean_diff"] != first["mean_diff"]
     assert first["n"] == len(SENTENCES) and first["n_resamples"] == 300 and first["seed"] == 7
 
 
@@ -210,7 +210,7 @@ def test_bleu_statistics_give_sacrebleus_corpus_score_exactly(tokenize):
     # a resample with repeated examples: the summed statistics give the corpus score of the repeated corpus
     idx = [0, 0, 3, 5, 5, 5, 11, 2, n - 1, n - 4, n - 4]
     assert score_from_stats("bleu", stats[idx].sum(axis=0), len(idx)) == corpus(idx)
-    result = paired_bootstrap(hyps, MIXED, refs, n_resamples=10, options=options)
+    result = paired_test(hyps, MIXED, refs, n_resamples=10, options=options)
     assert result["a_score"] == corpus(range(n))
     assert result["a_score"] == score(hyps, refs, options)["bleu"]
 
@@ -219,9 +219,9 @@ def test_rouge_and_combined_bootstrap_agree_with_score():
     hyps = [_damaged(s) if i % 2 else s[::-1] for i, s in enumerate(SENTENCES)]
     refs = [[s, SENTENCES[(i + 1) % len(SENTENCES)]] for i, s in enumerate(SENTENCES)]
     scores = score(hyps, refs)
-    rouge = paired_bootstrap(hyps, SENTENCES, refs, metric="rougeL", n_resamples=50, seed=3)
-    bleu = paired_bootstrap(hyps, SENTENCES, refs, metric="bleu", n_resamples=50, seed=3)
-    both = paired_bootstrap(hyps, SENTENCES, refs, metric=COMBINED, n_resamples=50, seed=3)
+    rouge = paired_test(hyps, SENTENCES, refs, metric="rougeL", n_resamples=50, seed=3)
+    bleu = paired_test(hyps, SENTENCES, refs, metric="bleu", n_resamples=50, seed=3)
+    both = paired_test(hyps, SENTENCES, refs, metric=COMBINED, n_resamples=50, seed=3)
     assert rouge["a_score"] == pytest.approx(scores["rougeL"])
     assert both["a_score"] == pytest.approx((scores["bleu"] + scores["rougeL"]) / 2)
     # the same resamples for both metrics: the combined difference is the mean of the two, resample by resample
@@ -229,8 +229,8 @@ def test_rouge_and_combined_bootstrap_agree_with_score():
 
 
 def test_chrf_bootstrap_is_refused_plainly():
-    with pytest.raises(LoraboundError, match="unknown bootstrap metric 'chrf'; choose one of bleu, rougeL"):
-        paired_bootstrap(["a"], ["b"], [["a"]], metric="chrf")
+    with pytest.raises(LoraboundError, match="unknown paired-test metric 'chrf'; choose one of bleu, rougeL"):
+        paired_test(["a"], ["b"], [["a"]], metric="chrf")
     with pytest.raises(LoraboundError, match="no per-example statistics for 'chrf'"):
         segment_stats("chrf", ["a"], [["a"]])
     with pytest.raises(LoraboundError, match="no score from statistics for 'chrf'"):

@@ -42,11 +42,12 @@ def test_preselected_pairs_are_the_cheapest_reaching_each_gain_and_the_axis_knee
 
 def test_per_module_goal_size_takes_the_smallest_pair_not_worse_and_compares_the_same_size_prefix():
     chosen = canonical(Selection.per_group({"attention": 1, "mlp": 0}), PARAMS)
+    larger = canonical(Selection.per_group({"attention": 0, "mlp": 1}), PARAMS)  # 50 parameters, tested first
     result = search_per_module(JOINT, SearchSettings(criterion="per-module", goal="size", bootstrap=200), 2, PARAMS,
-                               fake_validation({Selection.full(), chosen}))
+                               fake_validation({Selection.full(), larger, chosen}))
     assert result.selection == {"attention": [0, 1], "mlp": [0]} and result.boundary is None
     assert result.selection_text == "attention 0..1, mlp 0" and result.lora_params_kept == 40
-    assert result.goal == "size" and "goal size: the smallest selection" in result.reason
+    assert result.goal == "size" and "goal size: the smallest selection shown non-inferior" in result.reason
     rows = {(r["attention_boundary"], r["mlp_boundary"]): r for r in result.candidates}
     assert rows[(1, 0)]["vs_full"]["bleu+rougeL"]["diff"] == 0 and rows[(0, -1)]["vs_full"]["bleu+rougeL"]["diff"] < 0
     # The prefix of the same size: LoRA on layer 0 (30 parameters; layers 0..1 would be 60 > 40). It answers
@@ -54,6 +55,19 @@ def test_per_module_goal_size_takes_the_smallest_pair_not_worse_and_compares_the
     prefix = result.compared_prefix
     assert prefix["boundary"] == 0 and prefix["lora_params_kept"] == 30
     assert prefix["tests"]["bleu+rougeL"]["diff"] > 50 and prefix["tests"]["bleu+rougeL"]["p_value"] < 0.05
+    assert "not evidence" in prefix["optimistic"]  # the validation data chose the selection
+
+
+def test_per_module_goal_size_stops_at_the_first_larger_candidate_that_fails():
+    # Fixed sequence by size: (0, 1) keeps 50 parameters and answers nonsense, so the smaller (1, 0) is not
+    # tested, however good: the search keeps the full adapter and says where it stopped.
+    chosen = canonical(Selection.per_group({"attention": 1, "mlp": 0}), PARAMS)
+    result = search_per_module(JOINT, SearchSettings(criterion="per-module", goal="size", bootstrap=200), 2, PARAMS,
+                               fake_validation({Selection.full(), chosen}))
+    assert result.selection is None and result.boundary == 1
+    assert "the sequence stopped at attention 0, mlp 0..1" in result.reason
+    rows = {(r["attention_boundary"], r["mlp_boundary"]): r for r in result.candidates}
+    assert rows[(0, 1)]["non_inferior"] is False and rows[(1, 0)]["non_inferior"] is None
 
 
 def test_per_module_goal_quality_keeps_the_full_adapter_without_a_gain():

@@ -16,20 +16,27 @@ How `auto` decides:
   neighbours: the paper's case), and the full adapter. Likelihood alone cannot show whether dropping upper-layer
   LoRA helps generation, and generating for every b costs too much on a CPU, so the curve picks where to look
   and generation decides.
-- Score: the mean of validation BLEU and ROUGE-L (both 0-100, equal weight: one number, so one test per
-  candidate). Each candidate is compared with the full adapter by a paired bootstrap on validation
-  (:func:`lorabound.evaluate.paired_bootstrap`, the same resamples for both metrics): the difference, its 95%
-  interval and a p-value, for BLEU, ROUGE-L and their mean.
+- Score: the mean of validation BLEU and ROUGE-L (both 0-100, equal weight: one number). Each candidate is
+  compared with the full adapter on validation (:func:`lorabound.evaluate.paired_tests`): the difference, its
+  95% expanded-percentile paired-bootstrap interval, a paired sign-flip permutation p-value (exact up to 14
+  examples, calibrated at any size), and the minimal detectable difference at 80% power, for BLEU, ROUGE-L and
+  their mean.
 - Goal `quality` (the default): drop layers only where validation shows a gain beyond noise, that is the
   candidate with the largest gain in the mean whose p-value is below 0.05 divided by the number of smaller
   candidates tested (Bonferroni: with several candidates, one of them beats the full adapter by chance far more
   often than 5% of the time), and whose BLEU and ROUGE-L are neither significantly lower (p < 0.05);
-  otherwise keep the full adapter. It is the default because the answer must not be
-  worse than the adapter the user already has: with the usual few dozen validation examples, a 1-point edge is
-  noise more often than not.
-- Goal `size`: the smallest b not significantly below the full adapter on BLEU, ROUGE-L or their mean (p >= 0.05
-  or no drop; uncorrected, the stricter way for this goal) whose mean is at most --tolerance points below it. With few validation
-  examples "not significantly worse" is weak evidence: set --tolerance to the loss you accept.
+  otherwise keep the full adapter. The reason says when the level is out of reach of so few examples, and how
+  many validation examples would detect a gain of the paper's size. It is the default because the answer must
+  not be worse than the adapter the user already has.
+- Goal `size`: non-inferiority. A smaller candidate is acceptable only when the lower end of its 95% interval
+  against the full adapter lies above -margin (--tolerance, default 1 point: below the paper's reported gains
+  of 0.9 ROUGE-L and 1.4 BLEU, so an accepted loss is smaller than the effect the method is said to bring) on
+  the mean of BLEU and ROUGE-L and on each of them (all three must hold: an intersection-union test needs no
+  correction). Multiplicity over candidates: fixed-sequence testing, from the largest candidate to the
+  smallest, each at the full level, stopping at the first that fails; the answer is the smallest candidate
+  before that stop. Fixed-sequence testing keeps the chance of accepting any candidate that is truly worse
+  than the margin at 2.5% without a Bonferroni split, and the fewer the examples, the wider the intervals,
+  so the earlier it stops: less data never drops more.
 - A degenerate score (every candidate equal, e.g. all 0 because the metric cannot read the script) is said in
   the reason, and b is then the full adapter: nothing is dropped on a score that cannot tell candidates apart.
 """
@@ -40,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .errors import LoraboundError
-from .evaluate import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_bootstrap, score
+from .evaluate import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
+from .stats import LEVEL, examples_needed, non_inferior
 
 CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf", "per-module", "greedy-drop")
 GOAL_CRITERIA = ("auto", "per-module")  # those deciding by --goal (greedy-drop decides as --goal size)
@@ -48,7 +56,7 @@ SELECTION_CRITERIA = ("per-module", "greedy-drop")  # their result is a Selectio
 GOALS = ("quality", "size")
 METRIC_CRITERIA = {"auto": COMBINED, "bleu": "bleu", "rougeL": "rougeL", "chrf": "chrf"}
 KNEE_FRACTIONS = (0.5, 0.75, 0.9, 0.95)
-LEVEL = 0.05  # significance level of the validation tests
+DEFAULT_MARGIN = 1.0  # --goal size's non-inferiority margin, in points of the 0-100 scores (see the docstring)
 COMPARED = ("bleu", "rougeL", COMBINED)  # each candidate against the full adapter
 
 
@@ -57,13 +65,15 @@ class SearchSettings:
     criterion: str = field(default="auto", metadata={"help": "how to pick b: " + ", ".join(CRITERIA)})
     goal: str | None = field(default=None, metadata={"help": "for --criterion auto or per-module: quality "
                                                      "(default: drop layers only for a validation gain beyond "
-                                                     "noise) or size (the "
-                                                     "smallest b not significantly worse, within --tolerance)"})
+                                                     "noise) or size (the smallest b shown non-inferior: its 95% "
+                                                     "interval against the full adapter above -tolerance)"})
     knee_fraction: float = field(default=0.9, metadata={"help": "share of the full adapter's probability gain "
                                                         "the knee must reach"})
-    tolerance: float = field(default=0.0, metadata={"help": "points of score a smaller b may lose: for --goal size, "
-                                                    "and for the bleu / rougeL / chrf criteria (smallest b within "
-                                                    "this many points of the best)"})
+    tolerance: float | None = field(default=None, metadata={"help": "points of score a smaller b may lose: the "
+                                                            "non-inferiority margin of --goal size and greedy-drop "
+                                                            f"(default {DEFAULT_MARGIN:g}), or for the bleu / "
+                                                            "rougeL / chrf criteria the smallest b within this "
+                                                            "many points of the best (default 0)"})
     candidates: list[int] | None = field(default=None, metadata={"help": "boundaries to generate for "
                                                                  "(default: preselected from the curve)"})
     boundary: int | None = field(default=None, metadata={"help": "the user's own b: skips the search"})
@@ -83,7 +93,7 @@ class SearchSettings:
         self._check_selection_criteria()
         if not 0.0 < self.knee_fraction <= 1.0:
             raise LoraboundError(f"--knee-fraction {self.knee_fraction} must be in (0, 1]; for example 0.9")
-        if self.tolerance < 0:
+        if self.tolerance is not None and self.tolerance < 0:
             raise LoraboundError(f"--tolerance {self.tolerance} is negative; pass 0 or a positive number of points")
         uses_tolerance = self.criterion in ("bleu", "rougeL", "chrf") or self.resolved_goal == "size"
         if self.tolerance and not uses_tolerance and self.boundary is None:
@@ -107,6 +117,13 @@ class SearchSettings:
         if self.candidates and self.criterion in SELECTION_CRITERIA and self.boundary is None:
             raise LoraboundError(f"--candidates lists boundaries, which --criterion {self.criterion} does not take (it "
                                  "preselects its own candidates); drop --candidates")
+
+    @property
+    def margin(self) -> float:
+        """--tolerance as used: the non-inferiority margin for size-seeking rules, else the metric criteria's."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return DEFAULT_MARGIN if self.resolved_goal == "size" else 0.0
 
     @property
     def resolved_goal(self) -> str | None:
@@ -200,9 +217,9 @@ class Validation:
     generate_many: Callable[[list[int]], dict[int, list[str]]] | None = None
 
 
-def _score_candidates(chosen: dict[int, list[str]], full: int, validation: Validation,
+def score_candidates(chosen: dict[int, list[str]], full: int, validation: Validation,
                       n_resamples: int) -> dict[int, dict]:
-    """Per candidate: BLEU / ROUGE-L / chrF on validation, and its paired bootstrap against the full adapter."""
+    """Per candidate: BLEU / ROUGE-L / chrF on validation, and its paired tests against the full adapter."""
     texts = (validation.generate_many(list(chosen)) if validation.generate_many is not None
              else {b: validation.generate(b) for b in chosen})
     refs, options = validation.references, validation.metrics
@@ -213,14 +230,18 @@ def _score_candidates(chosen: dict[int, list[str]], full: int, validation: Valid
                COMBINED: (metrics["bleu"] + metrics["rougeL"]) / 2, "vs_full": None,
                "signatures": {k: metrics[k] for k in ("bleu_signature", "rouge_signature")}}
         if b != full:
-            row["vs_full"] = {}
-            for m in COMPARED:
-                test = paired_bootstrap(texts[b], texts[full], refs, metric=m, n_resamples=n_resamples,
-                                        seed=validation.seed, options=options)
-                row["vs_full"][m] = {"diff": test["a_score"] - test["b_score"], "ci_low": test["ci_low"],
-                                     "ci_high": test["ci_high"], "p_value": test["p_value"]}
+            tests = paired_tests(texts[b], texts[full], refs, metrics=COMPARED, n_resamples=n_resamples,
+                                 seed=validation.seed, options=options)
+            row["vs_full"] = {m: test_summary(t) for m, t in tests.items()}
         rows[b] = row
     return rows
+
+
+def test_summary(test: dict) -> dict:
+    """What search.json keeps of a paired test: the difference, interval, p-value and power."""
+    return {"diff": test["diff"], "ci_low": test["ci_low"], "ci_high": test["ci_high"], "p_value": test["p_value"],
+            "smallest_p": test["smallest_p"], "mdd": test["mdd"], "se": test["se"], "effect": test["effect"],
+            "n_for_effect": test["n_for_effect"], "n": test["n"]}
 
 
 def _degenerate(scored: dict[int, dict], metric: str) -> str | None:
@@ -256,50 +277,101 @@ def _pick_best(scored: dict[int, dict], metric: str, tolerance: float, full: int
     return top[0], f"the highest validation {label} ({best:.2f}) among candidates {list(scored)}"
 
 
+def test_methods(goal: str | None, margin: float) -> dict:
+    """How the validation comparisons were made, for search.json."""
+    return {"level": LEVEL, "test": "paired sign-flip permutation (exact up to 14 examples, else Monte Carlo)",
+            "interval": "95% expanded-percentile paired bootstrap",
+            "power": "mdd: the smallest difference detected with 80% power at the level; n_for_effect: examples "
+                     "that would detect `effect` (the paper's gain)",
+            **({"margin": margin, "rule": "non-inferiority, fixed sequence from the largest candidate"}
+               if goal == "size" else {})}
+
+
 def _significantly_worse(vs_full: dict) -> bool:
     """Below the full adapter at p < LEVEL on BLEU, ROUGE-L or their mean (uncorrected: the cautious way here)."""
     return any(vs_full[m]["diff"] < 0 and vs_full[m]["p_value"] < LEVEL for m in COMPARED)
 
 
-def _pick_for_goal(scored: dict, goal: str, tolerance: float, full, size: Callable = lambda b: b,
-                   name: Callable = lambda b: f"b = {b}", noun: str = "b") -> tuple:
-    """auto: decide on the mean of BLEU and ROUGE-L against the full adapter, noise accounted for.
+def pick_for_goal(scored: dict, goal: str, margin: float, full, size: Callable = lambda b: b,
+                  name: Callable = lambda b: f"b = {b}", noun: str = "b") -> tuple:
+    """auto: decide on the mean of BLEU and ROUGE-L against the full adapter, noise accounted for (see the
+    module's docstring). Marks each smaller candidate's row with "non_inferior" under goal size.
 
     Candidates are boundaries by default; the per-module and greedy-drop searches pass other keys (selections)
     with their `size` (LoRA parameters kept), `name` and `noun`, and get the same rule."""
-    label = METRIC_LABELS[COMBINED]
     if (tie := _degenerate(scored, COMBINED)) is not None:
         return _fallback(tie, full)
     notes = "".join(f" ({METRIC_LABELS[m]} was {scored[full][m]:.2f} for every candidate and did not separate them)"
                     for m in ("bleu", "rougeL") if _degenerate(scored, m))
-    smaller = {b: row["vs_full"][COMBINED] for b, row in scored.items() if size(b) < size(full)}
-    worse = {b for b in smaller if _significantly_worse(scored[b]["vs_full"])}
+    smaller = {b: row["vs_full"] for b, row in scored.items() if size(b) < size(full)}
     if not smaller:
         return full, f"goal {goal}: no candidate below the full adapter to compare{notes}"
-
-    def said(b: int) -> str:
-        t = smaller[b]
-        return (f"{name(b)}: {t['diff']:+.2f} points of the {label} against the full adapter on validation "
-                f"(95% CI {t['ci_low']:+.2f} to {t['ci_high']:+.2f}, {format_p(t['p_value'])})")
-
     if goal == "quality":
-        level = LEVEL / len(smaller)
-        gains = [b for b, t in smaller.items() if t["diff"] > 0 and t["p_value"] < level and b not in worse]
-        rule = (f"needs p < {level:.3g}: {LEVEL} / {len(smaller)} candidates, Bonferroni, and neither BLEU nor "
-                f"ROUGE-L significantly lower")
-        if gains:
-            b = max(gains, key=lambda x: (smaller[x]["diff"], -size(x)))
-            return b, f"goal quality: the largest validation gain beyond noise, {said(b)}; {rule}{notes}"
-        best = max(smaller, key=lambda x: (smaller[x]["diff"], -size(x)))
-        return full, (f"goal quality: no candidate beat the full adapter beyond noise ({rule}); the closest was "
-                      f"{said(best)}, so LoRA stays on every layer{notes}")
-    fits = [b for b, t in smaller.items() if t["diff"] >= -tolerance and b not in worse]
-    rule = (f"not significantly worse on BLEU, ROUGE-L or their mean (p >= {LEVEL} or no drop) and at most "
-            f"{tolerance:g} points below it")
-    if fits:
-        b = min(fits, key=size)
-        return b, f"goal size: the smallest {noun} {rule}, {said(b)}{notes}"
-    return full, f"goal size: no smaller candidate was {rule}, so LoRA stays on every layer{notes}"
+        b, reason = _pick_quality(smaller, full, size, name)
+    else:
+        b, reason = _pick_non_inferior(scored, smaller, margin, full, size, name, noun)
+    return b, reason + notes
+
+
+def _said(test: dict, what: str) -> str:
+    return (f"{what}: {test['diff']:+.2f} points of the {METRIC_LABELS[COMBINED]} against the full adapter on "
+            f"validation (95% CI {test['ci_low']:+.2f} to {test['ci_high']:+.2f}, {format_p(test['p_value'])})")
+
+
+def _pick_quality(smaller: dict, full, size: Callable, name: Callable) -> tuple:
+    """The largest gain beyond noise (Bonferroni over the smaller candidates), else the full adapter."""
+    level = LEVEL / len(smaller)
+    combined = {b: tests[COMBINED] for b, tests in smaller.items()}
+    gains = [b for b, t in combined.items()
+             if t["diff"] > 0 and t["p_value"] < level and not _significantly_worse(smaller[b])]
+    rule = (f"needs p < {level:.3g}: {LEVEL} / {len(smaller)} candidates, Bonferroni, and neither BLEU nor "
+            f"ROUGE-L significantly lower")
+    if gains:
+        b = max(gains, key=lambda x: (combined[x]["diff"], -size(x)))
+        return b, f"goal quality: the largest validation gain beyond noise, {_said(combined[b], name(b))}; {rule}"
+    best = max(combined, key=lambda x: (combined[x]["diff"], -size(x)))
+    test = combined[best]
+    reach = ""
+    if test["smallest_p"] >= level:
+        reach = (f"; with these validation examples the smallest p-value the test can give is "
+                 f"{test['smallest_p']:.3g}, so no gain could be shown at that level")
+    needed = examples_needed(test["se"], test["n"], test["effect"], level)
+    data = (f"; about {needed:,} validation examples would detect (80% power) a gain of {test['effect']:g} points "
+            f"at that level" if needed else "")
+    return full, (f"goal quality: no candidate beat the full adapter beyond noise ({rule}); the closest was "
+                  f"{_said(test, name(best))}, so LoRA stays on every layer{reach}{data}")
+
+
+def _pick_non_inferior(scored: dict, smaller: dict, margin: float, full, size: Callable, name: Callable,
+                       noun: str) -> tuple:
+    """Fixed-sequence non-inferiority: from the largest candidate down, stop at the first that fails."""
+    passed, failed = [], None
+    for b in sorted(smaller, key=size, reverse=True):
+        if failed is not None:
+            scored[b]["non_inferior"] = None  # not tested: the sequence stopped above it
+            continue
+        ok = all(non_inferior(smaller[b][m], margin) for m in COMPARED)
+        scored[b]["non_inferior"] = ok
+        if ok:
+            passed.append(b)
+        else:
+            failed = b
+    rule = (f"non-inferiority with a margin of {margin:g} points: the lower end of the 95% interval against the "
+            f"full adapter above -{margin:g} on BLEU, ROUGE-L and their mean, candidates tested from the largest "
+            f"to the smallest and stopping at the first that fails (fixed sequence)")
+    stop = ""
+    if failed is not None:
+        lows = ", ".join(f"{METRIC_LABELS[m]} {smaller[failed][m]['ci_low']:+.2f}" for m in COMPARED)
+        t = smaller[failed][COMBINED]
+        needed = examples_needed(t["se"], t["n"], margin)
+        more = (f"; if it were truly as good as the full adapter, about {needed:,} validation examples would "
+                f"show that (80% power)") if needed else ""
+        stop = f"; the sequence stopped at {name(failed)} (interval lower ends {lows}){more}"
+    if passed:
+        b = passed[-1]
+        return b, f"goal size: the smallest {noun} shown non-inferior, {_said(smaller[b][COMBINED], name(b))}; " \
+                  f"{rule}{stop}"
+    return full, f"goal size: no smaller candidate was shown non-inferior ({rule}){stop}, so LoRA stays on every layer"
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,11 +439,11 @@ def search(truncation: dict, settings: SearchSettings, num_layers: int, params_p
             chosen.setdefault(full, []).append("full adapter")
         else:
             chosen = preselect(truncation, full=full)
-        scored = _score_candidates(chosen, full, validation, settings.bootstrap)
+        scored = score_candidates(chosen, full, validation, settings.bootstrap)
         if settings.criterion == "auto":
-            b, reason = _pick_for_goal(scored, goal, settings.tolerance, full)
+            b, reason = pick_for_goal(scored, goal, settings.margin, full)
         else:
-            b, reason = _pick_best(scored, METRIC_CRITERIA[settings.criterion], settings.tolerance, full)
+            b, reason = _pick_best(scored, METRIC_CRITERIA[settings.criterion], settings.margin, full)
         where = "given with --candidates, plus the full adapter" if settings.candidates else \
             "preselected from the truncation curve"
         reason += f" (candidates {where})"
@@ -380,7 +452,8 @@ def search(truncation: dict, settings: SearchSettings, num_layers: int, params_p
             other.pop("signatures", None)
         candidates = [row(c, scored[c]) for c in chosen]
         tests = {"against": f"full adapter (b = {full})", "metrics": list(COMPARED), "n": len(validation.references),
-                 "resamples": settings.bootstrap, "seed": validation.seed, "level": LEVEL, **signatures}
+                 "resamples": settings.bootstrap, "seed": validation.seed, **test_methods(goal, settings.margin),
+                 **signatures}
 
     return SearchResult(
         criterion="boundary" if settings.boundary is not None else settings.criterion, boundary=b,

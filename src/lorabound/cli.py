@@ -120,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def search_rule(p):
         p.add_argument("--goal", choices=GOALS, help="for --criterion auto: quality (default; drop layers only "
-                       "for a validation gain beyond noise) or size (smallest b not significantly worse)")
-        p.add_argument("--tolerance", type=float, default=0.0, help="points a smaller b may lose: --goal size, or "
-                       "the smallest b within this many points of the best for bleu / rougeL / chrf (default: 0)")
+                       "for a validation gain beyond noise) or size (smallest b shown non-inferior within "
+                       "--tolerance)")
+        p.add_argument("--tolerance", type=float, default=None, help="points a smaller b may lose: the "
+                       "non-inferiority margin of --goal size and greedy-drop (default 1), or the smallest b within "
+                       "this many points of the best for bleu / rougeL / chrf (default: 0)")
         p.add_argument("--knee-fraction", type=float, default=0.9, help="share of the full gain the knee must reach")
 
     def generation_flags(p):

@@ -6,10 +6,10 @@ Read top to bottom:
    :class:`UnicodeTokenizer` is the ROUGE tokenizer: it keeps the letters and digits of every script;
 2. :func:`score` computes corpus BLEU and chrF (sacrebleu) and ROUGE-1/2/L (rouge-score) against every
    reference of each example;
-3. :func:`paired_bootstrap` tests whether two systems differ, resampling examples; corpus BLEU is recomputed
-   from per-sentence sufficient statistics (sacrebleu's public ``sentence_score`` counts and
-   ``BLEU.compute_bleu``), so 1,000 resamples take a fraction of a second;
-4. :func:`describe_significance` says the result in one plain sentence.
+3. :func:`paired_test` compares two systems on the same examples from per-sentence sufficient statistics
+   (sacrebleu's public ``sentence_score`` counts): an interval, a calibrated test and power
+   (:mod:`lorabound.stats`);
+4. :func:`describe_significance` says the result in plain words, with what the comparison could detect.
 
 Generation lives in :mod:`lorabound.generation`. All metric values are on a 0-100 scale.
 """
@@ -25,9 +25,9 @@ from importlib.metadata import version
 import numpy as np
 
 from .errors import LoraboundError
+from .stats import COMBINED, PARTS, Paired, compare, conclusion, corpus_scores
 
 METRICS = ("bleu", "chrf", "rougeL")
-COMBINED = "bleu+rougeL"  # the mean of BLEU and ROUGE-L: the paper's two metrics as one number
 BOOTSTRAP_METRICS = ("bleu", "rougeL", COMBINED)
 METRIC_LABELS = {"bleu": "BLEU", "chrf": "chrF", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2",
                  COMBINED: "mean of BLEU and ROUGE-L"}
@@ -239,7 +239,7 @@ def score(hypotheses: list[str], references: list[list[str]], options: MetricOpt
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Paired bootstrap
+# 3. Paired comparison
 # --------------------------------------------------------------------------------------------
 
 def segment_stats(metric: str, hypotheses: list[str], references: list[list[str]],
@@ -253,7 +253,7 @@ def segment_stats(metric: str, hypotheses: list[str], references: list[list[str]
     if metric == "rougeL":
         return _rouge_per_example(hypotheses, references)["rougeL"][:, None]
     if metric != "bleu":
-        raise LoraboundError(f"no per-example statistics for '{metric}'; the bootstrap supports bleu and rougeL")
+        raise LoraboundError(f"no per-example statistics for '{metric}'; the paired tests support bleu and rougeL")
     # effective_order only changes a sentence's own score, not its counts; it silences sacrebleu's warning.
     bleu = _bleu(options or MetricOptions(), effective_order=True)
     rows = []
@@ -263,91 +263,50 @@ def segment_stats(metric: str, hypotheses: list[str], references: list[list[str]
     return np.asarray(rows, dtype=np.int64)
 
 
-def _bleu_from_stats(summed) -> float:
-    """Corpus BLEU from summed statistics, with sacrebleu's corpus defaults (exp smoothing, 4-grams)."""
-    from sacrebleu.metrics import BLEU
-
-    order = (len(summed) - 2) // 2
-    return float(BLEU.compute_bleu(correct=[int(x) for x in summed[2:2 + order]],
-                                   total=[int(x) for x in summed[2 + order:]],
-                                   sys_len=int(summed[0]), ref_len=int(summed[1]),
-                                   smooth_method="exp", max_ngram_order=order).score)
-
-
 def score_from_stats(metric: str, summed: np.ndarray, n: int) -> float:
     """The corpus score from statistics summed over `n` examples (sacrebleu's own formula for bleu)."""
-    if metric == "rougeL":
-        return float(summed[0] / n)
-    if metric != "bleu":
-        raise LoraboundError(f"no score from statistics for '{metric}'; the bootstrap supports bleu and rougeL")
-    return _bleu_from_stats(summed)
+    if metric not in ("bleu", "rougeL"):
+        raise LoraboundError(f"no score from statistics for '{metric}'; the paired tests support bleu and rougeL")
+    return float(corpus_scores(metric, np.asarray(summed, dtype=np.float64), n)[0])
 
 
-def _resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    """counts[r, i] = how often resample r drew example i (numpy default_rng(seed), n draws with replacement)."""
-    rng = np.random.default_rng(seed)
-    indices = rng.integers(0, n, size=(n_resamples, n))
-    counts = np.zeros((n_resamples, n), dtype=np.int64)
-    np.add.at(counts, (np.arange(n_resamples)[:, None], indices), 1)
-    return counts
-
-
-def _scores_for_counts(metric: str, stats: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Corpus scores for many resamples at once."""
-    summed = counts @ stats  # (R, k): the statistics of each resample, summed
-    if metric == "rougeL":
-        return summed[:, 0] / counts.shape[1]
-    return np.array([_bleu_from_stats(row) for row in summed])
-
-
-def paired_bootstrap(hyps_a: list[str], hyps_b: list[str], references: list[list[str]], *, metric: str = "bleu",
-                     n_resamples: int = 1000, seed: int = 0, options: MetricOptions | None = None) -> dict:
-    """Paired bootstrap test of system A against system B on `metric`: "bleu", "rougeL" or "bleu+rougeL".
-
-    Each resample draws n example indices with replacement (numpy ``default_rng(seed)``), the same indices for
-    both systems and for every metric, and recomputes each system's corpus score (BLEU from summed sacrebleu
-    statistics, ROUGE-L as the mean of per-example scores, "bleu+rougeL" as the mean of those two).
-    With d = score(A) - score(B) per resample:
-
-    - mean_diff: the mean of d; ci_low / ci_high: its 2.5th and 97.5th percentiles (95% interval);
-    - p_value, two-sided: ``min(1, 2 * (min(#{d <= 0}, #{d >= 0}) + 1) / (n_resamples + 1))``. The +1 keeps
-      it honest: a bootstrap of R resamples cannot show p below about 2 / (R + 1), so it never reports 0.
-      Identical systems give 1.
-
-    chrF is not offered: sacrebleu has no public per-sentence chrF statistics. Deterministic for a given seed.
-    """
-    if metric not in BOOTSTRAP_METRICS:
-        raise LoraboundError(f"unknown bootstrap metric '{metric}'; choose one of {', '.join(BOOTSTRAP_METRICS)}")
+def paired_statistics(hyps_a: list[str], hyps_b: list[str], references: list[list[str]], parts,
+                      options: MetricOptions | None = None) -> Paired:
+    """Both systems' per-example statistics for each of `parts` ("bleu", "rougeL")."""
+    for part in parts:
+        if part not in ("bleu", "rougeL"):
+            raise LoraboundError(f"unknown paired-test metric '{part}'; choose one of "
+                                 f"{', '.join(BOOTSTRAP_METRICS)}")
     if len(hyps_a) != len(hyps_b):
         raise LoraboundError(f"system A has {len(hyps_a)} outputs and system B {len(hyps_b)}; "
                              "compare outputs for the same examples")
+    return Paired({part: (segment_stats(part, hyps_a, references, options),
+                          segment_stats(part, hyps_b, references, options)) for part in parts})
+
+
+def paired_tests(hyps_a: list[str], hyps_b: list[str], references: list[list[str]], *,
+                 metrics=("bleu", "rougeL", COMBINED), n_resamples: int = 1000, seed: int = 0,
+                 options: MetricOptions | None = None) -> dict[str, dict]:
+    """System A against system B on the same examples, for each of `metrics` ("bleu", "rougeL", "bleu+rougeL").
+
+    Per metric: the difference score(A) - score(B) with a 95% expanded-percentile paired-bootstrap interval (the
+    same resamples for every metric), the two-sided p-value of a paired sign-flip permutation test (exact up to
+    14 examples), and the minimal detectable difference at 80% power with the examples that would detect the
+    paper's gain; see :mod:`lorabound.stats`. Identical systems give p = 1. chrF is not offered: sacrebleu has
+    no public per-sentence chrF statistics. Deterministic for a given seed.
+    """
     if n_resamples < 1:
         raise LoraboundError(f"n_resamples {n_resamples} must be at least 1; 1000 is usual")
-    parts = ("bleu", "rougeL") if metric == COMBINED else (metric,)
-    n = len(_check_pairs(hyps_a, references)[0])
-    counts = _resample_counts(n, n_resamples, seed)
-    diffs, a_score, b_score = np.zeros(n_resamples), 0.0, 0.0
-    for part in parts:
-        stats_a = segment_stats(part, hyps_a, references, options)
-        stats_b = segment_stats(part, hyps_b, references, options)
-        diffs += (_scores_for_counts(part, stats_a, counts) - _scores_for_counts(part, stats_b, counts)) / len(parts)
-        a_score += score_from_stats(part, stats_a.sum(axis=0), n) / len(parts)
-        b_score += score_from_stats(part, stats_b.sum(axis=0), n) / len(parts)
+    parts = sorted({part for metric in metrics for part in PARTS.get(metric, (metric,))})
+    paired = paired_statistics(hyps_a, hyps_b, references, parts, options)
+    return {metric: compare(paired, metric, resamples=n_resamples, seed=seed) for metric in metrics}
 
-    tail = min(int((diffs <= 0).sum()), int((diffs >= 0).sum()))
-    p_value = min(1.0, 2.0 * (tail + 1) / (n_resamples + 1))
-    return {
-        "metric": metric,
-        "a_score": float(a_score),
-        "b_score": float(b_score),
-        "mean_diff": float(diffs.mean()),
-        "ci_low": float(np.percentile(diffs, 2.5)),
-        "ci_high": float(np.percentile(diffs, 97.5)),
-        "p_value": float(p_value),
-        "n_resamples": int(n_resamples),
-        "seed": int(seed),
-        "n": int(n),
-    }
+
+def paired_test(hyps_a: list[str], hyps_b: list[str], references: list[list[str]], *, metric: str = "bleu",
+                n_resamples: int = 1000, seed: int = 0, options: MetricOptions | None = None) -> dict:
+    """:func:`paired_tests` for one metric."""
+    return paired_tests(hyps_a, hyps_b, references, metrics=(metric,), n_resamples=n_resamples, seed=seed,
+                        options=options)[metric]
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,8 +328,20 @@ def _points(x: float) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
+def detectable(result: dict) -> str:
+    """What the comparison could see: '80% power for differences of 2.8 points; about 800 examples for 1.4'."""
+    if result.get("mdd") is None:
+        return ""
+    label = METRIC_LABELS.get(result["metric"], result["metric"])
+    if result["n_for_effect"] is None:
+        return "the two outputs never differ, so no spread to size a comparison on"
+    return (f"with {result['n']} examples it detects (80% power) only differences of {result['mdd']:.1f} {label} "
+            f"points or more; about {result['n_for_effect']:,} examples would detect {result['effect']:g}")
+
+
 def describe_significance(result: dict, name_a: str, name_b: str, level: float = 0.05) -> str:
-    """One plain sentence: how A scored against B, the 95% interval, and whether that is significant."""
+    """Plain sentences: how A scored against B, the 95% interval, whether that is significant, and, when it
+    is not, whether that means "no difference as large as the effect" or "could not tell"."""
     label = METRIC_LABELS.get(result["metric"], result["metric"])
     diff = result["a_score"] - result["b_score"]
     p = format_p(result["p_value"])
@@ -379,7 +350,14 @@ def describe_significance(result: dict, name_a: str, name_b: str, level: float =
         head = f"{name_a} scores the same {label} as {name_b}"
     else:
         head = f"{name_a} scores {_points(abs(diff))} {label} {'higher' if diff > 0 else 'lower'} than {name_b}"
+    power = detectable(result)
     if result["p_value"] < level and diff != 0:
         change = "gain" if diff > 0 else "drop"
         return f"{head} ({ci}, {p}): the {change} is statistically significant at the {level:.0%} level."
-    return f"{head} ({ci}): the difference is not statistically significant ({p})."
+    if "effect" not in result:
+        return f"{head} ({ci}): the difference is not statistically significant ({p})."
+    if conclusion(result, level) == "equivalent":
+        verdict = f"no difference as large as {result['effect']:g} points (the interval lies within it)"
+    else:
+        verdict = "could not tell: the interval is wider than the effect that matters"
+    return f"{head} ({ci}, {p}): {verdict}; {power}."

@@ -2,7 +2,7 @@
 
 `evaluate` and `run` build it here: the base model, the full adapter, LoRA kept up to each boundary, chosen
 selections and exported adapters, generated in one engine call (generation_cache), scored with sacrebleu and
-rouge-score, each row compared with the full adapter by paired bootstrap; each row says where it comes from.
+rouge-score, each row compared with the full adapter by paired tests (evaluate.paired_tests); each row says where it comes from.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from .boundary import METRIC_CRITERIA, check_boundary, knee
 from .data import require_nonempty
 from .errors import LoraboundError
-from .evaluate import MetricOptions, describe_significance, paired_bootstrap, score
+from .evaluate import MetricOptions, describe_significance, paired_tests, score
 from .generation_cache import FULL, SelectionGenerator, boundary_variant, generate_cached, make_engine, \
     model_identity, variant_name
 from .model import ADAPTER_PICKLE, find_layer_stack
@@ -65,9 +65,9 @@ def evaluate_variants(peft_model, tokenizer, task, splits, boundaries: list[int]
     significance = []
     for row in variants:
         if row["name"] != FULL:
-            for metric in ("bleu", "rougeL"):
-                test = paired_bootstrap(outputs[row["name"]], outputs[FULL], references, metric=metric,
-                                        n_resamples=bootstrap, seed=seed, options=metric_options)
+            tests = paired_tests(outputs[row["name"]], outputs[FULL], references, metrics=("bleu", "rougeL"),
+                                 n_resamples=bootstrap, seed=seed, options=metric_options)
+            for test in tests.values():
                 significance.append({**test, "a": row["name"], "b": FULL,
                                      "sentence": describe_significance(test, row["name"], FULL)})
     for extra in extras:
@@ -152,7 +152,7 @@ def file_size(folder) -> tuple[float, str]:
 
 def selection_on_test(found: dict, engine, peft_model, task, splits, out: Path, generation, model_options, adapter,
                       progress, bootstrap: int, seed: int, metric_options) -> dict:
-    """The chosen selection on test against the full adapter and the prefix of the same size (paired bootstrap).
+    """The chosen selection on test against the full adapter and the prefix of the same size (paired tests).
 
     Generated through SelectionGenerator like the search's candidates, until the evaluation table takes
     Selections (the lead then makes it a row of that table)."""
@@ -169,9 +169,8 @@ def selection_on_test(found: dict, engine, peft_model, task, splits, out: Path, 
     for name, other in (("full adapter", Selection.full()), (f"prefix {prefix.describe()}", prefix)):
         if other == chosen:
             continue
-        result["against"][name] = {m: paired_bootstrap(texts[chosen], texts[other], references, metric=m,
-                                                       n_resamples=bootstrap, seed=seed, options=metric_options)
-                                   for m in ("bleu", "rougeL")}
+        result["against"][name] = paired_tests(texts[chosen], texts[other], references, metrics=("bleu", "rougeL"),
+                                               n_resamples=bootstrap, seed=seed, options=metric_options)
     return result
 
 

@@ -238,7 +238,7 @@ def _sizes(splits: Splits) -> dict:
 # ---------------------------------------------------------------------------
 
 def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
-           criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
+           criterion: str = "auto", boundary: int | None = None, tolerance: float | None = None, knee_fraction: float = 0.9,
            candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
            data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
            generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
@@ -545,7 +545,7 @@ def speed(model: str | None = None, adapter: str | Path | None = None, *, bounda
 
 @holds_folder_locks  # the run folder's lock, taken in claim_folder
 def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", out: str | Path = "run", *,
-        criterion: str = "auto", boundary: int | None = None, tolerance: float = 0.0, knee_fraction: float = 0.9,
+        criterion: str = "auto", boundary: int | None = None, tolerance: float | None = None, knee_fraction: float = 0.9,
         boundaries: list[int] | None = None, batch_size: int = 8, bootstrap: int = 1000,
         data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
         generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,

@@ -2,7 +2,7 @@
 
 - per-module: reads the joint curve (analysis.py: the mean ground-truth probability for every pair (Ba, Bm) of
   attention / MLP boundaries), preselects a few pairs, generates on validation only for those, and decides with
-  the `auto` rule and paired bootstrap against the full adapter (boundary._pick_for_goal, --goal quality or
+  the `auto` rule and paired tests against the full adapter (boundary.pick_for_goal, --goal quality or
   size), so its answer is comparable with the one-boundary search. Preselected: for each share of the full
   adapter's probability gain (50, 75, 90, 95%) the pair keeping the fewest LoRA parameters that reaches it; the
   max-likelihood pair; the knee along each axis with the other group kept everywhere; the diagonal knee (the
@@ -10,11 +10,14 @@
 - greedy-drop: reads the greedy removal path (greedy.py). With --keep-fraction F it takes the first set on the
   path keeping at most F of the LoRA parameters. Otherwise it preselects sets along the path as `auto` does along
   the truncation curve (the fewest layers reaching each share of the gain, the max-likelihood set, local
-  maxima, the full adapter) and takes the smallest not significantly worse than the full adapter and at most
-  --tolerance points below it (the rule of --goal size).
+  maxima, the full adapter) and takes the smallest shown non-inferior to the full adapter within --tolerance
+  points (the rule of --goal size: boundary.py).
 
 Both then compare the answer on validation with the prefix of the same size: the largest b whose LoRA on layers
-0..b keeps no more parameters than the answer (the same number when every layer holds as many).
+0..b keeps no more parameters than the answer (the same number when every layer holds as many). That
+comparison is optimistic, and labelled so: the validation data that chose the selection also judges it (a
+selection picked for its validation score beats a fixed prefix there more often than chance). `run` repeats it
+on the test split, which did not take part in the choice.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from __future__ import annotations
 from typing import Callable
 
 from .analysis import joint_selection
-from .boundary import (COMPARED, KNEE_FRACTIONS, LEVEL, SearchResult, SearchSettings, Validation, _pick_for_goal,
-                       _score_candidates, knee, preselect)
-from .evaluate import paired_bootstrap
+from .boundary import (COMPARED, KNEE_FRACTIONS, SearchResult, SearchSettings, Validation, knee, pick_for_goal,
+                       preselect, score_candidates, test_methods)
+from .evaluate import paired_tests
 from .selection import Selection
 from .surgery import lora_modules
 
@@ -149,12 +152,12 @@ def _decide(candidates: dict[Selection, tuple[list[str], dict]], settings: Searc
         return kept_params(selection, params)
 
     memo = _Memo(validation)
-    scored = _score_candidates({s: why for s, (why, _) in candidates.items()}, full, memo.validation(),
+    scored = score_candidates({s: why for s, (why, _) in candidates.items()}, full, memo.validation(),
                                settings.bootstrap)
     if fixed is not None:
         chosen, reason = fixed
     else:
-        chosen, reason = _pick_for_goal(scored, goal, settings.tolerance, full, size=size,
+        chosen, reason = pick_for_goal(scored, goal, settings.margin, full, size=size,
                                         name=lambda s: s.describe(), noun="selection")
     reason += f" (candidates {where})"
     signatures = scored[full].pop("signatures")
@@ -163,7 +166,8 @@ def _decide(candidates: dict[Selection, tuple[list[str], dict]], settings: Searc
     rows = [{"selection": s.to_json(), "describe": s.describe(), "lora_params_kept": size(s), **extra,
              **scored[s]} for s, (_, extra) in candidates.items()]
     tests = {"against": "full adapter", "metrics": list(COMPARED), "n": len(validation.references),
-             "resamples": settings.bootstrap, "seed": validation.seed, "level": LEVEL, **signatures}
+             "resamples": settings.bootstrap, "seed": validation.seed, **test_methods(goal, settings.margin),
+             **signatures}
     return SearchResult(criterion=criterion, boundary=_as_boundary(chosen, params), num_layers=num_layers,
                         reason=reason, candidates=rows, lora_params_kept=size(chosen), lora_params_total=size(full),
                         goal=goal, validation_tests=tests, selection=chosen.to_json(), selection_text=chosen.describe(),
@@ -186,24 +190,25 @@ def same_size_prefix(selection: Selection, params: Pairs) -> int:
 
 
 def compare_with_prefix(chosen: Selection, params: Pairs, memo: "_Memo", n_resamples: int) -> dict:
-    """The chosen selection against the prefix of the same size on validation (paired bootstrap, A = chosen)."""
+    """The chosen selection against the prefix of the same size on validation (paired tests, A = chosen).
+
+    Optimistic: the validation data chose the selection, so it is not evidence; `run` repeats it on test."""
     b = same_size_prefix(chosen, params)
     prefix = canonical(Selection.prefix(b), params)
     row = {"boundary": b, "selection": prefix.to_json(), "describe": prefix.describe(),
            "lora_params_kept": kept_params(prefix, params), "tests": None,
-           "how": "the largest b whose LoRA on layers 0..b keeps no more parameters than the chosen selection"}
+           "how": "the largest b whose LoRA on layers 0..b keeps no more parameters than the chosen selection",
+           "optimistic": "measured on the validation data that chose the selection: not evidence of a difference; "
+                         "the test split's comparison (lorabound run) is"}
     if prefix == chosen:
         row["tests"] = "the chosen selection is this prefix"
         return row
     texts = memo.generate([chosen, prefix])
     refs, options, seed = memo.inner.references, memo.inner.metrics, memo.inner.seed
-    row["tests"] = {}
-    for m in COMPARED:
-        test = paired_bootstrap(texts[chosen], texts[prefix], refs, metric=m, n_resamples=n_resamples, seed=seed,
-                                options=options)
-        row["tests"][m] = {"chosen": test["a_score"], "prefix": test["b_score"],
-                           "diff": test["a_score"] - test["b_score"], "ci_low": test["ci_low"],
-                           "ci_high": test["ci_high"], "p_value": test["p_value"]}
+    tests = paired_tests(texts[chosen], texts[prefix], refs, metrics=COMPARED, n_resamples=n_resamples, seed=seed,
+                         options=options)
+    row["tests"] = {m: {"chosen": t["a_score"], "prefix": t["b_score"], "diff": t["diff"], "ci_low": t["ci_low"],
+                        "ci_high": t["ci_high"], "p_value": t["p_value"], "mdd": t["mdd"]} for m, t in tests.items()}
     return row
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from . import distributed, pipeline
 from .boundary import SearchSettings
 from .errors import LoraboundError
-from .evaluate import METRIC_LABELS, format_p, paired_bootstrap
+from .evaluate import METRIC_LABELS, format_p, paired_test
 from .files import check_not_input, holds_folder_locks, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .generation_cache import BASE, FULL
 from .model import DEFAULT_MODEL, model_num_layers
@@ -482,7 +482,7 @@ def _bootstrap_from_files(folder: Path, pruned: dict, full: dict, metric: str, b
         return None
     rows = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
     references = [r["references"] for r in rows[1]]
-    return paired_bootstrap([r["output"] for r in rows[0]], [r["output"] for r in rows[1]], references,
+    return paired_test([r["output"] for r in rows[0]], [r["output"] for r in rows[1]], references,
                             metric=metric, n_resamples=bootstrap, seed=seed)
 
 

@@ -81,7 +81,7 @@ RULES: dict[str, Number | Text] = {
     # the commands' own arguments
     "out": Text(), "adapter": Text(), "adapters": Text(), "curves": Text(), "criterion": Text(),
     "format": Text(), "boundary": _whole(-1, optional=True), "boundaries": _whole(-1), "candidates": _whole(-1),
-    "tolerance": _real(0), "knee_fraction": _real(0, 1, open_low=True),
+    "tolerance": _real(0, optional=True), "knee_fraction": _real(0, 1, open_low=True),
     "keep_fraction": _real(0, 1, open_low=True, optional=True), "bootstrap": _whole(1, BOOTSTRAP_MAX),
     "threads": _whole(1, optional=True),
     # a selection other than a boundary (prune, evaluate): per-group boundaries, layer sets ("0-9,12,15")
