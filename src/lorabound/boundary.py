@@ -18,7 +18,7 @@ How `auto` decides:
   and generation decides.
 - Score: the mean of validation BLEU and ROUGE-L (both 0-100, equal weight: one number). Each candidate is
   compared with the full adapter on validation (:func:`lorabound.evaluate.paired_tests`): the difference, its
-  95% expanded-percentile paired-bootstrap interval, a paired sign-flip permutation p-value (exact up to 14
+  95% interval (t times the paired bootstrap's standard error), a paired sign-flip permutation p-value (exact up to 14
   examples, calibrated at any size), and the minimal detectable difference at 80% power, for BLEU, ROUGE-L and
   their mean.
 - Goal `quality` (the default): drop layers only where validation shows a gain beyond noise, that is the
@@ -43,12 +43,15 @@ How `auto` decides:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from .errors import LoraboundError
 from .evaluate import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
-from .stats import LEVEL, examples_needed, non_inferior
+from .stats import LEVEL, examples_needed, unseen_floor
 
 CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf", "per-module", "greedy-drop")
 GOAL_CRITERIA = ("auto", "per-module")  # those deciding by --goal (greedy-drop decides as --goal size)
@@ -56,6 +59,7 @@ SELECTION_CRITERIA = ("per-module", "greedy-drop")  # their result is a Selectio
 GOALS = ("quality", "size")
 METRIC_CRITERIA = {"auto": COMBINED, "bleu": "bleu", "rougeL": "rougeL", "chrf": "chrf"}
 KNEE_FRACTIONS = (0.5, 0.75, 0.9, 0.95)
+OWN_SPREAD = 5  # differing examples from which a candidate's own spread is trusted (guarded_lower_ends)
 DEFAULT_MARGIN = 1.0  # --goal size's non-inferiority margin, in points of the 0-100 scores (see the docstring)
 COMPARED = ("bleu", "rougeL", COMBINED)  # each candidate against the full adapter
 
@@ -241,7 +245,7 @@ def test_summary(test: dict) -> dict:
     """What search.json keeps of a paired test: the difference, interval, p-value and power."""
     return {"diff": test["diff"], "ci_low": test["ci_low"], "ci_high": test["ci_high"], "p_value": test["p_value"],
             "smallest_p": test["smallest_p"], "mdd": test["mdd"], "se": test["se"], "effect": test["effect"],
-            "n_for_effect": test["n_for_effect"], "n": test["n"]}
+            "n_for_effect": test["n_for_effect"], "n": test["n"], "differing": test["differing"]}
 
 
 def _degenerate(scored: dict[int, dict], metric: str) -> str | None:
@@ -280,7 +284,7 @@ def _pick_best(scored: dict[int, dict], metric: str, tolerance: float, full: int
 def test_methods(goal: str | None, margin: float) -> dict:
     """How the validation comparisons were made, for search.json."""
     return {"level": LEVEL, "test": "paired sign-flip permutation (exact up to 14 examples, else Monte Carlo)",
-            "interval": "95% expanded-percentile paired bootstrap",
+            "interval": "95%: the difference +- t(n-1) x the paired bootstrap's standard error",
             "power": "mdd: the smallest difference detected with 80% power at the level; n_for_effect: examples "
                      "that would detect `effect` (the paper's gain)",
             **({"margin": margin, "rule": "non-inferiority, fixed sequence from the largest candidate"}
@@ -342,16 +346,56 @@ def _pick_quality(smaller: dict, full, size: Callable, name: Callable) -> tuple:
                   f"{_said(test, name(best))}, so LoRA stays on every layer{reach}{data}")
 
 
+def guarded_lower_ends(smaller: dict) -> dict:
+    """Per candidate and metric, the lower end of the 95% interval used for non-inferiority: the plain one, or
+    lower where the candidate's outputs differed from the full adapter's on too few examples to trust their
+    spread (stats.unseen_floor; the spread of one differing example is the candidate's own when at least
+    OWN_SPREAD examples differ, else the median over this search's candidates that differ anywhere). When no
+    candidate differs on any example, nothing measures a possible loss: no lower end is trusted."""
+    def spread(t: dict) -> float:
+        return t["se"] ** 2 * t["n"] ** 2 / t["differing"]
+
+    pooled = {}
+    for m in COMPARED:
+        seen = [spread(t[m]) for t in smaller.values()
+                if t[m].get("differing", 0) >= 1 and math.isfinite(t[m]["se"])]
+        pooled[m] = float(np.median(seen)) if seen else None
+    lows = {}
+    for b, tests in smaller.items():
+        lows[b] = {}
+        for m in COMPARED:
+            t = tests[m]
+            if "differing" not in t:  # a comparison made elsewhere, without the count: its own interval
+                lows[b][m] = t["ci_low"]
+                continue
+            own = t["differing"] >= OWN_SPREAD and math.isfinite(t["se"])
+            spread2 = spread(t) if own else pooled[m]
+            if spread2 is None:
+                lows[b][m] = -math.inf
+                continue
+            se = max(t["se"], unseen_floor(t["n"], t["differing"], spread2))
+            lows[b][m] = min(t["ci_low"], t["diff"] - float(t_quantile(t["n"])) * se)
+    return lows
+
+
+def t_quantile(n: int) -> float:
+    from scipy import stats as scipy_stats
+
+    return scipy_stats.t.ppf(1 - LEVEL / 2, max(n - 1, 1))
+
+
 def _pick_non_inferior(scored: dict, smaller: dict, margin: float, full, size: Callable, name: Callable,
                        noun: str) -> tuple:
     """Fixed-sequence non-inferiority: from the largest candidate down, stop at the first that fails."""
+    lows = guarded_lower_ends(smaller)
     passed, failed = [], None
     for b in sorted(smaller, key=size, reverse=True):
         if failed is not None:
             scored[b]["non_inferior"] = None  # not tested: the sequence stopped above it
             continue
-        ok = all(non_inferior(smaller[b][m], margin) for m in COMPARED)
+        ok = all(lows[b][m] >= -margin for m in COMPARED)
         scored[b]["non_inferior"] = ok
+        scored[b]["ni_lower_end"] = lows[b]
         if ok:
             passed.append(b)
         else:
@@ -361,12 +405,13 @@ def _pick_non_inferior(scored: dict, smaller: dict, margin: float, full, size: C
             f"to the smallest and stopping at the first that fails (fixed sequence)")
     stop = ""
     if failed is not None:
-        lows = ", ".join(f"{METRIC_LABELS[m]} {smaller[failed][m]['ci_low']:+.2f}" for m in COMPARED)
+        said_lows = ", ".join(f"{METRIC_LABELS[m]} {lows[failed][m]:+.2f}" for m in COMPARED)
         t = smaller[failed][COMBINED]
-        needed = examples_needed(t["se"], t["n"], margin)
+        se_used = (t["diff"] - lows[failed][COMBINED]) / t_quantile(t["n"])  # the guarded one
+        needed = examples_needed(se_used, t["n"], margin) if math.isfinite(se_used) else None
         more = (f"; if it were truly as good as the full adapter, about {needed:,} validation examples would "
                 f"show that (80% power)") if needed else ""
-        stop = f"; the sequence stopped at {name(failed)} (interval lower ends {lows}){more}"
+        stop = f"; the sequence stopped at {name(failed)} (interval lower ends {said_lows}){more}"
     if passed:
         b = passed[-1]
         return b, f"goal size: the smallest {noun} shown non-inferior, {_said(smaller[b][COMBINED], name(b))}; " \

@@ -289,7 +289,7 @@ def paired_tests(hyps_a: list[str], hyps_b: list[str], references: list[list[str
                  options: MetricOptions | None = None) -> dict[str, dict]:
     """System A against system B on the same examples, for each of `metrics` ("bleu", "rougeL", "bleu+rougeL").
 
-    Per metric: the difference score(A) - score(B) with a 95% expanded-percentile paired-bootstrap interval (the
+    Per metric: the difference score(A) - score(B) with a 95% interval from the paired bootstrap's standard error (the
     same resamples for every metric), the two-sided p-value of a paired sign-flip permutation test (exact up to
     14 examples), and the minimal detectable difference at 80% power with the examples that would detect the
     paper's gain; see :mod:`lorabound.stats`. Identical systems give p = 1. chrF is not offered: sacrebleu has
