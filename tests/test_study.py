@@ -344,20 +344,42 @@ def test_pool_on_made_up_cells():
 def test_bootstrap_over_cells_is_seeded_and_sane():
     values = [1.0, 2.0, 3.0, 4.0, 10.0]
     assert bootstrap_mean(values) == bootstrap_mean(values)
-    mean, low, high = bootstrap_mean(values)
-    assert mean == 4.0 and 1.0 < low < mean < high < 10.0
-    assert bootstrap_mean([2.5]) == (2.5, 2.5, 2.5)
+    mean, low, high, spread = bootstrap_mean(values)
+    assert mean == 4.0 and 1.0 < low < mean < high < 10.0 and spread > 0
+    assert bootstrap_mean([2.5]) == (2.5, 2.5, 2.5, 0.0)
     assert bootstrap_mean(values, seed=1) != bootstrap_mean(values, seed=2)
+
+
+def test_cells_sharing_a_test_set_are_resampled_together():
+    # Three cells share test set a and agree closely; two others. As independent cells the interval is narrower
+    # than the evidence allows: resampling test sets widens it.
+    values = [1.0, 1.1, 0.9, -2.0, 3.0]
+    groups = ["a", "a", "a", "b", "c"]
+    _, low_cells, high_cells, _ = bootstrap_mean(values)
+    mean, low_sets, high_sets, _ = bootstrap_mean(values, groups)
+    assert mean == pytest.approx(0.8)
+    assert high_sets - low_sets > high_cells - low_cells
+    pooled = pool([{"share_dropped": 0.2, "test_set": g, "tests": {"bleu": {"diff": v, "p_value": 0.5, "source": "r"}}}
+                   for v, g in zip(values, groups)])
+    assert pooled["bleu"]["test_sets"] == 3 and pooled["bleu"]["n"] == 5 and pooled["bleu"]["mdd"] > 0
+
+
+@pytest.mark.parametrize("low, high, verdict", [(0.5, 2.0, "reproduced"), (1.6, 3.0, "reproduced (a larger"),
+                                                (-1.0, 0.8, "not reproduced"), (-0.5, 2.0, "inconclusive")])
+def test_the_paper_claim_is_judged_by_the_interval(low, high, verdict):
+    assert study_module.claim_verdict(low, high, 1.4).startswith(verdict)
 
 
 def test_paper_line_says_where_the_claim_falls():
     pooled = {"n_cells": 2, "share_dropped": 0.1,
-              "bleu": {"mean_diff": -0.5, "ci_low": -1.0, "ci_high": 0.2},
-              "rougeL": {"mean_diff": 0.5, "ci_low": -0.5, "ci_high": 1.5}}
+              "bleu": {"mean_diff": -0.5, "ci_low": -1.0, "ci_high": 0.2, "test_sets": 2, "mdd": 1.7,
+                       "claim": study_module.claim_verdict(-1.0, 0.2, 1.4)},
+              "rougeL": {"mean_diff": 0.5, "ci_low": -0.5, "ci_high": 1.5, "test_sets": 2, "mdd": 2.8,
+                         "claim": study_module.claim_verdict(-0.5, 1.5, 0.9)}}
     line = study_module.paper_line(pooled)
     assert "10.0% of LoRA parameters dropped" in line and "paper: 28.6% fewer" in line
-    assert "BLEU -0.50" in line and "paper: +1.4, outside our interval" in line
-    assert "ROUGE-L +0.50" in line and "paper: +0.9, inside our interval" in line
+    assert "BLEU -0.50" in line and "paper: +1.4: not reproduced" in line and "detects 1.70" in line
+    assert "ROUGE-L +0.50" in line and "paper: +0.9: inconclusive" in line
 
 
 # ---------------------------------------------------------------------------------------------

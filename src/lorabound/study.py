@@ -52,6 +52,7 @@ METRICS = ("bleu", "rougeL", "chrf")
 TESTED = ("bleu", "rougeL")
 PAPER = {"params_dropped": 0.286, "bleu": 1.4, "rougeL": 0.9}  # arXiv 2503.23360, averages over its grid
 LEVEL = 0.05
+NORMAL_975, NORMAL_80 = 1.959964, 0.841621  # normal quantiles: two-sided 5% level, 80% power
 CELL_BOOTSTRAP = 10_000  # resamples of the bootstrap over cells
 GRID_MARKER = "study-grid.json"
 
@@ -471,7 +472,7 @@ def compare_with_full(result: dict, folder: Path, b: int | None, top: int, boots
             source = "computed from the saved hypotheses"
         if test is not None:
             row["tests"][metric] = {"diff": test["a_score"] - test["b_score"], "ci_low": test["ci_low"],
-                                    "ci_high": test["ci_high"], "p_value": test["p_value"],
+                                    "ci_high": test["ci_high"], "p_value": test["p_value"], "mdd": test.get("mdd"),
                                     "a_score": test["a_score"], "b_score": test["b_score"], "source": source}
     return row
 
@@ -502,6 +503,9 @@ def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> dict:
     row.update({"num_layers": num_layers, "boundary": b, "criterion": (report.get("search") or {}).get("criterion"),
                 "truncation": {k: (curves.get("truncation") or {}).get(k) for k in ("boundary", "mean_prob")},
                 "in_domain": compare_with_full(report, cell_dir / "run", b, top, grid.bootstrap, seed)})
+    if row["in_domain"] is not None:
+        # Cells of one task and seed share their test examples: the pooled interval resamples test sets.
+        row["in_domain"]["test_set"] = f"{record['cell']['task']}|seed {seed}"
     train_file = Path(record.get("adapter") or cell_dir / "adapter") / "lorabound_train.json"
     if train_file.is_file():
         info = json.loads(train_file.read_text())
@@ -526,16 +530,36 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def bootstrap_mean(values: list[float], *, resamples: int = CELL_BOOTSTRAP, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of `values` and the 2.5th / 97.5th percentiles of its bootstrap over the values (seeded)."""
+def bootstrap_mean(values: list[float], groups: list[str] | None = None, *, resamples: int = CELL_BOOTSTRAP,
+                   seed: int = 0) -> tuple[float, float, float, float]:
+    """Mean of `values`, the 2.5th / 97.5th percentiles of its bootstrap, and the bootstrap's SD.
+
+    With `groups`, whole groups are resampled (a cluster bootstrap): cells that share a test set are not
+    independent evidence, so the interval counts test sets, not cells."""
     data = np.asarray(values, dtype=float)
+    labels = list(range(len(data))) if groups is None else groups
+    clusters = [np.flatnonzero([g == label for g in labels]) for label in dict.fromkeys(labels)]
+    sums = np.array([data[c].sum() for c in clusters])
+    sizes = np.array([len(c) for c in clusters], dtype=float)
     rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
-    return float(data.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    draw = rng.integers(0, len(clusters), size=(resamples, len(clusters)))
+    means = sums[draw].sum(axis=1) / sizes[draw].sum(axis=1)
+    return (float(data.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)),
+            float(means.std()))
+
+
+def claim_verdict(low: float, high: float, effect: float) -> str:
+    """The paper's claimed gain against a pooled 95% interval."""
+    if low > 0 and high >= effect:
+        return "reproduced" if low <= effect else "reproduced (a larger gain than claimed)"
+    if high < effect:
+        return "not reproduced (the interval excludes the claimed gain)"
+    return "inconclusive (the interval holds both no change and the claimed gain)"
 
 
 def pool(comparisons: list[dict], level: float = LEVEL) -> dict:
-    """Across cells, per metric: mean pruned - full, its interval over cells, and Holm-corrected counts.
+    """Across cells, per metric: mean pruned - full, its interval resampling independent test sets, what that
+    could detect, the paper's claim judged by the interval, and Holm-corrected counts.
 
     The Holm family of a metric is the cells where something was dropped (a cell that kept every layer tests
     nothing and counts as not different). Each metric is its own family.
@@ -544,15 +568,20 @@ def pool(comparisons: list[dict], level: float = LEVEL) -> dict:
     shares = [c["share_dropped"] for c in comparisons if c.get("share_dropped") is not None]
     pooled["share_dropped"] = float(np.mean(shares)) if shares else None
     for metric in METRICS:
-        tests = [c["tests"][metric] for c in comparisons if metric in c.get("tests", {})]
+        cells = [c for c in comparisons if metric in c.get("tests", {})]
+        tests = [c["tests"][metric] for c in cells]
         if not tests:
             continue
-        mean, low, high = bootstrap_mean([t["diff"] for t in tests])
+        groups = [c.get("test_set") or str(i) for i, c in enumerate(cells)]
+        mean, low, high, spread = bootstrap_mean([t["diff"] for t in tests], groups)
         tested = [t for t in tests if t["source"] != "nothing dropped"]
         adjusted = holm([t["p_value"] for t in tested])
         better = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] > 0)
         worse = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] < 0)
-        pooled[metric] = {"n": len(tests), "mean_diff": mean, "ci_low": low, "ci_high": high,
+        effect = PAPER.get(metric)
+        pooled[metric] = {"n": len(tests), "test_sets": len(set(groups)), "mean_diff": mean, "ci_low": low,
+                          "ci_high": high, "mdd": (NORMAL_975 + NORMAL_80) * spread,
+                          "claim": claim_verdict(low, high, effect) if effect is not None else None,
                           "better": better, "worse": worse, "not_different": len(tests) - better - worse,
                           "holm_family": len(tested), "holm_adjusted_p": adjusted}
     return pooled
@@ -570,9 +599,9 @@ def paper_line(pooled: dict) -> str:
         p = pooled.get(metric)
         if p is None:
             continue
-        inside = p["ci_low"] <= PAPER[metric] <= p["ci_high"]
-        parts.append(f"{METRIC_LABELS[metric]} {p['mean_diff']:+.2f} (95% CI {p['ci_low']:+.2f} to {p['ci_high']:+.2f}; "
-                     f"paper: {PAPER[metric]:+.1f}, {'inside' if inside else 'outside'} our interval)")
+        parts.append(f"{METRIC_LABELS[metric]} {p['mean_diff']:+.2f} (95% CI {p['ci_low']:+.2f} to {p['ci_high']:+.2f} "
+                     f"over {p['test_sets']} independent test sets; detects {p['mdd']:.2f} with 80% power; paper: "
+                     f"{PAPER[metric]:+.1f}: {p['claim']})")
     return (f"Against the paper's claims (arXiv 2503.23360), pooled over {pooled['n_cells']} cells, pruned vs full "
             "adapter: " + "; ".join(parts) + ".")
 
@@ -704,8 +733,8 @@ def _transfer_text(row: dict) -> str:
     return f"{task_label(row['transfer']['task'])}: {_test_text(t)}" if t else "—"
 
 
-POOLED_COLUMNS = ["Metric", "Cells", "Mean Δ pruned − full", "95% CI (bootstrap over cells)",
-                  "Better / not different / worse (Holm)"]
+POOLED_COLUMNS = ["Metric", "Cells (test sets)", "Mean Δ pruned − full", "95% CI (bootstrap over test sets)",
+                  "Detectable (80% power)", "The paper's claim", "Better / not different / worse (Holm)"]
 
 
 def _pooled_rows(pooled: dict) -> list[list[str]]:
@@ -713,9 +742,9 @@ def _pooled_rows(pooled: dict) -> list[list[str]]:
     for metric in METRICS:
         p = pooled.get(metric)
         if p:
-            rows.append([METRIC_LABELS[metric], str(p["n"]), _num(p["mean_diff"], sign=True),
-                         f"{_num(p['ci_low'], sign=True)} to {_num(p['ci_high'], sign=True)}",
-                         f"{p['better']} / {p['not_different']} / {p['worse']}"])
+            rows.append([METRIC_LABELS[metric], f"{p['n']} ({p['test_sets']})", _num(p["mean_diff"], sign=True),
+                         f"{_num(p['ci_low'], sign=True)} to {_num(p['ci_high'], sign=True)}", _num(p["mdd"]),
+                         p.get("claim") or "—", f"{p['better']} / {p['not_different']} / {p['worse']}"])
     return rows
 
 
@@ -723,8 +752,11 @@ def _timing_rows(summary: dict) -> list[list[str]]:
     timing = summary["timing"]
     rows = [[stage, f"{seconds:.0f} s", f"{timing['stage_shares'].get(stage, 0):.0%}"]
             for stage, seconds in sorted(timing["stages_seconds"].items(), key=lambda kv: -kv[1])]
+    if timing["stages_seconds"]:
+        rows.append(["all stages, summed over cells", f"{sum(timing['stages_seconds'].values()):.0f} s", "100%"])
     if timing.get("seconds") is not None:
-        rows.append(["total (this call, wall)", f"{timing['seconds']:.0f} s", ""])
+        rows.append(["this call, wall (cells finished by earlier calls are not in it)", f"{timing['seconds']:.0f} s",
+                     ""])
     return rows
 
 
@@ -734,11 +766,14 @@ def _method_notes(summary: dict) -> list[str]:
         "Δ = test score of the pruned variant (LoRA kept on layers 0..b, b chosen on validation) minus the full "
         f"adapter's; per cell a paired bootstrap over test examples ({grid['bootstrap']} resamples).",
         f"Pooled: the mean Δ over finished cells, with a 95% interval from {CELL_BOOTSTRAP:,} seeded bootstrap "
-        "resamples of the cells.",
+        "resamples of the independent test sets (cells of one task and seed share theirs, so they are resampled "
+        "together); detectable: the difference the pooled comparison finds with 80% power, 2.8 times the "
+        "bootstrap's spread. The paper's claim is reproduced when the interval lies above 0 and holds the "
+        "claimed gain, not reproduced when it lies below the claimed gain, inconclusive when it holds both.",
         f"Better / worse: the cell's p-value stays below {LEVEL} after Holm correction across the cells where "
         "something was dropped (each metric its own family); cells that kept every layer count as not different.",
-        "A test a cell's report lacks (chrF, say) is computed from the cell's saved hypotheses with the same "
-        "paired bootstrap and seed.",
+        "Per-cell tests cover BLEU and ROUGE-L (sacrebleu gives no per-sentence chrF statistics); a BLEU or "
+        "ROUGE-L test a cell's report lacks is computed from the cell's saved hypotheses with the same seed.",
         "Times: " + summary["timing"]["note"] + ".",
     ]
     if summary["failed"]:
