@@ -468,3 +468,23 @@ def test_gemma_grid_is_the_paper_grids_long_training_on_one_seed():
     assert gemma["training"] == [long] and gemma["seeds"] == [0]
     cells = load_grid(studies / "gemma.toml").cells()
     assert [c.id for c in cells] == [f"gemma-3-270m-q4-k-m-{task}-long-s0" for task in ("e2e", "webnlg", "xsum")]
+
+
+def _candidate(b: int, bleu: float, diff: float | None, low: float = -1.0, p: float = 0.5) -> dict:
+    test = None if diff is None else {"diff": diff, "ci_low": low, "ci_high": diff + 1, "p_value": p,
+                                      "smallest_p": 0.001, "se": 0.3, "n": 40, "differing": 20, "effect": 1.15}
+    return {"boundary": b, "bleu": bleu, "rougeL": 50.0, "bleu+rougeL": (bleu + 50) / 2,
+            "vs_full": None if test is None else {m: dict(test) for m in ("bleu", "rougeL", "bleu+rougeL")}}
+
+
+def test_three_rules_read_one_search_and_can_disagree():
+    # b = 16 has the best validation BLEU by a hair (plain takes it), no gain beyond noise (quality keeps 29),
+    # and b = 24 is the smallest shown within 1 point (size takes it; b = 16 fails).
+    search = {"candidates": [_candidate(11, 30.0, -8.0, low=-12.0, p=0.001), _candidate(16, 41.0, 0.5, low=-2.0),
+                             _candidate(24, 40.5, -0.1, low=-0.8), _candidate(29, 40.6, None)]}
+    assert study_module.rule_decisions(search) == {"plain": 16, "quality": 29, "size": 24}
+    # A report written before the candidates carried their spread: said, not guessed.
+    old = {"candidates": [{**c, "vs_full": c["vs_full"] and {m: {k: v for k, v in t.items() if k != "se"}
+                                                              for m, t in c["vs_full"].items()}}
+                          for c in search["candidates"]]}
+    assert study_module.rule_decisions(old) == {"plain": None, "quality": None, "size": None}

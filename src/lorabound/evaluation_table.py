@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .boundary import METRIC_CRITERIA, check_boundary, knee
+from .boundary import check_boundary, knee
 from .data import require_nonempty
 from .errors import LoraboundError
 from .evaluate import MetricOptions, describe_significance, paired_tests, score
@@ -175,7 +175,9 @@ def selection_on_test(found: dict, engine, peft_model, task, splits, out: Path, 
 
 
 def run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[int], top: int) -> dict[int, list[str]]:
-    """The boundaries `run` evaluates on test, each with why: chosen, the knee, asked, or the best smaller one.
+    """The boundaries `run` evaluates on test, each with why: chosen, the knee, asked, and every candidate the
+    search scored on validation (the test-side curve: whether any boundary beats the full adapter on held-out
+    data, whatever rule picks one).
 
     A chosen selection that is no prefix (per-module, greedy-drop) is evaluated apart (selection_on_test); its
     prefix of the same size is a row here."""
@@ -189,12 +191,8 @@ def run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[int
     origins.setdefault(knee_b, []).append(f"for comparison: knee of the curve ({knee_fraction:.0%} of the gain)")
     for given in asked:
         origins.setdefault(given, []).append("for comparison: asked with --boundaries")
-    if all(c >= top for c in origins):
-        # The search kept everything: still show on test what the best smaller candidate would have cost.
-        metric = METRIC_CRITERIA.get(found["criterion"], "rougeL")
-        below = [c for c in found["candidates"]
-                 if c.get("boundary") is not None and 0 <= c["boundary"] < top and c.get(metric) is not None]
-        if below:
-            best = max(below, key=lambda c: (c[metric], c["boundary"]))["boundary"]
-            origins.setdefault(best, []).append(f"for comparison: best smaller candidate by validation {metric}")
+    for candidate in found.get("candidates") or []:
+        c = candidate.get("boundary")
+        if c is not None and 0 <= c < top and candidate.get("vs_full") is not None:
+            origins.setdefault(c, []).append("for comparison: a validation candidate (the test-side curve)")
     return origins

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed, pipeline
-from .boundary import SearchSettings
+from .boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
 from .errors import LoraboundError
 from .evaluate import METRIC_LABELS, format_p, paired_test
 from .files import check_not_input, holds_folder_locks, write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -503,9 +503,14 @@ def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> dict:
     row.update({"num_layers": num_layers, "boundary": b, "criterion": (report.get("search") or {}).get("criterion"),
                 "truncation": {k: (curves.get("truncation") or {}).get(k) for k in ("boundary", "mean_prob")},
                 "in_domain": compare_with_full(report, cell_dir / "run", b, top, grid.bootstrap, seed)})
+    test_set = f"{record['cell']['task']}|seed {seed}"  # cells of one task and seed share their test examples
     if row["in_domain"] is not None:
-        # Cells of one task and seed share their test examples: the pooled interval resamples test sets.
-        row["in_domain"]["test_set"] = f"{record['cell']['task']}|seed {seed}"
+        row["in_domain"]["test_set"] = test_set
+    row["rules"] = {}
+    for rule, chosen in rule_decisions(report.get("search") or {}).items():
+        compared = None if chosen is None else compare_with_full(report, cell_dir / "run", chosen, top, grid.bootstrap,
+                                                                 seed)
+        row["rules"][rule] = None if compared is None else {**compared, "test_set": test_set}
     train_file = Path(record.get("adapter") or cell_dir / "adapter") / "lorabound_train.json"
     if train_file.is_file():
         info = json.loads(train_file.read_text())
@@ -517,6 +522,32 @@ def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> dict:
         row["transfer"] = {"task": grid.transfer,
                            **(compare_with_full(evaluation, transfer_dir, b, top, grid.bootstrap, seed) or {})}
     return row
+
+
+RULES = {
+    "plain": "the paper's plain search: the highest validation BLEU among the candidates (ties to the smaller b)",
+    "quality": "auto --goal quality: a validation gain beyond noise (sign-flip test, Bonferroni), else every layer",
+    "size": f"auto --goal size: the smallest b shown non-inferior within {DEFAULT_MARGIN:g} point (fixed sequence)",
+}
+
+
+def rule_decisions(search: dict) -> dict[str, int | None]:
+    """The b each of the three rules picks from one search's validation candidates (None: not computable, e.g.
+    a report written before the candidates carried their tests' spread, or a search without candidates).
+
+    All three read the same generated validation outputs, so a cell compares rules, not luck of generation."""
+    rows = {c["boundary"]: c for c in search.get("candidates") or [] if c.get("boundary") is not None
+            and c.get(COMBINED) is not None}
+    full = [b for b, c in rows.items() if c.get("vs_full") is None]
+    usable = len(full) == 1 and len(rows) > 1 and all(
+        "se" in c["vs_full"][COMBINED] for c in rows.values() if c.get("vs_full"))
+    if not usable:
+        return {rule: None for rule in RULES}
+    best = max(c["bleu"] for c in rows.values())
+    scored = {b: dict(c) for b, c in rows.items()}
+    return {"plain": min(b for b, c in rows.items() if c["bleu"] == best),
+            "quality": pick_for_goal(scored, "quality", 0.0, full[0])[0],
+            "size": pick_for_goal(scored, "size", DEFAULT_MARGIN, full[0])[0]}
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -609,6 +640,7 @@ def paper_line(pooled: dict) -> str:
 def build_summary(grid: Grid, rows: list[dict], seconds: float | None) -> dict:
     ok = [r for r in rows if r["status"] == "ok" and r.get("in_domain")]
     pooled = pool([r["in_domain"] for r in ok])
+    by_rule = {rule: pool([r["rules"][rule] for r in ok if (r.get("rules") or {}).get(rule)]) for rule in RULES}
     transfers = [r["transfer"] for r in ok if r.get("transfer", {}).get("tests")]
     stage_totals: dict[str, float] = {}
     for r in rows:
@@ -620,6 +652,8 @@ def build_summary(grid: Grid, rows: list[dict], seconds: float | None) -> dict:
         "cells": rows,
         "failed": [{"id": r["id"], "reason": r["reason"]} for r in rows if r["status"] != "ok"],
         "pooled": pooled,
+        "rules": {rule: {"rule": RULES[rule], "pooled": by_rule[rule], "comparison": paper_line(by_rule[rule])}
+                  for rule in RULES},
         "paper": {**PAPER, "comparison": paper_line(pooled)},
         "transfer": {"task": grid.transfer, "pooled": pool(transfers)} if grid.transfer else None,
         "timing": {"seconds": seconds, "stages_seconds": stage_totals,
@@ -748,6 +782,33 @@ def _pooled_rows(pooled: dict) -> list[list[str]]:
     return rows
 
 
+RULE_COLUMNS = ["Rule", "Cells (test sets)", "LoRA dropped", "BLEU Δ (95% CI)", "BLEU detectable", "BLEU: the claim",
+                "ROUGE-L Δ (95% CI)", "ROUGE-L detectable", "ROUGE-L: the claim"]
+
+
+def _rule_rows(summary: dict) -> list[list[str]]:
+    """Per rule, pooled over independent test sets: share dropped and the test differences against the full adapter."""
+    rows = []
+    for rule, found in (summary.get("rules") or {}).items():
+        pooled = found["pooled"]
+        if not pooled.get("n_cells"):
+            rows.append([rule, "0", "—", "no cell", "", "", "", "", ""])
+            continue
+        cells = [rule, f"{pooled['n_cells']} ({(pooled.get('bleu') or {}).get('test_sets', '—')})",
+                 "—" if pooled.get("share_dropped") is None else f"{pooled['share_dropped']:.1%}"]
+        for metric in TESTED:
+            p = pooled.get(metric)
+            cells += (["—", "—", "—"] if p is None else
+                      [f"{_num(p['mean_diff'], sign=True)} ({_num(p['ci_low'], sign=True)} to "
+                       f"{_num(p['ci_high'], sign=True)})", _num(p["mdd"]), p.get("claim") or "—"])
+        rows.append(cells)
+    return rows
+
+
+def _rule_notes(summary: dict) -> list[str]:
+    return [f"{rule}: {found['rule']}." for rule, found in (summary.get("rules") or {}).items()]
+
+
 def _timing_rows(summary: dict) -> list[list[str]]:
     timing = summary["timing"]
     rows = [[stage, f"{seconds:.0f} s", f"{timing['stage_shares'].get(stage, 0):.0%}"]
@@ -792,7 +853,9 @@ def render_study_markdown(summary: dict, plot_files: dict[str, str]) -> str:
 
     pooled = summary["pooled"]
     out = ["# lorabound study: does dropping upper-layer LoRA help?", "", _headline(summary), "",
-           f"**{summary['paper']['comparison']}**", "", "## Pooled across cells", "",
+           f"**{summary['paper']['comparison']}**", "", "## Three rules, pooled over independent test sets", "",
+           _markdown_table(RULE_COLUMNS, _rule_rows(summary)), ""] + [f"- {n}" for n in _rule_notes(summary)] + [
+           "", "## Pooled across cells (each cell's own search)", "",
            _markdown_table(POOLED_COLUMNS, _pooled_rows(pooled)), ""]
     if pooled.get("share_dropped") is not None:
         out += [f"Mean share of LoRA parameters dropped: {pooled['share_dropped']:.1%}.", ""]
@@ -817,7 +880,11 @@ def render_study_html(summary: dict, plots: dict[str, bytes]) -> str:
     parts = ["<h1>lorabound study: does dropping upper-layer LoRA help?</h1>",
              f'<p class="meta">{_esc(_headline(summary))}</p>',
              f'<p class="verdict" id="paper">{_esc(summary["paper"]["comparison"])}</p>',
-             "<h2>Pooled across cells</h2>", _html_table(POOLED_COLUMNS, _pooled_rows(pooled), table_id="pooled")]
+             "<h2>Three rules, pooled over independent test sets</h2>",
+             _html_table(RULE_COLUMNS, _rule_rows(summary), table_id="rules"),
+             "<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in _rule_notes(summary)) + "</ul>",
+             "<h2>Pooled across cells (each cell's own search)</h2>",
+             _html_table(POOLED_COLUMNS, _pooled_rows(pooled), table_id="pooled")]
     if pooled.get("share_dropped") is not None:
         parts.append(f"<p>Mean share of LoRA parameters dropped: {pooled['share_dropped']:.1%}.</p>")
     transfer = summary.get("transfer")

@@ -20,11 +20,14 @@ def verdict(search: dict, evaluation: dict, top: int) -> str:
         return " ".join(tests[(variant, m)]["sentence"] for m in ("bleu", "rougeL") if (variant, m) in tests)
 
     others = [v for v in evaluation["variants"] if v["name"] not in (BASE, FULL, name)]
+    curve = [v for v in others if comparison_reason(v) == CURVE_ORIGIN]
+    others = [v for v in others if v not in curve]
     compared = ""
     if others:
         listed = "; ".join(f"{v['name']}: {comparison_reason(v)}" for v in others)
         compared = (f" Not chosen, shown for comparison only: {listed}. On test: "
                     + " ".join(on_test(v["name"]) for v in others))
+    compared += test_side_curve(curve, tests)
     if name == FULL:
         return f"LoRA was kept on every layer, so nothing was dropped ({why}).{compared}"
     if name == BASE:
@@ -32,6 +35,30 @@ def verdict(search: dict, evaluation: dict, top: int) -> str:
     share = 1 - search.get("kept_fraction", 0.0)
     return (f"Dropping LoRA above layer {b} removes {share:.0%} of the LoRA parameters ({why}). "
             f"On test: {on_test(name)}{compared}")
+
+
+CURVE_ORIGIN = "a validation candidate (the test-side curve)"
+
+
+def test_side_curve(rows: list[dict], tests: dict) -> str:
+    """One sentence on the other validation candidates' test scores against the full adapter."""
+    if not rows:
+        return ""
+    parts = []
+    for v in rows:
+        said = []
+        for m, label in (("bleu", "BLEU"), ("rougeL", "ROUGE-L")):
+            t = tests.get((v["name"], m))
+            if t is not None:
+                said.append(f"{label} {t['a_score'] - t['b_score']:+.1f} [{t['ci_low']:+.1f}, {t['ci_high']:+.1f}]")
+        parts.append(f"{v['name']}: {', '.join(said)}")
+    better = [v["name"] for v in rows if any(tests.get((v["name"], m), {}).get("p_value", 1) < 0.05
+                                             and tests[(v["name"], m)]["a_score"] > tests[(v["name"], m)]["b_score"]
+                                             for m in ("bleu", "rougeL"))]
+    found = (f"significantly better than the full adapter on test (p < 0.05, uncorrected): {', '.join(better)}"
+             if better else "none is significantly better than the full adapter on test")
+    return (f" The other validation candidates on test (difference from the full adapter, 95% CI): "
+            f"{'; '.join(parts)}; {found}.")
 
 
 def selection_verdict(search: dict, on_test: dict) -> str:
