@@ -470,6 +470,12 @@ def _interval(test: dict | None) -> str:
     return f"{test['diff']:+7.2f} [{test['ci_low']:+6.1f}, {test['ci_high']:+6.1f}]"
 
 
+def _margin(tests: dict) -> str:
+    if "margin" not in tests:
+        return ""
+    return f"; --goal size: non-inferiority margin {tests['margin']:g} points, {tests['rule']}"
+
+
 def _print_selection(result) -> None:
     """per-module / greedy-drop: the chosen selection, its candidates and the prefix of the same size."""
     print(f"selection: {result.selection_text} ({result.reason})")
@@ -477,7 +483,7 @@ def _print_selection(result) -> None:
           f"({result.kept_fraction:.1%})")
     tests = result.validation_tests
     print(f"validation, {tests['n']} examples; against the full adapter: difference of the mean of BLEU and ROUGE-L "
-          f"[95% CI] by a paired bootstrap of {tests['resamples']} resamples")
+          f"[95% CI] ({tests['interval']}, {tests['resamples']} resamples), p ({tests['test']}){_margin(tests)}")
     for row in result.candidates:
         vs = (row.get("vs_full") or {}).get(COMBINED)
         versus = f"  {_interval(vs)}  p {vs['p_value']:.3f}" if vs else ""
@@ -497,11 +503,12 @@ def _print_candidates(result) -> None:
     """The candidates' validation scores, and each one against the full adapter (difference [95% CI], p)."""
     tests = result.validation_tests
     if tests:
-        print(f"validation, {tests['n']} examples; against the {tests['against']}: difference [95% CI] by a paired "
-              f"bootstrap of {tests['resamples']} resamples; p for the mean of BLEU and ROUGE-L")
+        print(f"validation, {tests['n']} examples; against the {tests['against']}: difference [95% CI] "
+              f"({tests['interval']}, {tests['resamples']} resamples); p for the mean of BLEU and ROUGE-L "
+              f"({tests['test']}); detectable: its smallest difference found with 80% power{_margin(tests)}")
     header = "   b  mean p(truth)    BLEU  ROUGE-L    chrF"
     if tests:
-        header += (f"  {'BLEU vs full':>22}  {'ROUGE-L vs full':>22}  {'mean vs full':>22}       p"
+        header += (f"  {'BLEU vs full':>22}  {'ROUGE-L vs full':>22}  {'mean vs full':>22}       p  detectable"
                    "  candidate because")
     print(header)
     for row in result.candidates:
@@ -517,6 +524,8 @@ def _print_candidates(result) -> None:
             p = vs.get(COMBINED, {}).get("p_value")
             line += "".join(f"  {_interval(vs.get(m))}" for m in ("bleu", "rougeL", COMBINED))
             line += f"  {p:6.3f}" if p is not None else f"  {'':>6}"
+            mdd = vs.get(COMBINED, {}).get("mdd")
+            line += f"  {mdd:10.2f}" if mdd is not None else f"  {'':>10}"
             line += "  " + ", ".join(row.get("why") or [])
         print(line.rstrip())
 

@@ -393,12 +393,15 @@ def _meta_line(meta: dict) -> str:
 
 
 def _versus_full(c: dict) -> str:
-    """The candidate's mean of BLEU and ROUGE-L against the full adapter on validation: diff [95% CI], p."""
+    """The candidate's mean of BLEU and ROUGE-L against the full adapter on validation: diff [95% CI], p,
+    what it could detect, and the non-inferiority outcome under --goal size."""
     test = (c.get("vs_full") or {}).get("bleu+rougeL")
     if test is None:
         return "reference" if c.get("bleu") is not None else ""
+    detect = f", detects {test['mdd']:.1f}" if test.get("mdd") is not None else ""
+    ni = {True: ", non-inferior", False: ", not shown non-inferior", None: ", not tested (sequence stopped)"}
     return (f"{test['diff']:+.2f} [{test['ci_low']:+.2f}, {test['ci_high']:+.2f}], "
-            f"p = {test['p_value']:.3f}")
+            f"p = {test['p_value']:.3f}{detect}{ni[c['non_inferior']] if 'non_inferior' in c else ''}")
 
 
 def _candidate_rows(report: dict) -> list[list[str]]:
@@ -411,8 +414,8 @@ def _candidate_rows(report: dict) -> list[list[str]]:
     return rows
 
 
-CANDIDATE_COLUMNS = ["b", "mean prob", "BLEU", "ROUGE-L", "chrF", "mean of BLEU, ROUGE-L vs full [95% CI]",
-                     "candidate because"]
+CANDIDATE_COLUMNS = ["b", "mean prob", "BLEU", "ROUGE-L", "chrF",
+                     "mean of BLEU, ROUGE-L vs full [95% CI], p, detectable (80% power)", "candidate because"]
 
 
 def _candidate_columns(report: dict) -> list[str]:
@@ -433,7 +436,7 @@ def _prefix_comparison(report: dict) -> list[str]:
             f"{search['lora_params_kept']:,} LoRA parameters) against the prefix of the same size "
             f"({prefix['describe']}, {prefix['lora_params_kept']:,}): mean of BLEU and ROUGE-L {t['chosen']:.2f} vs {t['prefix']:.2f}, "
             f"{t['diff']:+.2f} [95% CI {t['ci_low']:+.2f}, {t['ci_high']:+.2f}], p = {t['p_value']:.3f} "
-            "(paired bootstrap)."]
+            "(optimistic: the validation data chose the selection)."]
     on_test = report.get("selection_test")
     if on_test:
         said.append(f"On test, {on_test['describe']} (measured): BLEU {on_test['metrics']['bleu']:.2f}, ROUGE-L "
