@@ -362,6 +362,10 @@ def test_cells_sharing_a_test_set_are_resampled_together():
     pooled = pool([{"share_dropped": 0.2, "test_set": g, "tests": {"bleu": {"diff": v, "p_value": 0.5, "source": "r"}}}
                    for v, g in zip(values, groups)])
     assert pooled["bleu"]["test_sets"] == 3 and pooled["bleu"]["n"] == 5 and pooled["bleu"]["mdd"] > 0
+    two = pool([{"share_dropped": 0.2, "test_set": g, "tests": {"bleu": {"diff": v, "p_value": 0.5, "source": "r"}}}
+                for v, g in zip(values, ["a", "a", "a", "b", "b"])])
+    assert two["bleu"]["ci_low"] is None and two["bleu"]["claim"].startswith("not judged: 2 independent test set(s)")
+    assert "not judged" in study_module.paper_line(two)
 
 
 @pytest.mark.parametrize("low, high, verdict", [(0.5, 2.0, "reproduced"), (1.6, 3.0, "reproduced (a larger"),

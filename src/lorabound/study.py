@@ -53,6 +53,7 @@ TESTED = ("bleu", "rougeL")
 PAPER = {"params_dropped": 0.286, "bleu": 1.4, "rougeL": 0.9}  # arXiv 2503.23360, averages over its grid
 LEVEL = 0.05
 NORMAL_975, NORMAL_80 = 1.959964, 0.841621  # normal quantiles: two-sided 5% level, 80% power
+MIN_TEST_SETS = 3  # a pooled interval needs at least this many independent test sets
 CELL_BOOTSTRAP = 10_000  # resamples of the bootstrap over cells
 GRID_MARKER = "study-grid.json"
 
@@ -609,10 +610,14 @@ def pool(comparisons: list[dict], level: float = LEVEL) -> dict:
         adjusted = holm([t["p_value"] for t in tested])
         better = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] > 0)
         worse = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] < 0)
-        effect = PAPER.get(metric)
-        pooled[metric] = {"n": len(tests), "test_sets": len(set(groups)), "mean_diff": mean, "ci_low": low,
-                          "ci_high": high, "mdd": (NORMAL_975 + NORMAL_80) * spread,
-                          "claim": claim_verdict(low, high, effect) if effect is not None else None,
+        effect, independent = PAPER.get(metric), len(set(groups))
+        if independent < MIN_TEST_SETS:  # a bootstrap over one or two test sets has no width to speak of
+            low = high = spread = None
+        pooled[metric] = {"n": len(tests), "test_sets": independent, "mean_diff": mean, "ci_low": low,
+                          "ci_high": high, "mdd": None if spread is None else (NORMAL_975 + NORMAL_80) * spread,
+                          "claim": (None if effect is None else claim_verdict(low, high, effect) if low is not None
+                                    else f"not judged: {independent} independent test set(s), fewer than "
+                                         f"{MIN_TEST_SETS}; see each cell's own interval"),
                           "better": better, "worse": worse, "not_different": len(tests) - better - worse,
                           "holm_family": len(tested), "holm_adjusted_p": adjusted}
     return pooled
@@ -629,6 +634,9 @@ def paper_line(pooled: dict) -> str:
     for metric in ("bleu", "rougeL"):
         p = pooled.get(metric)
         if p is None:
+            continue
+        if p.get("ci_low") is None:
+            parts.append(f"{METRIC_LABELS[metric]} {p['mean_diff']:+.2f} (paper: {PAPER[metric]:+.1f}: {p['claim']})")
             continue
         parts.append(f"{METRIC_LABELS[metric]} {p['mean_diff']:+.2f} (95% CI {p['ci_low']:+.2f} to {p['ci_high']:+.2f} "
                      f"over {p['test_sets']} independent test sets; detects {p['mdd']:.2f} with 80% power; paper: "
