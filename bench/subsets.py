@@ -35,7 +35,7 @@ def saved_outputs(folder: Path, search: dict) -> tuple[dict[int, list[str]], lis
         files = sorted((folder / "generations").glob(stem + "*.jsonl"))
         if len(files) != 1:
             raise SystemExit(f"expected one {stem}*.jsonl in {folder / 'generations'}, found {len(files)}")
-        rows = read_jsonl(files[0])
+        rows = read_jsonl(files[0], "rerun the search to write it again")
         texts[b] = [r["output"] for r in rows]
         references = [r["references"] for r in rows]
     return texts, references

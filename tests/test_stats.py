@@ -5,7 +5,9 @@ level at the sample sizes users have; non-inferiority accepts a candidate that i
 no more often than 2.5%; and fewer validation examples never make the size search drop more.
 """
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +226,44 @@ def test_fewer_validation_examples_never_make_the_size_search_drop_more(few_swap
     mean_dropped[n] = dropped(np.arange(n))
     assert mean_dropped[8] <= mean_dropped[16] <= mean_dropped[n], mean_dropped
     assert mean_dropped[n] >= 1  # the candidates are close enough that all 40 examples do drop something
+
+
+# --------------------------------------------------------------------------------------------
+# Real outputs: the embedded model with the demo's adapter (tests/data, how they were made is in the file)
+# --------------------------------------------------------------------------------------------
+
+REAL = Path(__file__).parent / "data" / "e2e-demo-validation-outputs.json"
+
+
+@pytest.fixture(scope="module")
+def real_statistics():
+    """Per-example statistics of the full adapter's and b = 24's real outputs on 40 E2E validation inputs."""
+    from lorabound.evaluate import paired_statistics
+
+    examples = json.loads(REAL.read_text())["examples"]
+    refs = [e["references"] for e in examples]
+    return paired_statistics([e["b24"] for e in examples], [e["full"] for e in examples], refs, ["bleu", "rougeL"])
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_sign_flip_test_holds_its_level_on_real_swapped_outputs(n, real_statistics, few_swaps):
+    # A true difference of 0 built from real outputs: n of the 40 examples, each example's two outputs swapped
+    # at random (the null the earlier paired bootstrap failed: 17% false positives at 4 examples).
+    rng = np.random.default_rng(300 + n)
+    p_values, naive = [], []
+    for i in range(2000):
+        pair = real_statistics.subset(rng.choice(40, n, replace=False)).swapped(rng.random(n) < 0.5)
+        p_values.append(sign_flip_test(pair, COMBINED, 200, i)[0])
+        if i < 600:
+            naive.append(bootstrap_p(pair, COMBINED, 200, i))
+    assert null_rate(p_values, 0.05) <= 0.05 + 0.01
+    if n <= 8:
+        assert null_rate(naive, 0.05) > 0.05 + 0.01  # the check tells a miscalibrated test apart
+
+
+def test_the_real_outputs_differ_where_they_should(real_statistics):
+    # Not a null: b = 24 against the full adapter as generated (40 examples), with what it could detect.
+    result = compare(real_statistics, COMBINED, resamples=1000)
+    assert result["differing"] == 29 and result["n"] == 40
+    assert result["ci_low"] < result["diff"] < result["ci_high"] and result["mdd"] > 1.15
+    assert result["n_for_effect"] > 40  # 40 examples cannot detect the paper's gain here
