@@ -70,6 +70,40 @@ def test_interrupted_training_resumes_from_checkpoint(tmp_path, monkeypatch):
         assert torch.allclose(a(input_ids=x).logits, b(input_ids=x).logits, atol=1e-5)
 
 
+def test_early_stopping_keeps_the_adapter_of_the_lowest_validation_loss(tmp_path):
+    # A learning rate high enough that the validation loss rises again: training stops after two evaluations
+    # without a new low, and the saved adapter gives that lowest loss (measured again here, independently).
+    from lorabound.data import encode_pairs, training_pairs
+    from lorabound.training import mean_loss
+
+    task, splits = tiny_splits()
+    tok = tiny_tokenizer()
+    settings = TrainSettings(rank=4, alpha=8, epochs=30, batch_size=2, learning_rate=8e-2, max_length=64,
+                             dropout=0.0, early_stopping=2, eval_every=2, checkpoint_every=100)
+    result = train(tiny_llama(), tok, task, splits, tmp_path / "adapter", settings, progress=False)
+    losses = [h["loss"] for h in result.validation_history]
+    best = min(losses)
+    assert result.best_step == result.validation_history[losses.index(best)]["step"]
+    assert result.steps < 30 * 3 and result.steps == result.validation_history[-1]["step"]  # stopped early
+    assert [h["step"] for h in result.validation_history if h["step"] > result.best_step] == \
+        [result.best_step + 2, result.best_step + 4]
+    assert result.validation_loss_after == best
+    saved = load_adapter(tiny_llama(), tmp_path / "adapter")
+    valid = encode_pairs(tok, task, training_pairs(splits.validation), 64)
+    assert mean_loss(saved, valid, 2, tok.pad_token_id) == pytest.approx(best, rel=1e-5)
+    log = json.loads((tmp_path / "adapter" / "lorabound_train.json").read_text())
+    assert log["best_step"] == result.best_step and log["validation_history"] == result.validation_history
+
+
+def test_early_stopping_without_validation_is_refused_before_training(tmp_path):
+    task = tiny_task()
+    splits = split_task(task, train=5, validation=0, test=0, seed=0)
+    with pytest.raises(LoraboundError, match="--early-stopping needs validation examples"):
+        train(tiny_llama(), tiny_tokenizer(), task, splits, tmp_path / "a", TrainSettings(early_stopping=2),
+              progress=False)
+    assert not (tmp_path / "a").exists()
+
+
 def _own_loss(model, batch, reduction="mean"):
     """The loss before the head ran at targets only: transformers' own, from the logits of every position."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)

@@ -44,6 +44,11 @@ class TrainSettings:
     warmup: float = field(default=0.1, metadata={"help": "share of steps with a linearly rising learning rate"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling and dropout"})
     checkpoint_every: int = field(default=10, metadata={"help": "steps between resumable checkpoints"})
+    early_stopping: int = field(default=0, metadata={
+        "help": "stop when the validation loss has not improved for this many evaluations, and save the adapter "
+                "of the lowest validation loss (0: off; --epochs is then the most it trains)"})
+    eval_every: int | None = field(default=None, metadata={
+        "help": "steps between validation-loss evaluations for --early-stopping (none: once an epoch)"})
 
     def __post_init__(self):
         check_arguments(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -56,11 +61,13 @@ class TrainResult:
     train_loss_first: float
     train_loss_last: float
     validation_loss_before: float | None
-    validation_loss_after: float | None
+    validation_loss_after: float | None  # with --early-stopping: the lowest, whose adapter was saved
     trainable_params: int
     seconds: float
     n_truncated: int
     n_skipped: int
+    validation_history: list[dict] = field(default_factory=list)  # --early-stopping: {"step", "loss"} per check
+    best_step: int | None = None  # --early-stopping: the step whose adapter was saved
 
 
 def lora_config(settings: TrainSettings) -> LoraConfig:
@@ -114,6 +121,9 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
     valid_set = (encode_pairs(tokenizer, task, training_pairs(splits.validation), settings.max_length)
                  if splits.validation else None)
     pad = tokenizer.pad_token_id
+    if settings.early_stopping and not valid_set:
+        raise LoraboundError("--early-stopping needs validation examples to measure the loss on; raise "
+                             "--validation-size above 0, or drop --early-stopping")
 
     peft_model = get_peft_model(model, lora_config(settings))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -127,6 +137,7 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
     checkpoint = out_dir.parent / f".{out_dir.name}.train-checkpoint"
     fingerprint = json.dumps([asdict(settings), model_spec, task.name, train_set.input_ids[:50]], default=str)
     step, losses, validation_before = _resume(checkpoint, fingerprint, peft_model, optimizer, scheduler)
+    stopper = _EarlyStopping(settings, steps_per_epoch, peft_model, checkpoint)
     if step == 0 and valid_set is not None:
         validation_before = mean_loss(peft_model, valid_set, settings.batch_size, pad)
 
@@ -157,17 +168,31 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
             step = global_step + 1
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update(1)
+            if stopper.due(step, total_steps):
+                stopper.record(step, mean_loss(peft_model, valid_set, settings.batch_size, pad))
+                peft_model.train()
             if step % settings.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(checkpoint, fingerprint, peft_model, optimizer, scheduler, step, losses,
                                  validation_before)
+                stopper.save()
+            if stopper.stopped:
+                break
+        if stopper.stopped:
+            break
     bar.close()
 
-    validation_after = mean_loss(peft_model, valid_set, settings.batch_size, pad) if valid_set else None
+    if stopper.active:
+        stopper.restore_best()
+        if progress:
+            bar.write(stopper.summary())
+    validation_after = (stopper.best_loss if stopper.active
+                        else mean_loss(peft_model, valid_set, settings.batch_size, pad) if valid_set else None)
     result = TrainResult(
         adapter_dir=out_dir, steps=step, train_loss_first=losses[0], train_loss_last=sum(losses[-5:]) / len(losses[-5:]),
         validation_loss_before=validation_before, validation_loss_after=validation_after,
         trainable_params=trainable, seconds=time.time() - started,
         n_truncated=train_set.n_truncated, n_skipped=train_set.n_skipped,
+        validation_history=stopper.history, best_step=stopper.best_step if stopper.active else None,
     )
     with atomic_dir(out_dir, overwrite=overwrite, what="--out") as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
@@ -181,6 +206,63 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
     shutil.rmtree(checkpoint, ignore_errors=True)
     peft_model.eval()
     return result
+
+
+class _EarlyStopping:
+    """--early-stopping: the validation loss every `eval_every` steps (default: each epoch's end); training stops
+    after `early_stopping` evaluations without a new lowest loss, and the adapter of the lowest loss is kept.
+
+    Its history and the best weights travel with the training checkpoint, so a resumed run decides as an
+    uninterrupted one would."""
+
+    def __init__(self, settings: TrainSettings, steps_per_epoch: int, model, checkpoint: Path):
+        self.active = settings.early_stopping > 0
+        self.patience = settings.early_stopping
+        self.every = settings.eval_every or steps_per_epoch
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.folder = checkpoint
+        self.history: list[dict] = []
+        self.best_step, self.best_loss, self.best = None, math.inf, None
+        self.stopped = False
+        state = checkpoint / "early_stopping.json"
+        if self.active and state.is_file():  # resumed: the checkpoint's state (written with it)
+            saved = json.loads(state.read_text())
+            self.history, self.best_step, self.best_loss = saved["history"], saved["best_step"], saved["best_loss"]
+            self.best = load_file(str(checkpoint / "best.safetensors")) if self.best_step is not None else None
+
+    def due(self, step: int, total: int) -> bool:
+        return self.active and (step % self.every == 0 or step == total) and \
+            not any(h["step"] == step for h in self.history)
+
+    def record(self, step: int, loss: float) -> None:
+        self.history.append({"step": step, "loss": loss})
+        if loss < self.best_loss:
+            self.best_step, self.best_loss = step, loss
+            self.best = {n: p.detach().clone() for n, p in self.trainable.items()}
+        since = sum(1 for h in self.history if h["step"] > self.best_step)
+        self.stopped = since >= self.patience
+
+    def save(self) -> None:
+        """Beside the step checkpoint just written (its folder is replaced whole at every checkpoint)."""
+        if not self.active:
+            return
+        if self.best is not None:
+            save_file(self.best, str(self.folder / "best.safetensors"))
+        write_json_atomic(self.folder / "early_stopping.json",
+                          {"history": self.history, "best_step": self.best_step, "best_loss": self.best_loss})
+
+    def restore_best(self) -> None:
+        if self.best is None:
+            return
+        with torch.no_grad():
+            for name, value in self.best.items():
+                self.trainable[name].copy_(value)
+
+    def summary(self) -> str:
+        last = self.history[-1]["step"] if self.history else 0
+        how = (f"stopped at step {last}: no lower validation loss in {self.patience} evaluations"
+               if self.stopped else f"trained every step (to {last})")
+        return f"early stopping: {how}; kept step {self.best_step} (validation loss {self.best_loss:.4f})"
 
 
 class _DivergenceGuard:

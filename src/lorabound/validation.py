@@ -78,6 +78,7 @@ RULES: dict[str, Number | Text] = {
     "rank": _whole(1), "alpha": _real(0, open_low=True), "dropout": _real(0, 1, open_high=True),
     "learning_rate": _real(0, open_low=True), "epochs": _real(0, open_low=True), "batch_size": _whole(1),
     "warmup": _real(0, 1), "checkpoint_every": _whole(1), "target_modules": Text(),
+    "early_stopping": _whole(0), "eval_every": _whole(1, optional=True),
     # the commands' own arguments
     "out": Text(), "adapter": Text(), "adapters": Text(), "curves": Text(), "criterion": Text(),
     "format": Text(), "boundary": _whole(-1, optional=True), "boundaries": _whole(-1), "candidates": _whole(-1),
