@@ -71,13 +71,17 @@ class Training:
                                                                 "alpha=32)"})
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate"})
     batch_size: int = field(default=8, metadata={"help": "pairs per optimiser step"})
+    early_stopping: int = field(default=0, metadata={"help": "train --early-stopping: evaluations without a lower "
+                                                             "validation loss before stopping (0: off)"})
+    eval_every: int | None = field(default=None, metadata={"help": "train --eval-every (default: once an epoch)"})
     adapter: str | None = field(default=None, metadata={
         "help": "use this adapter instead of training: a folder, with {model}, {task} and {seed} filled in"})
 
     def settings(self, seed: int, max_length: int) -> TrainSettings:
         return TrainSettings(rank=self.rank, alpha=self.alpha if self.alpha is not None else 2.0 * self.rank,
                              epochs=self.epochs, learning_rate=self.learning_rate, batch_size=self.batch_size,
-                             seed=seed, max_length=max_length)
+                             early_stopping=self.early_stopping, eval_every=self.eval_every, seed=seed,
+                             max_length=max_length)
 
 
 @dataclass
