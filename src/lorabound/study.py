@@ -770,8 +770,9 @@ def _test_text(test: dict | None) -> str:
         return "n/a"
     if test["source"] == "nothing dropped":
         return "0 (nothing dropped)"
+    detect = f", detects {_num(test['mdd'], 1)}" if test.get("mdd") is not None else ""
     return f"{_num(test['diff'], sign=True)} [{_num(test['ci_low'], sign=True)}, {_num(test['ci_high'], sign=True)}] " \
-           f"{format_p(test['p_value'])}"
+           f"{format_p(test['p_value'])}{detect}"
 
 
 def _transfer_text(row: dict) -> str:
