@@ -466,11 +466,13 @@ def _is_lora_b(name: str) -> bool:
 def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
     """The config restricted to the kept modules, so PEFT builds LoRA exactly where tensors exist.
 
-    When every kept layer keeps all of its modules (a boundary, a layer set): layers_to_transform lists the kept
-    layers. Otherwise (attention and MLP kept on different layers) no layer list can say it, so target_modules
-    becomes the exact paths of the kept modules: PEFT selects a module whose full path is listed without reading
-    layers_to_transform (peft.tuners.tuners_utils.check_target_module_exists), and an exact path matches nothing
-    else.
+    When every kept layer keeps all of its modules (a boundary, a layer set) and target_modules are module names:
+    layers_to_transform lists the kept layers. Otherwise target_modules becomes the exact paths of the kept modules
+    and layers_to_transform is cleared: PEFT selects a module whose full path is listed without reading
+    layers_to_transform (peft.tuners.tuners_utils.check_target_module_exists), so a source that lists exact paths
+    itself (PEFT writes them for an all-linear target of fewer than 20 modules) would otherwise bring back LoRA on
+    dropped layers; and an exact path matches nothing else. rank_pattern / alpha_pattern keep only the keys some
+    kept module uses, so PEFT finds no key without a module.
     """
     config = dict(source.config)
     pairs = [pair for pair in source.pairs() if selection.keeps(*pair)]
@@ -480,7 +482,8 @@ def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
                      if (m := _TENSOR.match(name)) and source.layer_of(name) is None}
     exact = {m["module"] for name in source.tensors
              if (m := _TENSOR.match(name)) and source.pair_of(name) in pairs} | outside_stack
-    if not whole_layers:
+    _keep_used_pattern_keys(config, sorted(exact))
+    if not whole_layers or _names_exact_paths(config.get("target_modules"), source):
         config.update(target_modules=sorted(exact), layers_to_transform=None, layers_pattern=None)
         return config
     patterns = {lp[0] for name in source.tensors if (lp := source.layer_of(name))}
@@ -496,6 +499,27 @@ def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
         # drop modules outside the layer stack (they have no layer index): name every module exactly instead.
         config["target_modules"] = sorted(exact)
     return config
+
+
+def _names_exact_paths(targets, source: AdapterFiles) -> bool:
+    """Whether a target_modules list names some module of the adapter by its full path (PEFT then selects that
+    module whatever layers_to_transform says)."""
+    if not isinstance(targets, list):
+        return False
+    modules = {m["module"].removeprefix("base_model.model.") for name in source.tensors if (m := _TENSOR.match(name))}
+    return any(target in modules for target in targets)
+
+
+def _keep_used_pattern_keys(config: dict, kept_modules: list[str]) -> None:
+    """Drop the rank_pattern / alpha_pattern keys no kept module uses (matched as PEFT matches them)."""
+    from peft.utils.other import get_pattern_key
+
+    paths = [module.removeprefix("base_model.model.") for module in kept_modules]
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key)
+        if isinstance(pattern, dict) and pattern:
+            used = {get_pattern_key(list(pattern), path) for path in paths}
+            config[key] = {name: value for name, value in pattern.items() if name in used}
 
 
 def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], source_dir: Path) -> None:

@@ -43,7 +43,43 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise LoraboundError(f"cannot parse {path} ({_first_line(err)}); restore the adapter's {ADAPTER_CONFIG}") from err
     if not isinstance(config, dict):
         raise LoraboundError(f"{path} is not a JSON object; restore the adapter's {ADAPTER_CONFIG}")
+    check_config_types(config, path)
     return config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# adapter_config.json fields lorabound reads before PEFT does: (field, test, the JSON types it may have).
+_CONFIG_TYPES = (
+    ("target_modules", lambda v: v is None or isinstance(v, str) or _is_names(v),
+     "a module name pattern, a list of module names, or null"),
+    ("exclude_modules", lambda v: v is None or isinstance(v, str) or _is_names(v),
+     "a module name pattern, a list of module names, or null"),
+    ("modules_to_save", lambda v: v is None or _is_names(v), "a list of module names, or null"),
+    ("layers_pattern", lambda v: v is None or isinstance(v, str) or _is_names(v),
+     "a name such as \"layers\", a list of names, or null"),
+    ("layers_to_transform", lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+     "a layer index, a list of layer indices, or null"),
+    ("bias", lambda v: v in (None, "none", "all", "lora_only"), "\"none\", \"all\" or \"lora_only\""),
+    ("use_dora", lambda v: v is None or isinstance(v, bool), "true or false"),
+    ("use_rslora", lambda v: v is None or isinstance(v, bool), "true or false"),
+    ("fan_in_fan_out", lambda v: v is None or isinstance(v, bool), "true or false"),
+)
+
+
+def check_config_types(config: dict, path: str | Path) -> None:
+    """Refuse adapter_config.json fields of the wrong JSON type (a number for target_modules, a string for
+    layers_to_transform) before anything reads them."""
+    for key, ok, expected in _CONFIG_TYPES:
+        if key in config and not ok(config[key]):
+            raise LoraboundError(f"{path}: {key} is {json.dumps(config[key])}, but it must be {expected}; "
+                                 f"correct it, or restore the adapter's {ADAPTER_CONFIG} from its source")
 
 
 def adapter_weights_file(adapter_dir: str | Path, *, allow_pickle: bool = False) -> Path:
@@ -256,6 +292,7 @@ def check_adapter_consistency(config: dict, shapes: dict[str, tuple[int, ...]], 
     """
     where = f"adapter {adapter_dir}"
     _check_config_numbers(config, where)
+    _check_no_trained_biases(config, shapes, where)
     modules = _lora_modules(shapes)
     use_dora = bool(config.get("use_dora"))
     for module, parts in modules.items():
@@ -333,6 +370,30 @@ def _check_config_numbers(config: dict, where: str) -> None:
             if not ok(value):
                 raise LoraboundError(f"{where}: adapter_config.json's {key} gives {name} the value {value!r}; "
                                      f"each value must be {what}")
+    alphas = [config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()]
+    if all(alpha == 0 for alpha in alphas):
+        raise LoraboundError(f"{where}: adapter_config.json has lora_alpha 0, which scales every LoRA update to "
+                             "zero, so the adapter changes nothing; set lora_alpha to the value it was trained with")
+
+
+def _check_no_trained_biases(config: dict, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Refuse an adapter that trains the base model's biases (bias "lora_only" / "all").
+
+    PEFT writes them into the base layers and keeps them when LoRA is turned off, so neither b = -1 (the base
+    model) nor any boundary would be the model it claims to be, and a pruned export could not drop them.
+    (lora_B.bias, PEFT's lora_bias, belongs to its LoRA module and is dropped with it.)
+    """
+    saved = config.get("modules_to_save") or []
+    for name in shapes:
+        module = name.removeprefix(_PEFT_PREFIX).rpartition(".")[0]
+        if _LORA_TENSOR.match(name.removeprefix(_PEFT_PREFIX)) or not name.endswith(".bias"):
+            continue
+        if any(f".{kept}." in f".{module}." for kept in saved):
+            continue  # a modules_to_save copy: the whole module, switched with the adapter
+        raise LoraboundError(
+            f"{where} trains the base model's biases (bias {json.dumps(config.get('bias'))} in {ADAPTER_CONFIG}; "
+            f"e.g. {name}): they stay on when LoRA is turned off, so no boundary can drop them; retrain the "
+            'adapter with bias="none" (lorabound train does)')
 
 
 def _lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:

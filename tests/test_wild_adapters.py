@@ -1,0 +1,260 @@
+"""Adapters and models from the wild: every architecture x adapter variant is exact, or refused up front.
+
+For each tiny model (built from a config, no downloads) and each adapter variant PEFT can write for it
+(init_lora_weights=False, so an export that re-creates a dropped module shows in the logits):
+- the truncation curve equals PEFT's own per-module switch (each LoRA module's enable_adapters, the layer read
+  here from the module's path, not from lorabound's code; b = -1: PEFT's disable_adapter);
+- a peft export at a boundary, of a layer set and of a per-group selection reloads with PeftModel.from_pretrained
+  without a PEFT warning, with LoRA on exactly the kept modules, and gives the in-memory logits;
+or lorabound refuses the adapter with one line before loading any model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import (BloomConfig, BloomForCausalLM, CodeGenConfig, CodeGenForCausalLM, FalconConfig,
+                          FalconForCausalLM, GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM,
+                          GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MptConfig,
+                          MptForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from lorabound.analysis import analyze
+from lorabound.errors import LoraboundError
+from lorabound.model import check_adapter_files, load_adapter
+from lorabound.selection import Selection
+from lorabound.surgery import keep_selection, prune_adapter
+
+from test_architectures import _mean_prob
+from test_selection_export import logits
+from tiny import tiny_encoded, tiny_tokenizer
+
+VOCAB = 320
+LAYERS = 3
+_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+              bos_token_id=None, eos_token_id=1)
+_OPT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, ffn_dim=64, num_attention_heads=4,
+            max_position_embeddings=128, pad_token_id=0, bos_token_id=2, eos_token_id=1, word_embed_proj_dim=32,
+            enable_bias=True)
+_FALCON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, bias=True,
+               pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+# name: (model class, config, its layer stack's path, attention and MLP modules to target)
+ARCHITECTURES = {
+    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**_LLAMA), "model.layers", ["q_proj", "v_proj", "down_proj"]),
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**_LLAMA), "model.layers", ["q_proj", "v_proj", "down_proj"]),
+    "gpt2": (GPT2LMHeadModel, lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4,
+                                                 n_positions=128, eos_token_id=1), "transformer.h",
+             ["c_attn", "c_fc"]),
+    "gpt-neox": (GPTNeoXForCausalLM, lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=LAYERS, num_attention_heads=4,
+                                                           max_position_embeddings=128, use_parallel_residual=True),
+                 "gpt_neox.layers", ["query_key_value", "dense_4h_to_h"]),
+    "gpt-neox-sequential": (GPTNeoXForCausalLM,
+                            lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=LAYERS, num_attention_heads=4,
+                                                  max_position_embeddings=128, use_parallel_residual=False),
+                            "gpt_neox.layers", ["query_key_value", "dense_4h_to_h"]),
+    "falcon": (FalconForCausalLM, lambda: FalconConfig(**_FALCON, new_decoder_architecture=True, num_kv_heads=2),
+               "transformer.h", ["query_key_value", "dense_4h_to_h"]),
+    "falcon-7b-style": (FalconForCausalLM, lambda: FalconConfig(**_FALCON, multi_query=True, parallel_attn=True),
+                        "transformer.h", ["query_key_value", "dense_4h_to_h"]),
+    "falcon-rw-style": (FalconForCausalLM, lambda: FalconConfig(**_FALCON, multi_query=False, parallel_attn=False,
+                                                                alibi=True),
+                        "transformer.h", ["query_key_value", "dense_4h_to_h"]),
+    "bloom": (BloomForCausalLM, lambda: BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=LAYERS, n_head=4,
+                                                    initializer_range=0.5,  # default: logits nearly uniform
+                                                    pad_token_id=0, eos_token_id=1, bos_token_id=1),
+              "transformer.h", ["query_key_value", "dense_4h_to_h"]),
+    "codegen": (CodeGenForCausalLM, lambda: CodeGenConfig(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4,
+                                                          rotary_dim=4, n_positions=128, n_ctx=128,
+                                                          bos_token_id=1, eos_token_id=1),
+                "transformer.h", ["qkv_proj", "fc_out"]),
+    "gptj": (GPTJForCausalLM, lambda: GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, rotary_dim=4,
+                                                 n_positions=128, bos_token_id=1, eos_token_id=1),
+             "transformer.h", ["q_proj", "v_proj", "fc_out"]),
+    "mpt": (MptForCausalLM, lambda: MptConfig(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=LAYERS,
+                                              max_seq_len=128, expansion_ratio=2, pad_token_id=0, eos_token_id=1),
+            "transformer.blocks", ["Wqkv", "down_proj"]),
+    "opt": (OPTForCausalLM, lambda: OPTConfig(**_OPT), "model.decoder.layers", ["q_proj", "v_proj", "fc2"]),
+    "opt-projected": (OPTForCausalLM, lambda: OPTConfig(**{**_OPT, "word_embed_proj_dim": 16}),
+                      "model.decoder.layers", ["q_proj", "v_proj", "fc2"]),
+    "opt-post-norm": (OPTForCausalLM, lambda: OPTConfig(**{**_OPT, "do_layer_norm_before": False,
+                                                           "word_embed_proj_dim": 16}),
+                      "model.decoder.layers", ["q_proj", "v_proj", "fc2"]),
+}
+
+
+def exact_paths(arch: str) -> list[str]:
+    _, _, stack, names = ARCHITECTURES[arch]
+    model = tiny_model(arch)
+    return sorted(name for name, _ in model.named_modules()
+                  if name.startswith(f"{stack}.") and name.rpartition(".")[2] in names)
+
+
+# variant: LoraConfig arguments (a callable of the architecture for those that depend on it)
+VARIANTS = {
+    "subset": {},
+    "all-linear": {"target_modules": "all-linear"},
+    "exact-paths": lambda arch: {"target_modules": exact_paths(arch)},
+    "patterns": lambda arch: {"rank_pattern": {ARCHITECTURES[arch][3][0]: 2, exact_paths(arch)[-1]: 6},
+                              "alpha_pattern": {ARCHITECTURES[arch][3][-1]: 16}},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    "dropout": {"lora_dropout": 0.2},
+    "lora-bias": {"lora_bias": True},
+    "bias-lora-only": {"bias": "lora_only"},
+    "bias-all": {"bias": "all"},
+    "layers-to-transform": {"layers_to_transform": [0, 2]},
+    "modules-to-save": {"modules_to_save": ["lm_head"]},
+    "bf16-storage": {},
+}
+
+
+def tiny_model(arch: str):
+    model_class, config, _, _ = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    return model_class(config()).eval()
+
+
+def lora_config(arch: str, variant: str) -> LoraConfig:
+    extra = VARIANTS[variant]
+    extra = extra(arch) if callable(extra) else extra
+    extra = {"target_modules": ARCHITECTURES[arch][3], **extra}
+    return LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, fan_in_fan_out=arch == "gpt2", **extra)
+
+
+def write_case(root, arch: str, variant: str):
+    """The base model's folder and the adapter PEFT writes for it; both as a user would have them."""
+    base = tiny_model(arch)
+    base.save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(base), lora_config(arch, variant))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(2)
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name or "base_layer.bias" in name or (variant == "bias-all" and "bias" in name):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)  # trained copies differ from the base
+            if variant == "bf16-storage" and ("lora_" in name or "modules_to_save" in name):
+                p.data = p.data.to(torch.bfloat16)
+    peft_model.save_pretrained(root / "adapter")
+    return base, root / "adapter"
+
+
+def holds_trained_biases(adapter) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as f:
+        return any(name.endswith(".bias") and ".lora_" not in name and "lm_head" not in name for name in f.keys())
+
+
+def peft_switch_curve(model, stack: str, boundaries, encoded, pad_token_id) -> list[float]:
+    """Mean probability at each b with PEFT's own switches: disable_adapter for b = -1, else each module's
+    enable_adapters by the layer index in its path."""
+    curve = []
+    modules = [(int(m[1]), module) for name, module in model.named_modules() if isinstance(module, LoraLayer)
+               and (m := re.search(rf"{re.escape(stack)}\.(\d+)\.", name))]
+    for b in boundaries:
+        if b < 0:
+            with model.disable_adapter():
+                curve.append(_mean_prob(model, encoded, pad_token_id))
+            continue
+        for layer, module in modules:
+            module.enable_adapters(layer <= b)
+        curve.append(_mean_prob(model, encoded, pad_token_id))
+    for _, module in modules:
+        module.enable_adapters(True)
+    return curve
+
+
+def selections(model) -> list[Selection]:
+    groups = sorted({g for g in ("attention", "mlp", "other") if any(
+        (m := re.search(r"\.\d+\.([^.]+)\.", n)) and _group(m[1]) == g
+        for n, mod in model.named_modules() if isinstance(mod, LoraLayer))})
+    per_group = {g: (0 if i == 0 else 2) for i, g in enumerate(groups)}
+    return [Selection.prefix(1), Selection.layers([0, 2]), Selection.per_group(per_group)]
+
+
+def oracle_kept(model, stack: str, selection: Selection) -> set[str]:
+    """The LoRA module paths `selection` keeps, decided from the paths: the layer index after the stack's path,
+    the group from the name that follows it; modules outside the stack are always kept."""
+    kept = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            path = name.removeprefix("base_model.model.")
+            match = re.fullmatch(rf"{re.escape(stack)}\.(\d+)\.([^.]+).*", path)
+            if match is None or selection.keeps(int(match[1]), _group(match[2])):
+                kept.add(path)
+    return kept
+
+
+def _group(part: str) -> str:
+    part = part.lower()
+    return "attention" if "attn" in part or "attention" in part else "mlp" if "mlp" in part or "ffn" in part \
+        else "other"
+
+
+def peft_warnings(base, folder) -> set[str]:
+    """The warnings PEFT gives while loading the adapter in `folder` onto a copy of `base`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(copy.deepcopy(base), str(folder))
+    return {str(w.message) for w in caught if "/peft/" in w.filename}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster than several fighting over shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_curve_and_exports_are_exact_or_refused(tmp_path, tok, arch, variant):
+    base, adapter = write_case(tmp_path, arch, variant)
+    stack = ARCHITECTURES[arch][2]
+    if variant.startswith("bias-") and holds_trained_biases(adapter):
+        with pytest.raises(LoraboundError, match="trains the base model's biases") as err:
+            check_adapter_files(adapter)  # before any model is loaded
+        assert "\n" not in str(err.value)
+        return
+    model = load_adapter(copy.deepcopy(base), adapter)
+
+    encoded = tiny_encoded(tok, max_length=64)
+    curve = analyze(model, encoded, batch_size=4, pad_token_id=tok.pad_token_id, progress=False,
+                    curves=("truncation",))["truncation"]
+    expected = peft_switch_curve(model, stack, curve["boundary"], encoded, tok.pad_token_id)
+    assert curve["boundary"][0] == -1
+    torch.testing.assert_close(torch.tensor(curve["mean_prob"]), torch.tensor(expected), atol=2e-6, rtol=2e-6)
+    assert max(expected) - min(expected) > 1e-6  # the adapter changes the curve
+
+    source_warnings = peft_warnings(base, adapter)  # e.g. lora_bias on a layer without a bias: not the export's
+    for i, selection in enumerate(selections(model)):
+        out = tmp_path / f"export{i}"
+        prune_adapter(adapter, selection, out, model_spec=str(tmp_path / "base"))
+        assert peft_warnings(base, out) <= source_warnings
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+        got = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules() if isinstance(m, LoraLayer)}
+        assert got == oracle_kept(model, stack, selection), (selection, json.loads((out / "adapter_config.json")
+                                                                                   .read_text()))
+        with keep_selection(model, selection):
+            expected_logits = logits(model)
+        torch.testing.assert_close(logits(loaded), expected_logits, atol=1e-5, rtol=1e-5)
