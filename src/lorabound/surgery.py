@@ -467,8 +467,8 @@ def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
     """The config restricted to the kept modules, so PEFT builds LoRA exactly where tensors exist.
 
     When every kept layer keeps all of its modules (a boundary, a layer set) and target_modules are module names:
-    layers_to_transform lists the kept layers. Otherwise target_modules becomes the exact paths of the kept modules
-    and layers_to_transform is cleared: PEFT selects a module whose full path is listed without reading
+    layers_to_transform lists the kept layers. Otherwise target_modules becomes the exact paths of the kept modules:
+    PEFT selects a module whose full path is listed without reading
     layers_to_transform (peft.tuners.tuners_utils.check_target_module_exists), so a source that lists exact paths
     itself (PEFT writes them for an all-linear target of fewer than 20 modules) would otherwise bring back LoRA on
     dropped layers; and an exact path matches nothing else. rank_pattern / alpha_pattern keep only the keys some
@@ -483,17 +483,21 @@ def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
     exact = {m["module"] for name in source.tensors
              if (m := _TENSOR.match(name)) and source.pair_of(name) in pairs} | outside_stack
     _keep_used_pattern_keys(config, sorted(exact))
-    if not whole_layers or _names_exact_paths(config.get("target_modules"), source):
-        config.update(target_modules=sorted(exact), layers_to_transform=None, layers_pattern=None)
-        return config
     patterns = {lp[0] for name in source.tensors if (lp := source.layer_of(name))}
+    pattern = sorted(patterns)[0] if len(patterns) == 1 else sorted(patterns) or None
+    if not whole_layers or _names_exact_paths(config.get("target_modules"), source):
+        # layers_to_transform changes nothing for exact paths; it says that the layer subset is meant, so the
+        # export is not taken for an adapter made for a model with fewer layers (model.adapters).
+        config.update(target_modules=sorted(exact), layers_to_transform=kept or None,
+                      layers_pattern=pattern if kept else None)
+        return config
     original_layers = config.get("layers_to_transform")
     if isinstance(original_layers, int):
         original_layers = [original_layers]
     if original_layers:
         kept = [layer for layer in kept if layer in original_layers]
     config["layers_to_transform"] = kept
-    config["layers_pattern"] = sorted(patterns)[0] if len(patterns) == 1 else sorted(patterns)
+    config["layers_pattern"] = pattern
     if isinstance(config.get("target_modules"), str) or outside_stack:
         # PEFT ignores layers_to_transform for a string (regex / all-linear) target, and with a list it would
         # drop modules outside the layer stack (they have no layer index): name every module exactly instead.
@@ -540,6 +544,9 @@ def _write_merged(source: AdapterFiles, tensors, selection: Selection, model_spe
     from .model import load_adapter, load_model, resolve_model_dir
 
     model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    # The whole source adapter against this model first (layer count, shapes, every tensor used): the pruned one
+    # alone would fit a model with more layers as well. unload() gives back the untouched base model.
+    model = load_adapter(model, source.path, model_name=model_spec).unload()
     if any(".lora_" in name for name in tensors):
         staging = folder / ".pruned-adapter"
         staging.mkdir()

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import LoraboundError
 from .errors import first_line as _first_line
-from .layers import LayerStack, find_layer_stack, module_layer_index, unwrap_model
+from .layers import LayerStack, find_layer_stack, layers_path_of_names, module_layer_index, unwrap_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -207,6 +207,17 @@ def check_lora_config(config: dict, adapter_dir: str | Path) -> None:
             f"{adapter_dir} is a {peft_type or 'untyped'} adapter; lorabound works on LoRA adapters only (peft_type LORA): "
             "pass a LoRA, rsLoRA or DoRA adapter folder"
         )
+    task = str(config.get("task_type") or "").upper()
+    if task in _OTHER_TASKS:
+        raise LoraboundError(f"{adapter_dir} is an adapter for {_OTHER_TASKS[task]} (task_type {task}); lorabound "
+                             "analyses adapters of causal language models: pass one saved with task_type CAUSAL_LM "
+                             "(or none)")
+
+
+# PEFT task types of adapters made for another kind of head than a causal LM's next-token head.
+_OTHER_TASKS = {"SEQ_CLS": "sequence classification", "TOKEN_CLS": "token classification",
+                "QUESTION_ANS": "question answering", "SEQ_2_SEQ_LM": "an encoder-decoder model",
+                "FEATURE_EXTRACTION": "feature extraction"}
 
 
 def check_adapter_matches(model, adapter_dir: str | Path, shapes: dict[str, tuple[int, ...]], *,
@@ -299,6 +310,7 @@ def check_adapter_consistency(config: dict, shapes: dict[str, tuple[int, ...]], 
         _check_module_parts(module, parts, config, use_dora, where)
     _check_targets(config, modules, where)
     _check_layers_to_transform(config, modules, where, num_layers)
+    _check_layer_count(config, modules, where, num_layers)
 
 
 def check_every_tensor_used(peft_model, shapes: dict[str, tuple[int, ...]], adapter_dir: str | Path,
@@ -491,6 +503,33 @@ def _check_layers_to_transform(config: dict, modules: dict, where: str, num_laye
         raise LoraboundError(f"{where}: adapter_config.json's layers_to_transform names layer {empty[0]} but the "
                              f"adapter has no LoRA tensors there; list only the layers its tensors cover, or "
                              f"{_FIX_TENSORS}")
+
+
+def _check_layer_count(config: dict, modules: dict, where: str, num_layers: int | None) -> None:
+    """Refuse an adapter made for a model with another number of layers (when the model's is known).
+
+    More layers: a tensor on a layer the model lacks. Fewer: target_modules lists exact module paths (as PEFT
+    writes them for an all-linear target of fewer than 20 modules) on layers 0..k-1 only, k < the model's, with
+    no layers_to_transform saying that the subset is meant; PEFT would load it without a word. (Module-name
+    targets imply every layer: check_every_tensor_used refuses the missing layers after loading.)
+    """
+    stack = layers_path_of_names(list(modules), config.get("layers_pattern")) if num_layers else None
+    if not stack:
+        return
+    layers = sorted({i for module in modules if (i := module_layer_index(module, stack)) is not None})
+    if not layers:
+        return
+    if layers[-1] >= num_layers:
+        raise LoraboundError(f"{where} has LoRA on layer {layers[-1]} but the model has layers 0..{num_layers - 1}: "
+                             "it was made for a model with more layers; pass the --model it was trained on")
+    targets = config.get("target_modules")
+    exact = isinstance(targets, list) and any(target in modules for target in targets)
+    declared = config.get("layers_to_transform") not in (None, [])
+    if exact and not declared and layers == list(range(layers[-1] + 1)) and len(layers) < num_layers:
+        raise LoraboundError(
+            f"{where} lists exact module paths on layers 0..{layers[-1]} only and this model has {num_layers} "
+            f"layers: it looks made for a {len(layers)}-layer model; pass the --model it was trained on, or, if it "
+            f"targets these layers on purpose, set layers_to_transform to {json.dumps(layers)} in {ADAPTER_CONFIG}")
 
 
 def _layer_index(module: str, layers_pattern) -> int | None:

@@ -82,6 +82,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not trust_remote_code:  # a repository's own classes are named as its authors like
+        check_head_type(_read_config(spec, trust_remote_code), spec)
+
     # Explicit either way: a repository's own code runs only when the user asked for it.
     kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
     model_kwargs: dict = {}
@@ -121,6 +124,20 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     model.eval()
     check_causal(model, spec)
     return model, tokenizer
+
+
+# Class names of models whose head predicts the next token (architectures in config.json).
+_LM_HEADS = re.compile(r"(ForCausalLM|LMHeadModel|ForConditionalGeneration|LMHead)$")
+
+
+def check_head_type(config, spec: str) -> None:
+    """Refuse a model saved with another head (a classifier, a bare encoder or decoder without its head): loaded
+    as a causal LM, its weights would be used without that head, and a tied one would even load without a word."""
+    saved_as = [name for name in getattr(config, "architectures", None) or [] if isinstance(name, str)]
+    if saved_as and not any(_LM_HEADS.search(name) for name in saved_as):
+        raise LoraboundError(
+            f"model '{spec}' was saved as {saved_as[0]}, not as a causal language model (its config.json "
+            f"architectures); pass a causal language model (a *ForCausalLM checkpoint) or {DEFAULT_MODEL}")
 
 
 def _check_weights_complete(model, info: dict, spec: str) -> None:
