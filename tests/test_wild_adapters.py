@@ -258,3 +258,145 @@ def test_curve_and_exports_are_exact_or_refused(tmp_path, tok, arch, variant):
         with keep_selection(model, selection):
             expected_logits = logits(model)
         torch.testing.assert_close(logits(loaded), expected_logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- the classes of hostile adapters and models, several members each ------------------------------------
+
+def _adapter_with(root, name: str, num_layers: int = 3, **config_changes):
+    """A tiny Llama adapter (q, v, down) saved by PEFT, its adapter_config.json then changed as a user might."""
+    from tiny import tiny_lora
+
+    folder = root / name
+    tiny_lora(num_layers=num_layers, target_modules=["q_proj", "v_proj", "down_proj"]).save_pretrained(folder)
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config_changes}))
+    return folder
+
+
+@pytest.mark.parametrize("field,value", [
+    ("target_modules", 5), ("target_modules", {"q_proj": 1}), ("target_modules", [1, 2]),
+    ("layers_pattern", 3), ("layers_pattern", ["layers", 0]), ("layers_pattern", {"x": "layers"}),
+    ("layers_to_transform", "0,1"), ("layers_to_transform", [0.5, 1]), ("layers_to_transform", {"0": 1}),
+    ("layers_to_transform", True), ("modules_to_save", "lm_head"), ("bias", "some"), ("use_dora", "yes"),
+])
+def test_adapter_config_fields_of_the_wrong_type_give_one_line(capsys, tmp_path, field, value):
+    from clitools import refused_alone
+
+    adapter = _adapter_with(tmp_path, "adapter", **{field: value})
+    line = refused_alone(capsys, "prune", "--adapter", adapter, "--boundary", 0, "--out", tmp_path / "out")
+    assert f": {field} is {json.dumps(value)}, but it must be" in line
+    line = refused_alone(capsys, "prune", "--adapter", adapter, "--layers", "0,2", "--out", tmp_path / "out")
+    assert f": {field} is " in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes,refused", [
+    ({"lora_alpha": 0}, True),
+    ({"lora_alpha": 0.0, "alpha_pattern": {"v_proj": 0}}, True),
+    ({"lora_alpha": 0, "alpha_pattern": {"v_proj": 16}}, False),  # v_proj still changes the model
+    ({"lora_alpha": 8}, False),
+])
+def test_an_adapter_that_changes_nothing_is_refused(tmp_path, changes, refused):
+    adapter = _adapter_with(tmp_path, "adapter", **changes)
+    if refused:
+        with pytest.raises(LoraboundError, match=r"lora_alpha 0, which scales every LoRA update to zero"):
+            check_adapter_files(adapter)
+    else:
+        check_adapter_files(adapter)
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"])
+def test_adapters_for_another_head_are_refused(tmp_path, task_type):
+    from lorabound.model import check_lora_config
+
+    adapter = _adapter_with(tmp_path, "adapter", task_type=task_type)
+    with pytest.raises(LoraboundError, match=rf"task_type {task_type}\); lorabound analyses adapters of causal"):
+        check_lora_config(json.loads((adapter / "adapter_config.json").read_text()), adapter)
+
+
+def _exact_adapter(root, num_layers: int, layers=None):
+    from tiny import tiny_lora
+
+    layers = range(num_layers) if layers is None else layers
+    folder = root / f"exact-{num_layers}-{len(layers)}"
+    tiny_lora(num_layers=num_layers, target_modules=[f"model.layers.{i}.self_attn.{m}" for i in layers
+                                                     for m in ("q_proj", "v_proj")]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("adapter_layers,model_layers", [(2, 3), (2, 4), (3, 4), (1, 4)])
+def test_an_adapter_made_for_fewer_layers_is_refused_by_every_path(tmp_path, adapter_layers, model_layers):
+    """Exact-path targets (PEFT writes them for all-linear under 20 modules) on layers 0..k-1 of a bigger model:
+    analysis (load_adapter), peft and merged exports refuse it; the same adapter on its own model loads."""
+    from tiny import tiny_llama, tiny_tokenizer
+
+    adapter = _exact_adapter(tmp_path, adapter_layers)
+    tiny_llama(model_layers).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    message = rf"exact module paths on layers 0\.\.{adapter_layers - 1} only and this model has {model_layers}"
+    with pytest.raises(LoraboundError, match=message):
+        load_adapter(tiny_llama(model_layers), adapter)
+    for format in ("peft", "merged"):
+        with pytest.raises(LoraboundError, match=message):
+            prune_adapter(adapter, 0, tmp_path / format, model_spec=str(tmp_path / "base"), format=format)
+        assert not (tmp_path / format).exists()
+    load_adapter(tiny_llama(adapter_layers), adapter)
+
+
+def test_exact_paths_on_chosen_layers_and_exports_of_a_prefix_are_accepted(tmp_path):
+    """Not the neighbours of the class above: exact paths on layers 1 and 3 (not a prefix), and lorabound's own
+    export at b = 1 of an exact-path adapter (its layers_to_transform says the subset is meant)."""
+    from tiny import tiny_llama
+
+    load_adapter(tiny_llama(4), _exact_adapter(tmp_path, 4, layers=[1, 3]))
+    prune_adapter(_exact_adapter(tmp_path, 4), 1, tmp_path / "b1")
+    config = json.loads((tmp_path / "b1" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [0, 1]
+    assert sorted(config["target_modules"]) == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1)
+                                                for m in ("q_proj", "v_proj")]
+    load_adapter(tiny_llama(4), tmp_path / "b1")
+
+
+@pytest.mark.parametrize("adapter_layers,model_layers", [(2, 4), (3, 4)])
+def test_a_merged_export_onto_a_model_with_more_layers_is_refused(tmp_path, adapter_layers, model_layers):
+    """Module-name targets: the pruned adapter alone (layers 0..b) would fit the bigger model; the whole one
+    does not, and the merged export says so before writing anything."""
+    from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+
+    tiny_lora(num_layers=adapter_layers, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path / "adapter")
+    tiny_llama(model_layers).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    with pytest.raises(LoraboundError, match=r"lacks tensor base_model\.model\.model\.layers\.\d\.self_attn"):
+        prune_adapter(tmp_path / "adapter", 0, tmp_path / "merged", model_spec=str(tmp_path / "base"),
+                      format="merged")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("format", ["peft", "merged"])
+def test_an_adapter_made_for_more_layers_is_refused_before_any_work(tmp_path, format):
+    from tiny import tiny_llama, tiny_lora, tiny_tokenizer
+
+    tiny_lora(num_layers=4, target_modules=["q_proj", "v_proj"]).save_pretrained(tmp_path / "adapter")
+    tiny_llama(2).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    with pytest.raises(LoraboundError, match=r"(has LoRA on layer 3 but the model has layers 0\.\.1|layers 0\.\.1)"):
+        prune_adapter(tmp_path / "adapter", 0, tmp_path / "out", model_spec=str(tmp_path / "base"), format=format)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_and_alpha_pattern_keys_of_dropped_modules_leave_the_export(tmp_path):
+    from tiny import tiny_llama, tiny_lora
+
+    patterns = {"rank_pattern": {"model.layers.3.self_attn.q_proj": 2, "v_proj": 6, "down_proj": 3},
+                "alpha_pattern": {"model.layers.2.self_attn.v_proj": 32, "q_proj": 16}}
+    model = tiny_lora(target_modules=["q_proj", "v_proj"], **patterns)  # down_proj: a key that never matched
+    model.save_pretrained(tmp_path / "adapter")
+    prune_adapter(tmp_path / "adapter", 1, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"v_proj": 6}
+    assert config["alpha_pattern"] == {"q_proj": 16}
+    assert not peft_warnings(tiny_llama(), tmp_path / "out")
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "out")).eval()
+    assert loaded.base_model.model.model.layers[1].self_attn.v_proj.r["default"] == 6
+    with keep_selection(model, Selection.prefix(1)):
+        torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)

@@ -82,7 +82,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not trust_remote_code:  # a repository's own classes are named as its authors like
+    if not is_hub and not trust_remote_code:  # a repository's own classes are named as its authors like
         check_head_type(_read_config(spec, trust_remote_code), spec)
 
     # Explicit either way: a repository's own code runs only when the user asked for it.
@@ -118,6 +118,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
             f"(config.json and *.safetensors from the same save_pretrained), or pass {DEFAULT_MODEL}"
         ) from err
 
+    if is_hub and not trust_remote_code:  # its config came with the model: no second trip to the network
+        check_head_type(model.config, spec)
     _check_weights_complete(model, info, spec)
     _ensure_pad_token(tokenizer, model, spec)
     model.to(device)
