@@ -27,7 +27,7 @@ from transformers import (BloomConfig, BloomForCausalLM, CodeGenConfig, CodeGenF
 
 from lorabound.analysis import analyze
 from lorabound.errors import LoraboundError
-from lorabound.model import check_adapter_files, load_adapter
+from lorabound.model import check_adapter_files, load_adapter, load_model
 from lorabound.selection import Selection
 from lorabound.surgery import keep_selection, prune_adapter
 
@@ -87,9 +87,13 @@ ARCHITECTURES = {
     "opt-projected": (OPTForCausalLM, lambda: OPTConfig(**{**_OPT, "word_embed_proj_dim": 16}),
                       "model.decoder.layers", ["q_proj", "v_proj", "fc2"]),
     "opt-post-norm": (OPTForCausalLM, lambda: OPTConfig(**{**_OPT, "do_layer_norm_before": False,
-                                                           "word_embed_proj_dim": 16}),
+                                                           "word_embed_proj_dim": 16, "init_std": 0.3}),
                       "model.decoder.layers", ["q_proj", "v_proj", "fc2"]),
 }
+
+
+# Variants also exported merged (a whole model each: the others' LoRA merges the same way).
+MERGED_VARIANTS = ("exact-paths", "all-linear", "dora", "modules-to-save", "patterns")
 
 
 def exact_paths(arch: str) -> list[str]:
@@ -258,6 +262,20 @@ def test_curve_and_exports_are_exact_or_refused(tmp_path, tok, arch, variant):
         with keep_selection(model, selection):
             expected_logits = logits(model)
         torch.testing.assert_close(logits(loaded), expected_logits, atol=1e-5, rtol=1e-5)
+
+    # The other formats at b = 1: zero-fill (every tensor name, dropped ones zero) and merged (a whole model).
+    with keep_selection(model, Selection.prefix(1)):
+        expected_logits = logits(model)
+    if variant != "dora":  # zero-fill refuses DoRA: its magnitude vector rescales the base weight
+        prune_adapter(adapter, 1, tmp_path / "zero-fill", format="zero-fill", model_spec=str(tmp_path / "base"))
+        assert peft_warnings(base, tmp_path / "zero-fill") <= source_warnings
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "zero-fill")).eval()
+        torch.testing.assert_close(logits(loaded), expected_logits, atol=1e-5, rtol=1e-5)
+    if variant in MERGED_VARIANTS:
+        prune_adapter(adapter, 1, tmp_path / "merged", format="merged", model_spec=str(tmp_path / "base"))
+        merged = load_model(str(tmp_path / "merged"))[0]
+        scale = float(expected_logits.abs().max())  # merging sums in another order: float error grows with it
+        torch.testing.assert_close(logits(merged), expected_logits, atol=1e-5 * max(1.0, scale), rtol=1e-5)
 
 
 # ---- the classes of hostile adapters and models, several members each ------------------------------------
