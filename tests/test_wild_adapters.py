@@ -431,3 +431,25 @@ def test_rank_and_alpha_pattern_keys_of_dropped_modules_leave_the_export(tmp_pat
     assert loaded.base_model.model.model.layers[1].self_attn.v_proj.r["default"] == 6
     with keep_selection(model, Selection.prefix(1)):
         torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("format", ["peft", "zero-fill", "merged"])
+@pytest.mark.parametrize("other", ["wider", "narrower-mlp", "other-names"])
+def test_prune_with_another_model_of_the_same_depth_is_refused_before_any_work(tmp_path, format, other):
+    """Shapes and module names against the --model's config (no weights): every export format."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny import tiny_lora
+
+    tiny_lora(num_layers=3, target_modules=["q_proj", "v_proj", "down_proj"]).save_pretrained(tmp_path / "adapter")
+    config = {**_LLAMA, "hidden_size": 48} if other == "wider" else {**_LLAMA, "intermediate_size": 96}
+    model = (GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4))
+             if other == "other-names" else LlamaForCausalLM(LlamaConfig(**config)))
+    model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    expected = {"wider": r"lora_[AB] of model\.layers\.0\.\S+ expects (in|out)_features 32, the model has 48",
+                "narrower-mlp": r"lora_A of model\.layers\.0\.mlp\.down_proj expects in_features 64, the model has 96",
+                "other-names": r"module model\.layers\.0\.\w+\.\w+ not found"}[other]
+    with pytest.raises(LoraboundError, match=rf"was trained for a different base model than .*base: {expected}"):
+        prune_adapter(tmp_path / "adapter", 0, tmp_path / "out", model_spec=str(tmp_path / "base"), format=format)
+    assert not (tmp_path / "out").exists()

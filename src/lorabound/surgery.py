@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import (adapter_tensor_names, check_adapter_files, find_layer_stack, layers_path_of_names,
-                    model_layers_path, model_num_layers, model_paths, module_layer_index, read_adapter_config)
+from .model import (adapter_tensor_names, check_adapter_files, check_adapter_fits_config, find_layer_stack,
+                    layers_path_of_names, model_layers_path, model_num_layers, model_paths, module_layer_index,
+                    read_adapter_config)
 from .selection import EVERY, GROUPS, Selection
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -377,6 +378,10 @@ def prune_adapter(adapter_dir: str | Path, selection: Selection | int, out_dir: 
     if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     source = AdapterFiles.read(adapter_dir, layers_path, num_layers=num_layers)
+    if model_spec is not None:  # modules and sizes against the model's config, before any work
+        check_adapter_fits_config(model_spec, adapter_dir, {n: tuple(t.shape) for n, t in source.tensors.items()},
+                                  trust_remote_code=trust_remote_code,
+                                  trained_on=source.config.get("base_model_name_or_path"))
     asked = selection
     if not isinstance(selection, Selection):
         if num_layers is not None:

@@ -218,6 +218,20 @@ def model_layers_path(spec: str, *, trust_remote_code: bool = False) -> str:
     return layers_path_of_config(config, trust_remote_code=trust_remote_code)
 
 
+def check_adapter_fits_config(spec: str, adapter_dir: str | Path, shapes: dict[str, tuple[int, ...]], *,
+                              trust_remote_code: bool = False, trained_on: str | None = None) -> None:
+    """check_adapter_matches (every LoRA module exists, with the tensors' sizes) against the model of `spec` built
+    from its config on the meta device: the compatibility check of commands that read only the model's config."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import check_adapter_matches
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_read_config(spec, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    check_adapter_matches(model, adapter_dir, shapes, model_name=spec, trained_on=trained_on)
+
+
 def _read_config(spec: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
