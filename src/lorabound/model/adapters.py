@@ -506,12 +506,12 @@ def _check_layers_to_transform(config: dict, modules: dict, where: str, num_laye
 
 
 def _check_layer_count(config: dict, modules: dict, where: str, num_layers: int | None) -> None:
-    """Refuse an adapter made for a model with another number of layers (when the model's is known).
+    """Refuse an adapter made for a model with fewer layers (when the model's layer count is known).
 
-    More layers: a tensor on a layer the model lacks. Fewer: target_modules lists exact module paths (as PEFT
-    writes them for an all-linear target of fewer than 20 modules) on layers 0..k-1 only, k < the model's, with
-    no layers_to_transform saying that the subset is meant; PEFT would load it without a word. (Module-name
-    targets imply every layer: check_every_tensor_used refuses the missing layers after loading.)
+    target_modules lists exact module paths (as PEFT writes them for an all-linear target of fewer than 20
+    modules) on layers 0..k-1 only, k < the model's, with no layers_to_transform saying that the subset is meant:
+    PEFT would load it without a word. (Module-name targets imply every layer: check_every_tensor_used refuses the
+    missing layers after loading. More layers: check_adapter_matches names the module the model lacks.)
     """
     stack = layers_path_of_names(list(modules), config.get("layers_pattern")) if num_layers else None
     if not stack:
@@ -519,9 +519,6 @@ def _check_layer_count(config: dict, modules: dict, where: str, num_layers: int 
     layers = sorted({i for module in modules if (i := module_layer_index(module, stack)) is not None})
     if not layers:
         return
-    if layers[-1] >= num_layers:
-        raise LoraboundError(f"{where} has LoRA on layer {layers[-1]} but the model has layers 0..{num_layers - 1}: "
-                             "it was made for a model with more layers; pass the --model it was trained on")
     targets = config.get("target_modules")
     exact = isinstance(targets, list) and any(target in modules for target in targets)
     declared = config.get("layers_to_transform") not in (None, [])
