@@ -453,3 +453,27 @@ def test_prune_with_another_model_of_the_same_depth_is_refused_before_any_work(t
     with pytest.raises(LoraboundError, match=rf"was trained for a different base model than .*base: {expected}"):
         prune_adapter(tmp_path / "adapter", 0, tmp_path / "out", model_spec=str(tmp_path / "base"), format=format)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real
+def test_exact_path_export_on_the_real_model(real_model, tmp_path):
+    """SmolLM2-135M with exact-path targets (q, v of every layer) and a rank_pattern key on a dropped layer,
+    random init_lora_weights=False: the export at b = 9 reloads with LoRA on layers 0..9 only, no PEFT warning,
+    and the in-memory logits."""
+    base, _ = real_model
+    paths = [f"model.layers.{i}.self_attn.{m}" for i in range(base.config.num_hidden_layers)
+             for m in ("q_proj", "v_proj")]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=paths, init_lora_weights=False,
+                        rank_pattern={"model.layers.20.self_attn.q_proj": 2})
+    model = get_peft_model(copy.deepcopy(base), config).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    prune_adapter(tmp_path / "adapter", 9, tmp_path / "out", num_layers=base.config.num_hidden_layers)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["rank_pattern"] == {}
+    loaded, caught = peft_load(base, tmp_path / "out")
+    assert not caught
+    kept = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules() if isinstance(m, LoraLayer)}
+    assert kept == {p for p in paths if int(p.split(".")[2]) <= 9}
+    with keep_selection(model, Selection.prefix(9)):
+        expected = logits(model)
+    assert not torch.allclose(expected, logits(model), atol=1e-3)  # the layers above 9 mattered
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-4, rtol=1e-4)

@@ -472,12 +472,12 @@ def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
     """The config restricted to the kept modules, so PEFT builds LoRA exactly where tensors exist.
 
     When every kept layer keeps all of its modules (a boundary, a layer set) and target_modules are module names:
-    layers_to_transform lists the kept layers. Otherwise target_modules becomes the exact paths of the kept modules:
-    PEFT selects a module whose full path is listed without reading
-    layers_to_transform (peft.tuners.tuners_utils.check_target_module_exists), so a source that lists exact paths
-    itself (PEFT writes them for an all-linear target of fewer than 20 modules) would otherwise bring back LoRA on
-    dropped layers; and an exact path matches nothing else. rank_pattern / alpha_pattern keep only the keys some
-    kept module uses, so PEFT finds no key without a module.
+    layers_to_transform lists the kept layers. Otherwise (attention and MLP kept on different layers, or a source
+    that lists exact paths itself, as PEFT writes them for an all-linear target of fewer than 20 modules)
+    target_modules becomes the exact paths of the kept modules: PEFT selects a module whose full path is listed
+    without reading layers_to_transform (peft.tuners.tuners_utils.check_target_module_exists), so the source's own
+    paths would bring back LoRA on dropped layers, and an exact path matches nothing else. rank_pattern /
+    alpha_pattern keep only the keys some kept module uses, so PEFT finds no key without a module.
     """
     config = dict(source.config)
     pairs = [pair for pair in source.pairs() if selection.keeps(*pair)]
