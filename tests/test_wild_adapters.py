@@ -31,7 +31,7 @@ from lorabound.model import check_adapter_files, load_adapter, load_model
 from lorabound.selection import Selection
 from lorabound.surgery import keep_selection, prune_adapter
 
-from test_architectures import _mean_prob
+from test_architectures import mean_prob
 from test_selection_export import logits
 from tiny import tiny_encoded, tiny_tokenizer
 
@@ -171,11 +171,11 @@ def peft_switch_curve(model, stack: str, boundaries, encoded, pad_token_id) -> l
     for b in boundaries:
         if b < 0:
             with model.disable_adapter():
-                curve.append(_mean_prob(model, encoded, pad_token_id))
+                curve.append(mean_prob(model, encoded, pad_token_id))
             continue
         for layer, module in modules:
             module.enable_adapters(layer <= b)
-        curve.append(_mean_prob(model, encoded, pad_token_id))
+        curve.append(mean_prob(model, encoded, pad_token_id))
     for _, module in modules:
         module.enable_adapters(True)
     return curve
