@@ -227,7 +227,7 @@ def _with_modules_to_save(model):
     return model
 
 
-def _mean_prob(model, encoded, pad_token_id) -> float:
+def mean_prob(model, encoded, pad_token_id) -> float:
     total, count = 0.0, 0
     for batch in batches(encoded, 4, pad_token_id):
         with torch.no_grad():
@@ -252,9 +252,9 @@ def test_base_is_the_model_without_any_adapter(tok, outside, capsys):
     curve = result["truncation"]
 
     with model.disable_adapter():
-        base = _mean_prob(model, encoded, tok.pad_token_id)
+        base = mean_prob(model, encoded, tok.pad_token_id)
     with keep_lora(model, []):
-        layers_only = _mean_prob(model, encoded, tok.pad_token_id)
+        layers_only = mean_prob(model, encoded, tok.pad_token_id)
     assert abs(base - layers_only) > 0.02 * base  # the part outside the layers matters on this adapter
     assert close([curve["mean_prob"][0]], [base], tol=1e-7)  # b = -1: evaluation's base model
     baseline = curve["layers_only_baseline"]

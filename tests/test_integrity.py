@@ -290,8 +290,10 @@ def save_with_tokenizer(model, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def wrong_models(tmp_path_factory):
-    """A model folder whose lm_head was deleted, a sequence classifier, a BERT encoder, and a tied-head model."""
-    from transformers import BertConfig, BertForMaskedLM, LlamaForSequenceClassification
+    """A model folder whose lm_head was deleted, sequence classifiers and a bare decoder (also with tied
+    embeddings, which would load as a causal LM without a missing weight), a BERT encoder with an LM head, and a
+    tied-head causal LM."""
+    from transformers import BertConfig, BertLMHeadModel, LlamaForSequenceClassification, LlamaModel
 
     root = tmp_path_factory.mktemp("wrong-models")
     headless = save_with_tokenizer(tiny_llama(), root / "headless")
@@ -302,8 +304,13 @@ def wrong_models(tmp_path_factory):
     config.num_labels = 3
     torch.manual_seed(0)
     save_with_tokenizer(LlamaForSequenceClassification(config), root / "classifier")
+    config.tie_word_embeddings = True
     torch.manual_seed(0)
-    save_with_tokenizer(BertForMaskedLM(BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2,
+    save_with_tokenizer(LlamaForSequenceClassification(config), root / "classifier-tied")
+    torch.manual_seed(0)
+    save_with_tokenizer(LlamaModel(config), root / "bare-tied")
+    torch.manual_seed(0)
+    save_with_tokenizer(BertLMHeadModel(BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2,
                                                    num_attention_heads=4, intermediate_size=64)), root / "bert")
     tied = tiny_llama().config
     tied.tie_word_embeddings = True
@@ -316,7 +323,9 @@ def wrong_models(tmp_path_factory):
 @pytest.mark.parametrize("name,message", [
     ("headless", r"model '.*headless' has no output head \(lm_head\.weight is missing from its weights, so "
                  r"transformers would initialise it at random\): it is not a causal language model"),
-    ("classifier", r"has no output head \(lm_head\.weight is missing"),
+    ("classifier", r"was saved as LlamaForSequenceClassification, not as a causal language model"),
+    ("classifier-tied", r"was saved as LlamaForSequenceClassification, not as a causal language model"),
+    ("bare-tied", r"was saved as LlamaModel, not as a causal language model"),
     ("bert", r"model '.*bert' \(BertLMHeadModel\) is not a causal language model: its prediction at a position "
              r"depends on later tokens"),
 ])

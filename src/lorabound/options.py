@@ -7,7 +7,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .data import Splits, Task, load_task, split_task
-from .model import DEFAULT_MODEL, check_adapter_files, load_adapter, load_model
+from .errors import LoraboundError
+from .model import (DEFAULT_MODEL, check_adapter_files, load_adapter, load_model, model_num_layers,
+                    resolve_model_dir)
 from .validation import check_arguments
 
 
@@ -53,14 +55,24 @@ class ModelOptions:
         check_fields(self)
 
     def load(self, adapter: str | Path | None = None):
-        if adapter is not None:
-            check_adapter_files(adapter, allow_pickle=self.allow_pickle)  # before the model: it may be large
+        if adapter is not None:  # before the model (it may be large): the adapter, and its layers against the model's
+            check_adapter_files(adapter, allow_pickle=self.allow_pickle, num_layers=self._num_layers())
         model, tokenizer = load_model(self.model, dtype=self.dtype, device=self.device,
                                       trust_remote_code=self.trust_remote_code)
         if adapter is not None:
             model = load_adapter(model, adapter, allow_pickle=self.allow_pickle, model_name=self.model)
         model.eval()
         return model, tokenizer
+
+    def _num_layers(self) -> int | None:
+        """The model's layer count from its local config alone; None for a hub id (no second trip to the network)
+        or where the config cannot be read (load_model then says why)."""
+        try:
+            if not Path(resolve_model_dir(self.model)).is_dir():
+                return None
+            return model_num_layers(self.model, trust_remote_code=self.trust_remote_code)
+        except LoraboundError:
+            return None
 
 
 

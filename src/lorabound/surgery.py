@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from .boundary import check_boundary
 from .errors import LoraboundError
 from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import (adapter_tensor_names, check_adapter_files, find_layer_stack, layers_path_of_names,
-                    model_layers_path, model_num_layers, model_paths, module_layer_index, read_adapter_config)
+from .model import (adapter_tensor_names, check_adapter_files, check_adapter_fits_config, find_layer_stack,
+                    layers_path_of_names, model_layers_path, model_num_layers, model_paths, module_layer_index,
+                    read_adapter_config)
 from .selection import EVERY, GROUPS, Selection
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -377,6 +378,10 @@ def prune_adapter(adapter_dir: str | Path, selection: Selection | int, out_dir: 
     if num_layers is None and model_spec is not None:
         num_layers = model_num_layers(model_spec, trust_remote_code=trust_remote_code)  # config only, no weights
     source = AdapterFiles.read(adapter_dir, layers_path, num_layers=num_layers)
+    if model_spec is not None:  # modules and sizes against the model's config, before any work
+        check_adapter_fits_config(model_spec, adapter_dir, {n: tuple(t.shape) for n, t in source.tensors.items()},
+                                  trust_remote_code=trust_remote_code,
+                                  trained_on=source.config.get("base_model_name_or_path"))
     asked = selection
     if not isinstance(selection, Selection):
         if num_layers is not None:
@@ -466,11 +471,13 @@ def _is_lora_b(name: str) -> bool:
 def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
     """The config restricted to the kept modules, so PEFT builds LoRA exactly where tensors exist.
 
-    When every kept layer keeps all of its modules (a boundary, a layer set): layers_to_transform lists the kept
-    layers. Otherwise (attention and MLP kept on different layers) no layer list can say it, so target_modules
-    becomes the exact paths of the kept modules: PEFT selects a module whose full path is listed without reading
-    layers_to_transform (peft.tuners.tuners_utils.check_target_module_exists), and an exact path matches nothing
-    else.
+    When every kept layer keeps all of its modules (a boundary, a layer set) and target_modules are module names:
+    layers_to_transform lists the kept layers. Otherwise (attention and MLP kept on different layers, or a source
+    that lists exact paths itself, as PEFT writes them for an all-linear target of fewer than 20 modules)
+    target_modules becomes the exact paths of the kept modules: PEFT selects a module whose full path is listed
+    without reading layers_to_transform (peft.tuners.tuners_utils.check_target_module_exists), so the source's own
+    paths would bring back LoRA on dropped layers, and an exact path matches nothing else. rank_pattern /
+    alpha_pattern keep only the keys some kept module uses, so PEFT finds no key without a module.
     """
     config = dict(source.config)
     pairs = [pair for pair in source.pairs() if selection.keeps(*pair)]
@@ -480,22 +487,48 @@ def _pruned_config(source: AdapterFiles, selection: Selection) -> dict:
                      if (m := _TENSOR.match(name)) and source.layer_of(name) is None}
     exact = {m["module"] for name in source.tensors
              if (m := _TENSOR.match(name)) and source.pair_of(name) in pairs} | outside_stack
-    if not whole_layers:
-        config.update(target_modules=sorted(exact), layers_to_transform=None, layers_pattern=None)
-        return config
+    _keep_used_pattern_keys(config, sorted(exact))
     patterns = {lp[0] for name in source.tensors if (lp := source.layer_of(name))}
+    pattern = sorted(patterns)[0] if len(patterns) == 1 else sorted(patterns) or None
+    if not whole_layers or _names_exact_paths(config.get("target_modules"), source):
+        # layers_to_transform changes nothing for exact paths; it says that the layer subset is meant, so the
+        # export is not taken for an adapter made for a model with fewer layers (model.adapters).
+        config.update(target_modules=sorted(exact), layers_to_transform=kept or None,
+                      layers_pattern=pattern if kept else None)
+        return config
     original_layers = config.get("layers_to_transform")
     if isinstance(original_layers, int):
         original_layers = [original_layers]
     if original_layers:
         kept = [layer for layer in kept if layer in original_layers]
     config["layers_to_transform"] = kept
-    config["layers_pattern"] = sorted(patterns)[0] if len(patterns) == 1 else sorted(patterns)
+    config["layers_pattern"] = pattern
     if isinstance(config.get("target_modules"), str) or outside_stack:
         # PEFT ignores layers_to_transform for a string (regex / all-linear) target, and with a list it would
         # drop modules outside the layer stack (they have no layer index): name every module exactly instead.
         config["target_modules"] = sorted(exact)
     return config
+
+
+def _names_exact_paths(targets, source: AdapterFiles) -> bool:
+    """Whether a target_modules list names some module of the adapter by its full path (PEFT then selects that
+    module whatever layers_to_transform says)."""
+    if not isinstance(targets, list):
+        return False
+    modules = {m["module"].removeprefix("base_model.model.") for name in source.tensors if (m := _TENSOR.match(name))}
+    return any(target in modules for target in targets)
+
+
+def _keep_used_pattern_keys(config: dict, kept_modules: list[str]) -> None:
+    """Drop the rank_pattern / alpha_pattern keys no kept module uses (matched as PEFT matches them)."""
+    from peft.utils.other import get_pattern_key
+
+    paths = [module.removeprefix("base_model.model.") for module in kept_modules]
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key)
+        if isinstance(pattern, dict) and pattern:
+            used = {get_pattern_key(list(pattern), path) for path in paths}
+            config[key] = {name: value for name, value in pattern.items() if name in used}
 
 
 def _write_adapter(folder: Path, config: dict, tensors: dict[str, torch.Tensor], source_dir: Path) -> None:
@@ -516,6 +549,9 @@ def _write_merged(source: AdapterFiles, tensors, selection: Selection, model_spe
     from .model import load_adapter, load_model, resolve_model_dir
 
     model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    # The whole source adapter against this model first (layer count, shapes, every tensor used): the pruned one
+    # alone would fit a model with more layers as well. unload() gives back the untouched base model.
+    model = load_adapter(model, source.path, model_name=model_spec).unload()
     if any(".lora_" in name for name in tensors):
         staging = folder / ".pruned-adapter"
         staging.mkdir()

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import LoraboundError
 from .errors import first_line as _first_line
-from .layers import LayerStack, find_layer_stack, module_layer_index, unwrap_model
+from .layers import LayerStack, find_layer_stack, layers_path_of_names, module_layer_index, unwrap_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -43,7 +43,43 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         raise LoraboundError(f"cannot parse {path} ({_first_line(err)}); restore the adapter's {ADAPTER_CONFIG}") from err
     if not isinstance(config, dict):
         raise LoraboundError(f"{path} is not a JSON object; restore the adapter's {ADAPTER_CONFIG}")
+    check_config_types(config, path)
     return config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# adapter_config.json fields lorabound reads before PEFT does: (field, test, the JSON types it may have).
+_CONFIG_TYPES = (
+    ("target_modules", lambda v: v is None or isinstance(v, str) or _is_names(v),
+     "a module name pattern, a list of module names, or null"),
+    ("exclude_modules", lambda v: v is None or isinstance(v, str) or _is_names(v),
+     "a module name pattern, a list of module names, or null"),
+    ("modules_to_save", lambda v: v is None or _is_names(v), "a list of module names, or null"),
+    ("layers_pattern", lambda v: v is None or isinstance(v, str) or _is_names(v),
+     "a name such as \"layers\", a list of names, or null"),
+    ("layers_to_transform", lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+     "a layer index, a list of layer indices, or null"),
+    ("bias", lambda v: v in (None, "none", "all", "lora_only"), "\"none\", \"all\" or \"lora_only\""),
+    ("use_dora", lambda v: v is None or isinstance(v, bool), "true or false"),
+    ("use_rslora", lambda v: v is None or isinstance(v, bool), "true or false"),
+    ("fan_in_fan_out", lambda v: v is None or isinstance(v, bool), "true or false"),
+)
+
+
+def check_config_types(config: dict, path: str | Path) -> None:
+    """Refuse adapter_config.json fields of the wrong JSON type (a number for target_modules, a string for
+    layers_to_transform) before anything reads them."""
+    for key, ok, expected in _CONFIG_TYPES:
+        if key in config and not ok(config[key]):
+            raise LoraboundError(f"{path}: {key} is {json.dumps(config[key])}, but it must be {expected}; "
+                                 f"correct it, or restore the adapter's {ADAPTER_CONFIG} from its source")
 
 
 def adapter_weights_file(adapter_dir: str | Path, *, allow_pickle: bool = False) -> Path:
@@ -171,6 +207,17 @@ def check_lora_config(config: dict, adapter_dir: str | Path) -> None:
             f"{adapter_dir} is a {peft_type or 'untyped'} adapter; lorabound works on LoRA adapters only (peft_type LORA): "
             "pass a LoRA, rsLoRA or DoRA adapter folder"
         )
+    task = str(config.get("task_type") or "").upper()
+    if task in _OTHER_TASKS:
+        raise LoraboundError(f"{adapter_dir} is an adapter for {_OTHER_TASKS[task]} (task_type {task}); lorabound "
+                             "analyses adapters of causal language models: pass one saved with task_type CAUSAL_LM "
+                             "(or none)")
+
+
+# PEFT task types of adapters made for another kind of head than a causal LM's next-token head.
+_OTHER_TASKS = {"SEQ_CLS": "sequence classification", "TOKEN_CLS": "token classification",
+                "QUESTION_ANS": "question answering", "SEQ_2_SEQ_LM": "an encoder-decoder model",
+                "FEATURE_EXTRACTION": "feature extraction"}
 
 
 def check_adapter_matches(model, adapter_dir: str | Path, shapes: dict[str, tuple[int, ...]], *,
@@ -256,12 +303,14 @@ def check_adapter_consistency(config: dict, shapes: dict[str, tuple[int, ...]], 
     """
     where = f"adapter {adapter_dir}"
     _check_config_numbers(config, where)
+    _check_no_trained_biases(config, shapes, where)
     modules = _lora_modules(shapes)
     use_dora = bool(config.get("use_dora"))
     for module, parts in modules.items():
         _check_module_parts(module, parts, config, use_dora, where)
     _check_targets(config, modules, where)
     _check_layers_to_transform(config, modules, where, num_layers)
+    _check_layer_count(config, modules, where, num_layers)
 
 
 def check_every_tensor_used(peft_model, shapes: dict[str, tuple[int, ...]], adapter_dir: str | Path,
@@ -333,6 +382,30 @@ def _check_config_numbers(config: dict, where: str) -> None:
             if not ok(value):
                 raise LoraboundError(f"{where}: adapter_config.json's {key} gives {name} the value {value!r}; "
                                      f"each value must be {what}")
+    alphas = [config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()]
+    if all(alpha == 0 for alpha in alphas):
+        raise LoraboundError(f"{where}: adapter_config.json has lora_alpha 0, which scales every LoRA update to "
+                             "zero, so the adapter changes nothing; set lora_alpha to the value it was trained with")
+
+
+def _check_no_trained_biases(config: dict, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Refuse an adapter that trains the base model's biases (bias "lora_only" / "all").
+
+    PEFT writes them into the base layers and keeps them when LoRA is turned off, so neither b = -1 (the base
+    model) nor any boundary would be the model it claims to be, and a pruned export could not drop them.
+    (lora_B.bias, PEFT's lora_bias, belongs to its LoRA module and is dropped with it.)
+    """
+    saved = config.get("modules_to_save") or []
+    for name in shapes:
+        module = name.removeprefix(_PEFT_PREFIX).rpartition(".")[0]
+        if _LORA_TENSOR.match(name.removeprefix(_PEFT_PREFIX)) or not name.endswith(".bias"):
+            continue
+        if any(f".{kept}." in f".{module}." for kept in saved):
+            continue  # a modules_to_save copy: the whole module, switched with the adapter
+        raise LoraboundError(
+            f"{where} trains the base model's biases (bias {json.dumps(config.get('bias'))} in {ADAPTER_CONFIG}; "
+            f"e.g. {name}): they stay on when LoRA is turned off, so no boundary can drop them; retrain the "
+            'adapter with bias="none" (lorabound train does)')
 
 
 def _lora_modules(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -430,6 +503,30 @@ def _check_layers_to_transform(config: dict, modules: dict, where: str, num_laye
         raise LoraboundError(f"{where}: adapter_config.json's layers_to_transform names layer {empty[0]} but the "
                              f"adapter has no LoRA tensors there; list only the layers its tensors cover, or "
                              f"{_FIX_TENSORS}")
+
+
+def _check_layer_count(config: dict, modules: dict, where: str, num_layers: int | None) -> None:
+    """Refuse an adapter made for a model with fewer layers (when the model's layer count is known).
+
+    target_modules lists exact module paths (as PEFT writes them for an all-linear target of fewer than 20
+    modules) on layers 0..k-1 only, k < the model's, with no layers_to_transform saying that the subset is meant:
+    PEFT would load it without a word. (Module-name targets imply every layer: check_every_tensor_used refuses the
+    missing layers after loading. More layers: check_adapter_matches names the module the model lacks.)
+    """
+    stack = layers_path_of_names(list(modules), config.get("layers_pattern")) if num_layers else None
+    if not stack:
+        return
+    layers = sorted({i for module in modules if (i := module_layer_index(module, stack)) is not None})
+    if not layers:
+        return
+    targets = config.get("target_modules")
+    exact = isinstance(targets, list) and any(target in modules for target in targets)
+    declared = config.get("layers_to_transform") not in (None, [])
+    if exact and not declared and layers == list(range(layers[-1] + 1)) and len(layers) < num_layers:
+        raise LoraboundError(
+            f"{where} lists exact module paths on layers 0..{layers[-1]} only and this model has {num_layers} "
+            f"layers: it looks made for a {len(layers)}-layer model; pass the --model it was trained on, or, if it "
+            f"targets these layers on purpose, set layers_to_transform to {json.dumps(layers)} in {ADAPTER_CONFIG}")
 
 
 def _layer_index(module: str, layers_pattern) -> int | None:

@@ -44,8 +44,8 @@ KNOWN_LAYER_PATHS = (
 )
 # Names of the final norm, looked up on the module that holds the block list.
 KNOWN_FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f", "final_norm")
-SUPPORTED_LAYOUTS = ("Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Cohere, GPT-2, GPT-NeoX, "
-                     "OPT with a final layer norm")
+SUPPORTED_LAYOUTS = ("Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-2, Gemma-3, Granite, Cohere, GPT-2, GPT-J, "
+                     "GPT-NeoX, Falcon, Bloom, CodeGen, MPT, OPT")
 
 
 def unwrap_model(model) -> nn.Module:
@@ -110,18 +110,17 @@ def _find_layers_path(base) -> str:
 
 
 def _find_final_norm(base, parent_path: str) -> nn.Module | None:
-    """The norm applied after the last block: a known attribute of the block list's parent, else its only *Norm child.
+    """The norm applied after the last block: a known attribute of the block list's parent, else its only *Norm
+    child, else None (OPT with do_layer_norm_before=False normalises inside its blocks and has none).
 
-    A model without one (e.g. OPT-350m, do_layer_norm_before=False, which also projects out) cannot be mapped.
+    Informative only: apply_head runs the model's own code after the blocks, whatever it holds there.
     """
     parent = base.get_submodule(parent_path) if parent_path else base
     for name in KNOWN_FINAL_NORM_NAMES:
-        if name in parent._modules:
+        if isinstance(parent._modules.get(name), nn.Module):
             return parent._modules[name]
     norms = [child for child in parent.children() if type(child).__name__.lower().endswith("norm")]
-    if len(norms) == 1:
-        return norms[0]
-    raise _cannot_map(base)
+    return norms[0] if len(norms) == 1 else None
 
 
 def _find_lm_head(base) -> nn.Module:
@@ -153,10 +152,11 @@ def apply_head(stack: LayerStack, hidden: torch.Tensor) -> torch.Tensor:
     result with model(...).logits on every analysis.
     """
     tokens = hidden.reshape(-1, 1, hidden.shape[-1])
+    inputs = _embeddings_like(stack, tokens)
     if stack.block_returns_tuple is None:
-        stack.block_returns_tuple = _block_returns_tuple(stack, tokens[:1])
+        stack.block_returns_tuple = _block_returns_tuple(stack, inputs[:1])
     with _blocks_return(stack, (tokens,) if stack.block_returns_tuple else tokens):
-        output = stack.model(inputs_embeds=tokens, use_cache=False)
+        output = stack.model(inputs_embeds=inputs, use_cache=False)
     logits = output.logits if hasattr(output, "logits") else output[0]
     return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
@@ -190,6 +190,16 @@ def head_only_at(model, predicts: torch.Tensor):
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _embeddings_like(stack: LayerStack, tokens: torch.Tensor) -> torch.Tensor:
+    """What the model takes as inputs_embeds for these positions: `tokens` itself, or zeros of the embedding size
+    where the model projects its embeddings into the blocks' width (OPT's project_in). The blocks ignore it."""
+    embeddings = stack.model.get_input_embeddings()
+    width = getattr(embeddings, "embedding_dim", tokens.shape[-1])
+    if width == tokens.shape[-1]:
+        return tokens
+    return tokens.new_zeros(*tokens.shape[:-1], width)
 
 
 def _block_returns_tuple(stack: LayerStack, one_token: torch.Tensor) -> bool:

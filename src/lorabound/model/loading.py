@@ -82,6 +82,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not is_hub and not trust_remote_code:  # a repository's own classes are named as its authors like
+        check_head_type(_read_config(spec, trust_remote_code), spec)
+
     # Explicit either way: a repository's own code runs only when the user asked for it.
     kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
     model_kwargs: dict = {}
@@ -115,12 +118,28 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
             f"(config.json and *.safetensors from the same save_pretrained), or pass {DEFAULT_MODEL}"
         ) from err
 
+    if is_hub and not trust_remote_code:  # its config came with the model: no second trip to the network
+        check_head_type(model.config, spec)
     _check_weights_complete(model, info, spec)
     _ensure_pad_token(tokenizer, model, spec)
     model.to(device)
     model.eval()
     check_causal(model, spec)
     return model, tokenizer
+
+
+# Class names of models whose head predicts the next token (architectures in config.json).
+_LM_HEADS = re.compile(r"(ForCausalLM|LMHeadModel|ForConditionalGeneration|LMHead)$")
+
+
+def check_head_type(config, spec: str) -> None:
+    """Refuse a model saved with another head (a classifier, a bare encoder or decoder without its head): loaded
+    as a causal LM, its weights would be used without that head, and a tied one would even load without a word."""
+    saved_as = [name for name in getattr(config, "architectures", None) or [] if isinstance(name, str)]
+    if saved_as and not any(_LM_HEADS.search(name) for name in saved_as):
+        raise LoraboundError(
+            f"model '{spec}' was saved as {saved_as[0]}, not as a causal language model (its config.json "
+            f"architectures); pass a causal language model (a *ForCausalLM checkpoint) or {DEFAULT_MODEL}")
 
 
 def _check_weights_complete(model, info: dict, spec: str) -> None:
@@ -197,6 +216,20 @@ def model_layers_path(spec: str, *, trust_remote_code: bool = False) -> str:
     discovery as in memory (find_layer_stack), on a model built from the config alone (no weights loaded)."""
     config = _read_config(spec, trust_remote_code)
     return layers_path_of_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_adapter_fits_config(spec: str, adapter_dir: str | Path, shapes: dict[str, tuple[int, ...]], *,
+                              trust_remote_code: bool = False, trained_on: str | None = None) -> None:
+    """check_adapter_matches (every LoRA module exists, with the tensors' sizes) against the model of `spec` built
+    from its config on the meta device: the compatibility check of commands that read only the model's config."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import check_adapter_matches
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_read_config(spec, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    check_adapter_matches(model, adapter_dir, shapes, model_name=spec, trained_on=trained_on)
 
 
 def _read_config(spec: str, trust_remote_code: bool):
