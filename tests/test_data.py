@@ -570,3 +570,24 @@ def test_encode_with_real_smollm2_tokenizer():
     assert tok.decode(enc.labels[0][len(prompt):-1]) == " Blue Spice is by the river."
     batch = next(batches(enc, 4, pad_token_id=tok.pad_token_id))
     assert batch.attention_mask.sum().item() == len(prompt) + len(target) + 1
+
+
+def test_disjoint_tests_give_each_seed_its_own_test_block():
+    task = load_task("webnlg")
+    splits = {seed: split_task(task, train=300, validation=40, test=200, seed=seed, disjoint_tests=True)
+              for seed in range(4)}
+    tests = {seed: {e.input for e in s.test} for seed, s in splits.items()}
+    for a in range(4):
+        s = splits[a]
+        inputs = [{e.input for e in part} for part in (s.train, s.validation, s.test)]
+        assert [len(x) for x in inputs] == [300, 40, 200] and not (inputs[0] & inputs[1] or inputs[0] & inputs[2]
+                                                                    or inputs[1] & inputs[2])
+        for b in range(a + 1, 4):
+            assert not tests[a] & tests[b]  # independent test sets
+    # the test block depends on the seed and the size only, not on the other splits
+    again = split_task(task, train=10, validation=5, test=200, seed=2, disjoint_tests=True)
+    assert {e.input for e in again.test} == tests[2]
+    plain = [split_task(task, train=300, validation=40, test=200, seed=seed) for seed in range(2)]
+    assert {e.input for e in plain[0].test} & {e.input for e in plain[1].test}  # plain seeds overlap
+    with pytest.raises(LoraboundError, match="takes test block 5 .* room for 5 blocks; use seeds 0 to 4"):
+        split_task(task, train=0, validation=0, test=200, seed=5, disjoint_tests=True)

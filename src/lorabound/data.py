@@ -426,10 +426,14 @@ class Splits:
     seed: int
 
 
-def split_task(task: Task, *, train: int, validation: int, test: int, seed: int = 0) -> Splits:
+def split_task(task: Task, *, train: int, validation: int, test: int, seed: int = 0,
+               disjoint_tests: bool = False) -> Splits:
     """Shuffle with `seed` (deterministic) and cut into disjoint train / validation / test of these sizes.
 
-    Validation is cut first, then test, then train, so the train size never changes the other two.
+    Validation is cut first, then test, then train, so the train size never changes the other two. With
+    `disjoint_tests`, the test split is block number `seed` of `test` examples in one fixed order (the task
+    shuffled with seed 0), so splits of different seeds never share a test example (independent test sets for
+    a study); validation and train are then cut from the other examples, shuffled with `seed`.
     """
     sizes = {"train": train, "validation": validation, "test": test}
     for name, size in sizes.items():
@@ -442,7 +446,19 @@ def split_task(task: Task, *, train: int, validation: int, test: int, seed: int 
             f"task {task.name} has {n} examples but train {train} + validation {validation} + test {test} "
             f"= {asked} were asked for; pass smaller --train-size/--validation-size/--test-size")
     order = list(range(n))
-    random.Random(seed).shuffle(order)
+    if disjoint_tests:
+        if (seed + 1) * test > n:
+            raise LoraboundError(
+                f"--disjoint-tests takes test block {seed} (the seed) of {test} examples, but task {task.name} has "
+                f"{n} examples, room for {n // max(test, 1)} blocks; use seeds 0 to {n // max(test, 1) - 1} or a "
+                "smaller --test-size")
+        random.Random(0).shuffle(order)
+        test_ids = order[seed * test:(seed + 1) * test]
+        rest = order[:seed * test] + order[(seed + 1) * test:]
+        random.Random(seed).shuffle(rest)
+        order = rest[:validation] + test_ids + rest[validation:]
+    else:
+        random.Random(seed).shuffle(order)
     picked = [task.examples[i] for i in order]
     return Splits(train=picked[validation + test:validation + test + train],
                   validation=picked[:validation],

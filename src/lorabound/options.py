@@ -29,6 +29,9 @@ class DataOptions:
     test_size: int = field(default=100, metadata={"help": "test examples (evaluation)"})
     seed: int = field(default=0, metadata={"help": "seed for the split (and everything else)"})
     max_length: int = field(default=256, metadata={"help": "max tokens of prompt + target"})
+    disjoint_tests: bool = field(default=False, metadata={
+        "help": "the test split is block number --seed of --test-size examples in one fixed order, so runs with "
+                "different seeds never share a test example (independent test sets for a study)"})
 
     def __post_init__(self):
         check_fields(self)
@@ -40,7 +43,7 @@ class DataOptions:
         if train is None:
             train = max(0, len(task.examples) - self.validation_size - self.test_size)
         return task, split_task(task, train=train, validation=self.validation_size, test=self.test_size,
-                                seed=self.seed)
+                                seed=self.seed, disjoint_tests=self.disjoint_tests)
 
 
 @dataclass

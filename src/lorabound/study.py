@@ -841,8 +841,9 @@ def _method_notes(summary: dict) -> list[str]:
         f"adapter's; per cell a paired bootstrap over test examples ({grid['bootstrap']} resamples).",
         f"Pooled: the mean Δ over finished cells, with a 95% interval from {CELL_BOOTSTRAP:,} seeded bootstrap "
         "resamples of the independent test sets (cells of one task and seed share theirs, so they are resampled "
-        "together; seeds reshuffle one pool of examples, so the test sets of two seeds of a task can share "
-        "examples, and the interval is then somewhat too narrow); detectable: the difference the pooled "
+        "together; unless [data] disjoint_tests = true, seeds reshuffle one pool of examples, so the test sets "
+        "of two seeds of a task can share examples, and the interval is then somewhat too narrow); detectable: "
+        "the difference the pooled "
         "comparison finds with 80% power, 2.8 times the "
         "bootstrap's spread. The paper's claim is reproduced when the interval lies above 0 and holds the "
         "claimed gain, not reproduced when it lies below the claimed gain, inconclusive when it holds both.",
