@@ -458,6 +458,26 @@ def test_paper_grid_parses_and_its_splits_fit_the_data():
     assert grid.data_options("xsum", 0).max_length == 320 and grid.data_options("e2e", 0).max_length == 256
 
 
+def test_powered_grid_has_independent_test_sets_of_the_sizes_it_asks():
+    """studies/powered.toml: 5 seeds x WebNLG / E2E, each seed's test block disjoint from the others', every cell
+    trained with early stopping; the test examples per task match the file's sizing comment."""
+    import tomllib
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "studies" / "powered.toml"
+    raw = tomllib.loads(path.read_text())
+    grid = load_grid(path)
+    assert len(grid.cells()) == 10 and all(c.training.early_stopping == 2 for c in grid.cells())
+    for task in grid.tasks:
+        tests = []
+        for seed in grid.seeds:
+            _, splits = grid.data_options(task, seed).load()
+            assert len(splits.test) == raw["data"][task]["test_size"]
+            tests.append({e.input for e in splits.test})
+            assert not tests[-1] & {e.input for e in splits.train + splits.validation}
+        assert sum(len(t) for t in tests) == len(set().union(*tests))  # no test example in two seeds
+
+
 def test_gemma_grid_is_the_paper_grids_long_training_on_one_seed():
     """studies/gemma.toml (the second model): the long r = 16 training and every data setting of studies/paper.toml,
     so its cells are comparable with the paper grid's long cells."""
