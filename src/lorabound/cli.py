@@ -62,7 +62,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         message = " ".join(message.split())
-        self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
+        distributed.refuse(f"error: {message}; see '{self.prog} --help'")  # once under torchrun
+        self.exit(2)
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             _stop_if_interrupted()  # a Ctrl-C that Python swallowed (see _interruptible) still counts
             return code
         except BaseException as error:
+            if distributed.stopped_by_launcher():
+                return 2  # another rank ended first and said why (see distributed.refuse)
             # Libraries may wrap the KeyboardInterrupt (a RuntimeError from a class body, say): the flag tells.
             if not (isinstance(error, KeyboardInterrupt) or _interrupted.is_set()):
                 raise
@@ -286,20 +289,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    distributed.stop_quietly_until_started()
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
     if not distributed.is_main():
-        args.quiet = True  # under torchrun only rank 0 prints (errors still come from every rank)
+        args.quiet = True  # under torchrun only rank 0 prints (an error only its own rank has comes from that rank)
     try:
         with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
             return _dispatch(args)
     except LoraboundError as error:
         _stop_if_interrupted()  # an error made of a Ctrl-C is the interruption, not a refusal
-        print(f"error: {error}", file=sys.stderr)
+        distributed.refuse(f"error: {error}")  # once under torchrun
         return 2
     except OSError as error:  # the last resort: a full disk, a folder made read-only during the work, ...
         _stop_if_interrupted()
-        print(f"error: {_os_error_line(error)}", file=sys.stderr)
+        distributed.refuse(f"error: {_os_error_line(error)}")
         return 2
     finally:
         distributed.finish()
