@@ -401,7 +401,7 @@ def test_the_base_model_is_never_called_a_knee_when_the_adapter_does_not_raise_t
     result = search(curve, SearchSettings(criterion="knee"), len(curve["boundary"]) - 1,
                     {layer: 10 for layer in curve["boundary"][1:]})
     assert result.boundary == -1
-    assert result.reason.startswith("b = -1 is the base model: the adapter does not raise the ground-truth "
+    assert result.reason.startswith("the base model: the adapter does not raise the ground-truth "
                                     "probability, so the curve has no knee (mean ground-truth probability "
                                     f"{curve['mean_prob'][0]:.4f} without LoRA, {curve['mean_prob'][-1]:.4f} with")
 

@@ -372,7 +372,7 @@ def search(truncation: dict, settings: SearchSettings, num_layers: int, params_p
         candidates = [row(x) for x in truncation["boundary"]]
         reason = (f"smallest b whose ground-truth probability gain over the base reaches "
                   f"{settings.knee_fraction:.0%} of the full adapter's gain" if raises_probability(truncation) else
-                  f"b = {b} is {NO_GAIN} (mean ground-truth probability {probs[b]:.4f} without LoRA, "
+                  f"{NO_GAIN} (mean ground-truth probability {probs[b]:.4f} without LoRA, "
                   f"{truncation['mean_prob'][-1]:.4f} with all of it)")
     elif settings.criterion == "max-likelihood":
         b = max_likelihood(truncation)

@@ -328,7 +328,8 @@ def _interruptible():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back from here
+            signal.signal(signal.SIGINT, previous)
 
 
 def _interrupt(signum, frame) -> None:
