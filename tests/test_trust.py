@@ -912,6 +912,9 @@ def test_the_lock_of_a_one_shot_command_is_released_and_a_refusal_leaves_no_fold
     out = tmp_path / "eval"
     line = refused(capsys, *command(world, "evaluate", out), "--boundaries", 9)
     assert "boundary 9 is outside -1..3" in line and not out.exists()
+    out.mkdir()  # a folder the user made: left as it was, empty
+    line = refused(capsys, *command(world, "analyze", out), "--validation-size", 0)  # refused once locked
+    assert "the validation split is empty" in line and list(out.iterdir()) == []
     out = tmp_path / "adapter-b1"
     line = refused(capsys, "prune", "--adapter", world.adapter, "--boundary", 9, "--model", world.base, "--out", out)
     assert "boundary 9 is outside -1..3" in line and not out.exists()

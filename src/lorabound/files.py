@@ -295,20 +295,24 @@ def lock_output(path: str | Path, what: str = "--out") -> None:
     """lock_folder for the output folder of a one-shot command (analyze, search, evaluate, prune, train, speed),
     taken after its input checks and before any work, so that a second process writing there is refused at once.
 
-    A folder this call creates goes again when the command refuses its input (LoraboundError), or stops before
-    writing anything into it (Ctrl-C while the model loads): a refusal leaves no folder behind.
+    What this call made (the folder, or the lock file in an existing folder) goes again when the command refuses
+    its input (LoraboundError), or stops before writing anything there (Ctrl-C while the model loads): a refusal
+    leaves --out as it found it.
     """
     path = Path(path)
-    created = not os.path.lexists(path)
+    made = path if not os.path.lexists(path) else path / LOCK if not os.path.lexists(path / LOCK) else None
     lock_folder(path, what)
-    if created:  # pushed after the lock's own callback, so it runs first: the lock is still held
-        _held_locks.get().push(functools.partial(_remove_unused_output, path))
+    if made is not None:  # pushed after the lock's own callback, so it runs first: the lock is still held
+        _held_locks.get().push(functools.partial(_remove_unused_output, path, made))
 
 
-def _remove_unused_output(path: Path, error_type, error, traceback) -> bool:
+def _remove_unused_output(path: Path, made: Path, error_type, error, traceback) -> bool:
     unused = not folder_contents(path) and not (path / MARKER).exists()
     if error_type is not None and (issubclass(error_type, LoraboundError) or unused):
-        shutil.rmtree(path, ignore_errors=True)
+        if made == path:
+            shutil.rmtree(path, ignore_errors=True)
+        elif unused:  # an existing folder: only the lock file, and only while nothing else was written
+            made.unlink(missing_ok=True)
     return False  # the exception, if any, goes on
 
 
