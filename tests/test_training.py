@@ -267,3 +267,28 @@ def test_the_cli_exits_2_on_a_non_finite_validation_loss(tmp_path, monkeypatch, 
         "error: training diverged at step 1 of 1: the validation loss after it is nan, so no adapter was written; "
         "lower --lr (now 1e+06, default 0.0003) or --alpha (now 32), or raise --warmup (now 0.1), and rerun"], err
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.real
+def test_real_model_training_whose_validation_loss_overflows_writes_no_adapter(tmp_path, monkeypatch):
+    """SmolLM2-135M on E2E, one step whose update leaves LoRA B huge but finite: the per-step checks pass, the
+    validation loss after it does not, and no adapter is written."""
+    model, tok = load_model("smollm2-135m")
+    task = load_task("e2e")
+    splits = split_task(task, train=4, validation=2, test=0, seed=0)
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() == 2 and p.shape[1] == 4:  # lora_B at rank 4
+                    p.data.fill_(1e30)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    settings = TrainSettings(rank=4, epochs=1, batch_size=64, max_length=96)  # one step
+    with pytest.raises(LoraboundError, match=r"training diverged at step 1 of 1: the validation loss after it is "
+                                             r"(nan|inf), so no adapter was written"):
+        train(model, tok, task, splits, tmp_path / "adapter", settings, progress=False)
+    assert not (tmp_path / "adapter").exists()
