@@ -170,12 +170,15 @@ def test_diverging_training_stops_writes_nothing_and_a_lower_lr_reruns(tmp_path,
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
-def test_training_refuses_a_model_with_non_finite_outputs(tmp_path):
-    task, splits = tiny_splits()
+@pytest.mark.parametrize("validation,what", [(2, "the validation loss"), (0, "the loss")])
+def test_training_refuses_a_model_with_non_finite_outputs(tmp_path, validation, what):
+    """Found by the validation loss before training, or without a validation split by the first step's loss."""
+    task = tiny_task()
+    splits = split_task(task, train=5, validation=validation, test=0, seed=0)
     model = tiny_llama()
     with torch.no_grad():
         model.lm_head.weight[5, 0] = float("nan")
-    with pytest.raises(LoraboundError, match=r"training cannot start: the loss is nan before any update"):
+    with pytest.raises(LoraboundError, match=rf"training cannot start: {what} is nan before any update"):
         train(model, tiny_tokenizer(), task, splits, tmp_path / "adapter",
               TrainSettings(rank=4, epochs=1, batch_size=2, max_length=64), progress=False)
     assert not (tmp_path / "adapter").exists()
