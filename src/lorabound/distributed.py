@@ -1,8 +1,9 @@
 """Data parallelism on torch.distributed, for `torchrun --nproc-per-node N lorabound ...` (or accelerate launch).
 
 Every rank runs the same command on the same data, so every rank meets the same refusal: rank 0 says it once
-(refuse) and every rank exits with status 2; torchrun then still prints its own summary of the failed ranks. Work items (analysis batches, generation batches) are shared
-out by one fixed rule: item i goes to rank i % world_size. Running sums are added up across ranks in float64,
+(refuse) and every rank exits with status 2; torchrun then still prints its own summary of the failed ranks.
+Work items (analysis batches, generation batches) are shared out by one fixed rule: item i goes to rank
+i % world_size. Running sums are added up across ranks in float64,
 outputs are gathered back into item order, and only rank 0 writes files and prints. Without torchrun (no
 WORLD_SIZE in the environment) every helper is a no-op for one process, so the same code serves both.
 
