@@ -385,3 +385,68 @@ def test_cli_evaluate_and_run_record_the_bleu_tokenizer(tiny_world, capsys):
     assert json.loads((root / "run" / "run.json").read_text())["metrics"] == {"bleu_tokenize": "char"}
     markdown = (root / "run" / "report.md").read_text()
     assert f"BLEU signature: {report['bleu_signature']}" in markdown and "ROUGE signature: rouge-score:" in markdown
+
+
+# Curves whose adapter does not raise the ground-truth probability (full <= base): knee() is the base model there.
+NO_GAIN_CURVES = {
+    "falling": FALLING,
+    "lower everywhere": {"boundary": [-1, 0, 1, 2], "mean_prob": [0.50, 0.45, 0.40, 0.35]},
+    "flat": {"boundary": [-1, 0, 1, 2], "mean_prob": [0.30, 0.30, 0.30, 0.30]},
+    "rises then ends below": {"boundary": [-1, 0, 1, 2], "mean_prob": [0.30, 0.50, 0.40, 0.29]},
+}
+
+
+@pytest.mark.parametrize("name", list(NO_GAIN_CURVES))
+def test_the_base_model_is_never_called_a_knee_when_the_adapter_does_not_raise_the_probability(name):
+    from lorabound.evaluation_table import run_origins
+
+    curve = NO_GAIN_CURVES[name]
+    top = curve["boundary"][-1]
+    found = {"boundary": top, "criterion": "auto", "candidates": []}
+    origins = run_origins(found, {"truncation": curve}, 0.9, [], top)
+    assert origins[-1] == ["for comparison: the base model: the adapter does not raise the ground-truth probability, "
+                           "so the curve has no knee"]
+    assert not any("knee of the curve" in text for texts in origins.values() for text in texts)
+    why = preselect(curve)
+    assert why[-1][0] == ("the base model: the adapter does not raise the ground-truth probability, so the curve "
+                          "has no knee")  # once, not once per knee fraction
+    assert not any(reason.startswith("knee") for reasons in why.values() for reason in reasons)
+    result = search(curve, SearchSettings(criterion="knee"), len(curve["boundary"]) - 1,
+                    {layer: 10 for layer in curve["boundary"][1:]})
+    assert result.boundary == -1
+    assert result.reason.startswith("the base model: the adapter does not raise the ground-truth "
+                                    "probability, so the curve has no knee (mean ground-truth probability "
+                                    f"{curve['mean_prob'][0]:.4f} without LoRA, {curve['mean_prob'][-1]:.4f} with")
+
+
+def test_a_rising_curve_keeps_its_knee_labels():
+    from lorabound.evaluation_table import run_origins
+
+    origins = run_origins({"boundary": 5, "criterion": "auto", "candidates": []}, {"truncation": CURVE}, 0.9, [], 5)
+    assert origins[3] == ["for comparison: knee of the curve (90% of the gain)"]
+    assert search(CURVE, SearchSettings(criterion="knee"), 6, PER_LAYER).reason.startswith(
+        "smallest b whose ground-truth probability gain over the base reaches 90%")
+
+
+@pytest.mark.parametrize("joint,expected", [
+    # full (1, 1) below base (-1, -1): no knee anywhere
+    ({"attention_boundary": [-1, 0, 1], "mlp_boundary": [-1, 0, 1],
+      "mean_prob": [[0.30, 0.28, 0.27], [0.29, 0.26, 0.25], [0.28, 0.25, 0.20]]},
+     {(-1, -1): ["the base model: the adapter does not raise the ground-truth probability, so the curve has no knee",
+                 "max-likelihood", "one boundary for both: the base model: the adapter does not raise the "
+                 "ground-truth probability, so the curve has no knee"],
+      (-1, 1): ["no attention LoRA: it does not raise the ground-truth probability (MLP LoRA on every layer)"],
+      (1, -1): ["no MLP LoRA: it does not raise the ground-truth probability (attention LoRA on every layer)"]}),
+    # a gain overall, but attention LoRA lowers the probability with MLP LoRA on: only that axis has no knee
+    ({"attention_boundary": [-1, 0, 1], "mlp_boundary": [-1, 0, 1],
+      "mean_prob": [[0.10, 0.15, 0.30], [0.12, 0.16, 0.26], [0.14, 0.18, 0.25]]},
+     {(-1, 1): ["no attention LoRA: it does not raise the ground-truth probability (MLP LoRA on every layer)"]}),
+])
+def test_per_module_candidates_name_a_missing_gain_for_what_it_is(joint, expected):
+    from lorabound.selection_search import preselect_pairs
+
+    params = {(0, "attention"): 10, (1, "attention"): 10, (0, "mlp"): 20, (1, "mlp"): 20}
+    found = preselect_pairs(joint, params, num_layers=2)
+    for pair, reasons in expected.items():
+        assert [r for r in found[pair] if r in reasons] == reasons, (pair, found)
+    assert not any("knee" in r and "no knee" not in r for pair in expected for r in found[pair])

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,12 @@ def _torchrun(args: list[str], nproc: int = 2, script: Path | None = None) -> su
                                                         os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     target = [str(script)] if script else ["-m", "lorabound.cli"]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(nproc), *target, *args], env=env, capture_output=True, text=True, timeout=900)
+    # torchrun's own scratch (per-rank log folders, else /tmp/torchelastic_*, never removed) goes into a folder
+    # removed afterwards
+    with tempfile.TemporaryDirectory(prefix="lorabound-torchrun-") as logs:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--log-dir", logs,
+                               "--nproc-per-node", str(nproc), *target, *args], env=env, capture_output=True,
+                              text=True, timeout=900)
 
 
 def _assert_close(a, b, path="") -> None:
@@ -201,3 +206,63 @@ def test_a_dying_rank_stops_the_others_and_a_rerun_resumes(workspace, tmp_path, 
     assert len(names) >= 2  # base model and full adapter at least
     for name in names:
         assert (tmp_path / "single" / "generations" / name).read_bytes() == (out / "generations" / name).read_bytes()
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from lorabound.files import holds_folder_locks, lock_output
+
+@holds_folder_locks
+def hold(out):
+    lock_output(out)
+    print("held", flush=True)
+    sys.stdin.read()
+
+hold(Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("member,args", [
+    ("an argument, before any work", ["analyze", "--curves", "truncation", "--batch-size", "0"]),
+    ("a misspelt flag (argparse)", ["analyze", "--curves", "truncation", "--batch-sise", "2"]),
+    ("a boundary the model lacks, after the ranks joined", ["run", "--boundary", "9", "--max-new-tokens", "2"]),
+    ("--out in use by another process (only rank 0 sees it)", ["analyze", "--curves", "truncation"]),
+])
+def test_a_refusal_under_torchrun_is_said_once_and_every_rank_exits_2(workspace, tmp_path, capsys, member, args):
+    """The same one line as one process gives, printed once (by rank 0), every rank's exit status 2 in torchrun's
+    summary, no traceback from lorabound's code and no --out left; torchrun's own summary is torchrun's."""
+    root, common = workspace
+    out = tmp_path / "out"
+    command = ["--quiet", args[0], *common, *args[1:], "--out", str(out)]
+    holder, single = None, tmp_path / "single"  # the one process's --out, unless both meet the same held folder
+    if member.startswith("--out in use"):
+        single = out
+        env = {**os.environ, "PYTHONPATH": str(Path(lorabound.__file__).parents[1])}
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, env=env, text=True)
+        assert holder.stdout.readline() == "held\n"
+    try:
+        try:
+            code = main(command[:-1] + [str(single)])
+        except SystemExit as stop:  # argparse's refusals exit
+            code = stop.code
+        assert code == 2
+        alone = capsys.readouterr().err.splitlines()
+        assert len(alone) == 1 and alone[0].startswith("error: "), alone  # the one process's refusal
+        done = _torchrun(command)
+    finally:
+        if holder is not None:
+            holder.stdin.close()
+            holder.wait(timeout=60)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == alone, done.stderr[-3000:]
+    assert sorted(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (-?\d+)", done.stderr)) == \
+        [("0", "2"), ("1", "2")], done.stderr[-3000:]
+    frames = [line for line in done.stderr.splitlines() if line.lstrip().startswith("File ")]
+    assert not [f for f in frames if "lorabound" in f], frames
+    def left(folder: Path) -> list[str] | None:
+        return sorted(p.name for p in folder.iterdir()) if folder.exists() else None
+
+    assert left(out) == left(single)  # what one process leaves: nothing, run's run.json, or the holder's lock

@@ -354,9 +354,14 @@ def test_run_rows_say_where_each_b_comes_from(light, tmp_path):
                           data_options=data, generation=GenerationOptions(max_new_tokens=4), bootstrap=20,
                           progress=False)
     origins = {v["name"]: v["origin"] for v in report["variants"]}
-    knee_b = pipeline.knee(report["curves"]["truncation"])
+    truncation = report["curves"]["truncation"]
+    knee_b = pipeline.knee(truncation)
     knee_row = generation_cache.variant_name(knee_b, 3)
-    assert "knee of the curve (90% of the gain)" in origins[knee_row]
+    # this random adapter may lower the probability: then b = -1 is the base model, never called a knee
+    gains = truncation["mean_prob"][-1] > truncation["mean_prob"][0]
+    assert ("knee of the curve (90% of the gain)" if gains else "for comparison: the base model: the adapter does not "
+            "raise the ground-truth probability, so the curve has no knee") in origins[knee_row]
+    assert gains or knee_b == -1
     assert origins["pruned (b=1)"].startswith("given with --boundary")
     assert "asked with --boundaries" in origins["pruned (b=2)"]
     assert knee_row == "base model" or origins["base model"] == "reference: no adapter"

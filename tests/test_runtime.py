@@ -1,6 +1,9 @@
 """--threads: the default is the cores free at start; a bad value is refused before any work."""
 
+import json
 import os
+
+import pytest
 import torch
 
 from lorabound.cli import main
@@ -35,3 +38,102 @@ def test_busy_cores_is_a_share_of_the_machine():
 
     busy = busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C: exit status 130, one line, and a folder the same command takes again
+# ---------------------------------------------------------------------------
+
+STALL = """
+import importlib, os, sys, time
+
+module = importlib.import_module(os.environ["STALL_MODULE"])
+real = getattr(module, os.environ["STALL_FUNCTION"])
+
+def stalled(*args, **kwargs):
+    open(os.environ["STALL_MARKER"], "w").close()  # the test sends SIGINT once this exists
+    time.sleep(120)
+    return real(*args, **kwargs)
+
+setattr(module, os.environ["STALL_FUNCTION"], stalled)
+from lorabound.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def interrupt_world(tmp_path_factory):
+    import json
+
+    from tiny import save_tiny_base, tiny_llama, tiny_lora
+
+    root = tmp_path_factory.mktemp("interrupt")
+    save_tiny_base(root)
+    tiny_lora(tiny_llama()).save_pretrained(root / "adapter")
+    rows = [{"input": f"name: Place {i}, area: riverside", "target": f"Place {i} is by the riverside."}
+            for i in range(30)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def interrupted_command(root, name: str, out) -> list[str]:
+    data = ["--model", root / "base", "--data", root / "data.jsonl", "--validation-size", 4, "--test-size", 4,
+            "--max-length", 64]
+    adapter = ["--adapter", root / "adapter"]
+    return [str(a) for a in {
+        "evaluate": ["evaluate", *data, *adapter, "--max-new-tokens", 4, "--bootstrap", 20, "--out", out],
+        "analyze": ["analyze", *data, *adapter, "--curves", "truncation", "--out", out],
+        "run": ["run", *data, *adapter, "--boundary", 1, "--max-new-tokens", 4, "--bootstrap", 20, "--out", out],
+        "train": ["train", *data, "--epochs", 1, "--rank", 2, "--out", out],
+    }[name]]
+
+
+# command, where it is stopped, whether SIGINT was ignored when it started (a shell script's `lorabound ... &`)
+INTERRUPTIONS = [
+    ("evaluate", "lorabound.evaluation_table", "generate_cached", False),
+    ("evaluate", "lorabound.evaluation_table", "generate_cached", True),
+    ("analyze", "lorabound.analysis", "score_batch", False),
+    ("run", "lorabound.analysis", "score_batch", True),
+    ("train", "lorabound.training", "target_loss", False),
+]
+
+
+@pytest.mark.parametrize("name,module,function,ignored", INTERRUPTIONS)
+def test_ctrl_c_exits_130_with_one_line_and_the_same_command_runs_again(interrupt_world, tmp_path, name, module,
+                                                                         function, ignored):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import lorabound
+
+    out, marker = tmp_path / "out", tmp_path / "stalled"
+    script = tmp_path / "stall.py"
+    script.write_text(STALL)
+    env = {**os.environ, "STALL_MODULE": module, "STALL_FUNCTION": function, "STALL_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join([str(Path(lorabound.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored else None
+    process = subprocess.Popen([sys.executable, str(script), "--quiet", *interrupted_command(interrupt_world, name, out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ignore)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the command never reached the stall"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # 130 is what a shell shows for a process that ends on SIGINT too (-2 here), should one slip past the handler
+    assert process.returncode in (130, -signal.SIGINT), (process.returncode, err)
+    again = "continue where it stopped" if name in ("run", "train") else "start it again"
+    assert err.splitlines() == [f"interrupted; rerun the same command to {again}"], err
+    if name == "train":
+        assert not out.exists()  # no half-written adapter
+        return
+    assert json.loads((out / ".lorabound").read_text())["finished"] is False or name == "run"
+    assert main(["--quiet", *interrupted_command(interrupt_world, name, out)]) == 0  # taken again, no --overwrite

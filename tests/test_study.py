@@ -512,3 +512,74 @@ def test_three_rules_read_one_search_and_can_disagree():
                                                               for m, t in c["vs_full"].items()}}
                           for c in search["candidates"]]}
     assert study_module.rule_decisions(old) == {"plain": None, "quality": None, "size": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# A cell whose search chose a selection (per-module, greedy-drop)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def selection_cell(workspace):
+    """A cell folder whose run chose, by greedy-drop with half the LoRA parameters as budget, a selection that is
+    no prefix: the case the summary once called "nothing dropped"."""
+    from lorabound.options import DataOptions, GenerationOptions
+    from tiny import tiny_llama, tiny_lora
+
+    import torch
+
+    cell_dir = workspace / "selection-cell"
+    adapter = cell_dir / "adapter"
+    model = tiny_lora(tiny_llama())
+    with torch.no_grad():  # LoRA on layers 0 and 1 that does nothing: greedy-drop drops them first, keeping 2-3
+        for name, p in model.named_parameters():
+            if "lora_B" in name and (".layers.0." in name or ".layers.1." in name):
+                p.zero_()
+    model.save_pretrained(adapter)
+    pipeline.run(str(workspace / "base"), adapter, out=cell_dir / "run", criterion="greedy-drop", keep_fraction=0.5,
+                 data_options=DataOptions(data=str(workspace / "places.jsonl"), validation_size=4, test_size=6,
+                                          max_length=64),
+                 generation=GenerationOptions(max_new_tokens=4), bootstrap=50, progress=False)
+    record = {"cell": {"id": "selection", "model": "base", "task": "places", "training": {"name": "given"},
+                       "seed": 0}, "status": "ok", "adapter": str(adapter)}
+    return cell_dir, record, json.loads((cell_dir / "run" / "report.json").read_text())
+
+
+def _with(report: dict, change) -> dict:
+    changed = json.loads(json.dumps(report))
+    change(changed)
+    return changed
+
+
+@pytest.mark.parametrize("member", ["as run", "only the prefix compared", "keeps every module", "transfer"])
+def test_a_cell_that_chose_a_selection_says_what_it_dropped(selection_cell, workspace, member, tmp_path):
+    cell_dir, record, report = selection_cell
+    search, on_test = report["search"], report["selection_test"]
+    assert search["boundary"] is None and search["kept_fraction"] <= 0.5  # the search dropped modules
+    grid = grid_from_dict(tiny_grid(workspace, search={"criterion": "greedy-drop"}))
+    if member == "as run":
+        row = study_module.summarise_cell(record, cell_dir, grid)
+        d = row["in_domain"]
+        assert d["share_dropped"] == pytest.approx(1 - search["kept_fraction"]) and d["share_dropped"] >= 0.5
+        assert d["selection"] == on_test["describe"] and d["metrics"]["pruned"] == on_test["metrics"]
+        for metric in ("bleu", "rougeL"):
+            test = on_test["against"]["full adapter"][metric]
+            assert d["tests"][metric]["source"] == "report"
+            assert d["tests"][metric]["diff"] == pytest.approx(test["a_score"] - test["b_score"])
+            assert d["tests"][metric]["p_value"] == test["p_value"]
+        cells = study_module._cell_rows({"cells": [row]})[0]
+        assert cells[4] == on_test["describe"] and "nothing dropped" not in " ".join(cells)
+        return
+    top = max(report["curves"]["meta"]["adapter_layers"])
+    if member == "only the prefix compared":  # the full adapter's comparison missing from an older report
+        changed = _with(report, lambda r: r["selection_test"]["against"].pop("full adapter"))
+        changed["search"]["kept_fraction"] = 1.0  # selection_on_test skips the full adapter only when it is chosen
+        d = study_module.compare_with_full(changed, cell_dir / "run", None, top, 50, 0)
+        assert d["share_dropped"] == 0.0 and d["tests"]["bleu"]["source"] == "nothing dropped"
+    elif member == "keeps every module":
+        changed = _with(report, lambda r: r["selection_test"].update(against={}))
+        changed["search"]["kept_fraction"] = 1.0
+        d = study_module.compare_with_full(changed, cell_dir / "run", None, top, 50, 0)
+        assert d["share_dropped"] == 0.0 and {t["source"] for t in d["tests"].values()} == {"nothing dropped"}
+    else:  # an evaluation.json (the transfer task) holds no comparison of the selection: none is made up
+        changed = _with(report, lambda r: r.pop("selection_test"))
+        assert study_module.compare_with_full(changed, cell_dir / "run", None, top, 50, 0) is None

@@ -204,12 +204,15 @@ def test_diverging_training_stops_writes_nothing_and_a_lower_lr_reruns(tmp_path,
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
-def test_training_refuses_a_model_with_non_finite_outputs(tmp_path):
-    task, splits = tiny_splits()
+@pytest.mark.parametrize("validation,what", [(2, "the validation loss"), (0, "the loss")])
+def test_training_refuses_a_model_with_non_finite_outputs(tmp_path, validation, what):
+    """Found by the validation loss before training, or without a validation split by the first step's loss."""
+    task = tiny_task()
+    splits = split_task(task, train=5, validation=validation, test=0, seed=0)
     model = tiny_llama()
     with torch.no_grad():
         model.lm_head.weight[5, 0] = float("nan")
-    with pytest.raises(LoraboundError, match=r"training cannot start: the loss is nan before any update"):
+    with pytest.raises(LoraboundError, match=rf"training cannot start: {what} is nan before any update"):
         train(model, tiny_tokenizer(), task, splits, tmp_path / "adapter",
               TrainSettings(rank=4, epochs=1, batch_size=2, max_length=64), progress=False)
     assert not (tmp_path / "adapter").exists()
@@ -231,4 +234,98 @@ def test_an_update_that_makes_weights_non_finite_stops_training(tmp_path, monkey
                                              r"non-finite, so no adapter was written; lower --lr \(now 0\.0003"):
         train(tiny_llama(), tiny_tokenizer(), task, splits, tmp_path / "adapter",
               TrainSettings(rank=4, epochs=1, batch_size=2, max_length=64), progress=False)
+    assert not (tmp_path / "adapter").exists()
+
+
+def _overflowing_lora_b(monkeypatch) -> None:
+    """After the real update, every LoRA B weight is huge but finite: the per-step checks pass, the forward
+    overflows."""
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() == 2 and p.shape[1] == 4:  # lora_B: (out, r)
+                    p.data.fill_(1e30)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def _validation_losses(monkeypatch, values) -> None:
+    """mean_loss gives `values` in turn (before training, after it)."""
+    import lorabound.training as training
+
+    given = iter(values)
+    monkeypatch.setattr(training, "mean_loss", lambda *a, **k: next(given))
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("overflowing weights", r"training diverged at step 1 of 1: the validation loss after it is (nan|inf), so no "
+                            r"adapter was written; lower --lr"),
+    ("nan after", r"training diverged at step 1 of 1: the validation loss after it is nan, so no adapter was "
+                  r"written; lower --lr \(now 0\.0003"),
+    ("inf after", r"training diverged at step 1 of 1: the validation loss after it is inf, so no adapter"),
+    ("-inf after", r"training diverged at step 1 of 1: the validation loss after it is -inf, so no adapter"),
+    ("nan before", r"training cannot start: the validation loss is nan before any update, so no adapter was "
+                   r"written; the model gives non-finite outputs"),
+])
+def test_a_non_finite_validation_loss_stops_training_and_writes_no_adapter(tmp_path, monkeypatch, case, expected):
+    """Loss, gradients and weights finite at every step, yet the validation loss is not: no adapter either."""
+    task, splits = tiny_splits()
+    if case == "overflowing weights":
+        _overflowing_lora_b(monkeypatch)
+    else:
+        value, when = case.split(" ")
+        _validation_losses(monkeypatch, [float(value)] if when == "before" else [5.0, float(value)])
+    settings = TrainSettings(rank=4, epochs=1, batch_size=16, max_length=64)  # one step
+    with pytest.raises(LoraboundError) as err:
+        train(tiny_llama(), tiny_tokenizer(), task, splits, tmp_path / "adapter", settings, progress=False)
+    assert re.match(expected, str(err.value)), str(err.value)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_the_cli_exits_2_on_a_non_finite_validation_loss(tmp_path, monkeypatch, capsys):
+    from lorabound.cli import main
+    from tiny import save_tiny_base
+
+    base = save_tiny_base(tmp_path)
+    capsys.readouterr()  # the save's progress bar
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input": e.input, "target": e.references[0]}) + "\n"
+                            for e in tiny_task().examples))
+    _validation_losses(monkeypatch, [5.0, float("nan")])
+    code = main(["--quiet", "train", "--model", str(base), "--data", str(data), "--validation-size", "2",
+                 "--test-size", "1", "--max-length", "64", "--batch-size", "16", "--lr", "1e6",
+                 "--out", str(tmp_path / "adapter")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [
+        "error: training diverged at step 1 of 1: the validation loss after it is nan, so no adapter was written; "
+        "lower --lr (now 1e+06, default 0.0003) or --alpha (now 32), or raise --warmup (now 0.1), and rerun"], err
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.real
+def test_real_model_training_whose_validation_loss_overflows_writes_no_adapter(tmp_path, monkeypatch):
+    """SmolLM2-135M on E2E, one step whose update leaves LoRA B huge but finite: the per-step checks pass, the
+    validation loss after it does not, and no adapter is written."""
+    model, tok = load_model("smollm2-135m")
+    task = load_task("e2e")
+    splits = split_task(task, train=4, validation=2, test=0, seed=0)
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() == 2 and p.shape[1] == 4:  # lora_B at rank 4
+                    p.data.fill_(1e30)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    settings = TrainSettings(rank=4, epochs=1, batch_size=64, max_length=96)  # one step
+    with pytest.raises(LoraboundError, match=r"training diverged at step 1 of 1: the validation loss after it is "
+                                             r"(nan|inf), so no adapter was written"):
+        train(model, tok, task, splits, tmp_path / "adapter", settings, progress=False)
     assert not (tmp_path / "adapter").exists()

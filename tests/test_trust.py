@@ -853,6 +853,77 @@ def test_run_killed_during_the_sweep_resumes_with_identical_numbers(tmp_path, wo
     assert folder_hashes(world.adapter) == world.hashes
 
 
+HOLDER = """
+import sys
+from pathlib import Path
+from lorabound.files import holds_folder_locks, lock_output
+
+@holds_folder_locks
+def hold(out):
+    lock_output(out)
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes stdin
+
+hold(Path(sys.argv[1]))
+"""
+
+
+def concurrent_command(world, name: str, out: Path) -> list:
+    if name == "speed":
+        return ["speed", "--model", world.base, "--adapter", world.adapter, "--boundary", 1, "--batch-sizes", 1,
+                "--out", out]
+    if name == "search-selection":
+        return ["search", *world.small, "--adapter", world.adapter, "--criterion", "greedy-drop", "--out", out]
+    return command(world, name, out)
+
+
+@pytest.mark.parametrize("name", ["train", "analyze", "search", "search-selection", "prune", "evaluate", "speed",
+                                  "run", "demo"])
+def test_a_second_process_into_a_folder_in_use_is_refused_at_once(capsys, tmp_path, world, name, monkeypatch):
+    """Every command that writes --out refuses a folder another lorabound process holds: one line naming that
+    process, before any model is loaded, and nothing written there."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lorabound_src())), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=env, text=True)
+    loads = []
+    monkeypatch.setattr(ModelOptions, "load", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for extra in ([], ["--overwrite"]):
+            line = refused(capsys, *concurrent_command(world, name, out), *extra, alone=True)
+            assert line == (f"error: --out {out} is in use by another lorabound process (pid {holder.pid}); "
+                            "wait for it to finish, or pass another folder")
+            assert [p.name for p in out.iterdir()] == [".lorabound.lock"]  # nothing written beside the holder's lock
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert loads == []
+
+
+def lorabound_src() -> Path:
+    import lorabound
+    return Path(lorabound.__file__).parents[1]
+
+
+def test_the_lock_of_a_one_shot_command_is_released_and_a_refusal_leaves_no_folder(capsys, tmp_path, world):
+    """After a refusal (here: a boundary the model lacks, found after the lock was taken) the folder the command
+    made is gone; after success the lock is free again for the next command."""
+    out = tmp_path / "eval"
+    line = refused(capsys, *command(world, "evaluate", out), "--boundaries", 9)
+    assert "boundary 9 is outside -1..3" in line and not out.exists()
+    out.mkdir()  # a folder the user made: left as it was, empty
+    line = refused(capsys, *command(world, "analyze", out), "--validation-size", 0)  # refused once locked
+    assert "the validation split is empty" in line and list(out.iterdir()) == []
+    out = tmp_path / "adapter-b1"
+    line = refused(capsys, "prune", "--adapter", world.adapter, "--boundary", 9, "--model", world.base, "--out", out)
+    assert "boundary 9 is outside -1..3" in line and not out.exists()
+    code, _, err = cli(capsys, "prune", "--adapter", world.adapter, "--boundary", 1, "--out", out)
+    assert code == 0, err
+    code, _, err = cli(capsys, "prune", "--adapter", world.adapter, "--boundary", 2, "--out", out, "--overwrite")
+    assert code == 0, err  # the first prune's lock was released when it returned
+
+
 # ---------------------------------------------------------------------------
 # 5. Network and remote code
 # ---------------------------------------------------------------------------

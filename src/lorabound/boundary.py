@@ -148,17 +148,32 @@ def check_boundary(boundary: int, num_layers: int) -> None:
 # Reading the truncation curve
 # --------------------------------------------------------------------------------------------
 
+NO_GAIN = "the base model: the adapter does not raise the ground-truth probability, so the curve has no knee"
+
+
+def raises_probability(truncation: dict) -> bool:
+    """Whether the full adapter's mean ground-truth probability is above the base model's (the curve has a knee)."""
+    probs = truncation["mean_prob"]
+    return probs[-1] > probs[0]
+
+
 def knee(truncation: dict, fraction: float = 0.9) -> int:
     """Smallest b whose probability gain over the base reaches `fraction` of the full adapter's gain.
 
-    If the adapter does not raise the ground-truth probability at all, that is -1 (the base model).
+    If the adapter does not raise the ground-truth probability at all, that is -1 (the base model): no knee, and
+    knee_label names it so.
     """
     boundaries, probs = truncation["boundary"], truncation["mean_prob"]
-    base, full = probs[0], probs[-1]
-    if full <= base:
+    if not raises_probability(truncation):
         return boundaries[0]
+    base, full = probs[0], probs[-1]
     goal = base + fraction * (full - base)
     return next(b for b, p in zip(boundaries, probs) if p >= goal - 1e-12)
+
+
+def knee_label(truncation: dict, fraction: float, name: str = "knee") -> str:
+    """What the point knee() returns is: "knee 90%", or NO_GAIN when the adapter lowers (or keeps) the probability."""
+    return f"{name} {fraction:.0%}" if raises_probability(truncation) else NO_GAIN
 
 
 def max_likelihood(truncation: dict) -> int:
@@ -192,7 +207,9 @@ def preselect(truncation: dict, fractions=KNEE_FRACTIONS, full: int | None = Non
     """
     why: dict[int, list[str]] = {}
     for f in fractions:
-        why.setdefault(knee(truncation, f), []).append(f"knee {f:.0%}")
+        reasons = why.setdefault(knee(truncation, f), [])
+        if knee_label(truncation, f) not in reasons:  # without a gain every fraction names the same base model
+            reasons.append(knee_label(truncation, f))
     why.setdefault(max_likelihood(truncation), []).append("max-likelihood")
     for b in local_maxima(truncation):
         why.setdefault(b, []).append("local maximum")
@@ -471,7 +488,9 @@ def search(truncation: dict, settings: SearchSettings, num_layers: int, params_p
         b = knee(truncation, settings.knee_fraction)
         candidates = [row(x) for x in truncation["boundary"]]
         reason = (f"smallest b whose ground-truth probability gain over the base reaches "
-                  f"{settings.knee_fraction:.0%} of the full adapter's gain")
+                  f"{settings.knee_fraction:.0%} of the full adapter's gain" if raises_probability(truncation) else
+                  f"{NO_GAIN} (mean ground-truth probability {probs[b]:.4f} without LoRA, "
+                  f"{truncation['mean_prob'][-1]:.4f} with all of it)")
     elif settings.criterion == "max-likelihood":
         b = max_likelihood(truncation)
         candidates = [row(x) for x in truncation["boundary"]]

@@ -1,4 +1,8 @@
-"""The `lorabound` command: parses arguments, calls pipeline functions, prints. Nothing else lives here."""
+"""The `lorabound` command: parses arguments, calls pipeline functions, prints. Nothing else lives here.
+
+The modules that load torch, numpy or PEFT are imported inside the functions, after main() has started: a Ctrl-C
+during those seconds of imports is then an interruption like any other (exit 130, one line), not a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,18 @@ import contextlib
 import dataclasses
 import io
 import errno
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 from . import __version__, distributed
-from .analysis import CURVES, OPTIONAL_CURVES
-from .boundary import CRITERIA, GOALS, SELECTION_CRITERIA
-from .evaluate import COMBINED, MetricOptions
 from .errors import LoraboundError
 from .runtime import set_threads
 from .selection import GROUPS
-from .surgery import EXPORT_FORMATS
-from .training import TrainSettings
+
+RESUMING = ("run", "demo", "study", "train")  # a rerun continues where these stopped (stages, checkpoints)
 
 EXAMPLES = {
     "train": "lorabound train --model smollm2-135m --data e2e --out adapter --epochs 1",
@@ -59,7 +62,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         message = " ".join(message.split())
-        self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
+        distributed.refuse(f"error: {message}; see '{self.prog} --help'")  # once under torchrun
+        self.exit(2)
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -90,8 +94,13 @@ def _picked(args: argparse.Namespace, cls, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .analysis import CURVES, OPTIONAL_CURVES
+    from .boundary import CRITERIA, GOALS, SELECTION_CRITERIA
     from .engines import VLLMOptions
+    from .evaluate import MetricOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
+    from .surgery import EXPORT_FORMATS
+    from .training import TrainSettings
 
     parser = Parser(
         prog="lorabound",
@@ -263,31 +272,86 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with _interruptible():
+        try:
+            code = _main(argv)
+            _stop_if_interrupted()  # a Ctrl-C that Python swallowed (see _interruptible) still counts
+            return code
+        except BaseException as error:
+            if distributed.stopped_by_launcher():
+                return 2  # another rank ended first and said why (see distributed.refuse)
+            # Libraries may wrap the KeyboardInterrupt (a RuntimeError from a class body, say): the flag tells.
+            if not (isinstance(error, KeyboardInterrupt) or _interrupted.is_set()):
+                raise
+            command = next((a for a in (sys.argv[1:] if argv is None else argv) if a in DESCRIPTIONS), None)
+            again = "continue where it stopped" if command in RESUMING else "start it again"
+            if distributed.is_main():
+                print(f"interrupted; rerun the same command to {again}", file=sys.stderr)
+            return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    distributed.stop_quietly_until_started()
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
     if not distributed.is_main():
-        args.quiet = True  # under torchrun only rank 0 prints (errors still come from every rank)
+        args.quiet = True  # under torchrun only rank 0 prints (an error only its own rank has comes from that rank)
     try:
         with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
             return _dispatch(args)
     except LoraboundError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _stop_if_interrupted()  # an error made of a Ctrl-C is the interruption, not a refusal
+        distributed.refuse(f"error: {error}")  # once under torchrun
         return 2
     except OSError as error:  # the last resort: a full disk, a folder made read-only during the work, ...
-        print(f"error: {_os_error_line(error)}", file=sys.stderr)
+        _stop_if_interrupted()
+        distributed.refuse(f"error: {_os_error_line(error)}")
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
-        return 130
     finally:
         distributed.finish()
+
+
+_interrupted = threading.Event()
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGINT raises KeyboardInterrupt for the command, even in a process started with SIGINT ignored (a script's
+    `lorabound ... &` job, which Python would otherwise leave deaf to `kill -INT`); the old handler comes back.
+
+    Python prints and drops a KeyboardInterrupt raised inside a weakref callback (which imports run), so the
+    handler also sets a flag: _stop_if_interrupted raises it again after the imports and at the end.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _interrupted.clear()
+    previous = signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back from here
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt(signum, frame) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _stop_if_interrupted() -> None:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
     from .engines import VLLMOptions
+    from .evaluate import MetricOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
+    from .training import TrainSettings
 
+    _stop_if_interrupted()  # before any work, should a Ctrl-C during those imports have been dropped
     progress = not args.quiet
     set_threads(args.threads)
     if not progress:
@@ -478,6 +542,8 @@ def _margin(tests: dict) -> str:
 
 def _print_selection(result) -> None:
     """per-module / greedy-drop: the chosen selection, its candidates and the prefix of the same size."""
+    from .evaluate import COMBINED
+
     print(f"selection: {result.selection_text} ({result.reason})")
     print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
           f"({result.kept_fraction:.1%})")
@@ -501,6 +567,8 @@ def _print_selection(result) -> None:
 
 def _print_candidates(result) -> None:
     """The candidates' validation scores, and each one against the full adapter (difference [95% CI], p)."""
+    from .evaluate import COMBINED
+
     tests = result.validation_tests
     if tests:
         print(f"validation, {tests['n']} examples; against the {tests['against']}: difference [95% CI] "

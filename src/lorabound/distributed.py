@@ -1,7 +1,9 @@
 """Data parallelism on torch.distributed, for `torchrun --nproc-per-node N lorabound ...` (or accelerate launch).
 
-Every rank runs the same command on the same data. Work items (analysis batches, generation batches) are shared
-out by one fixed rule: item i goes to rank i % world_size. Running sums are added up across ranks in float64,
+Every rank runs the same command on the same data, so every rank meets the same refusal: rank 0 says it once
+(refuse) and every rank exits with status 2; torchrun then still prints its own summary of the failed ranks.
+Work items (analysis batches, generation batches) are shared out by one fixed rule: item i goes to rank
+i % world_size. Running sums are added up across ranks in float64,
 outputs are gathered back into item order, and only rank 0 writes files and prints. Without torchrun (no
 WORLD_SIZE in the environment) every helper is a no-op for one process, so the same code serves both.
 
@@ -14,6 +16,7 @@ import datetime
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any, Sequence
@@ -21,6 +24,7 @@ from typing import Any, Sequence
 from .errors import LoraboundError
 
 _TIMEOUT_MINUTES = 30
+_REFUSAL_WAIT_SECONDS = 60  # how long a rank waits for rank 0 to give the same refusal (LORABOUND_DIST_REFUSAL_WAIT_S)
 
 
 def world_size() -> int:
@@ -62,12 +66,93 @@ def start(device: str = "cpu") -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(minutes=float(os.environ.get("LORABOUND_DIST_TIMEOUT_MIN", _TIMEOUT_MINUTES)))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
+    _stop_watching()
     # Every rank learns where the others run, so that a survivor can name a rank that dies.
     global _peers
     _peers = [None] * world_size()
     dist.all_gather_object(_peers, (socket.gethostname(), os.getpid()))
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stopped_by_launcher)
+
+
+def stop_quietly_until_started() -> None:
+    """Under torchrun, from the command's start until the ranks join: the launcher's SIGTERM (sent once another rank
+    has ended: rank 0 with the refusal it printed, or a rank that said why itself) ends this rank with status 2 and
+    no word of its own. After start() the SIGTERM names the rank that stopped instead."""
+    if world_size() > 1 and threading.current_thread() is threading.main_thread():
+        _stopped.clear()
+        signal.signal(signal.SIGTERM, _stopped_before_start)
+        _watch_for_sigterm()
+
+
+_stopped = threading.Event()
+_watch: list[int] = []  # the write end of the signal wakeup pipe while a watcher thread reads it
+
+
+def _watch_for_sigterm() -> None:
+    """A rank waiting for the others inside init_process_group is in C code, where no Python signal handler runs:
+    a thread reads the signals' wakeup pipe and, if the handler has not ended the rank 2 s after a SIGTERM,
+    ends it with status 2 itself."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+    _watch.append(write)
+
+    def watch() -> None:
+        while data := os.read(read, 1):
+            if data[0] == signal.SIGTERM and _watch:
+                time.sleep(2)
+                if _watch:
+                    sys.stderr.flush()
+                    os._exit(2)
+        os.close(read)
+
+    threading.Thread(target=watch, name="lorabound-sigterm-watch", daemon=True).start()
+
+
+def _stop_watching() -> None:
+    """The ranks have joined (or the command ends): SIGTERM is the Python handler's alone again."""
+    if _watch and threading.current_thread() is threading.main_thread():
+        signal.set_wakeup_fd(-1)
+        os.close(_watch.pop())  # the watcher reads end-of-file and stops
+
+
+def _stopped_before_start(signum, frame) -> None:
+    _stopped.set()
+    raise SystemExit(2)
+
+
+def stopped_by_launcher() -> bool:
+    """Whether the launcher stopped this rank before the ranks joined (the CLI then exits 2 without a word, even if
+    a library wrapped the SystemExit into another exception)."""
+    return _stopped.is_set()
+
+
+def refuse(line: str) -> None:
+    """Print the refusal `line` (`error: ...`) once under torchrun.
+
+    Rank 0 prints it. Another rank prints nothing and waits for the launcher's SIGTERM, which comes once rank 0 has
+    exited with the same refusal; a line naming this rank (a failed collective), or a refusal rank 0 did not share
+    (no SIGTERM within LORABOUND_DIST_REFUSAL_WAIT_S seconds), this rank prints itself, naming itself.
+    """
+    if world_size() == 1 or is_main() or line.startswith(f"error: rank {rank()} of "):
+        print(line, file=sys.stderr, flush=True)
+        return
+    wait = float(os.environ.get("LORABOUND_DIST_REFUSAL_WAIT_S", _REFUSAL_WAIT_SECONDS))
+    if not _stopped_within(wait):
+        print(f"error: rank {rank()} of {world_size()}: {line.removeprefix('error: ')}", file=sys.stderr, flush=True)
+
+
+def _stopped_within(seconds: float) -> bool:
+    """Wait up to `seconds` for a SIGTERM; True if it came (then this rank just exits)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
+    try:
+        return stopped.wait(seconds)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stopped_by_launcher(signum, frame) -> None:
@@ -184,6 +269,7 @@ def _device():
 
 def finish() -> None:
     """Close the process group (at the end of a command), so torchrun sees a clean exit."""
+    _stop_watching()
     if world_size() > 1:
         import torch.distributed as dist
         if dist.is_initialized():

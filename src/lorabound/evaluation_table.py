@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .boundary import check_boundary, knee
+from .boundary import check_boundary, knee, knee_label, raises_probability
 from .data import require_nonempty
 from .errors import LoraboundError
 from .evaluate import MetricOptions, describe_significance, paired_tests, score
@@ -187,8 +187,11 @@ def run_origins(found: dict, curves: dict, knee_fraction: float, asked: list[int
     if b is None:
         b, chosen = found["compared_prefix"]["boundary"], "for comparison: prefix of the same size as the selection"
     origins: dict[int, list[str]] = {b: [chosen]}
-    knee_b = knee(curves["truncation"], knee_fraction)
-    origins.setdefault(knee_b, []).append(f"for comparison: knee of the curve ({knee_fraction:.0%} of the gain)")
+    truncation = curves["truncation"]
+    knee_b = knee(truncation, knee_fraction)
+    origins.setdefault(knee_b, []).append(
+        f"for comparison: knee of the curve ({knee_fraction:.0%} of the gain)" if raises_probability(truncation)
+        else f"for comparison: {knee_label(truncation, knee_fraction)}")
     for given in asked:
         origins.setdefault(given, []).append("for comparison: asked with --boundaries")
     for candidate in found.get("candidates") or []:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 from .errors import LoraboundError
 
 MARKER = ".lorabound"        # {"written_by": "lorabound", "finished": bool}
-LOCK = ".lorabound.lock"     # flock'ed by the process writing a run or demo folder; holds its pid
+LOCK = ".lorabound.lock"     # flock'ed by the process writing an output folder; holds its pid
 _BOOKKEEPING = (MARKER, LOCK)
 CACHE_ENV = "LORABOUND_CACHE"
 
@@ -289,6 +289,31 @@ def lock_folder(folder: Path, what: str = "--out") -> None:
     stack.callback(os.close, fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def lock_output(path: str | Path, what: str = "--out") -> None:
+    """lock_folder for the output folder of a one-shot command (analyze, search, evaluate, prune, train, speed),
+    taken after its input checks and before any work, so that a second process writing there is refused at once.
+
+    What this call made (the folder, or the lock file in an existing folder) goes again when the command refuses
+    its input (LoraboundError), or stops before writing anything there (Ctrl-C while the model loads): a refusal
+    leaves --out as it found it.
+    """
+    path = Path(path)
+    made = path if not os.path.lexists(path) else path / LOCK if not os.path.lexists(path / LOCK) else None
+    lock_folder(path, what)
+    if made is not None:  # pushed after the lock's own callback, so it runs first: the lock is still held
+        _held_locks.get().push(functools.partial(_remove_unused_output, path, made))
+
+
+def _remove_unused_output(path: Path, made: Path, error_type, error, traceback) -> bool:
+    unused = not folder_contents(path) and not (path / MARKER).exists()
+    if error_type is not None and (issubclass(error_type, LoraboundError) or unused):
+        if made == path:
+            shutil.rmtree(path, ignore_errors=True)
+        elif unused:  # an existing folder: only the lock file, and only while nothing else was written
+            made.unlink(missing_ok=True)
+    return False  # the exception, if any, goes on
 
 
 def input_identity(path: str | Path | None) -> dict | str | None:

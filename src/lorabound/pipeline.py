@@ -25,7 +25,7 @@ from . import __version__, distributed
 from .analysis import CURVES, check_joint_groups
 from .analysis import analyze as analyze_curves
 from .boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary,
-                       knee)
+                       knee, raises_probability)
 from .boundary import search as search_boundary
 from .data import Splits, encode_pairs, first_reference_pairs, input_fingerprints, require_nonempty
 from .engines import VLLMOptions
@@ -41,7 +41,7 @@ from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, find
                     model_num_layers, model_paths, read_adapter_config)
 from .options import DataOptions, GenerationOptions, ModelOptions
 from .report import format_table, plot_curves, write_report
-from .run_folders import claim_folder, rank0_output_folder
+from .run_folders import claim_folder, claim_output, rank0_output_folder
 from .runtime import torch_threads
 from .selection import GROUPS, Selection, parse_layers, per_group_over
 from .selection_search import pair_params, search_greedy, search_per_module
@@ -115,6 +115,7 @@ class StageTimes:
 # train
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # --out's lock, taken in claim_output
 def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adapter", *,
           settings: TrainSettings | None = None, data_options: DataOptions | None = None,
           model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True) -> TrainResult:
@@ -127,6 +128,7 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
     model_options = model_options or ModelOptions(model=model)
     check_not_input(out, _inputs(None, data_options, model_options))
     check_output_dir(out, overwrite, "--out")
+    claim_output(out)
     task, splits = data_options.load()
     base, tokenizer = model_options.load()
     settings = settings or TrainSettings(max_length=data_options.max_length, seed=data_options.seed)
@@ -169,6 +171,7 @@ def check_held_out(adapter_dir: str | Path, splits: Splits) -> None:
 # analyze
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # --out's lock, taken in claim_output
 def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", out: str | Path = "run", *,
             curves: tuple[str, ...] = CURVES, batch_size: int = 8, data_options: DataOptions | None = None,
             model_options: ModelOptions | None = None, overwrite: bool = False, progress: bool = True,
@@ -182,6 +185,7 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
     check_not_input(out, _inputs(adapter, data_options, model_options))
     check_output_dir(out, overwrite, "--out")
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
+    claim_output(out)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     with rank0_output_folder(out, overwrite) as out:
@@ -189,7 +193,8 @@ def analyze(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: s
                           model_options, adapter, progress, exact_curves)
         # Mark the knee (90% of the full adapter's probability gain): the curve's own reading of b.
         if distributed.is_main():
-            plot_curves(result, knee(result["truncation"]) if "truncation" in result else None, out)
+            has_knee = "truncation" in result and raises_probability(result["truncation"])
+            plot_curves(result, knee(result["truncation"]) if has_knee else None, out)
     return result
 
 
@@ -237,6 +242,7 @@ def _sizes(splits: Splits) -> dict:
 # search
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # --out's lock, taken in claim_output
 def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
            criterion: str = "auto", boundary: int | None = None, tolerance: float | None = None, knee_fraction: float = 0.9,
            candidates: list[int] | None = None, out: str | Path | None = None, batch_size: int = 8,
@@ -261,6 +267,8 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     _check_selection_engine(settings, generation)
     check_engine_options(generation, model_options, [adapter], vllm)
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
+    if out is not None:
+        claim_output(out)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options)
     _check_selection_search(settings, peft_model)
@@ -367,6 +375,7 @@ def _cached_json(folder: Path | None, name: str) -> dict | None:
 # prune
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # --out's lock, taken in claim_output
 def prune(adapter: str | Path, boundary: int | Selection | None, out: str | Path, *, format: str = "peft",
           model: str | None = None, overwrite: bool = False, dtype: str = "float32", trust_remote_code: bool = False,
           layers: str | None = None, group_boundaries: dict[str, int] | None = None) -> PruneResult:
@@ -392,6 +401,9 @@ def prune(adapter: str | Path, boundary: int | Selection | None, out: str | Path
         num_layers = model_num_layers(model, trust_remote_code=trust_remote_code) if model is not None else None
         [(boundary, _)] = _asked_selections(adapter, model, [layers] if layers is not None else [], group_boundaries,
                                             num_layers, trust_remote_code=trust_remote_code)
+    check_not_input(out, [adapter, model, *model_paths(model)])  # before the lock file goes into --out
+    check_output_dir(out, overwrite, "--out")
+    claim_output(out)
     return prune_adapter(adapter, boundary, out, format=format, model_spec=model, overwrite=overwrite,
                          dtype=dtype, trust_remote_code=trust_remote_code)
 
@@ -433,6 +445,7 @@ def _asked_selections(adapter, model: str | None, layer_sets: list[str], group_b
 # evaluate
 # ---------------------------------------------------------------------------
 
+@holds_folder_locks  # --out's lock, taken in claim_output
 def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str = "e2e", *,
              boundaries: list[int] | None = None, adapters: list[str | Path] | None = None,
              out: str | Path = "run", data_options: DataOptions | None = None,
@@ -461,6 +474,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
         asked = _asked_selections(adapter, model_options.model, list(layers or []), group_boundaries, num_layers,
                                   given=list(selections or []), allow_pickle=model_options.allow_pickle,
                                   trust_remote_code=model_options.trust_remote_code)
+    claim_output(out)
     data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
                                                                               model_options, needs=("test",))
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
@@ -483,7 +497,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
 # speed: what dropping LoRA buys at inference (speed.py)
 # ---------------------------------------------------------------------------
 
-@holds_folder_locks  # a run folder's lock, when speed.json is written into it
+@holds_folder_locks  # a run folder's lock, when speed.json is written into it; else --out's
 def speed(model: str | None = None, adapter: str | Path | None = None, *, boundary: int | None = None,
           run: str | Path | None = None, out: str | Path | None = None, settings=None,
           data_options: DataOptions | None = None, model_options: ModelOptions | None = None,
@@ -533,6 +547,7 @@ def speed(model: str | None = None, adapter: str | Path | None = None, *, bounda
         measuring.write_results(folder, result)
         write_report(folder, read_json(folder / "report.json", "rerun that run to rewrite it"))
         return result
+    claim_output(out)
     with output_folder(out, overwrite) as folder:
         result = measuring.measure_request(request, settings, folder, progress)
         measuring.write_results(folder, result)

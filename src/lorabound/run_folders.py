@@ -1,5 +1,6 @@
-"""Output folders of the resumable commands (run, demo, study): claimed under a lock, resumed when asked the same
-settings, refused (or, with --overwrite, replaced) otherwise; under torchrun only rank 0 writes."""
+"""Output folders: those of the resumable commands (run, demo, study) claimed under a lock, resumed when asked the
+same settings, refused (or, with --overwrite, replaced) otherwise; those of the one-shot commands locked too
+(claim_output). Under torchrun only rank 0 writes, and only rank 0 locks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Iterator
 from . import distributed
 from .errors import LoraboundError
 from .files import (MARKER, check_folder_path, check_replaceable, empty_folder, folder_contents, lock_folder,
-                    output_folder, read_json, write_json_atomic, write_marker)
+                    lock_output, output_folder, read_json, write_json_atomic, write_marker)
 
 
 def claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
@@ -45,6 +46,12 @@ def folder_verdict(out: Path, marker_name: str, asked: dict, overwrite: bool) ->
         raise LoraboundError(f"--out {out} {why}; pass a new folder, the same settings to resume, or --overwrite")
     check_replaceable(out, "--out")
     return "replace"
+
+
+def claim_output(out, what: str = "--out") -> None:
+    """files.lock_output on rank 0 (the only rank that writes); the caller is a @holds_folder_locks command."""
+    if distributed.is_main():
+        lock_output(out, what)
 
 
 @contextlib.contextmanager

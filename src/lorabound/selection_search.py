@@ -25,8 +25,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .analysis import joint_selection
-from .boundary import (COMPARED, KNEE_FRACTIONS, SearchResult, SearchSettings, Validation, knee, pick_for_goal,
-                       preselect, score_candidates, test_methods)
+from .boundary import (COMPARED, KNEE_FRACTIONS, NO_GAIN, SearchResult, SearchSettings, Validation, knee, knee_label,
+                       pick_for_goal, preselect, raises_probability, score_candidates, test_methods)
 from .evaluate import paired_tests
 from .selection import Selection
 from .surgery import lora_modules
@@ -65,19 +65,24 @@ def preselect_pairs(joint: dict, params: Pairs, num_layers: int, knee_fraction: 
     for f in fractions:
         reach = [pair for pair, p in cells.items() if p >= base + f * (full - base) - 1e-12]
         cheapest = min(reach, key=lambda pair: (size[pair], -cells[pair]))
-        why.setdefault(cheapest, []).append(f"fewest parameters reaching {f:.0%} of the gain")
+        reason = f"fewest parameters reaching {f:.0%} of the gain" if full > base else NO_GAIN
+        if reason not in why.get(cheapest, []):  # without a gain every fraction names the same cheapest pair
+            why.setdefault(cheapest, []).append(reason)
     best = max(cells.values())
     why.setdefault(min((pair for pair, p in cells.items() if p == best), key=size.get), []).append("max-likelihood")
     last = len(bounds) - 1
     attention_axis = {"boundary": bounds, "mean_prob": [probs[i][last] for i in range(len(bounds))]}
     mlp_axis = {"boundary": bounds, "mean_prob": probs[last]}
     diagonal = {"boundary": bounds, "mean_prob": [probs[i][i] for i in range(len(bounds))]}
-    why.setdefault((knee(attention_axis, knee_fraction), bounds[-1]), []).append(
-        f"attention knee {knee_fraction:.0%} (MLP LoRA on every layer)")
-    why.setdefault((bounds[-1], knee(mlp_axis, knee_fraction)), []).append(
-        f"MLP knee {knee_fraction:.0%} (attention LoRA on every layer)")
+    for axis, group, other, pair in ((attention_axis, "attention", "MLP", lambda b: (b, bounds[-1])),
+                                     (mlp_axis, "MLP", "attention", lambda b: (bounds[-1], b))):
+        # Without a gain along the axis its "knee" is that group's LoRA off everywhere: named so.
+        named = (f"{group} knee {knee_fraction:.0%}" if raises_probability(axis)
+                 else f"no {group} LoRA: it does not raise the ground-truth probability")
+        why.setdefault(pair(knee(axis, knee_fraction)), []).append(f"{named} ({other} LoRA on every layer)")
     b = knee(diagonal, knee_fraction)
-    why.setdefault((b, b), []).append(f"one boundary for both: knee {knee_fraction:.0%} of the diagonal")
+    why.setdefault((b, b), []).append(f"one boundary for both: {knee_label(diagonal, knee_fraction)}"
+                                      + (" of the diagonal" if raises_probability(diagonal) else ""))
     why.setdefault((bounds[-1], bounds[-1]), []).append("full adapter")
     return dict(sorted(why.items(), key=lambda item: (size[item[0]], item[0])))
 

@@ -452,8 +452,12 @@ def compare_with_full(result: dict, folder: Path, b: int | None, top: int, boots
 
     `result` is a report.json or evaluation.json. A test the report lacks (e.g. chrF) is computed from the saved
     hypotheses with the same bootstrap; when b keeps every LoRA layer, pruned is the full adapter (difference 0).
+    b None: the search chose a selection that is no prefix (per-module, greedy-drop), compared on test apart from
+    the table (the report's selection_test); a result without that comparison has none.
     """
     variants = result.get("variants") or []
+    if b is None:
+        return _compare_selection_with_full(result, top) if result.get("selection_test") else None
     full, base, pruned = _pruned_row(variants, None, top), _pruned_row(variants, -1, top), _pruned_row(variants, b, top)
     if full is None or pruned is None:
         return None
@@ -479,6 +483,34 @@ def compare_with_full(result: dict, folder: Path, b: int | None, top: int, boots
             row["tests"][metric] = {"diff": test["a_score"] - test["b_score"], "ci_low": test["ci_low"],
                                     "ci_high": test["ci_high"], "p_value": test["p_value"], "mdd": test.get("mdd"),
                                     "a_score": test["a_score"], "b_score": test["b_score"], "source": source}
+    return row
+
+
+def _compare_selection_with_full(report: dict, top: int) -> dict | None:
+    """compare_with_full for a chosen selection: its test scores and paired bootstraps against the full adapter,
+    from the report's selection_test; "nothing dropped" only when the selection keeps every LoRA module."""
+    variants = report.get("variants") or []
+    full, base = _pruned_row(variants, None, top), _pruned_row(variants, -1, top)
+    on_test, search = report["selection_test"], report.get("search") or {}
+    if full is None:
+        return None
+    kept = search.get("kept_fraction")
+    row = {"boundary": None, "selection": on_test.get("describe"), "pruned_name": on_test.get("describe"),
+           "share_dropped": 1 - kept if kept is not None else None,
+           "metrics": {"base": (base or {}).get("metrics", {}), "full": full.get("metrics", {}),
+                       "pruned": on_test.get("metrics", {})},
+           "tests": {}}
+    against_full = (on_test.get("against") or {}).get("full adapter")
+    for metric in TESTED:
+        if against_full is None:  # selection_on_test leaves out the full adapter only when it is the selection
+            value = full.get("metrics", {}).get(metric)
+            row["tests"][metric] = {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0,
+                                    "a_score": value, "b_score": value, "source": "nothing dropped"}
+        elif metric in against_full:
+            test = against_full[metric]
+            row["tests"][metric] = {"diff": test["a_score"] - test["b_score"], "ci_low": test["ci_low"],
+                                    "ci_high": test["ci_high"], "p_value": test["p_value"],
+                                    "a_score": test["a_score"], "b_score": test["b_score"], "source": "report"}
     return row
 
 
@@ -755,7 +787,8 @@ def _cell_rows(summary: dict) -> list[list[str]]:
             continue
         share = f"{d['share_dropped']:.1%}" if d["share_dropped"] is not None else "n/a"
         scores = ["/".join(_num(d["metrics"][v].get(m), 1) for v in ("base", "full", "pruned")) for m in METRICS]
-        rows.append(label + [str(r["boundary"]), share] + scores + [_test_text(d["tests"].get(m)) for m in METRICS]
+        chosen = str(r["boundary"]) if r["boundary"] is not None else d.get("selection") or "selection"
+        rows.append(label + [chosen, share] + scores + [_test_text(d["tests"].get(m)) for m in METRICS]
                     + [_transfer_text(r)])
     return rows
 

@@ -138,11 +138,12 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
     fingerprint = json.dumps([asdict(settings), model_spec, task.name, train_set.input_ids[:50]], default=str)
     step, losses, validation_before = _resume(checkpoint, fingerprint, peft_model, optimizer, scheduler)
     stopper = _EarlyStopping(settings, steps_per_epoch, peft_model, checkpoint)
+    guard = _DivergenceGuard(total_steps, settings, checkpoint, peft_model)
     if step == 0 and valid_set is not None:
         validation_before = mean_loss(peft_model, valid_set, settings.batch_size, pad)
+        guard.check_validation(validation_before, before=True)
 
     device = next(peft_model.parameters()).device
-    guard = _DivergenceGuard(total_steps, settings, checkpoint, peft_model)
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
     peft_model.train()
@@ -169,7 +170,9 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update(1)
             if stopper.due(step, total_steps):
-                stopper.record(step, mean_loss(peft_model, valid_set, settings.batch_size, pad))
+                measured = mean_loss(peft_model, valid_set, settings.batch_size, pad)
+                guard.check_validation(measured)
+                stopper.record(step, measured)
                 peft_model.train()
             if step % settings.checkpoint_every == 0 and step < total_steps:
                 _save_checkpoint(checkpoint, fingerprint, peft_model, optimizer, scheduler, step, losses,
@@ -187,6 +190,8 @@ def train(model, tokenizer, task: Task, splits: Splits, out_dir: str | Path, set
             bar.write(stopper.summary())
     validation_after = (stopper.best_loss if stopper.active
                         else mean_loss(peft_model, valid_set, settings.batch_size, pad) if valid_set else None)
+    guard.step = step
+    guard.check_validation(validation_after)
     result = TrainResult(
         adapter_dir=out_dir, steps=step, train_loss_first=losses[0], train_loss_last=sum(losses[-5:]) / len(losses[-5:]),
         validation_loss_before=validation_before, validation_loss_after=validation_after,
@@ -266,7 +271,8 @@ class _EarlyStopping:
 
 
 class _DivergenceGuard:
-    """Stops training at the first non-finite loss, gradient norm or LoRA weight: no adapter is written.
+    """Stops training at the first non-finite loss, gradient norm, LoRA weight or validation loss: no adapter is
+    written.
 
     The last checkpoint stays, marked as diverged, so a rerun with the same settings stops at the same
     step and a rerun with other settings (a lower --lr) starts afresh instead of being refused.
@@ -281,6 +287,14 @@ class _DivergenceGuard:
         if not bool(torch.isfinite(value.detach()).all()):
             self.stop(f"{what} is {value.item():g}")
 
+    def check_validation(self, loss: float | None, before: bool = False) -> None:
+        """Weights can stay finite and still overflow the forward pass: the validation loss says so."""
+        if loss is None or math.isfinite(loss):
+            return
+        if before:
+            raise LoraboundError(_cannot_start(f"the validation loss is {loss:g}"))
+        self.stop(f"the validation loss after it is {loss:g}")
+
     def check_weights(self) -> None:
         if bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in self.trainable]).all()):
             return  # one device sync per step; the name is looked up only on failure
@@ -289,9 +303,7 @@ class _DivergenceGuard:
 
     def stop(self, what: str) -> None:
         if self.fresh and self.step == 1 and what.startswith("the loss"):
-            raise LoraboundError(
-                f"training cannot start: {what} before any update, so no adapter was written; the model gives "
-                "non-finite outputs on this data: load it in --dtype float32, or check the model files")
+            raise LoraboundError(_cannot_start(what))
         kept = ""
         state_file = self.checkpoint / "state.json"
         if state_file.is_file():
@@ -303,6 +315,11 @@ class _DivergenceGuard:
             f"training diverged at step {self.step} of {self.total}: {what}, so no adapter was written{kept}; "
             f"lower --lr (now {s.learning_rate:g}, default {TrainSettings.learning_rate:g}) or --alpha "
             f"(now {s.alpha:g}), or raise --warmup (now {s.warmup:g}), and rerun")
+
+
+def _cannot_start(what: str) -> str:
+    return (f"training cannot start: {what} before any update, so no adapter was written; the model gives "
+            "non-finite outputs on this data: load it in --dtype float32, or check the model files")
 
 
 def _save_checkpoint(folder: Path, fingerprint, model, optimizer, scheduler, step, losses, validation_before):

@@ -1,0 +1,61 @@
+"""The documentation a newcomer reads: links that resolve, commands the CLI accepts, a README of a few screens."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lorabound.cli import build_parser
+
+ROOT = Path(__file__).parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def relative_links(page: Path) -> list[str]:
+    return [target for target in LINK.findall(page.read_text())
+            if not re.match(r"[a-z]+:", target) and not target.startswith("#")]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_resolves(page):
+    for target in relative_links(page):
+        path = (page.parent / target.split("#")[0]).resolve()
+        assert path.exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_the_readme_is_a_few_screens_and_links_at_least_five_docs_pages():
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) <= 300
+    linked = {(ROOT / t.split("#")[0]).resolve() for t in relative_links(readme) if t.startswith("docs/")}
+    assert len(linked) >= 5 and all(p.suffix == ".md" for p in linked)
+
+
+def readme_commands() -> list[str]:
+    """Every `lorabound ...` line of the README's code blocks, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].split(" # ")[0].strip()
+            for part in line.split("&&"):
+                part = part.strip()
+                if part.startswith((".venv/bin/lorabound ", "lorabound ")):
+                    commands.append(part.split("lorabound ", 1)[1])
+    return commands
+
+
+def test_the_readme_shows_commands():
+    assert len(readme_commands()) >= 5
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_readme_command_is_one_the_cli_accepts(command):
+    # Optional parts the README writes in brackets ([--goal quality|size]) are dropped; the rest must parse.
+    text = re.sub(r"\[[^\]]*\]", "", command)
+    text = re.sub(r"\(.*?\)", "", text)
+    try:
+        build_parser().parse_args(shlex.split(text))
+    except SystemExit as exit:
+        pytest.fail(f"the CLI refuses the README's `lorabound {command}` (exit {exit.code})")
