@@ -367,6 +367,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, what: str = "output fo
     An existing `path` is swapped with the new folder in one atomic exchange where Linux offers it.
     """
     path = Path(path)
+    check_name_lengths(path, what)
     _clean_stale_siblings(path)
     path = check_output_dir(path, overwrite, what)
     path.parent.mkdir(parents=True, exist_ok=True)

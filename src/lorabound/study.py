@@ -214,6 +214,9 @@ def grid_from_dict(values: dict) -> Grid:
         raise LoraboundError("the grid gives both [[training]] tables and epochs/ranks lists; use one of them")
     epochs = _list_of(given.pop("epochs", [1.0]), (int, float), "epochs")
     ranks = _list_of(given.pop("ranks", [16]), int, "ranks")
+    for key, items in (("epochs", epochs), ("ranks", ranks)):  # named as given, before they become [[training]]
+        for value in items:
+            check_settings({key: value}, "the grid", GRID_RULES)
     if "training" in given:
         tables = given["training"] if isinstance(given["training"], list) else [given["training"]]
         training = []
@@ -255,7 +258,7 @@ def grid_from_dict(values: dict) -> Grid:
 
 
 # The grid's keys that follow another name's rule in validation.py (a list key, the rule of one item)
-GRID_RULES = {"models": "model", "tasks": "data", "seeds": "seed", "transfer": "data"}
+GRID_RULES = {"models": "model", "tasks": "data", "seeds": "seed", "transfer": "data", "ranks": "rank"}
 
 
 def check_grid_values(grid: Grid) -> None:

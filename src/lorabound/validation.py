@@ -22,7 +22,7 @@ ENGINES = ("hf", "vllm")  # the generation engines (engines.py runs them)
 
 SEED_MAX = 2**32 - 1  # numpy and torch accept it, and seed * 1_000_003 + step stays within torch's range
 BOOTSTRAP_MAX = 100_000  # the resampling table is bootstrap x examples integers
-INT_MAX = 2**31 - 1  # a C int: the largest whole number any rule accepts
+INT_MAX = 2**31 - 1  # a C int: the largest whole number a rule accepts (seeds: SEED_MAX, 32 unsigned bits)
 THREADS_MAX = 1024
 RANK_MAX = 65_536  # LoRA ranks beyond this exceed the hidden size of any model lorabound could load
 BATCH_MAX = 65_536
@@ -79,7 +79,7 @@ def _show(x: float) -> str:
 
 
 def _whole(low=None, high=INT_MAX, **kw) -> Number:
-    return Number(True, low, min(high, INT_MAX), **kw)
+    return Number(True, low, high, **kw)
 
 
 def _real(low=None, high=None, **kw) -> Number:
