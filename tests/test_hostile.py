@@ -147,6 +147,7 @@ def world(tmp_path_factory):
     (root / "work" / "draft.txt").write_text("the user's working folder")
     (root / "link").symlink_to(root / "mine")
     claimed_by_hand(root)
+    hostile_models(root)
     for name, (content, _) in BAD_DATA.items():
         (root / "bad").mkdir(exist_ok=True)
         (root / "bad" / name).write_text(content, encoding="utf-8")
@@ -173,6 +174,34 @@ def claimed_by_hand(root: Path) -> None:
         (folder / ".lorabound").write_text(unfinished)
         if name == "claimed-old-marker":
             os.utime(folder / ".lorabound", (LONG_AGO - 10, LONG_AGO - 10))
+
+
+# model folders transformers would fail on with a traceback: config.json edits of the tiny base model
+CONFIG_EDITS = {"zero-heads": {"num_attention_heads": 0}, "no-layers": {"num_hidden_layers": 0},
+                "negative-vocab": {"vocab_size": -5}, "text-size": {"hidden_size": "32"},
+                "zero-kv-heads": {"num_key_value_heads": 0}}
+
+
+def hostile_models(root: Path) -> None:
+    """The model folders of MODELS: bad config sizes, a small vocabulary, a config with a BOM, a GPT-2 of 16
+    positions (and an adapter for it)."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for name, edit in CONFIG_EDITS.items():
+        shutil.copytree(root / "base", root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, **edit}))
+    shutil.copytree(root / "base", root / "bom-config")
+    (root / "bom-config" / "config.json").write_text("\ufeff" + (root / "base" / "config.json").read_text())
+    tiny_llama(vocab_size=100).save_pretrained(root / "small-vocab")
+    tiny_tokenizer().save_pretrained(root / "small-vocab")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=1, eos_token_id=1, pad_token_id=0))
+    gpt2.save_pretrained(root / "gpt2-16")
+    tiny_tokenizer().save_pretrained(root / "gpt2-16")
+    tiny_lora(gpt2, target_modules=["c_attn"]).save_pretrained(root / "adapter-gpt2")
 
 
 def valid_args(world, command: str, out: Path) -> list[str]:
@@ -279,6 +308,37 @@ def test_hostile_argument_is_refused_in_one_line(command, flag, value, expected,
     assert_refused(args, expected, command, world, out, capsys)
 
 
+# Models that would end in a traceback: (commands, flags, words the refusal holds). GPT-2 with 16 positions:
+# teacher forcing up to --max-length (64 here) and generation (14-token prompts + 64 new tokens) run past its table.
+GPT2 = ["--model", "{root}/gpt2-16", "--adapter", "{root}/adapter-gpt2"]
+MODELS = [
+    *[(MODEL_AND_DATA, ["--model", f"{{root}}/{name}"], f"{next(iter(edit))} = {json.dumps(next(iter(edit.values())))}"
+       " in its config.json") for name, edit in CONFIG_EDITS.items()],
+    (MODEL_AND_DATA, ["--model", "{root}/bom-config"], "starts with a byte-order mark"),
+    (MODEL_AND_DATA, ["--model", "{root}/small-vocab"], "embedding table of 100 tokens but its tokenizer has 320"),
+    (MODEL_AND_DATA - {"evaluate"}, GPT2, "--max-length 64 is more than the 16 positions of model"),
+    ({"search", "evaluate", "run"}, GPT2 + ["--max-length", "16"], "with --max-new-tokens 64 generation would run"),
+    (MODEL_AND_DATA, ["--model", "nobody-lorabound/no-such-model"], "set HF_HUB_OFFLINE=0 to download it"),
+]
+MODEL_CASES = [pytest.param(command, flags, words, id=f"{command} {' '.join(flags[:2])} {words[:30]}")
+               for commands, flags, words in MODELS for command in sorted(commands)]
+
+
+@pytest.mark.parametrize("command,flags,expected", MODEL_CASES)
+def test_a_model_that_would_crash_is_refused_in_one_line(command, flags, expected, world, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setenv("LORABOUND_CACHE", str(world.root / "cache"))
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)  # lorabound's default (offline) is what is tested
+    monkeypatch.chdir(world.root / "work")
+    out = tmp_path / "out"
+    args = valid_args(world, command, out)
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag != "--adapter" or command in WITH_ADAPTER:
+            args = with_flag(args, flag, value.format(root=world.root))
+    assert_refused(args, expected, command, world, out, capsys)
+
+
 # Refusals that need two flags together (the selection searches); each is checked like a table case.
 PAIRS = [
     ("search", ["--criterion", "greedy-drop", "--keep-fraction", "0.01"], "keeps fewer LoRA parameters than any one"),
@@ -339,14 +399,27 @@ def test_the_table_covers_every_command_and_is_large():
 
 
 def test_a_real_process_prints_one_line(world, tmp_path):
-    """The same contract from a real process: argparse's own errors and a late refusal."""
-    env = {**os.environ, "LORABOUND_CACHE": str(tmp_path / "cache")}
-    for argv in (["train", "--epochs", "nan"], ["run", "--model"],
-                 valid_args(world, "train", tmp_path / "out") + ["--target-modules", "nonexistent_proj"]):
+    """The same contract from a real process, where nothing catches library warnings or log records: argparse's
+    own errors, late refusals, a refusal after PEFT warned (GPT-2's Conv1D), a hub id with no network (refused
+    offline, without the hub client's retries), a config transformers would divide by zero with."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["LORABOUND_CACHE"] = str(tmp_path / "cache")
+    analyze = valid_args(world, "analyze", tmp_path / "out")
+    gpt2 = with_flag(with_flag(analyze, "--model", str(world.root / "gpt2-16")), "--adapter",
+                     str(world.root / "adapter-gpt2"))
+    for argv, words in (
+            (["train", "--epochs", "nan"], "required: --out"), (["run", "--model"], "expected one argument"),
+            (valid_args(world, "train", tmp_path / "out") + ["--target-modules", "nonexistent_proj"], "nonexistent"),
+            (gpt2, "--max-length 64 is more than the 16 positions"),
+            (with_flag(analyze, "--model", "nobody-lorabound/no-such-model"), "set HF_HUB_OFFLINE=0"),
+            (with_flag(analyze, "--model", str(world.root / "zero-heads")), "num_attention_heads = 0"),
+            (["--threads", BIG] + analyze, f"--threads {BIG} is out of range"),
+            (with_flag(analyze, "--adapter", "a" * 300), "pass a shorter --adapter")):
         done = subprocess.run([sys.executable, "-m", "lorabound.cli", "--quiet", *argv], capture_output=True,
                               text=True, timeout=300, cwd=tmp_path, env=env)
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+        assert words in done.stderr, (words, done.stderr)
     assert not (tmp_path / "out").exists()
 
 

@@ -139,7 +139,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
             f"(config.json, *.safetensors, tokenizer files), a .gguf file, or {DEFAULT_MODEL}"
         ) from err
     except ArithmeticError as err:  # a config size of 0 that check_config_file could not see (a hub model)
-        raise LoraboundError(f"the config of model '{spec}' is not valid [{type(err).__name__}: {_first_line(err)}]: "
+        raise LoraboundError(f"the config of model '{spec}' is not valid [{type(err).__name__}: {_first_line(err)}]; "
                              "restore the model's config.json, or pass another model") from err
     except ValueError as err:  # e.g. an architecture transformers does not know
         raise LoraboundError(
@@ -375,7 +375,7 @@ def _hub_refusal(spec: str, err: BaseException) -> str:
     """Why a hub model could not be loaded: offline (lorabound's default) or no network, and the fix."""
     if _hub_offline():
         return (f"model '{spec}' is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE, "
-                f"which lorabound sets unless you do): set HF_HUB_OFFLINE=0 to download it, or "
+                f"which lorabound sets unless you do); set HF_HUB_OFFLINE=0 to download it, or "
                 f"pass a local model folder, a .gguf file, or {DEFAULT_MODEL}")
     return (f"could not load model '{spec}' from the Hugging Face Hub (no network?) [{_first_line(err)}]: "
             f"pass a local model folder, a .gguf file, or {DEFAULT_MODEL}")
