@@ -519,3 +519,18 @@ def test_every_numeric_option_field_has_a_rule():
         for f in dataclasses.fields(cls):
             if str(f.type).startswith(("int", "float")):
                 assert f.name in RULES, (cls.__name__, f.name)
+
+
+@pytest.mark.real
+def test_the_real_model_passes_the_checks_that_refuse_crashing_models(real_model, capsys):
+    """The embedded SmolLM2 (loaded through load_model, so its config, vocabulary and heads were checked) has
+    rotary positions, no learned table: no --max-length or --max-new-tokens is refused for it."""
+    from lorabound.model import check_sequence_room, position_limit, resolve_model_dir
+    from lorabound.model.loading import check_config_file
+
+    model, tokenizer = real_model
+    assert position_limit(model) is None
+    assert len(tokenizer) <= model.get_input_embeddings().num_embeddings
+    check_config_file(Path(resolve_model_dir("smollm2-135m")) / "config.json", "smollm2-135m")
+    check_sequence_room(model, "smollm2-135m", tokenizer, max_length=2**20, max_new_tokens=2**20,
+                        prompts={"test": ["Describe the restaurant.\nData: name: The Eagle\nText:"]})
