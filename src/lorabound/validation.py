@@ -24,9 +24,9 @@ SEED_MAX = 2**32 - 1  # numpy and torch accept it, and seed * 1_000_003 + step s
 BOOTSTRAP_MAX = 100_000  # the resampling table is bootstrap x examples integers
 INT_MAX = 2**31 - 1  # a C int: the largest whole number a rule accepts (seeds: SEED_MAX, 32 unsigned bits)
 THREADS_MAX = 1024
-RANK_MAX = 65_536  # LoRA ranks beyond this exceed the hidden size of any model lorabound could load
+RANK_MAX = 65_536  # above the hidden size of the largest open models: a LoRA rank cannot usefully exceed it
 BATCH_MAX = 65_536
-TOKENS_MAX = 1_048_576  # a sequence of 2**20 tokens: beyond every model's context
+TOKENS_MAX = 1_048_576  # 2**20 tokens a sequence: more than the context of the models lorabound runs on a CPU
 PARALLEL_MAX = 1024  # vLLM: GPUs per model, adapters batched together
 EPOCHS_MAX = 10_000.0
 
