@@ -66,6 +66,8 @@ NUMERIC = {
     "--dropout": ({"train"}, ["1", "-0.1", "nan"]),
     "--rank": ({"train"}, ["0", "-4", BIG]),
     "--checkpoint-every": ({"train"}, ["0", BIG]),
+    "--early-stopping": ({"train"}, ["-1", "1.5", BIG]),
+    "--eval-every": ({"train"}, ["0", "-2", BIG]),
     "--threads": (set(COMMANDS), ["0", "-2", BIG]),
     "--tensor-parallel-size": ({"search", "evaluate", "run"}, ["0", BIG]),
     "--gpu-memory-utilization": ({"search", "evaluate", "run"}, ["0", "1.5", "nan"]),
