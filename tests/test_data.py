@@ -118,8 +118,9 @@ def test_jsonl_rows_read_back_exactly_or_refused_with_their_line(tmp_path_factor
 
 
 @settings(max_examples=200, deadline=None)
-@given(rows=st.lists(st.tuples(TEXT, TEXT.filter(lambda t: not t.lstrip().startswith("["))), min_size=1, max_size=5))
+@given(rows=st.lists(st.tuples(TEXT, TEXT | st.lists(TEXT).map(json.dumps)), min_size=1, max_size=5))
 def test_csv_rows_read_back_exactly_or_refused_with_their_line(tmp_path_factory, rows):
+    """Any text, JSON lists written into a cell included, is one reference read back as written."""
     path = write_csv(tmp_path_factory.mktemp("csv") / "rows.csv", ["input", "target"], rows)
     got = read_back(path)
     lines = path.read_bytes().decode("utf-8").split("\n")  # lines end at "\n" (a lone "\r" may sit in a cell)
@@ -144,13 +145,17 @@ def test_csv_rows_of_the_wrong_width_are_refused_with_their_line(tmp_path_factor
 @settings(max_examples=200, deadline=None)
 @given(before=TEXT, after=TEXT, value=TEXT)
 def test_templates_fill_in_the_input_literally(tmp_path_factory, before, after, value):
-    """Braces and every other character stay as written; a template file reads back without its final newline."""
+    """Braces and every other character stay as written; a template file reads back without its final newline
+    and without a byte-order mark its editor put first."""
     assume("{input}" not in before + after and not after.endswith("\r"))  # "\r\n" ends a line in a file
     template = before + "{input}" + after
     task = Task("t", [Example(value, ("r",))], data.resolve_template(template, "{input}"), "test")
     assert task.prompt(task.examples[0]) == before + value + after
     path = tmp_path_factory.mktemp("template") / "template.txt"
     path.write_bytes((template + "\n").encode("utf-8"))
+    as_saved = template.removeprefix("\ufeff")  # one leading byte-order mark is the editor's, not the prompt's
+    assert data.resolve_template(str(path), "{input}") == as_saved
+    path.write_bytes(("\ufeff" + template + "\n").encode("utf-8"))
     assert data.resolve_template(str(path), "{input}") == template
 
 
@@ -174,21 +179,46 @@ def test_jsonl_string_and_list_targets_grouped_by_input(tmp_path):
     assert task.template == "{input}"
 
 
-def test_csv_string_and_list_targets(tmp_path):
+@pytest.mark.parametrize("cell", [
+    '["one", "two"]', "[1, 2]", "[]", '[""]', '["a"]', ' ["x", "y"] ', "[draft] not json", '[["nested"]]', "[null]",
+])
+def test_a_csv_cell_is_one_reference_as_written(tmp_path, cell):
+    """A cell is never parsed: text that looks like a JSON list is one reference, kept as written (stripped)."""
+    path = write_csv(tmp_path / "d.csv", ["input", "target"], [["x", cell]])
+    assert load_task(str(path)).examples == [Example("x", (cell.strip(),))]
+
+
+def test_csv_references_are_rows_sharing_an_input(tmp_path):
+    """Several references in a CSV file: one row per reference, with the same input (and commas, newlines)."""
     path = write_csv(tmp_path / "d.csv", ["input", "target", "note"], [
         ["x, with comma", "plain text", "n"],
-        ["y", json.dumps(["one", "two"]), "n"],
-        ["z", "[draft] not json", "n"],
+        ["y", "one", "n"],
         ["w", "line one\nline two", "n"],
+        ["y", "two", "n"],
+        ["y", "one", "n"],  # the same reference again: kept once
     ])
-    task = load_task(str(path))
-    by_input = {e.input: e.references for e in task.examples}
-    assert by_input == {
-        "x, with comma": ("plain text",),
-        "y": ("one", "two"),
-        "z": ("[draft] not json",),
-        "w": ("line one\nline two",),
-    }
+    by_input = {e.input: e.references for e in load_task(str(path)).examples}
+    assert by_input == {"x, with comma": ("plain text",), "y": ("one", "two"), "w": ("line one\nline two",)}
+
+
+BOM = "\ufeff"
+BOM_FILES = {  # a file as a user's editor may save it, and what reading it must give (the same as without a BOM)
+    "template.txt": ("Say: {input}\n", lambda p: data.resolve_template(str(p), "{input}"), "Say: {input}"),
+    "rows.csv": ("input,target\na,b\n", lambda p: load_task(str(p)).examples, [Example("a", ("b",))]),
+    "rows.jsonl": ('{"input": "a", "target": "b"}\n', lambda p: load_task(str(p)).examples, [Example("a", ("b",))]),
+    "grid.toml": ('seeds = [4]\n', lambda p: __import__("lorabound.study").study.load_grid(p).seeds, [4]),
+    "state.json": ('{"a": 1}\n', lambda p: __import__("lorabound.files").files.read_json(p, "fix"), {"a": 1}),
+}
+
+
+@pytest.mark.parametrize("name", BOM_FILES)
+def test_a_leading_byte_order_mark_is_dropped_by_every_reader(tmp_path, name):
+    content, read, expected = BOM_FILES[name]
+    path = tmp_path / name
+    path.write_text(BOM + content, encoding="utf-8")
+    assert read(path) == expected
+    path.write_text(content, encoding="utf-8")
+    assert read(path) == expected
 
 
 def test_template_inline_and_from_file(tmp_path):

@@ -103,7 +103,7 @@ def test_engine_vllm_without_vllm_is_one_line_before_any_work(tiny_folders, comm
 def test_unknown_engine_is_refused(tiny_folders, capsys):
     root, common = tiny_folders
     assert main(["--quiet", "evaluate", *common, "--engine", "onnx", "--out", str(root / "x")]) == 2
-    assert "unknown engine 'onnx'; choose one of hf, vllm" in capsys.readouterr().err
+    assert "--engine 'onnx' is unknown; choose one of hf, vllm" in capsys.readouterr().err
     assert not (root / "x").exists()
 
 

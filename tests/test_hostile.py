@@ -36,44 +36,47 @@ WITH_ADAPTER = {"analyze", "search", "prune", "evaluate", "run", "speed"}
 WITH_OUT = {"train", "analyze", "prune", "evaluate", "run", "demo", "speed"}  # search's --out is optional
 OVERWRITE = {"train", "analyze", "search", "prune", "evaluate", "run", "demo", "speed"}
 
+BIG = str(10**12)  # beyond a C int: every whole-number flag has an upper bound (threads, rank, sizes, ...)
 # flag -> (commands that take it, bad values). Every numeric flag of every command is here.
 NUMERIC = {
-    "--validation-size": (DATA | {"demo"}, ["-1", "1.5", "nan", "ten"]),
-    "--test-size": (DATA | {"demo"}, ["-1", "1e3"]),
-    "--train-size": (DATA | {"demo"}, ["-5"]),
+    "--validation-size": (DATA | {"demo"}, ["-1", "1.5", "nan", "ten", BIG]),
+    "--test-size": (DATA | {"demo"}, ["-1", "1e3", BIG]),
+    "--train-size": (DATA | {"demo"}, ["-5", BIG]),
     "--seed": (DATA | {"demo"}, ["-1", str(2**40)]),
-    "--max-length": (DATA, ["0", "7", "-64"]),
-    "--batch-size": ({"train", "analyze", "search", "run"}, ["0", "-3"]),
-    "--generation-batch-size": ({"search", "evaluate", "run"}, ["0"]),
-    "--max-new-tokens": ({"search", "evaluate", "run", "demo"}, ["0", "-1"]),
+    "--max-length": (DATA, ["0", "7", "-64", BIG]),
+    "--batch-size": ({"train", "analyze", "search", "run"}, ["0", "-3", BIG]),
+    "--generation-batch-size": ({"search", "evaluate", "run"}, ["0", BIG]),
+    "--max-new-tokens": ({"search", "evaluate", "run", "demo"}, ["0", "-1", BIG]),
     "--bootstrap": ({"search", "evaluate", "run"}, ["0", "-10", str(10**9)]),
     "--tolerance": ({"search", "run"}, ["nan", "inf", "-1"]),
     "--knee-fraction": ({"search", "run"}, ["0", "1.5", "nan", "-inf"]),
     "--keep-fraction": ({"search", "run"}, ["0", "1.5", "nan", "-inf", "-0.5",
                                             ("0.5", "--keep-fraction applies to --criterion greedy-drop only")]),
-    "--boundary": ({"search", "run", "prune", "speed"}, ["-2", "x"]),
-    "--batch-sizes": ({"speed"}, ["0", "1,0", "-16", "x", "1.5", "", "nan"]),
-    "--new-tokens": ({"speed"}, ["0", "-1", "inf"]),
-    "--repeats": ({"speed"}, ["0", "-3"]),
-    "--prompt-tokens": ({"speed"}, ["0"]),
-    "--boundaries": ({"evaluate", "run"}, ["-5"]),
-    "--candidates": ({"search"}, ["-3"]),
-    "--epochs": ({"train", "demo"}, ["0", "-1", "inf", "nan"]),
+    "--boundary": ({"search", "run", "prune", "speed"}, ["-2", "x", BIG]),
+    "--batch-sizes": ({"speed"}, ["0", "1,0", "-16", "x", "1.5", "", "nan", BIG]),
+    "--new-tokens": ({"speed"}, ["0", "-1", "inf", BIG]),
+    "--repeats": ({"speed"}, ["0", "-3", BIG]),
+    "--prompt-tokens": ({"speed"}, ["0", BIG]),
+    "--boundaries": ({"evaluate", "run"}, ["-5", BIG]),
+    "--candidates": ({"search"}, ["-3", BIG]),
+    "--epochs": ({"train", "demo"}, ["0", "-1", "inf", "nan", "1e6"]),
     "--lr": ({"train"}, ["0", "-1e-3", "inf", "nan"]),
     "--warmup": ({"train"}, ["nan", "2", "-0.1"]),
     "--alpha": ({"train"}, ["0", "nan", "inf"]),
     "--dropout": ({"train"}, ["1", "-0.1", "nan"]),
-    "--rank": ({"train"}, ["0", "-4"]),
-    "--checkpoint-every": ({"train"}, ["0"]),
-    "--threads": (set(COMMANDS), ["0", "-2"]),
-    "--tensor-parallel-size": ({"search", "evaluate", "run"}, ["0"]),
+    "--rank": ({"train"}, ["0", "-4", BIG]),
+    "--checkpoint-every": ({"train"}, ["0", BIG]),
+    "--early-stopping": ({"train"}, ["-1", "1.5", BIG]),
+    "--eval-every": ({"train"}, ["0", "-2", BIG]),
+    "--threads": (set(COMMANDS), ["0", "-2", BIG]),
+    "--tensor-parallel-size": ({"search", "evaluate", "run"}, ["0", BIG]),
     "--gpu-memory-utilization": ({"search", "evaluate", "run"}, ["0", "1.5", "nan"]),
-    "--max-model-len": ({"search", "evaluate", "run"}, ["0"]),
-    "--max-lora-rank": ({"search", "evaluate", "run"}, ["0"]),
-    "--max-loras": ({"search", "evaluate", "run"}, ["0"]),
-    "--boundary-attention": ({"prune", "evaluate"}, ["-2", "x", "1.5"]),
-    "--boundary-mlp": ({"prune", "evaluate"}, ["-2", "nan"]),
-    "--boundary-other": ({"prune", "evaluate"}, ["-3"]),
+    "--max-model-len": ({"search", "evaluate", "run"}, ["0", BIG]),
+    "--max-lora-rank": ({"search", "evaluate", "run"}, ["0", BIG]),
+    "--max-loras": ({"search", "evaluate", "run"}, ["0", BIG]),
+    "--boundary-attention": ({"prune", "evaluate"}, ["-2", "x", "1.5", BIG]),
+    "--boundary-mlp": ({"prune", "evaluate"}, ["-2", "nan", BIG]),
+    "--boundary-other": ({"prune", "evaluate"}, ["-3", BIG]),
 }
 # flags naming a path or a text: the empty value, and values naming nothing usable; a (value, expected) pair
 # gives the words the refusal must hold where that is not the flag itself
@@ -82,7 +85,9 @@ TEXT = {
     "--model": (DATA, ["", ("{missing}", "unknown model spec"), ("{adapter}", "not a model folder")]),
     "--adapter": (WITH_ADAPTER, ["", ("{missing}", "adapter folder"), ("{data}", "adapter"),
                                  ("{base}", "not a PEFT adapter folder")]),
-    "--out": (WITH_OUT, ["", "{file}/x", "{file}", "/proc/lorabound-x"]),
+    "--out": (WITH_OUT, ["", "{file}/x", "{file}", "/proc/lorabound-x", ("{work}/" + "n" * 300, "shorter name"),
+                         ("{work}/" + "/".join(["d" * 200] * 25), "shorter path"),
+                         ("{work}/" + "é" * 120, "shorter name")]),  # 240 bytes: no room for .NAME.tmp-PID-*
     "--template": (DATA, ["", ("no placeholder here", "template")]),
     "--input-field": (DATA, ["", ("no_such_field", "no field 'no_such_field'")]),
     "--target-field": (DATA, [""]),
@@ -143,11 +148,62 @@ def world(tmp_path_factory):
     (root / "work").mkdir()
     (root / "work" / "draft.txt").write_text("the user's working folder")
     (root / "link").symlink_to(root / "mine")
+    claimed_by_hand(root)
+    hostile_models(root)
     for name, (content, _) in BAD_DATA.items():
         (root / "bad").mkdir(exist_ok=True)
         (root / "bad" / name).write_text(content, encoding="utf-8")
     return SimpleNamespace(root=root, base=root / "base", adapter=root / "adapter", data=root / "data.jsonl",
                            template=root / "template.txt")
+
+
+LONG_AGO = 1_600_000_000  # 2020: when the user's files were last changed
+
+
+def claimed_by_hand(root: Path) -> None:
+    """Folders of the user's own files beside the marker of an unfinished lorabound command: one marker written
+    there, one copied in with its old times kept (cp -p), one beside a subfolder of the user's."""
+    unfinished = json.dumps({"written_by": "lorabound", "finished": False})
+    for name in ("claimed", "claimed-old-marker", "claimed-subfolder"):
+        folder = root / name
+        (folder / "mine").mkdir(parents=True)
+        (folder / "mine" / "thesis.tex").write_text("the user's own file")
+        if name != "claimed-subfolder":
+            (folder / "notes.txt").write_text("the user's own notes")
+            os.utime(folder / "notes.txt", (LONG_AGO, LONG_AGO))
+        os.utime(folder / "mine" / "thesis.tex", (LONG_AGO, LONG_AGO))
+        os.utime(folder / "mine", (LONG_AGO, LONG_AGO))
+        (folder / ".lorabound").write_text(unfinished)
+        if name == "claimed-old-marker":
+            os.utime(folder / ".lorabound", (LONG_AGO - 10, LONG_AGO - 10))
+
+
+# model folders transformers would fail on with a traceback: config.json edits of the tiny base model
+CONFIG_EDITS = {"zero-heads": {"num_attention_heads": 0}, "no-layers": {"num_hidden_layers": 0},
+                "negative-vocab": {"vocab_size": -5}, "text-size": {"hidden_size": "32"},
+                "zero-kv-heads": {"num_key_value_heads": 0}}
+
+
+def hostile_models(root: Path) -> None:
+    """The model folders of MODELS: bad config sizes, a small vocabulary, a config with a BOM, a GPT-2 of 16
+    positions (and an adapter for it)."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for name, edit in CONFIG_EDITS.items():
+        shutil.copytree(root / "base", root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**config, **edit}))
+    shutil.copytree(root / "base", root / "bom-config")
+    (root / "bom-config" / "config.json").write_text("\ufeff" + (root / "base" / "config.json").read_text())
+    tiny_llama(vocab_size=100).save_pretrained(root / "small-vocab")
+    tiny_tokenizer().save_pretrained(root / "small-vocab")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=1, eos_token_id=1, pad_token_id=0))
+    gpt2.save_pretrained(root / "gpt2-16")
+    tiny_tokenizer().save_pretrained(root / "gpt2-16")
+    tiny_lora(gpt2, target_modules=["c_attn"]).save_pretrained(root / "adapter-gpt2")
 
 
 def valid_args(world, command: str, out: Path) -> list[str]:
@@ -177,7 +233,8 @@ def cases() -> list:
         for command in COMMANDS:
             for value, expected in (v if isinstance(v, tuple) else (v, flag) for v in values):
                 if command in commands:
-                    table.append(pytest.param(command, flag, value, expected, id=f"{command} {flag}={value!r}"))
+                    shown = repr(value) if len(value) < 60 else repr(value[:40] + "...")
+                    table.append(pytest.param(command, flag, value, expected, id=f"{command} {flag}={shown}"))
     for command, flag, value, expected in SELECTIONS:
         table.append(pytest.param(command, flag, value, expected, id=f"{command} {flag}={value!r} (selection)"))
     for command in DATA:
@@ -190,6 +247,12 @@ def cases() -> list:
             pytest.param(command, "--out", "{mine}", "not written by lorabound", id=f"{command} --out user folder"),
             pytest.param(command, "--out", "{link}", "symbolic link", id=f"{command} --out symlink --overwrite"),
         ]
+        # never delete what lorabound did not write: without --overwrite, a folder of the user's files beside
+        # an unfinished marker is refused (run and demo resume only a folder of their own settings)
+        for name in ("claimed", "claimed-old-marker", "claimed-subfolder"):
+            words = "is not empty" if command in ("run", "demo") else "did not write, so it will not be deleted"
+            if command in WITH_OUT:
+                table.append(pytest.param(command, "--out", f"{{{name}}}", words, id=f"{command} --out {name}"))
     table += [pytest.param(c, "", "", "required", id=f"{c} missing required") for c in COMMANDS if c != "demo"]
     return sorted(table, key=lambda p: COMMANDS.index(p.values[0]))
 
@@ -232,7 +295,8 @@ def test_hostile_argument_is_refused_in_one_line(command, flag, value, expected,
     places = {"missing": world.root / "missing.jsonl", "data": world.data, "file": world.root / "a-file",
               "adapter": world.adapter, "base": world.base,
               "bad": world.root / "bad", "work": world.root / "work", "mine": world.root / "mine",
-              "link": world.root / "link"}
+              "link": world.root / "link", **{n: world.root / n for n in
+                                                ("claimed", "claimed-old-marker", "claimed-subfolder")}}
     value = value.format(**{k: str(v) for k, v in places.items()})
     args = valid_args(world, command, out)
     if flag == "":  # a required flag left out
@@ -243,6 +307,37 @@ def test_hostile_argument_is_refused_in_one_line(command, flag, value, expected,
         args = args + [flag, value]
     else:
         args = with_flag(args, flag, value)
+    assert_refused(args, expected, command, world, out, capsys)
+
+
+# Models that would end in a traceback: (commands, flags, words the refusal holds). GPT-2 with 16 positions:
+# teacher forcing up to --max-length (64 here) and generation (14-token prompts + 64 new tokens) run past its table.
+GPT2 = ["--model", "{root}/gpt2-16", "--adapter", "{root}/adapter-gpt2"]
+MODELS = [
+    *[(MODEL_AND_DATA, ["--model", f"{{root}}/{name}"], f"{next(iter(edit))} = {json.dumps(next(iter(edit.values())))}"
+       " in its config.json") for name, edit in CONFIG_EDITS.items()],
+    (MODEL_AND_DATA, ["--model", "{root}/bom-config"], "starts with a byte-order mark"),
+    (MODEL_AND_DATA, ["--model", "{root}/small-vocab"], "embedding table of 100 tokens but its tokenizer has 320"),
+    (MODEL_AND_DATA - {"evaluate"}, GPT2, "--max-length 64 is more than the 16 positions of model"),
+    ({"search", "evaluate", "run"}, GPT2 + ["--max-length", "16"], "with --max-new-tokens 64 generation would run"),
+    (MODEL_AND_DATA, ["--model", "nobody-lorabound/no-such-model"], "set HF_HUB_OFFLINE=0 to download it"),
+]
+MODEL_CASES = [pytest.param(command, flags, words, id=f"{command} {' '.join(flags[:2])} {words[:30]}")
+               for commands, flags, words in MODELS for command in sorted(commands)]
+
+
+@pytest.mark.parametrize("command,flags,expected", MODEL_CASES)
+def test_a_model_that_would_crash_is_refused_in_one_line(command, flags, expected, world, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setenv("LORABOUND_CACHE", str(world.root / "cache"))
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)  # lorabound's default (offline) is what is tested
+    monkeypatch.chdir(world.root / "work")
+    out = tmp_path / "out"
+    args = valid_args(world, command, out)
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag != "--adapter" or command in WITH_ADAPTER:
+            args = with_flag(args, flag, value.format(root=world.root))
     assert_refused(args, expected, command, world, out, capsys)
 
 
@@ -306,14 +401,27 @@ def test_the_table_covers_every_command_and_is_large():
 
 
 def test_a_real_process_prints_one_line(world, tmp_path):
-    """The same contract from a real process: argparse's own errors and a late refusal."""
-    env = {**os.environ, "LORABOUND_CACHE": str(tmp_path / "cache")}
-    for argv in (["train", "--epochs", "nan"], ["run", "--model"],
-                 valid_args(world, "train", tmp_path / "out") + ["--target-modules", "nonexistent_proj"]):
+    """The same contract from a real process, where nothing catches library warnings or log records: argparse's
+    own errors, late refusals, a refusal after PEFT warned (GPT-2's Conv1D), a hub id with no network (refused
+    offline, without the hub client's retries), a config transformers would divide by zero with."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["LORABOUND_CACHE"] = str(tmp_path / "cache")
+    analyze = valid_args(world, "analyze", tmp_path / "out")
+    gpt2 = with_flag(with_flag(analyze, "--model", str(world.root / "gpt2-16")), "--adapter",
+                     str(world.root / "adapter-gpt2"))
+    for argv, words in (
+            (["train", "--epochs", "nan"], "required: --out"), (["run", "--model"], "expected one argument"),
+            (valid_args(world, "train", tmp_path / "out") + ["--target-modules", "nonexistent_proj"], "nonexistent"),
+            (gpt2, "--max-length 64 is more than the 16 positions"),
+            (with_flag(analyze, "--model", "nobody-lorabound/no-such-model"), "set HF_HUB_OFFLINE=0"),
+            (with_flag(analyze, "--model", str(world.root / "zero-heads")), "num_attention_heads = 0"),
+            (["--threads", BIG] + analyze, f"--threads {BIG} is out of range"),
+            (with_flag(analyze, "--adapter", "a" * 300), "pass a shorter --adapter")):
         done = subprocess.run([sys.executable, "-m", "lorabound.cli", "--quiet", *argv], capture_output=True,
                               text=True, timeout=300, cwd=tmp_path, env=env)
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+        assert words in done.stderr, (words, done.stderr)
     assert not (tmp_path / "out").exists()
 
 
@@ -338,21 +446,52 @@ def test_real_valued_flags_accept_exactly_their_finite_range(x):
     assert refused(knee_fraction=x) != (finite and 0 < x <= 1)
     assert refused(keep_fraction=x) != (finite and 0 < x <= 1)
     assert refused(tolerance=x) != (finite and x >= 0)
-    for name in ("learning_rate", "epochs", "alpha"):
+    for name in ("learning_rate", "alpha"):
         assert refused(**{name: x}) != (finite and x > 0), name
+    assert refused(epochs=x) != (finite and 0 < x <= 10_000)
+
+
+C_INT = 2**31 - 1  # what torch and numpy take as a C int
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(min_value=-(2**70), max_value=2**70))
+@given(st.one_of(st.integers(min_value=-(2**70), max_value=2**70),
+                 st.sampled_from([1023, 1024, 1025, 65_535, 65_536, 65_537, 2**20, 2**20 + 1, C_INT, C_INT + 1,
+                                  10**12, 10**15])))
 def test_whole_number_flags_accept_exactly_their_range(n):
-    assert refused(batch_size=n) != (n >= 1)
+    assert refused(batch_size=n) != (1 <= n <= 65_536)
     assert refused(bootstrap=n) != (1 <= n <= 100_000)
-    assert refused(boundary=n) != (n >= -1)
+    assert refused(boundary=n) != (-1 <= n <= C_INT)
     for group in ("attention", "mlp", "other"):
-        assert refused(**{f"boundary_{group}": n}) != (n >= -1)
+        assert refused(**{f"boundary_{group}": n}) != (-1 <= n <= C_INT)
     assert refused(seed=n) != (0 <= n <= 2**32 - 1)
-    assert refused(validation_size=n) != (n >= 0)
-    assert refused(max_length=n) != (n >= 8)
+    assert refused(validation_size=n) != (0 <= n <= C_INT)
+    assert refused(max_length=n) != (8 <= n <= 2**20)
+    assert refused(max_new_tokens=n) != (1 <= n <= 2**20)
+    assert refused(threads=n) != (1 <= n <= 1024)
+    assert refused(rank=n) != (1 <= n <= 65_536)
+
+
+def test_no_whole_number_rule_lets_a_c_int_overflow():
+    """Every whole-number rule has an upper bound a C int holds (seeds excepted: numpy takes 32 unsigned bits)."""
+    for name, rule in RULES.items():
+        if isinstance(rule, Number) and rule.integer:
+            assert rule.high is not None and rule.high <= (2**32 - 1 if name == "seed" else C_INT), name
+            assert refused(**{name: 10**12}) and refused(**{name: 2**63}), name
+
+
+def test_every_numeric_flag_of_every_command_has_a_rule():
+    """A numeric flag without a rule in validation.py would reach torch unchecked (the study's list flags follow
+    the rule of one item: --seeds the seed's, --ranks the rank's)."""
+    from lorabound.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    singular = {"seeds": "seed", "ranks": "rank"}
+    for command, p in [("lorabound", parser), *sub.items()]:
+        for action in p._actions:
+            if action.option_strings and action.type in (int, float):
+                assert singular.get(action.dest, action.dest) in RULES, (command, action.option_strings)
 
 
 @settings(max_examples=100, deadline=None)
@@ -382,3 +521,18 @@ def test_every_numeric_option_field_has_a_rule():
         for f in dataclasses.fields(cls):
             if str(f.type).startswith(("int", "float")):
                 assert f.name in RULES, (cls.__name__, f.name)
+
+
+@pytest.mark.real
+def test_the_real_model_passes_the_checks_that_refuse_crashing_models(real_model, capsys):
+    """The embedded SmolLM2 (loaded through load_model, so its config, vocabulary and heads were checked) has
+    rotary positions, no learned table: no --max-length or --max-new-tokens is refused for it."""
+    from lorabound.model import check_sequence_room, position_limit, resolve_model_dir
+    from lorabound.model.loading import check_config_file
+
+    model, tokenizer = real_model
+    assert position_limit(model) is None
+    assert len(tokenizer) <= model.get_input_embeddings().num_embeddings
+    check_config_file(Path(resolve_model_dir("smollm2-135m")) / "config.json", "smollm2-135m")
+    check_sequence_room(model, "smollm2-135m", tokenizer, max_length=2**20, max_new_tokens=2**20,
+                        prompts={"test": ["Describe the restaurant.\nData: name: The Eagle\nText:"]})

@@ -373,7 +373,8 @@ def test_hub_id_without_network(monkeypatch):
     with pytest.raises(LoraboundError) as err:
         M.load_model("nobody-lorabound/not-a-model")
     msg = str(err.value)
-    assert msg.startswith("could not load model 'nobody-lorabound/not-a-model' from the Hugging Face Hub (no network?)")
+    assert msg.startswith("model 'nobody-lorabound/not-a-model' is not in the local Hugging Face cache and the hub "
+                          "is offline") and "set HF_HUB_OFFLINE=0 to download it" in msg
     assert msg.endswith("pass a local model folder, a .gguf file, or smollm2-135m") and "\n" not in msg
 
 

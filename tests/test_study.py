@@ -6,14 +6,20 @@ from __future__ import annotations
 import json
 import re
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from lorabound import pipeline, study as study_module
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
-from lorabound.study import bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
+from lorabound.options import DataOptions, GenerationOptions
+from lorabound.study import Training, bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
+from lorabound.validation import check_arguments
 
 from test_report import chromium_binary, run_chromium
 from tiny import save_tiny_base
@@ -86,7 +92,7 @@ def test_grid_file_and_flags(tmp_path):
     ({"data": {"test_sise": 3}}, "unknown key 'test_sise' in [data]"),
     ({"data": {"e2e": {"seed": 3}}}, "unknown key 'seed' in [data.e2e]"),
     ({"generation": {"beams": 3}}, "unknown key 'beams' in [generation]"),
-    ({"bootstrap": 0}, "bootstrap 0 must be a positive"),
+    ({"bootstrap": 0}, "bootstrap = 0 in the grid is out of range"),
     ({"data": {"train_size": "16"}}, "train_size = '16' in [data] must be int"),
     ({"data": {"xsum": {"max_length": 5.5}}}, "max_length = 5.5 in [data.xsum] must be int"),
     ({"training": [{"name": "a", "epochs": "4"}]}, "epochs = '4' in [[training]] 'a' must be float"),
@@ -96,6 +102,73 @@ def test_grid_refusals(values, message):
     with pytest.raises(LoraboundError) as refused:
         grid_from_dict(values)
     assert message in str(refused.value)
+
+
+# A grid file's values go through the rule table of the flags (validation.py): each is refused by grid_from_dict,
+# before any model, data or cell, naming the key and its table.
+HOSTILE_GRIDS = [
+    ({"search": {"tolerance": float("nan")}}, "tolerance = nan in [search] is out of range"),
+    ({"search": {"tolerance": float("inf")}}, "tolerance = inf in [search]"),
+    ({"search": {"knee_fraction": 0.0}}, "knee_fraction = 0.0 in [search]"),
+    ({"bootstrap": 10**9}, "bootstrap = 1000000000 in the grid is out of range"),
+    ({"bootstrap": -5}, "bootstrap = -5 in the grid"),
+    ({"generation": {"engine": "onnx"}}, "engine = 'onnx' in [generation] is unknown; choose one of hf, vllm"),
+    ({"generation": {"max_new_tokens": 0}}, "max_new_tokens = 0 in [generation]"),
+    ({"generation": {"generation_batch_size": 10**12}}, "generation_batch_size = 1000000000000 in [generation]"),
+    ({"training": [{"name": "a", "rank": 10**12}]}, "rank = 1000000000000 in [[training]] 'a'"),
+    ({"training": [{"name": "a", "epochs": float("nan")}]}, "epochs = nan in [[training]] 'a'"),
+    ({"training": [{"name": "a", "learning_rate": float("inf")}]}, "learning_rate = inf in [[training]] 'a'"),
+    ({"training": [{"name": "a", "alpha": 0.0}]}, "alpha = 0.0 in [[training]] 'a'"),
+    ({"training": [{"name": "a", "batch_size": 0}]}, "batch_size = 0 in [[training]] 'a'"),
+    ({"ranks": [4, 10**12]}, "ranks = 1000000000000 in the grid"),
+    ({"epochs": [1.0, float("nan")]}, "epochs = nan in the grid"),
+    ({"seeds": [0, -1]}, "seeds = -1 in the grid"),
+    ({"seeds": [2**40]}, "seeds = 1099511627776 in the grid"),
+    ({"data": {"max_length": 10**12}}, "max_length = 1000000000000 in [data]"),
+    ({"data": {"test_size": -1}}, "test_size = -1 in [data]"),
+    ({"data": {"e2e": {"validation_size": 10**12}}}, "validation_size = 1000000000000 in [data.e2e]"),
+    ({"tasks": [""]}, "tasks in the grid is empty"),
+]
+
+
+@pytest.mark.parametrize("values, message", HOSTILE_GRIDS, ids=[m.split(" is ")[0] for _, m in HOSTILE_GRIDS])
+def test_grid_values_follow_the_rules_of_the_flags(values, message):
+    with pytest.raises(LoraboundError) as refused:
+        grid_from_dict(values)
+    assert message in str(refused.value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(min_value=-(2**40), max_value=2**40),
+       st.sampled_from([("search", "tolerance"), ("search", "knee_fraction"), ("generation", "max_new_tokens"),
+                        ("data", "max_length"), ("data", "validation_size"), ("training", "rank"),
+                        ("training", "epochs"), ("training", "learning_rate")]))
+def test_a_grid_value_is_refused_exactly_when_its_flag_is(value, place):
+    """The grid and the flags share one rule table: the same value, the same verdict (types aside)."""
+    table, key = place
+    values = {"training": [{"name": "a", key: value}]} if table == "training" else {table: {key: value}}
+    kind = {f.name: str(f.type) for f in fields(Training if table == "training" else DataOptions)}.get(key, "float")
+    assume(not (kind.startswith("int") and isinstance(value, float)))  # a type error, refused as such
+    try:
+        grid_from_dict(values)
+        grid_refused = False
+    except LoraboundError:
+        grid_refused = True
+    try:
+        check_arguments(**{key: value})
+        flag_refused = False
+    except LoraboundError:
+        flag_refused = True
+    assert grid_refused == flag_refused, (values, grid_refused)
+
+
+def test_a_grid_asking_for_vllm_where_it_is_missing_is_refused_before_any_cell(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(LoraboundError, match=re.escape("engine = 'vllm' in [generation] needs vLLM")):
+        grid_from_dict({"generation": {"engine": "vllm"}})
 
 
 def test_study_help_shows_an_example(capsys):
@@ -118,7 +191,7 @@ def test_unparsable_grid_file(tmp_path):
     ({"tasks": ["no-such-task"]}, "unknown task 'no-such-task'"),
     ({"transfer": "no-such-task"}, "unknown task 'no-such-task'"),
     ({"data": {"train_size": 40, "validation_size": 4, "test_size": 6}}, "were asked for"),
-    ({"training": [{"name": "a", "rank": 0}]}, "--rank 0 is out of range"),
+    ({"training": [{"name": "a", "rank": 0}]}, "rank = 0 in [[training]] 'a' is out of range"),
     ({"search": {"criterion": "best"}}, "unknown criterion 'best'"),
     ({"training": [{"name": "given", "adapter": "nowhere/{task}-{seed}"}]}, "adapter folder nowhere/places-0"),
     ({"models": ["{root}/base", "{root}/again/base"]}, "two cells would share the folder base-places-short-s0"),

@@ -337,7 +337,7 @@ def test_boundary_outside_the_model_is_refused(capsys, tmp_path, world):
     assert "boundary 4 is outside -1..3 for this 4-layer model" in line and "pass --boundary" in line
     for model in ([], ["--model", world.base]):  # below -1 is refused before the model is read
         line = refused(capsys, "prune", "--adapter", world.adapter, *model, "--boundary", -2, "--out", tmp_path / "p")
-        assert "--boundary -2 is out of range; pass a whole number at least -1" in line
+        assert "--boundary -2 is out of range; pass a whole number in [-1, 2147483647]" in line
     assert not (tmp_path / "p").exists()
 
     line = refused(capsys, "search", "--adapter", world.adapter, *world.small, "--boundary", 9)

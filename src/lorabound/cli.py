@@ -17,9 +17,13 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import __version__, distributed
+from . import runtime
+
+runtime.offline_unless_asked()  # before any hub library is imported (they read it once)
+
+from . import __version__, distributed  # noqa: E402
 from .errors import LoraboundError
-from .runtime import set_threads
+from .runtime import held_library_warnings, set_threads
 from .selection import GROUPS
 
 RESUMING = ("run", "demo", "study", "train")  # a rerun continues where these stopped (stages, checkpoints)
@@ -296,8 +300,10 @@ def _main(argv: list[str] | None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
     if not distributed.is_main():
         args.quiet = True  # under torchrun only rank 0 prints (an error only its own rank has comes from that rank)
+    runtime.offline_unless_asked()  # for main() called in-process (lorabound reads it at each load)
     try:
-        with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
+        with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()), \
+                held_library_warnings(refusals=(LoraboundError, OSError)):
             return _dispatch(args)
     except LoraboundError as error:
         _stop_if_interrupted()  # an error made of a Ctrl-C is the interruption, not a refusal
@@ -305,7 +311,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except OSError as error:  # the last resort: a full disk, a folder made read-only during the work, ...
         _stop_if_interrupted()
-        distributed.refuse(f"error: {_os_error_line(error)}")
+        distributed.refuse(f"error: {_os_error_line(error, args)}")
         return 2
     finally:
         distributed.finish()
@@ -501,12 +507,17 @@ def _int_list(text: str) -> list[int]:
     return [int(part) for part in text.replace(",", " ").split()]
 
 
-def _os_error_line(error: OSError) -> str:
-    """One line naming the file and the fix, for an OSError no earlier check foresaw."""
+def _os_error_line(error: OSError, args: argparse.Namespace | None = None) -> str:
+    """One line naming the file (and the flag that gave it) and the fix, for an OSError no earlier check foresaw."""
     from .files import CACHE_ENV, cache_root
 
-    where = f" ({error.filename})" if error.filename else ""
-    if error.errno == errno.ENOSPC:
+    name = str(error.filename) if error.filename else ""
+    shown = name if len(name) <= 80 else name[:60] + "..."
+    flag = _flag_of(args, name) if args is not None and name else None
+    where = f" ({flag} {shown})" if flag else f" ({shown})" if name else ""
+    if error.errno == errno.ENAMETOOLONG:
+        fix = f"pass a shorter {flag or 'path'} (each name at most 255 bytes)"
+    elif error.errno == errno.ENOSPC:
         fix = "free some space and rerun the same command (finished stages are kept)"
     elif error.filename and cache_root().resolve() in Path(str(error.filename)).resolve().parents:
         fix = f"set {CACHE_ENV} to a folder you can write to"
@@ -515,6 +526,17 @@ def _os_error_line(error: OSError) -> str:
     else:
         fix = "check the path and rerun the same command"
     return " ".join(f"{error.strerror or type(error).__name__}{where}; {fix}".split())
+
+
+def _flag_of(args: argparse.Namespace, filename: str) -> str | None:
+    """The flag whose value is `filename` or a folder holding it, e.g. --out for OUT/curves.json."""
+    from .validation import flag
+
+    for dest, value in vars(args).items():
+        for given in value if isinstance(value, list) else [value]:
+            if isinstance(given, str) and given and (filename == given or filename.startswith(given.rstrip("/") + "/")):
+                return flag(dest)
+    return None
 
 
 def _group_boundaries(args: argparse.Namespace) -> dict[str, int]:

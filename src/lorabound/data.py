@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoraboundError
-from .files import cache_dir, sha256_file, write_text_atomic
+from .files import TEXT_ENCODING, cache_dir, sha256_file, write_text_atomic
 
 BUILTIN_TASKS: dict[str, str] = {
     "e2e": "Describe the restaurant.\nData: {input}\nText:",
@@ -119,7 +119,8 @@ def resolve_template(template: str | None, default: str) -> str:
     path = Path(template)
     if _is_file(path):
         try:
-            text = path.read_bytes().decode("utf-8")  # not read_text: a lone "\r" must stay "\r"
+            # not read_text: a lone "\r" must stay "\r"; an editor's byte-order mark is not part of the prompt
+            text = path.read_bytes().decode(TEXT_ENCODING)
         except (OSError, UnicodeDecodeError) as e:
             raise LoraboundError(f"cannot read template file {path} ({e}); "
                                  f"pass a readable UTF-8 text file") from None
@@ -223,7 +224,7 @@ def _read_jsonl(path: Path, input_field: str, target_field: str) -> list[tuple[s
         for number, raw in enumerate(f, start=1):
             where = f"{path} line {number}"
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                line = raw.decode(TEXT_ENCODING if number == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise LoraboundError(f"{where} is not valid UTF-8; save the file as UTF-8") from None
             _check_text(line, where)
@@ -248,23 +249,11 @@ def _read_jsonl(path: Path, input_field: str, target_field: str) -> list[tuple[s
     return rows
 
 
-def _csv_target(cell: str):
-    """A cell that parses as a JSON list is a list of references; anything else is one reference."""
-    if cell.lstrip().startswith("["):
-        try:
-            value = json.loads(cell)
-        except json.JSONDecodeError:
-            return cell
-        if isinstance(value, list):
-            return value
-    return cell
-
-
 def _read_csv(path: Path, input_field: str, target_field: str) -> list[tuple[str, tuple[str, ...]]]:
     """Rows of a CSV file with a header; any row that would not map cell for cell onto it is refused."""
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode(TEXT_ENCODING)
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise LoraboundError(f"{path} line {line} is not valid UTF-8; save the file as UTF-8") from None
@@ -286,7 +275,9 @@ def _read_csv(path: Path, input_field: str, target_field: str) -> list[tuple[str
                 raise LoraboundError(f"{where} has {len(cells)} {cells_word} but the header has {len(columns)}; "
                                      f"give every row one cell per column (quote cells holding commas)")
             row = dict(zip(columns, cells))
-            rows.append((row[input_field], _references(_csv_target(row[target_field]), where, target_field)))
+            # A cell is one reference, as written (never parsed: "[1, 2]" is text); several references are
+            # several rows with the same input, which _group_examples joins.
+            rows.append((row[input_field], _references(row[target_field], where, target_field)))
     except csv.Error as e:
         raise LoraboundError(f"{path} line {line} is not valid CSV ({e}); "
                              f"quote cells that contain commas, quotes or newlines") from None

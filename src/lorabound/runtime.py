@@ -1,16 +1,32 @@
-"""How many CPU threads torch uses (--threads).
+"""How the command's process runs: CPU threads (--threads), the hub offline, library warnings held back.
+
+Threads (--threads):
 
 On a machine shared with other busy processes, torch's default (one thread per core) makes its threads wait
 on each other: decoding slowed 20-fold beside one busy process on 2 cores (README, Measurements). The
 default here is the cores free when the command starts: usable cores minus the cores busy over a 0.2 s
 sample of /proc/stat, at least 1. (The 1-minute load average lingers: right after another command ended it
 still counted that command, and the next one ran on half the cores.)
+
+The hub: the command sets HF_HUB_OFFLINE=1 unless HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set already, so
+a model the cache lacks is refused at once instead of after a minute of the hub client's retries printed on
+stderr (`offline_unless_asked`; HF_HUB_OFFLINE=0 lets it download).
+
+Library warnings (`held_library_warnings`): Python warnings and the records of the libraries' loggers are held
+while the command runs, shown when it ends, and dropped when it is refused, so that a refusal is one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
+import warnings
+from typing import Iterator
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "peft", "accelerate", "torch", "safetensors")
 
 
 def usable_cores() -> int:
@@ -71,3 +87,50 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def offline_unless_asked() -> None:
+    """HF_HUB_OFFLINE=1 unless the user set an offline variable; call before the hub libraries are imported (they
+    read it once), the rest of lorabound reads it at each load."""
+    if not any(name in os.environ for name in OFFLINE_VARIABLES):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+class _Hold(logging.Filter):
+    """A handler filter that keeps each record (and its handler) instead of letting the handler write it."""
+
+    def __init__(self, handler: logging.Handler, held: list):
+        super().__init__()
+        self.handler, self.held = handler, held
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.held.append((self.handler, record))
+        return False
+
+
+@contextlib.contextmanager
+def held_library_warnings(refusals: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Hold library warnings while the body runs; show them after it, unless it raised one of `refusals` (or was
+    interrupted): then the refusal's one line is all that is printed."""
+    records: list = []
+    handlers = {h for name in ("", *LIBRARY_LOGGERS) for h in logging.getLogger(name).handlers}
+    handlers |= {logging.lastResort} if logging.lastResort is not None else set()
+    holds = [(h, _Hold(h, records)) for h in handlers]
+    for handler, hold in holds:
+        handler.addFilter(hold)
+    shown = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            except (*refusals, KeyboardInterrupt):
+                shown = False
+                raise
+    finally:
+        for handler, hold in holds:
+            handler.removeFilter(hold)
+        if shown:
+            for w in caught:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+            for handler, record in records:
+                handler.handle(record)

@@ -37,14 +37,16 @@ import numpy as np
 from . import distributed, pipeline
 from .boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
 from .errors import LoraboundError
+from .engines import check_engine_installed
 from .evaluate import METRIC_LABELS, format_p, paired_test
-from .files import check_not_input, holds_folder_locks, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .files import TEXT_ENCODING, check_not_input, holds_folder_locks, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .generation_cache import BASE, FULL
 from .model import DEFAULT_MODEL, model_num_layers
 from .options import DataOptions, GenerationOptions, ModelOptions
 from .run_folders import claim_folder
 from .surgery import ADAPTER_WEIGHTS
 from .training import TrainSettings
+from .validation import check_settings
 
 METRICS = ("bleu", "rougeL", "chrf")
 # sacrebleu gives no public per-example chrF statistics, so the paired bootstrap (and the pooled test) covers
@@ -199,7 +201,7 @@ def read_grid_file(path: str | Path) -> dict:
     if not path.is_file():
         raise LoraboundError(f"grid file {path} does not exist; pass a .toml file (see studies/paper.toml)")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding=TEXT_ENCODING))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise LoraboundError(f"cannot parse grid file {path}: {err}; fix it (TOML syntax)") from None
 
@@ -212,6 +214,9 @@ def grid_from_dict(values: dict) -> Grid:
         raise LoraboundError("the grid gives both [[training]] tables and epochs/ranks lists; use one of them")
     epochs = _list_of(given.pop("epochs", [1.0]), (int, float), "epochs")
     ranks = _list_of(given.pop("ranks", [16]), int, "ranks")
+    for key, items in (("epochs", epochs), ("ranks", ranks)):  # named as given, before they become [[training]]
+        for value in items:
+            check_settings({key: value}, "the grid", GRID_RULES)
     if "training" in given:
         tables = given["training"] if isinstance(given["training"], list) else [given["training"]]
         training = []
@@ -248,9 +253,35 @@ def grid_from_dict(values: dict) -> Grid:
     grid = Grid(**given)
     if grid.transfer is not None and not isinstance(grid.transfer, str):
         raise LoraboundError(f"transfer must be a task name or file, got {grid.transfer!r}; for example webnlg")
-    if not isinstance(grid.bootstrap, int) or grid.bootstrap < 1:
-        raise LoraboundError(f"bootstrap {grid.bootstrap!r} must be a positive whole number; 1000 is usual")
+    check_grid_values(grid)
     return grid
+
+
+# The grid's keys that follow another name's rule in validation.py (a list key, the rule of one item)
+GRID_RULES = {"models": "model", "tasks": "data", "seeds": "seed", "transfer": "data", "ranks": "rank"}
+
+
+def check_grid_values(grid: Grid) -> None:
+    """Every value of the grid against the rule of its flag in validation.py (ranges, NaN, the engine)."""
+    where = "the grid"
+    for key in ("models", "tasks", "seeds"):
+        for value in getattr(grid, key):
+            check_settings({key: value}, where, GRID_RULES)
+    check_settings({"bootstrap": grid.bootstrap}, where)
+    if grid.transfer is not None:
+        check_settings({"transfer": grid.transfer}, where, GRID_RULES)
+    for training in grid.training:
+        given = {k: v for k, v in asdict(training).items() if v is not None}  # None: the default (alpha)
+        check_settings(given, f"[[training]] {training.name!r}")
+    for name, value in grid.data.items():
+        if isinstance(value, dict):
+            check_settings(value, f"[data.{name}]")
+        else:
+            check_settings({name: value}, "[data]")
+    check_settings(grid.generation, "[generation]")
+    check_settings(grid.search, "[search]")
+    engine = grid.generation.get("engine", "hf")
+    check_engine_installed(engine, f"engine = {engine!r} in [generation]")
 
 
 def load_grid(path: str | Path | None = None, **given) -> Grid:

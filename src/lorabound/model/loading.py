@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -44,12 +45,45 @@ def resolve_model_dir(spec: str) -> str:
                 f"{spec} is not a model folder (no config.json); pass a folder written by save_pretrained, "
                 f"a .gguf file, or {DEFAULT_MODEL}"
             )
+        check_config_file(path / "config.json", spec)
         return str(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return str(convert_gguf_once(path, cache_dir() / "models" / f"gguf-{gguf_cache_key(path)}"))
+        folder = convert_gguf_once(path, cache_dir() / "models" / f"gguf-{gguf_cache_key(path)}")
+        check_config_file(Path(folder) / "config.json", spec)
+        return str(folder)
     if not path.exists() and _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
         return spec
     raise LoraboundError(f"unknown model spec '{spec}'; {_SPEC_CHOICES}")
+
+
+# Sizes in a config.json that must be whole numbers >= 1 (where given): transformers divides by them, or sizes a
+# table by them, and a 0 ended in a ZeroDivisionError traceback while the config was read.
+CONFIG_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "n_positions",
+                "max_position_embeddings", "ffn_dim", "word_embed_proj_dim", "num_layers", "num_heads", "d_model")
+
+
+def check_config_file(path: Path, spec: str) -> None:
+    """Refuse a model config.json transformers would fail on with a traceback: a byte-order mark (its JSON
+    reader stops there), or a size that is not a whole number >= 1 (zero heads, a negative vocabulary)."""
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise LoraboundError(f"{path} starts with a byte-order mark, which transformers cannot read; "
+                             "save it as UTF-8 without one")
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise LoraboundError(f"cannot parse {path} ({_first_line(err)}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise LoraboundError(f"{path} is not a JSON object; restore the model's config.json")
+    for where, values in (("", config), ("text_config.", config.get("text_config"))):
+        for name in CONFIG_SIZES if isinstance(values, dict) else ():
+            value = values.get(name)
+            if value is None or isinstance(value, (list, dict)):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LoraboundError(f"model '{spec}' has {where}{name} = {json.dumps(value)} in its config.json, "
+                                     "which must be a whole number of at least 1; restore the model's config.json")
 
 
 def model_paths(spec: str | None) -> list[Path]:
@@ -99,14 +133,14 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ConnectionError, TimeoutError, SafetensorError) as err:  # SafetensorError: a truncated file
         if is_hub:
-            raise LoraboundError(
-                f"could not load model '{spec}' from the Hugging Face Hub (no network?) [{_first_line(err)}]: "
-                f"pass a local model folder, a .gguf file, or {DEFAULT_MODEL}"
-            ) from err
+            raise LoraboundError(_hub_refusal(spec, err)) from err
         raise LoraboundError(
             f"could not load the model in {source} [{_first_line(err)}]: pass a folder written by save_pretrained "
             f"(config.json, *.safetensors, tokenizer files), a .gguf file, or {DEFAULT_MODEL}"
         ) from err
+    except ArithmeticError as err:  # a config size of 0 that check_config_file could not see (a hub model)
+        raise LoraboundError(f"the config of model '{spec}' is not valid [{type(err).__name__}: {_first_line(err)}]; "
+                             "restore the model's config.json, or pass another model") from err
     except ValueError as err:  # e.g. an architecture transformers does not know
         raise LoraboundError(
             f"transformers cannot load '{spec}' as a causal language model [{_first_line(err)}]: "
@@ -121,6 +155,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     if is_hub and not trust_remote_code:  # its config came with the model: no second trip to the network
         check_head_type(model.config, spec)
     _check_weights_complete(model, info, spec)
+    _check_vocabulary(model, tokenizer, spec)
     _ensure_pad_token(tokenizer, model, spec)
     model.to(device)
     model.eval()
@@ -140,6 +175,51 @@ def check_head_type(config, spec: str) -> None:
         raise LoraboundError(
             f"model '{spec}' was saved as {saved_as[0]}, not as a causal language model (its config.json "
             f"architectures); pass a causal language model (a *ForCausalLM checkpoint) or {DEFAULT_MODEL}")
+
+
+def _check_vocabulary(model, tokenizer, spec: str) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding table (an IndexError at the first forward)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise LoraboundError(
+            f"model '{spec}' has an embedding table of {rows} tokens but its tokenizer has {len(tokenizer)} "
+            f"(ids up to {len(tokenizer) - 1}), so some inputs could not be looked up; pass the tokenizer saved with "
+            f"this model (or a config.json whose vocab_size covers it)")
+
+
+def position_limit(model) -> int | None:
+    """How many positions a model with a learned position table (GPT-2's wpe, OPT's embed_positions) can take;
+    None for a model without one (rotary or ALiBi positions run past their trained length without an error)."""
+    config = getattr(model, "config", None)
+    sizes = [v for name in ("n_positions", "max_position_embeddings")
+             if isinstance(v := getattr(config, name, None), int) and not isinstance(v, bool) and v > 0]
+    if not sizes:
+        return None
+    limit = min(sizes)
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m is not inputs
+              and limit <= m.num_embeddings <= limit + 2]  # OPT keeps 2 rows more (an offset)
+    return limit if tables else None
+
+
+def check_sequence_room(model, spec: str, tokenizer, *, max_length: int | None = None,
+                        prompts: dict[str, list[str]] | None = None, max_new_tokens: int | None = None) -> None:
+    """Refuse, before any work, sequences longer than the model's position table: teacher-forced examples of
+    up to --max-length tokens, and each split's longest prompt plus --max-new-tokens when generating."""
+    limit = position_limit(model)
+    if limit is None:
+        return
+    table = f"the {limit} positions of model '{spec}' (its position table)"
+    if max_length is not None and max_length > limit:
+        raise LoraboundError(f"--max-length {max_length} is more than {table}; pass --max-length {limit} or less")
+    for split, texts in (prompts or {}).items():
+        longest = max((len(tokenizer(text)["input_ids"]) for text in texts), default=0)
+        if max_new_tokens is not None and longest + max_new_tokens > limit:
+            fix = (f"pass --max-new-tokens {limit - longest} or less, or shorten the template or inputs"
+                   if longest < limit else "shorten the template or the inputs")
+            raise LoraboundError(f"the longest {split} prompt is {longest} tokens, and with --max-new-tokens "
+                                 f"{max_new_tokens} generation would run past {table}; {fix}")
 
 
 def _check_weights_complete(model, info: dict, spec: str) -> None:
@@ -241,7 +321,9 @@ def _read_config(spec: str, trust_remote_code: bool):
         kwargs["local_files_only"] = True
     try:
         return AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ArithmeticError) as err:
+        if not Path(source).is_dir() and isinstance(err, OSError):
+            raise LoraboundError(_hub_refusal(spec, err)) from err
         raise LoraboundError(
             f"cannot read the config of model '{spec}' [{_first_line(err)}]: pass a local model folder, "
             f"a .gguf file, or {DEFAULT_MODEL}"
@@ -287,6 +369,16 @@ def _check_safetensors_folder(folder: Path) -> None:
             f"{folder} holds only pickled pytorch_model*.bin weights and lorabound loads safetensors only; "
             "convert it once (from_pretrained then save_pretrained(..., safe_serialization=True))"
         )
+
+
+def _hub_refusal(spec: str, err: BaseException) -> str:
+    """Why a hub model could not be loaded: offline (lorabound's default) or no network, and the fix."""
+    if _hub_offline():
+        return (f"model '{spec}' is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE, "
+                f"which lorabound sets unless you do); set HF_HUB_OFFLINE=0 to download it, or "
+                f"pass a local model folder, a .gguf file, or {DEFAULT_MODEL}")
+    return (f"could not load model '{spec}' from the Hugging Face Hub (no network?) [{_first_line(err)}]: "
+            f"pass a local model folder, a .gguf file, or {DEFAULT_MODEL}")
 
 
 def _hub_offline() -> bool:
