@@ -595,7 +595,6 @@ def test_three_rules_read_one_search_and_can_disagree():
 def selection_cell(workspace):
     """A cell folder whose run chose, by greedy-drop with half the LoRA parameters as budget, a selection that is
     no prefix: the case the summary once called "nothing dropped"."""
-    from lorabound.options import DataOptions, GenerationOptions
     from tiny import tiny_llama, tiny_lora
 
     import torch
