@@ -18,7 +18,7 @@ from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not importable here; run these tests in the vLLM "
-                                "environment (see README, Scaling up)")
+                                "environment (see docs/scaling.md)")
 PROMPTS = ["Describe the restaurant.\nData: name: The Eagle\nText:", "name: Blue Spice, eatType: pub",
            "The Eagle is a French", "Data: area: riverside\nText:", "Blue"]
 
@@ -108,7 +108,7 @@ def test_unknown_engine_is_refused(tiny_folders, capsys):
 
 
 # ---------------------------------------------------------------------------
-# vLLM (run in the vLLM environment: see README, Scaling up)
+# vLLM (run in the vLLM environment: see docs/scaling.md)
 # ---------------------------------------------------------------------------
 
 @pytest.mark.vllm

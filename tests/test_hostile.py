@@ -385,7 +385,7 @@ def assert_refused(args: list[str], expected: str, command: str, world, out: Pat
 
 
 def test_the_table_covers_every_command_and_is_large():
-    """The README's count: the table runs each command, and every numeric flag of each command's parser."""
+    """docs/inputs.md's count: the table runs each command, and every numeric flag of each command's parser."""
     from lorabound.cli import build_parser
 
     covered = {c.values[0] for c in CASES}

@@ -92,8 +92,17 @@ def _origin(b: int | None, top: int, origins: dict[int, list[str]]) -> str:
         return "; ".join(found) if found else REFERENCE_ORIGINS["base"]
     if b is None:
         found = [text for given, texts in sorted(origins.items()) if given >= top for text in texts]
-        return "; ".join(dict.fromkeys(found)) if found else REFERENCE_ORIGINS["full"]
-    return "; ".join(dict.fromkeys(origins.get(b, []))) or "asked"
+        return joined(found) if found else REFERENCE_ORIGINS["full"]
+    return joined(origins.get(b, [])) or "asked"
+
+
+def joined(reasons: list[str]) -> str:
+    """Distinct reasons in order, one "for comparison: " in front of those that share it."""
+    reasons = list(dict.fromkeys(reasons))
+    lead = "for comparison: "
+    compared = [r.removeprefix(lead) for r in reasons if r.startswith(lead)]
+    rest = [r for r in reasons if not r.startswith(lead)]
+    return "; ".join(rest + ([lead + "; ".join(compared)] if compared else []))
 
 
 def _variant_row(name, boundary, metrics: dict, params, size: tuple[float | None, str | None], hypotheses_file,
