@@ -59,3 +59,20 @@ def test_every_readme_command_is_one_the_cli_accepts(command):
         build_parser().parse_args(shlex.split(text))
     except SystemExit as exit:
         pytest.fail(f"the CLI refuses the README's `lorabound {command}` (exit {exit.code})")
+
+
+def test_import_lorabound_is_light_and_its_api_resolves():
+    import subprocess
+    import sys
+
+    code = ("import sys, lorabound; assert 'torch' not in sys.modules, 'torch imported'; "
+            "names = [n for n in lorabound.__all__ if n != '__version__']; "
+            "[getattr(lorabound, n) for n in names]; print(len(names), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["20", "True"]  # the API resolves, importing torch only then
+    import lorabound
+
+    assert lorabound.train.__module__ == "lorabound.pipeline" and lorabound.Selection.__name__ == "Selection"
+    with pytest.raises(AttributeError):
+        lorabound.no_such_name
