@@ -19,6 +19,7 @@ while the command runs, shown when it ends, and dropped when it is refused, so t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import time
@@ -108,11 +109,21 @@ class _Hold(logging.Filter):
         return False
 
 
+def _library_handlers_ready() -> None:
+    """transformers adds its own stderr handler when its logging is first used. The commands import it lazily,
+    inside the hold, so the handler is made here first, where the hold can see it (no torch is imported)."""
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.get_logger("transformers")
+
+
 @contextlib.contextmanager
 def held_library_warnings(refusals: tuple[type[BaseException], ...]) -> Iterator[None]:
     """Hold library warnings while the body runs; show them after it, unless it raised one of `refusals` (or was
     interrupted): then the refusal's one line is all that is printed."""
     records: list = []
+    _library_handlers_ready()
     handlers = {h for name in ("", *LIBRARY_LOGGERS) for h in logging.getLogger(name).handlers}
     handlers |= {logging.lastResort} if logging.lastResort is not None else set()
     holds = [(h, _Hold(h, records)) for h in handlers]
