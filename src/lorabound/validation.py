@@ -89,6 +89,9 @@ RULES: dict[str, Number | Text] = {
     "boundary_other": _whole(-1, optional=True), "layers": Text(optional=True),
     # speed (speed.SpeedSettings)
     "batch_sizes": _whole(1), "new_tokens": _whole(1), "repeats": _whole(1), "prompt_tokens": _whole(1), "run": Text(),
+    # where a study's cells run (executors.ExecutorOptions, study --shard)
+    "executor": Text(), "ray_address": Text(optional=True), "cpus_per_cell": _real(0, open_low=True),
+    "gpus_per_cell": _real(0, optional=True), "shard": Text(optional=True),
     # the vLLM engine (engines.VLLMOptions)
     "tensor_parallel_size": _whole(1), "gpu_memory_utilization": _real(0, 1, open_low=True),
     "max_model_len": _whole(1, optional=True), "max_lora_rank": _whole(1, optional=True), "max_loras": _whole(1),
