@@ -178,6 +178,50 @@ def test_vllm_engine_matches_hf_engine_on_the_real_model(tmp_path):
 
 
 
+def _validation_outputs(out) -> dict[str, list[str]]:
+    """Each generated variant's validation outputs, by the variant's name in the file name (the cache key, which
+    includes the engine, left off)."""
+    return {path.name.rsplit("-", 1)[0]: [json.loads(line)["output"] for line in path.read_text().splitlines()]
+            for path in sorted((out / "generations").glob("validation-*.jsonl"))}
+
+
+@pytest.mark.real
+@pytest.mark.vllm
+@needs_vllm
+@pytest.mark.parametrize("criterion", ["per-module", "greedy-drop"])
+def test_vllm_selection_searches_match_hf_engine_on_the_real_model(tmp_path, criterion):
+    """per-module and greedy-drop with --engine vllm: each candidate selection runs as the LoRARequest of its peft
+    export; the same candidates, the same validation outputs per candidate and the same choice as with --engine hf."""
+    from lorabound import pipeline
+    from lorabound.engines import VLLMOptions
+    from lorabound.pipeline import DataOptions, GenerationOptions
+    from lorabound.selection import Selection
+
+    _real_adapter(tmp_path / "adapter")
+    data = DataOptions(data="e2e", validation_size=8, test_size=4)
+    results, outputs = {}, {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        results[engine] = pipeline.search("smollm2-135m", tmp_path / "adapter", "e2e", criterion=criterion, out=out,
+                                          data_options=data, bootstrap=100, progress=False,
+                                          generation=GenerationOptions(max_new_tokens=24, engine=engine),
+                                          vllm=VLLMOptions(max_model_len=512))
+        outputs[engine] = _validation_outputs(out)
+        assert not (out / "vllm-adapters").exists()  # the scratch exports are removed
+    hf, vllm = results["hf"], results["vllm"]
+    selections = [Selection.from_json(row["selection"]) for row in hf.candidates]
+    assert any(s.prefix_boundary() is None and not s.is_full for s in selections)  # an export that is no prefix
+    assert [row["describe"] for row in vllm.candidates] == [row["describe"] for row in hf.candidates]
+    assert sorted(outputs["vllm"]) == sorted(outputs["hf"]) and len(outputs["hf"]) >= 3
+    differences = {name: [(i, a, b) for i, (a, b) in enumerate(zip(texts, outputs["vllm"][name])) if a != b]
+                   for name, texts in outputs["hf"].items()}
+    print("differences (index, hf, vllm):", differences)
+    assert all(len(d) <= 1 for d in differences.values()), differences  # text-identical on at least 7 of 8
+    assert vllm.selection == hf.selection and vllm.selection_text == hf.selection_text
+    if not any(differences.values()):  # the same outputs give the same scores
+        assert [(r["bleu"], r["rougeL"]) for r in vllm.candidates] == [(r["bleu"], r["rougeL"]) for r in hf.candidates]
+
+
 class _FakeLLM:
     """Stands in for vllm.LLM: answers from a table, and records what it was asked."""
 

@@ -7,7 +7,9 @@ Read top to bottom:
 2. the cells: each trains an adapter (or takes a given one), then `pipeline.run` into its own folder, and with
    ``transfer`` also evaluates the chosen b on another task's test split. Cells run in the grid's fixed order;
    a rerun skips finished cells and `run` resumes a cell stage by stage. A cell that raises a LoraboundError
-   (a diverged training, say) is marked failed with the reason, and the study goes on;
+   (a diverged training, say) is marked failed with the reason, and the study goes on. Where cells run (this
+   process, or Ray tasks) and which (--shard I/N) is executors.py's; each cell runs under its own lock, so
+   shards fill one study folder side by side;
 3. the summaries: per cell, read from its report.json; pooled across cells, the mean difference of pruned vs
    full with a bootstrap interval over cells, and Holm-corrected per-cell significance counts;
 4. the report: study.json, study.md and a self-contained study.html with the plots embedded.
@@ -18,6 +20,7 @@ STUDY_DIR layout:
   cells/ID/run/               pipeline.run's folder (report.json and everything else)
   cells/ID/transfer-TASK/     pipeline.evaluate's folder: the in-domain b on TASK's test split
   cells/ID/cell.json          status (ok / failed and why) and the times measured while the cell ran
+  cells/ID/.lorabound.lock    held while a process runs the cell
   study.json / .md / .html, *.png
 """
 
