@@ -85,6 +85,8 @@ def _study_args(root, out, *extra) -> list[str]:
     (["--cpus-per-cell", "2"], "--cpus-per-cell applies to --executor ray only"),
     (["--executor", "ray", "--gpus-per-cell", "1"], "reserves GPUs that cells on --device cpu never use"),
     (["--executor", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell 0.0 is out of range"),
+    (["--executor", "ray", "--cpus-per-cell", "nan"], "--cpus-per-cell nan is out of range"),
+    (["--executor", "ray", "--device", "cuda", "--gpus-per-cell", "-1"], "--gpus-per-cell -1.0 is out of range"),
 ])
 def test_study_refusals_are_one_line_before_any_work(workspace, tmp_path, capsys, monkeypatch, extra, says):
     monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("work started"))

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence, TypeVar
 
+from . import distributed
 from .errors import LoraboundError
 from .validation import check_arguments
 
@@ -102,6 +103,9 @@ class ExecutorOptions:
                 raise LoraboundError(f"{given[0]} applies to --executor ray only; add --executor ray or drop "
                                      f"{given[0]}")
             return
+        if distributed.world_size() > 1:
+            raise LoraboundError("--executor ray runs each cell as a Ray task; launch the study without torchrun, "
+                                 "or use --executor local")
         if importlib.util.find_spec("ray") is None:
             raise LoraboundError(f"--executor ray needs Ray, which is not installed; {INSTALL_RAY}")
         if self.gpus_per_cell and device != "cuda":
