@@ -17,7 +17,7 @@ from lorabound import executors, pipeline
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.executors import ExecutorOptions, Shard, TaskFailure
-from lorabound.files import holds_folder_locks, lock_folder
+from lorabound.files import holds_folder_locks, lock_folder, waiting_lock
 from lorabound.run_folders import claim_shared_folder
 from lorabound.study import grid_from_dict, study
 
@@ -136,6 +136,39 @@ def test_shards_share_the_folder_and_exclude_an_overwrite_or_other_settings(tmp_
         return action()
     with pytest.raises(LoraboundError, match="in use by another lorabound process"):
         exclusive_then(lambda: _claim(out, {"grid": 2}))
+
+
+HOLDER = """import sys
+from pathlib import Path
+from lorabound.files import waiting_lock
+with waiting_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.readline()  # until the test says go
+    Path(sys.argv[2]).write_text("done")
+"""
+
+
+def test_a_cell_lock_makes_a_second_process_wait_for_the_first(tmp_path):
+    """What an unsharded command meets at a cell a shard is running: it is told who holds the cell, waits, and
+    goes on only once the holder has finished and let go."""
+    lock, done = tmp_path / "cells" / "c" / ".lorabound.lock", tmp_path / "done"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), str(done)], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "held"
+    told = []
+
+    def on_wait(pid: str) -> None:
+        told.append(pid)
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+    try:
+        with waiting_lock(lock, on_wait):
+            assert done.read_text() == "done"  # the holder finished before this process got the lock
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert told == [str(holder.pid)]
 
 
 # ---------------------------------------------------------------------------------------------
