@@ -136,7 +136,9 @@ def _real_adapter(folder, layers: list[int] | None = None, scale: float = 0.02):
     """A random LoRA on every linear module of the real model (of the given `layers` only, if any)."""
     from lorabound.model import load_model
 
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", layers_to_transform=layers)
+    modules = "all-linear" if layers is None else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]  # layers_to_transform needs a module list
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=modules, layers_to_transform=layers)
     model = get_peft_model(load_model("smollm2-135m")[0], config)
     randomize_lora(model, seed=3, scale=scale)
     model.save_pretrained(folder)
