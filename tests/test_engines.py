@@ -193,21 +193,28 @@ def _validation_outputs(out) -> dict[str, list[str]]:
 @pytest.mark.vllm
 @needs_vllm
 @pytest.mark.parametrize("criterion", ["per-module", "greedy-drop"])
-def test_vllm_selection_searches_match_hf_engine_on_the_real_model(tmp_path, criterion):
+def test_vllm_selection_searches_match_hf_engine_on_the_real_model(tmp_path, criterion, monkeypatch):
     """per-module and greedy-drop with --engine vllm: each candidate selection runs as the LoRARequest of its peft
-    export; the same candidates, the same validation outputs per candidate and the same choice as with --engine hf."""
+    export; the same validation outputs per candidate and the same choice as with --engine hf.
+
+    The teacher-forced part (the joint curve, the greedy path) runs on transformers whatever the engine, so the
+    vLLM search takes the transformers search's instead of computing it again (minutes on a CPU)."""
     from lorabound import pipeline
     from lorabound.engines import VLLMOptions
     from lorabound.pipeline import DataOptions, GenerationOptions
     from lorabound.selection import Selection
 
-    # LoRA on the top 10 of 30 layers: the joint curve and the greedy path grow with the LoRA layers (11 x 11
-    # cells, 10 steps), which keeps the test to minutes on a CPU.
-    _real_adapter(tmp_path / "adapter", layers=list(range(20, 30)), scale=0.04)
+    # LoRA on the top 6 of 30 layers: the joint curve (7 x 7 cells) and the greedy path (6 steps) stay small.
+    _real_adapter(tmp_path / "adapter", layers=list(range(24, 30)), scale=0.04)
     data = DataOptions(data="e2e", validation_size=8, test_size=4)
     results, outputs = {}, {}
     for engine in ("hf", "vllm"):
         out = tmp_path / engine
+        if engine == "vllm":
+            found = json.loads((tmp_path / "hf" / "search.json").read_text())
+            curves = json.loads((tmp_path / "hf" / "curves.json").read_text()) if criterion == "per-module" else {}
+            monkeypatch.setattr(pipeline, "_analyze", lambda *a, **k: curves)
+            monkeypatch.setattr(pipeline, "greedy_path", lambda *a, **k: found["greedy_path"])
         results[engine] = pipeline.search("smollm2-135m", tmp_path / "adapter", "e2e", criterion=criterion, out=out,
                                           data_options=data, bootstrap=100, progress=False,
                                           generation=GenerationOptions(max_new_tokens=24, engine=engine),
