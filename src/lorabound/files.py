@@ -30,7 +30,8 @@ from .errors import LoraboundError
 
 MARKER = ".lorabound"        # {"written_by": "lorabound", "finished": bool}
 LOCK = ".lorabound.lock"     # flock'ed by the process writing an output folder; holds its pid
-_BOOKKEEPING = (MARKER, LOCK)
+CLAIM = ".lorabound.claim"   # flock'ed while a process claims a folder that several processes share (a study)
+_BOOKKEEPING = (MARKER, LOCK, CLAIM)
 CACHE_ENV = "LORABOUND_CACHE"
 TEXT_ENCODING = "utf-8-sig"  # UTF-8, with a leading byte-order mark (some editors write one) dropped
 # Room kept in an output folder's name for the hidden siblings atomic_dir makes beside it (".NAME.tmp-PID-XXXXXXXX")
@@ -321,11 +322,12 @@ def holds_folder_locks(function: Callable) -> Callable:
     return wrapper
 
 
-def lock_folder(folder: Path, what: str = "--out") -> None:
+def lock_folder(folder: Path, what: str = "--out", shared: bool = False) -> None:
     """Create `folder` and hold its lock until the enclosing @holds_folder_locks function ends.
 
     flock: the kernel drops the lock when its process dies, so a crashed or killed run never leaves a stale
-    lock; the pid in the file only names the holder in the refusal.
+    lock; the pid in the file only names the holder in the refusal. A `shared` lock admits other shared holders
+    (the shards of one study) and refuses, and is refused by, an exclusive one.
     """
     stack = _held_locks.get(None)
     if stack is None:
@@ -333,7 +335,7 @@ def lock_folder(folder: Path, what: str = "--out") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as e:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
@@ -369,6 +371,43 @@ def _remove_unused_output(path: Path, made: Path, error_type, error, traceback) 
         elif unused:  # an existing folder: only the lock file, and only while nothing else was written
             made.unlink(missing_ok=True)
     return False  # the exception, if any, goes on
+
+
+def folder_in_use(folder: Path) -> bool:
+    """Whether another process holds `folder`'s lock (shared or exclusive)."""
+    if not (folder / LOCK).is_file():
+        return False
+    fd = os.open(folder / LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """An exclusive flock on the file `path` for the block, waiting for its holder (told to `on_wait` by pid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            if on_wait is not None:
+                on_wait(os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def input_identity(path: str | Path | None) -> dict | str | None:

@@ -271,7 +271,6 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
         check_not_input(out, _inputs(adapter, data_options, model_options))
         check_output_dir(out, overwrite, "--out")
     generation = generation or GenerationOptions()
-    _check_selection_engine(settings, generation)
     check_engine_options(generation, model_options, [adapter], vllm)
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     if out is not None:
@@ -330,12 +329,6 @@ def _search(peft_model, tokenizer, task, splits, settings: SearchSettings, gener
         write_json_atomic(out / "search.json", result.to_dict())
     distributed.barrier()
     return result
-
-
-def _check_selection_engine(settings: SearchSettings, generation: GenerationOptions) -> None:
-    if settings.criterion in SELECTION_CRITERIA and settings.boundary is None and generation.engine != "hf":
-        raise LoraboundError(f"--criterion {settings.criterion} generates its selections in memory with --engine hf; "
-                             "drop --engine vllm (or use --criterion auto)")
 
 
 def _check_selection_search(settings: SearchSettings, peft_model) -> None:
@@ -598,7 +591,6 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
              "dtype": model_options.dtype, "inputs": {str(p): input_identity(p) for p in inputs if existing_path(p)},
              "exact_curves": exact_curves}
     check_not_input(out, inputs)
-    _check_selection_engine(settings, generation)
     check_engine_options(generation, model_options, [adapter], vllm)
     _check_adapters(adapter, allow_pickle=model_options.allow_pickle)
     claim_folder(out, "run.json", asked, overwrite)
@@ -750,10 +742,11 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
 # ---------------------------------------------------------------------------
 
 def study(out: str | Path, grid=None, *, overwrite: bool = False, retry_failed: bool = False,
-          progress: bool = True) -> dict:
-    """Train and run every cell of a grid (a study.Grid, or a TOML file's path) into OUT; see lorabound.study."""
+          progress: bool = True, **where) -> dict:
+    """Train and run every cell of a grid (a study.Grid, or a TOML file's path) into OUT; see lorabound.study.
+    `where` takes study.study's shard, executor and device."""
     from .study import Grid, load_grid
     from .study import study as run_study
 
     grid = grid if isinstance(grid, Grid) else load_grid(grid)
-    return run_study(out, grid, overwrite=overwrite, retry_failed=retry_failed, progress=progress)
+    return run_study(out, grid, overwrite=overwrite, retry_failed=retry_failed, progress=progress, **where)

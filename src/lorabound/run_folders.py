@@ -11,8 +11,8 @@ from typing import Iterator
 
 from . import distributed
 from .errors import LoraboundError
-from .files import (MARKER, check_folder_path, check_replaceable, empty_folder, folder_contents, lock_folder,
-                    lock_output, output_folder, read_json, write_json_atomic, write_marker)
+from .files import (CLAIM, MARKER, check_folder_path, check_replaceable, empty_folder, folder_contents, folder_in_use,
+                    lock_folder, lock_output, output_folder, read_json, waiting_lock, write_json_atomic, write_marker)
 
 
 def claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
@@ -29,6 +29,38 @@ def claim_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> N
             empty_folder(out)
         write_marker(out, finished=True)  # a run folder is resumed, never cleared unasked
         write_json_atomic(out / marker_name, asked)
+    distributed.barrier()
+
+
+def claim_shared_folder(out: Path, marker_name: str, asked: dict, overwrite: bool) -> None:
+    """claim_folder for a folder that several processes fill at once (the shards of one study).
+
+    Each holds a shared lock until the calling @holds_folder_locks command returns, so shards of the same settings
+    run side by side; --overwrite (which empties the folder) needs it alone and is refused while another process
+    holds it. The verdict and the markers are written under a short exclusive claim lock, so two processes of
+    other settings starting at once cannot both take a new folder.
+    """
+    check_folder_path(out, "--out")
+    try:
+        folder_verdict(out, marker_name, asked, overwrite)  # refusals before the lock files are made
+    except LoraboundError:
+        if not (out / CLAIM).exists():
+            raise
+        # another process may be claiming the folder right now (its markers half written): judge under the lock
+    distributed.barrier()
+    if distributed.is_main():
+        with waiting_lock(out / CLAIM):
+            verdict = folder_verdict(out, marker_name, asked, overwrite)  # again, now that no one else claims
+            marker = out / marker_name
+            same = marker.is_file() and read_json(marker, "rerun with --overwrite") == json.loads(json.dumps(asked))
+            if not same and folder_in_use(out):  # a process of other settings claimed it and has not written yet
+                raise LoraboundError(f"--out {out} is in use by a lorabound process of other settings; wait for it "
+                                     "to finish, or pass another folder")
+            lock_folder(out, shared=verdict != "replace")
+            if verdict == "replace":
+                empty_folder(out)
+            write_marker(out, finished=True)
+            write_json_atomic(out / marker_name, asked)
     distributed.barrier()
 
 

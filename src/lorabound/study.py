@@ -7,7 +7,9 @@ Read top to bottom:
 2. the cells: each trains an adapter (or takes a given one), then `pipeline.run` into its own folder, and with
    ``transfer`` also evaluates the chosen b on another task's test split. Cells run in the grid's fixed order;
    a rerun skips finished cells and `run` resumes a cell stage by stage. A cell that raises a LoraboundError
-   (a diverged training, say) is marked failed with the reason, and the study goes on;
+   (a diverged training, say) is marked failed with the reason, and the study goes on. Where cells run (this
+   process, or Ray tasks) and which (--shard I/N) is executors.py's; each cell runs under its own lock, so
+   shards fill one study folder side by side;
 3. the summaries: per cell, read from its report.json; pooled across cells, the mean difference of pruned vs
    full with a bootstrap interval over cells, and Holm-corrected per-cell significance counts;
 4. the report: study.json, study.md and a self-contained study.html with the plots embedded.
@@ -18,11 +20,13 @@ STUDY_DIR layout:
   cells/ID/run/               pipeline.run's folder (report.json and everything else)
   cells/ID/transfer-TASK/     pipeline.evaluate's folder: the in-domain b on TASK's test split
   cells/ID/cell.json          status (ok / failed and why) and the times measured while the cell ran
+  cells/ID/.lorabound.lock    held while a process runs the cell
   study.json / .md / .html, *.png
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -39,11 +43,13 @@ from .boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
 from .errors import LoraboundError
 from .engines import check_engine_installed
 from .evaluate import METRIC_LABELS, format_p, paired_test
-from .files import TEXT_ENCODING, check_not_input, holds_folder_locks, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
+from .files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, waiting_lock, write_bytes_atomic,
+                    write_json_atomic, write_text_atomic)
 from .generation_cache import BASE, FULL
 from .model import DEFAULT_MODEL, model_num_layers
 from .options import DataOptions, GenerationOptions, ModelOptions
-from .run_folders import claim_folder
+from .run_folders import claim_shared_folder
 from .surgery import ADAPTER_WEIGHTS
 from .training import TrainSettings
 from .validation import check_settings
@@ -342,25 +348,78 @@ def check_grid(grid: Grid) -> dict[str, int]:
 # 2. The cells
 # ---------------------------------------------------------------------------
 
-@holds_folder_locks  # the study folder's lock, taken in claim_folder
+@holds_folder_locks  # the study folder's shared lock, taken in claim_shared_folder
 def study(out: str | Path, grid: Grid, *, overwrite: bool = False, retry_failed: bool = False,
-          progress: bool = True) -> dict:
-    """Run every cell of `grid` into OUT (resumable), then write study.json, study.md and study.html."""
+          progress: bool = True, shard: str | Shard | None = None, executor: ExecutorOptions | None = None,
+          device: str = "cpu") -> dict:
+    """Run every cell of `grid` into OUT (resumable), then write study.json, study.md and study.html.
+
+    `executor` says where the cells run (this process, or Ray tasks: executors.py); with `shard` ("I/N") only
+    the cells at positions I mod N run and no report is written: the unsharded call over the finished cells pools
+    them. Processes (shards) share OUT; each cell runs under its own lock.
+    """
     out = Path(out)
+    shard = shard if isinstance(shard, Shard) else Shard.parse(shard)
+    executor = executor or ExecutorOptions()
+    if overwrite and not shard.whole:
+        raise LoraboundError(f"--overwrite with --shard {shard} would let each shard empty the folder the others "
+                             "fill; start the shards without --overwrite (clear the folder once beforehand)")
+    executor.check(device)
+    ModelOptions(device=device)  # refuses a bad device before any work
     check_grid(grid)
-    given = [c.given_adapter() for c in grid.cells()]
-    check_not_input(out, [*grid.models, *grid.tasks, grid.transfer, *given])
-    claim_folder(out, GRID_MARKER, _grid_record(grid), overwrite)
-    started = time.time()
     cells = grid.cells()
-    rows = []
-    for index, cell in enumerate(cells, 1):
-        distributed.print_progress(progress, f"=== cell {index}/{len(cells)}: {cell.id}")
-        record = _run_cell(cell, grid, out / "cells" / cell.id, retry_failed, progress)
-        rows.append(summarise_cell(record, out / "cells" / cell.id, grid))
+    shard.check_fits(len(cells))
+    given = [c.given_adapter() for c in cells]
+    check_not_input(out, [*grid.models, *grid.tasks, grid.transfer, *given])
+    claim_shared_folder(out, GRID_MARKER, _grid_record(grid), overwrite)
+    started = time.time()
+    mine = shard.pick(cells)
+    records = _execute(mine, grid, out, executor, device, retry_failed, progress)
+    rows = [summarise_cell(record, out / "cells" / cell.id, grid) for cell, record in zip(mine, records)]
+    if not shard.whole:
+        return {"shard": str(shard), "cells": rows,
+                "failed": [{"id": r["id"], "reason": r["reason"]} for r in rows if r["status"] != "ok"]}
     summary = build_summary(grid, rows, seconds=time.time() - started)
     write_study_report(out, summary)
     return summary
+
+
+def _execute(cells: list[Cell], grid: Grid, out: Path, executor: ExecutorOptions, device: str, retry_failed: bool,
+             progress: bool) -> list[dict]:
+    """Each cell's record (cell.json), its cells run by the executor; a Ray task that died is a failed cell."""
+    work = functools.partial(run_cell, grid=grid, out=out.resolve(), retry_failed=retry_failed, progress=progress,
+                             device=device)
+
+    def announce(position: int, cell: Cell) -> None:
+        verb = "cell" if executor.executor == "local" else "submitted cell"
+        distributed.print_progress(progress, f"=== {verb} {position + 1}/{len(cells)}: {cell.id}")
+
+    if executor.executor == "local":
+        return run_local(cells, work, announce)
+    records = []
+    for cell, result in zip(cells, run_ray(cells, work, executor, device, announce)):
+        if isinstance(result, TaskFailure):
+            distributed.print_progress(progress, f"cell {cell.id} failed: {result.reason}")
+            result = {"cell": _cell_dict(cell), "status": "failed", "reason": result.reason, "seconds": {}}
+            write_json_atomic(out / "cells" / cell.id / "cell.json", result)
+        records.append(result)
+    return records
+
+
+def run_cell(cell: Cell, *, grid: Grid, out: Path, retry_failed: bool, progress: bool, device: str = "cpu") -> dict:
+    """One cell into OUT/cells/ID under that folder's lock, in this process or in a Ray worker: a second process
+    reaching the same cell (the unsharded command beside running shards) waits for it, then finds it finished."""
+    folder = Path(out) / "cells" / cell.id
+
+    def waiting(holder: str) -> None:
+        distributed.print_progress(progress, f"cell {cell.id} is running in another process (pid {holder}); "
+                                             "waiting for it")
+    if not distributed.is_main():  # under torchrun rank 0 holds the lock for every rank
+        distributed.barrier()
+        return _run_cell(cell, grid, folder, retry_failed, progress, device)
+    with waiting_lock(folder / LOCK, on_wait=waiting):
+        distributed.barrier()
+        return _run_cell(cell, grid, folder, retry_failed, progress, device)
 
 
 def _grid_record(grid: Grid) -> dict:
@@ -368,7 +427,7 @@ def _grid_record(grid: Grid) -> dict:
     return {"grid": asdict(grid), "cells": [c.id for c in grid.cells()]}
 
 
-def _run_cell(cell: Cell, grid: Grid, folder: Path, retry_failed: bool, progress: bool) -> dict:
+def _run_cell(cell: Cell, grid: Grid, folder: Path, retry_failed: bool, progress: bool, device: str = "cpu") -> dict:
     """Train (unless given or done), run, transfer; a LoraboundError marks the cell failed. Returns cell.json."""
     record_file = folder / "cell.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else None
@@ -377,7 +436,7 @@ def _run_cell(cell: Cell, grid: Grid, folder: Path, retry_failed: bool, progress
         return record
     folder.mkdir(parents=True, exist_ok=True)
     data_options = grid.data_options(cell.task, cell.seed)
-    model_options = ModelOptions(model=cell.model)
+    model_options = ModelOptions(model=cell.model, device=device)
     times: dict[str, float] = {}
     try:
         adapter = cell.given_adapter() or folder / "adapter"

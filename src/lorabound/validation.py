@@ -114,6 +114,9 @@ RULES: dict[str, Number | Text | Choice] = {
     # speed (speed.SpeedSettings)
     "batch_sizes": _whole(1, BATCH_MAX), "new_tokens": _whole(1, TOKENS_MAX), "repeats": _whole(1, 1_000_000),
     "prompt_tokens": _whole(1, TOKENS_MAX), "run": Text(),
+    # where a study's cells run (executors.ExecutorOptions, study --shard)
+    "executor": Text(), "ray_address": Text(optional=True), "cpus_per_cell": _real(0, open_low=True),
+    "gpus_per_cell": _real(0, optional=True), "shard": Text(optional=True),
     # the vLLM engine (engines.VLLMOptions)
     "tensor_parallel_size": _whole(1, PARALLEL_MAX), "gpu_memory_utilization": _real(0, 1, open_low=True),
     "max_model_len": _whole(1, TOKENS_MAX, optional=True), "max_lora_rank": _whole(1, RANK_MAX, optional=True),
