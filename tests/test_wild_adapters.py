@@ -49,7 +49,7 @@ _FALCON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_a
 # name: (model class, config, its layer stack's path, attention and MLP modules to target)
 ARCHITECTURES = {
     "llama": (LlamaForCausalLM, lambda: LlamaConfig(**_LLAMA), "model.layers", ["q_proj", "v_proj", "down_proj"]),
-    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**_LLAMA), "model.layers", ["q_proj", "v_proj", "down_proj"]),
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**{**_LLAMA, "vocab_size": VOCAB + 16}), "model.layers", ["q_proj", "v_proj", "down_proj"]),
     "gpt2": (GPT2LMHeadModel, lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4,
                                                  n_positions=128, eos_token_id=1), "transformer.h",
              ["c_attn", "c_fc"]),
