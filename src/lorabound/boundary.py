@@ -51,7 +51,7 @@ import numpy as np
 
 from .errors import LoraboundError
 from .evaluate import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
-from .stats import LEVEL, examples_needed, unseen_floor
+from .stats import LEVEL, examples_needed, t_quantile, unseen_floor
 
 CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf", "per-module", "greedy-drop")
 GOAL_CRITERIA = ("auto", "per-module")  # those deciding by --goal (greedy-drop decides as --goal size)
@@ -391,14 +391,8 @@ def guarded_lower_ends(smaller: dict) -> dict:
                 lows[b][m] = -math.inf
                 continue
             se = max(t["se"], unseen_floor(t["n"], t["differing"], spread2))
-            lows[b][m] = min(t["ci_low"], t["diff"] - float(t_quantile(t["n"])) * se)
+            lows[b][m] = min(t["ci_low"], t["diff"] - t_quantile(t["n"]) * se)
     return lows
-
-
-def t_quantile(n: int) -> float:
-    from scipy import stats as scipy_stats
-
-    return scipy_stats.t.ppf(1 - LEVEL / 2, max(n - 1, 1))
 
 
 def _pick_non_inferior(scored: dict, smaller: dict, margin: float, full, size: Callable, name: Callable,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -127,6 +128,11 @@ def bootstrap_differences(paired: Paired, metric: str, resamples: int, seed: int
     return _differences(paired, metric, counts, counts)
 
 
+def t_quantile(n: int, level: float = LEVEL) -> float:
+    """The two-sided t quantile with n - 1 degrees of freedom (at least 1)."""
+    return float(scipy_stats.t.ppf(1 - level / 2, max(n - 1, 1)))
+
+
 def standard_error(differences: np.ndarray, n: int) -> float:
     """The bootstrap's spread of the difference, unbiased for per-example means (x sqrt(n / (n - 1)))."""
     return float(differences.std()) * math.sqrt(n / (n - 1)) if n > 1 else math.inf
@@ -142,7 +148,7 @@ def interval(differences: np.ndarray, n: int, observed: float | None = None,
         return centre, centre
     if not math.isfinite(se):
         return -math.inf, math.inf
-    half = float(scipy_stats.t.ppf(1 - level / 2, n - 1)) * se
+    half = t_quantile(n, level) * se
     return centre - half, centre + half
 
 
@@ -165,10 +171,17 @@ def smallest_p(n: int, resamples: int, level: float = LEVEL) -> float:
     return 1.0 / (max(resamples, resamples_for(level)) + 1)
 
 
+@lru_cache(maxsize=EXACT_MAX + 1)
+def every_swap(n: int) -> np.ndarray:
+    masks = np.array(list(itertools.product((0.0, 1.0), repeat=n)))
+    masks.flags.writeable = False  # shared between calls
+    return masks
+
+
 def swap_masks(n: int, resamples: int, seed: int, level: float = LEVEL) -> tuple[np.ndarray, str]:
     """Rows of swap masks (1: exchange the example's outputs): every mask when n is small, else random draws."""
     if n <= EXACT_MAX:
-        return np.array(list(itertools.product((0.0, 1.0), repeat=n))), f"exact, all {2 ** n} swaps"
+        return every_swap(n), f"exact, all {2 ** n} swaps"
     draws = max(resamples, resamples_for(level))
     rng = np.random.default_rng(seed + 1)  # not the bootstrap's stream
     return rng.integers(0, 2, size=(draws, n)).astype(np.float64), f"Monte Carlo, {draws} random swaps"
