@@ -320,6 +320,10 @@ MODELS = [
     (MODEL_AND_DATA, ["--model", "{root}/small-vocab"], "embedding table of 100 tokens but its tokenizer has 320"),
     (MODEL_AND_DATA - {"evaluate"}, GPT2, "--max-length 64 is more than the 16 positions of model"),
     ({"search", "evaluate", "run"}, GPT2 + ["--max-length", "16"], "with --max-new-tokens 64 generation would run"),
+    # speed loads the model in a worker: the position table is read from the config before it starts
+    ({"speed"}, GPT2 + ["--boundary", "0"], "with --new-tokens 32 generation would run past the 16 positions"),
+    ({"speed"}, GPT2 + ["--boundary", "0", "--prompts", "synthetic", "--prompt-tokens", "12", "--new-tokens", "8"],
+     "the longest synthetic prompt is 12 tokens, and with --new-tokens 8"),
     (MODEL_AND_DATA, ["--model", "nobody-lorabound/no-such-model"], "set HF_HUB_OFFLINE=0 to download it"),
 ]
 MODEL_CASES = [pytest.param(command, flags, words, id=f"{command} {' '.join(flags[:2])} {words[:30]}")
@@ -397,6 +401,19 @@ def test_the_table_covers_every_command_and_is_large():
         tested = {flag for flag, (commands, _) in NUMERIC.items() if command in commands}
         assert numeric <= tested, (command, numeric - tested)
     assert len(CASES) >= 200, len(CASES)
+
+
+def test_speed_room_is_checked_against_the_position_table_and_only_it(world):
+    """Prompts plus --new-tokens that fit the 16 positions pass; one token more is refused; a rotary model (no
+    table) is never refused, whatever the lengths."""
+    from lorabound.speed import SpeedSettings, check_speed_room
+
+    gpt2 = ModelOptions(model=str(world.root / "gpt2-16"))
+    check_speed_room(gpt2, (), SpeedSettings(prompts="synthetic", prompt_tokens=8, new_tokens=8))
+    with pytest.raises(LoraboundError, match="the longest synthetic prompt is 9 tokens"):
+        check_speed_room(gpt2, (), SpeedSettings(prompts="synthetic", prompt_tokens=9, new_tokens=8))
+    check_speed_room(ModelOptions(model=world.base), (), SpeedSettings(prompts="synthetic", prompt_tokens=4096,
+                                                                        new_tokens=4096))
 
 
 def test_a_real_process_prints_one_line(world, tmp_path):

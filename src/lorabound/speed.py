@@ -568,9 +568,29 @@ def check_request(model_options, data_options, adapter, boundary: int, origin: s
         task, splits = data_options.load()
         examples = require_nonempty(splits.test, "test")
         prompts, task_name = tuple(task.prompt(e) for e in examples[:max(settings.batch_sizes)]), task.name
+    check_speed_room(model_options, prompts, settings)
     return Request(model_options=model_options, data_options=data_options, adapter=Path(adapter),
                    boundary=boundary, boundary_origin=origin, layers_path=layers_path, num_layers=num_layers,
                    adapter_layers=tuple(layers), prompts=prompts, task=task_name)
+
+
+def check_speed_room(model_options, prompts: tuple[str, ...], settings: SpeedSettings) -> None:
+    """Refuse prompts plus --new-tokens that run past a learned position table (GPT-2, OPT) before any worker
+    starts: the model is built from its config alone, and the tokenizer counts the test prompts."""
+    from .model import check_sequence_room, config_position_limit, load_tokenizer
+
+    spec, remote = model_options.model, model_options.trust_remote_code
+    limit = config_position_limit(spec, trust_remote_code=remote)
+    if limit is None:
+        return
+    if prompts:
+        check_sequence_room(None, spec, load_tokenizer(spec, trust_remote_code=remote), limit=limit,
+                            prompts={"test": list(prompts)}, max_new_tokens=settings.new_tokens,
+                            new_tokens_flag="--new-tokens")
+    else:
+        check_sequence_room(None, spec, None, limit=limit, prompts={"synthetic": [settings.prompt_tokens]},
+                            max_new_tokens=settings.new_tokens, new_tokens_flag="--new-tokens",
+                            shorten="a smaller --prompt-tokens")
 
 
 def measure_request(request: Request, settings: SpeedSettings, folder: Path, progress: bool) -> dict:

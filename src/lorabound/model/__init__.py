@@ -14,7 +14,8 @@ from .gguf import DEFAULT_MODEL, load_gguf_model
 from .layers import (KNOWN_FINAL_NORM_NAMES, KNOWN_LAYER_PATHS, SUPPORTED_LAYOUTS, LayerStack, apply_head,
                      find_layer_stack, head_only_at, layers_path_of_names, module_layer_index, unwrap_model)
 from .loading import (DTYPES, EMBEDDED_GGUF, EMBEDDED_PACKAGE, EMBEDDED_PIP, check_adapter_fits_config,
-                      check_sequence_room, embedded_gguf_path, load_model, model_layers_path, model_num_layers,
+                      check_sequence_room, config_position_limit, embedded_gguf_path, load_model,
+                      load_tokenizer, model_layers_path, model_num_layers,
                       model_paths, position_limit, resolve_model_dir)
 
 __all__ = [
@@ -52,8 +53,10 @@ __all__ = [
     "EMBEDDED_PIP",
     "embedded_gguf_path",
     "check_sequence_room",
+    "config_position_limit",
     "position_limit",
     "load_model",
+    "load_tokenizer",
     "model_layers_path",
     "model_num_layers",
     "model_paths",

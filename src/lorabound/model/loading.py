@@ -132,12 +132,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
                                                                output_loading_info=True, **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ConnectionError, TimeoutError, SafetensorError) as err:  # SafetensorError: a truncated file
-        if is_hub:
-            raise LoraboundError(_hub_refusal(spec, err)) from err
-        raise LoraboundError(
-            f"could not load the model in {source} [{_first_line(err)}]: pass a folder written by save_pretrained "
-            f"(config.json, *.safetensors, tokenizer files), a .gguf file, or {DEFAULT_MODEL}"
-        ) from err
+        raise _unreadable(spec, source, err) from err
     except ArithmeticError as err:  # a config size of 0 that check_config_file could not see (a hub model)
         raise LoraboundError(f"the config of model '{spec}' is not valid [{type(err).__name__}: {_first_line(err)}]; "
                              "restore the model's config.json, or pass another model") from err
@@ -161,6 +156,28 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     model.eval()
     check_causal(model, spec)
     return model, tokenizer
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
+    """The tokenizer of a model spec alone (no weights read), for checks made before a worker loads the model."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_dir(spec)
+    kwargs: dict = {"trust_remote_code": bool(trust_remote_code)}
+    if not Path(source).is_dir() and _hub_offline():
+        kwargs["local_files_only"] = True
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ConnectionError, TimeoutError) as err:
+        raise _unreadable(spec, source, err) from err
+
+
+def _unreadable(spec: str, source: str, err: BaseException) -> LoraboundError:
+    if not Path(source).is_dir():
+        return LoraboundError(_hub_refusal(spec, err))
+    return LoraboundError(
+        f"could not load the model in {source} [{_first_line(err)}]: pass a folder written by save_pretrained "
+        f"(config.json, *.safetensors, tokenizer files), a .gguf file, or {DEFAULT_MODEL}")
 
 
 # Class names of models whose head predicts the next token (architectures in config.json).
@@ -203,22 +220,37 @@ def position_limit(model) -> int | None:
     return limit if tables else None
 
 
+def config_position_limit(spec: str, *, trust_remote_code: bool = False) -> int | None:
+    """position_limit of the model of `spec` built from its config on the meta device (no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_read_config(spec, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    return position_limit(model)
+
+
 def check_sequence_room(model, spec: str, tokenizer, *, max_length: int | None = None,
-                        prompts: dict[str, list[str]] | None = None, max_new_tokens: int | None = None) -> None:
+                        prompts: dict[str, list[str]] | None = None, max_new_tokens: int | None = None,
+                        limit: int | None = None, new_tokens_flag: str = "--max-new-tokens",
+                        shorten: str = "shorten the template or inputs") -> None:
     """Refuse, before any work, sequences longer than the model's position table: teacher-forced examples of
-    up to --max-length tokens, and each split's longest prompt plus --max-new-tokens when generating."""
-    limit = position_limit(model)
+    up to --max-length tokens, and each split's longest prompt plus --max-new-tokens when generating.
+
+    `model` may be None when `limit` (config_position_limit) is given: the check of a command whose model loads
+    later, in a worker. `prompts` maps a split (or a description) to its texts, or to token lengths."""
+    limit = position_limit(model) if model is not None else limit
     if limit is None:
         return
     table = f"the {limit} positions of model '{spec}' (its position table)"
     if max_length is not None and max_length > limit:
         raise LoraboundError(f"--max-length {max_length} is more than {table}; pass --max-length {limit} or less")
     for split, texts in (prompts or {}).items():
-        longest = max((len(tokenizer(text)["input_ids"]) for text in texts), default=0)
+        longest = max((text if isinstance(text, int) else len(tokenizer(text)["input_ids"]) for text in texts),
+                      default=0)
         if max_new_tokens is not None and longest + max_new_tokens > limit:
-            fix = (f"pass --max-new-tokens {limit - longest} or less, or shorten the template or inputs"
-                   if longest < limit else "shorten the template or the inputs")
-            raise LoraboundError(f"the longest {split} prompt is {longest} tokens, and with --max-new-tokens "
+            fix = f"pass {new_tokens_flag} {limit - longest} or less, or {shorten}" if longest < limit else shorten
+            raise LoraboundError(f"the longest {split} prompt is {longest} tokens, and with {new_tokens_flag} "
                                  f"{max_new_tokens} generation would run past {table}; {fix}")
 
 
