@@ -132,13 +132,20 @@ def test_vllm_refuses_an_architecture_it_does_not_know(tiny_folders, capsys):
     engines.check_architecture(str(root / "base"))  # LlamaForCausalLM is accepted
 
 
-def _real_adapter(folder, layers: list[int] | None = None, scale: float = 0.02):
-    """A random LoRA on every linear module of the real model (of the given `layers` only, if any)."""
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _real_adapter(folder, layers: list[int] | None = None, scale: float = 0.02, exact_paths: bool = False):
+    """A random LoRA on every linear module of the real model (of the given `layers` only, if any); with
+    `exact_paths`, target_modules lists each module's full path (as PEFT writes for a small all-linear match)."""
     from lorabound.model import load_model
 
-    modules = "all-linear" if layers is None else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                   "down_proj"]  # layers_to_transform needs a module list
+    modules = "all-linear" if layers is None else LLAMA_LINEAR  # layers_to_transform needs a module list
     config = LoraConfig(r=8, lora_alpha=16, target_modules=modules, layers_to_transform=layers)
+    if exact_paths:
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=[
+            f"model.layers.{i}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}"
+            f".{name}" for i in layers for name in LLAMA_LINEAR])
     model = get_peft_model(load_model("smollm2-135m")[0], config)
     randomize_lora(model, seed=3, scale=scale)
     model.save_pretrained(folder)
@@ -180,6 +187,38 @@ def test_vllm_engine_matches_hf_engine_on_the_real_model(tmp_path):
         if not differing:
             assert metrics["vllm"][name] == metrics["hf"][name], name
 
+
+
+@pytest.mark.real
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_runs_the_export_of_an_exact_path_adapter_as_the_hf_engine(tmp_path):
+    """An adapter whose target_modules lists exact module paths (layers 22-29): its peft export at b = 25 keeps
+    LoRA on exactly layers 22-25 when vLLM loads it, so both engines give the same pruned outputs, and those
+    differ from the full adapter's."""
+    from lorabound import pipeline
+    from lorabound.engines import VLLMOptions
+    from lorabound.pipeline import DataOptions, GenerationOptions
+
+    _real_adapter(tmp_path / "adapter", layers=list(range(22, 30)), scale=0.05, exact_paths=True)
+    assert "model.layers.29.mlp.down_proj" in json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "target_modules"]
+    data = DataOptions(data="e2e", validation_size=4, test_size=8)
+    files = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        result = pipeline.evaluate("smollm2-135m", tmp_path / "adapter", "e2e", boundaries=[25], out=out,
+                                   data_options=data, bootstrap=100, progress=False,
+                                   generation=GenerationOptions(max_new_tokens=24, engine=engine),
+                                   vllm=VLLMOptions(max_model_len=512))
+        files[engine] = {row["name"]: [json.loads(line)["output"] for line in
+                                       (out / row["hypotheses_file"]).read_text().splitlines()]
+                         for row in result["variants"]}
+    hf, vllm = files["hf"], files["vllm"]
+    assert hf["pruned (b=25)"] != hf["full adapter"]  # the dropped layers matter, so a wrong export would show
+    for name in ("full adapter", "pruned (b=25)"):
+        same = sum(a == b for a, b in zip(hf[name], vllm[name]))
+        assert same >= 7, (name, hf[name], vllm[name])
 
 
 def _validation_outputs(out) -> dict[str, list[str]]:
