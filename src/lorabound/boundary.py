@@ -50,6 +50,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import LoraboundError
+from .results import SearchDocument
 from .evaluate import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
 from .stats import LEVEL, examples_needed, t_quantile, unseen_floor
 
@@ -456,7 +457,7 @@ class SearchResult:
     def kept_fraction(self) -> float:
         return self.lora_params_kept / self.lora_params_total if self.lora_params_total else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> SearchDocument:
         return {**asdict(self), "kept_fraction": self.kept_fraction}
 
 

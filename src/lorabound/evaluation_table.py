@@ -16,6 +16,7 @@ from .evaluate import MetricOptions, describe_significance, paired_tests, score
 from .generation_cache import FULL, SelectionGenerator, boundary_variant, generate_cached, make_engine, \
     model_identity, variant_name
 from .model import ADAPTER_PICKLE, find_layer_stack
+from .results import Evaluation, SelectionTest, VariantRow
 from .selection import Selection
 from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, adapter_pairs, exported_bytes, lora_modules,
                       lora_params_per_layer)
@@ -28,7 +29,7 @@ REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every 
 def evaluate_variants(peft_model, tokenizer, task, splits, boundaries: list[int], out: Path, generation,
                       bootstrap: int, seed: int, progress, metric_options: MetricOptions | None = None, *, adapter,
                       model_id: dict, origins: dict[int, list[str]], engine=None, extras: list[Variant] = (),
-                      selections: list[tuple[Selection, str]] = ()) -> dict:
+                      selections: list[tuple[Selection, str]] = ()) -> Evaluation:
     """Base, full adapter, LoRA kept up to each b, each of `selections` (a Selection and where it comes from) and
     `extras` (exported adapters), all generated in one engine call. `origins`: b -> why that b is in the table."""
     require_nonempty(splits.test, "test")
@@ -106,7 +107,7 @@ def joined(reasons: list[str]) -> str:
 
 
 def _variant_row(name, boundary, metrics: dict, params, size: tuple[float | None, str | None], hypotheses_file,
-                 origin: str, selection: Selection | None = None) -> dict:
+                 origin: str, selection: Selection | None = None) -> VariantRow:
     """One row of the table. `selection`: the LoRA of the loaded adapter it keeps (None: the base model or another
     adapter folder, which are no selection of it): recorded as Selection.to_json() and in words."""
     mb, how = size
@@ -160,7 +161,7 @@ def file_size(folder) -> tuple[float, str]:
 
 
 def selection_on_test(found: dict, engine, peft_model, task, splits, out: Path, generation, model_options, adapter,
-                      progress, bootstrap: int, seed: int, metric_options) -> dict:
+                      progress, bootstrap: int, seed: int, metric_options) -> SelectionTest:
     """The chosen selection on test against the full adapter and the prefix of the same size (paired tests).
 
     Generated through SelectionGenerator like the search's candidates, until the evaluation table takes

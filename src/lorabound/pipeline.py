@@ -41,6 +41,7 @@ from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, chec
                     model_num_layers, model_paths, read_adapter_config)
 from .options import DataOptions, GenerationOptions, ModelOptions
 from .report import format_table, plot_curves, write_report
+from .results import Evaluation, Report
 from .run_folders import claim_folder, claim_output, rank0_output_folder
 from .runtime import torch_threads
 from .selection import GROUPS, Selection, parse_layers, per_group_over
@@ -452,7 +453,7 @@ def evaluate(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: 
              model_options: ModelOptions | None = None, generation: GenerationOptions | None = None,
              vllm: VLLMOptions | None = None, bootstrap: int = 1000, overwrite: bool = False,
              progress: bool = True, metric_options: MetricOptions | None = None, layers: list[str] | None = None,
-             group_boundaries: dict[str, int] | None = None, selections: list[Selection] | None = None) -> dict:
+             group_boundaries: dict[str, int] | None = None, selections: list[Selection] | None = None) -> Evaluation:
     """Generate on the test split for base, full adapter, LoRA up to each b, and exported adapters; score them.
 
     Also a row for each layer set in `layers` ("0-9,12,15"), for `group_boundaries` ({"attention": Ba, "mlp": Bm};
@@ -567,7 +568,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
         generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
         progress: bool = True, goal: str | None = None, metric_options: MetricOptions | None = None,
         exact_curves: bool = False, earlier_stages: dict[str, float] | None = None,
-        keep_fraction: float | None = None) -> dict:
+        keep_fraction: float | None = None) -> Report:
     """analyze → search → prune → evaluate → report, into OUT. A rerun continues where it stopped.
 
     report.json records each stage's wall time in this invocation (and `earlier_stages`, e.g. the demo's training).
@@ -614,7 +615,7 @@ def run(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: str =
 def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_layers, settings: SearchSettings,
                 generation, boundaries, batch_size, bootstrap, data_options, model_options, engine, progress,
                 metric_options: MetricOptions | None = None, exact_curves: bool = False,
-                earlier_stages: dict[str, float] | None = None) -> dict:
+                earlier_stages: dict[str, float] | None = None) -> Report:
     """The five stages of `run`, each skipped when its result is already in OUT."""
 
     times = StageTimes(progress, earlier_stages)
@@ -704,7 +705,7 @@ def _run_stages(out: Path, adapter, task, splits, peft_model, tokenizer, num_lay
 @holds_folder_locks  # the demo folder's lock, taken in claim_folder
 def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation_size: int = 40,
          test_size: int = 100, epochs: float = 1.0, max_new_tokens: int = 48, seed: int = 0,
-         overwrite: bool = False, progress: bool = True, exact_curves: bool = False) -> dict:
+         overwrite: bool = False, progress: bool = True, exact_curves: bool = False) -> Report:
     """Fine-tune SmolLM2-135M with LoRA on E2E, then the whole `run`, into OUT (resumable)."""
     check_arguments(out=out)
     data_options = DataOptions(data="e2e", train_size=train_size, validation_size=validation_size,

@@ -35,6 +35,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import stats as scipy_stats
 
+from .results import Comparison
+
 LEVEL = 0.05  # two-sided level of every test, and 1 - the coverage of every interval
 POWER = 0.8
 EXACT_MAX = 14  # enumerate all 2^n swaps up to this many examples (16,384 rows)
@@ -258,7 +260,7 @@ def unseen_floor(n: int, k: int, spread2: float, level: float = LEVEL) -> float:
 
 
 def compare(paired: Paired, metric: str, *, resamples: int = 1000, seed: int = 0, level: float = LEVEL,
-            effect: float | None = None) -> dict:
+            effect: float | None = None) -> Comparison:
     """A against B on `metric`: scores, difference, 95% interval, sign-flip p-value, and power.
 
     Keys: metric, a_score, b_score, diff, mean_diff (the bootstrap's mean), ci_low, ci_high, interval (how),

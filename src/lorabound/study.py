@@ -49,6 +49,7 @@ from .files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, wa
 from .generation_cache import BASE, FULL
 from .model import DEFAULT_MODEL, model_num_layers
 from .options import DataOptions, GenerationOptions, ModelOptions
+from .results import CellComparison, CellRow, Pooled, StudySummary
 from .run_folders import claim_shared_folder
 from .surgery import ADAPTER_WEIGHTS
 from .training import TrainSettings
@@ -537,7 +538,7 @@ def _pruned_row(variants: list[dict], b: int | None, top: int) -> dict | None:
     return next((v for v in variants if v.get("boundary") == b and v.get("name") not in (FULL, BASE)), None)
 
 
-def compare_with_full(result: dict, folder: Path, b: int | None, top: int, bootstrap: int, seed: int) -> dict | None:
+def compare_with_full(result: dict, folder: Path, b: int | None, top: int, bootstrap: int, seed: int) -> CellComparison | None:
     """Base / full / pruned test metrics and, per metric, pruned minus full with its paired-bootstrap test.
 
     `result` is a report.json or evaluation.json. A test the report lacks (e.g. chrF) is computed from the saved
@@ -614,7 +615,7 @@ def _bootstrap_from_files(folder: Path, pruned: dict, full: dict, metric: str, b
                             metric=metric, n_resamples=bootstrap, seed=seed)
 
 
-def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> dict:
+def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> CellRow:
     """The study's row for one cell, read from its folder (report.json, the adapter's training record)."""
     row = {**record["cell"], "status": record["status"], "reason": record.get("reason"),
            "seconds": record.get("seconds", {})}
@@ -715,7 +716,7 @@ def claim_verdict(low: float, high: float, effect: float) -> str:
     return "inconclusive (the interval holds both no change and the claimed gain)"
 
 
-def pool(comparisons: list[dict], level: float = LEVEL) -> dict:
+def pool(comparisons: list[dict], level: float = LEVEL) -> Pooled:
     """Across cells, per metric: mean pruned - full, its interval resampling independent test sets, what that
     could detect, the paper's claim judged by the interval, and Holm-corrected counts.
 
@@ -771,7 +772,7 @@ def paper_line(pooled: dict) -> str:
             "adapter: " + "; ".join(parts) + ".")
 
 
-def build_summary(grid: Grid, rows: list[dict], seconds: float | None) -> dict:
+def build_summary(grid: Grid, rows: list[dict], seconds: float | None) -> StudySummary:
     ok = [r for r in rows if r["status"] == "ok" and r.get("in_domain")]
     pooled = pool([r["in_domain"] for r in ok])
     by_rule = {rule: pool([r["rules"][rule] for r in ok if (r.get("rules") or {}).get(rule)]) for rule in RULES}
