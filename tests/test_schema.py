@@ -109,12 +109,13 @@ def test_real_study_validates(study_folder):
     assert errors(read(transfer / "evaluation.json"), "report", "Evaluation") == []  # lorabound evaluate's file
 
 
-# Fields the study code has added since studies/*-2026-11-28 were run: the three decision rules, and the pooled
-# interval's power and its judging of the paper's claim. Everything else of those files conforms.
+# Fields the study code has added since studies/*-2026-11-28 were run: the three decision rules, the pooled
+# test-side curve, and the pooled interval's standard error, power and its judging of the paper's claim.
+# Everything else of those files conforms.
 ADDED_SINCE_THE_COMMITTED_STUDIES = [
-    ": 'rules' is a required property",
+    ": 'rules' is a required property", ": 'test_curve' is a required property",
     *(f"pooled/{metric}: '{key}' is a required property" for metric in ("bleu", "rougeL")
-      for key in ("claim", "mdd", "test_sets")),
+      for key in ("claim", "mdd", "se", "test_sets")),
 ]
 
 

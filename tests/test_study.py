@@ -14,7 +14,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lorabound import pipeline, study as study_module
+import lorabound.study as study_module
+from lorabound import pipeline
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.options import DataOptions, GenerationOptions
@@ -411,16 +412,32 @@ def test_pool_on_made_up_cells():
     assert rouge["holm_adjusted_p"] == pytest.approx([0.04, 0.04, 0.003])
     assert (rouge["better"], rouge["not_different"], rouge["worse"]) == (2, 1, 1)
     assert bleu["ci_low"] < bleu["mean_diff"] < bleu["ci_high"]
-    assert -3.0 <= bleu["ci_low"] and bleu["ci_high"] <= 2.0
+    # by hand: the 4 cells' sample SD over sqrt(4), times t(3) = 3.182 (the bootstrap's SD, rescaled, within 3%)
+    half = 3.182 * np.std([2.0, -3.0, 0.0, 0.5], ddof=1) / 2
+    assert bleu["ci_high"] - bleu["mean_diff"] == pytest.approx(half, rel=0.03)
 
 
 def test_bootstrap_over_cells_is_seeded_and_sane():
     values = [1.0, 2.0, 3.0, 4.0, 10.0]
     assert bootstrap_mean(values) == bootstrap_mean(values)
-    mean, low, high, spread = bootstrap_mean(values)
-    assert mean == 4.0 and 1.0 < low < mean < high < 10.0 and spread > 0
+    mean, low, high, se = bootstrap_mean(values)
+    assert mean == 4.0 and low < mean < high and se > 0
+    assert high - mean == pytest.approx(mean - low)
     assert bootstrap_mean([2.5]) == (2.5, 2.5, 2.5, 0.0)
     assert bootstrap_mean(values, seed=1) != bootstrap_mean(values, seed=2)
+
+
+@pytest.mark.parametrize("k", [3, 4, 8])
+def test_pooled_interval_over_few_test_sets_covers_the_true_mean(k):
+    """Per-cell differences drawn around a true mean of 0.7: the interval over k test sets holds it in about
+    95% of 1,000 draws (a percentile bootstrap over 4 test sets holds it in about 80%)."""
+    rng = np.random.default_rng(k)
+    covered = []
+    for _ in range(1000):
+        values = list(rng.normal(0.7, 2.0, size=k))
+        _, low, high, _ = bootstrap_mean(values, resamples=2000, seed=int(rng.integers(1 << 30)))
+        covered.append(low <= 0.7 <= high)
+    assert 0.93 <= np.mean(covered) <= 0.985, np.mean(covered)
 
 
 def test_cells_sharing_a_test_set_are_resampled_together():
@@ -439,6 +456,43 @@ def test_cells_sharing_a_test_set_are_resampled_together():
                 for v, g in zip(values, ["a", "a", "a", "b", "b"])])
     assert two["bleu"]["ci_low"] is None and two["bleu"]["claim"].startswith("not judged: 2 independent test set(s)")
     assert "not judged" in study_module.paper_line(two)
+
+
+def _report_with_curve(diffs: dict[int, float]) -> dict:
+    """A report.json of a 10-layer adapter (10 LoRA parameters a layer) whose pruned rows at b differ from the
+    full adapter by diffs[b] BLEU and 2 x that ROUGE-L."""
+    variants = [{"name": "base model", "boundary": -1, "lora_params": 0},
+                {"name": "full adapter", "boundary": None, "lora_params": 100},
+                *({"name": f"pruned (b={b})", "boundary": b, "lora_params": 10 * (b + 1)} for b in diffs)]
+    significance = [{"a": f"pruned (b={b})", "b": "full adapter", "metric": metric, "diff": d * scale,
+                     "ci_low": d * scale - 1, "ci_high": d * scale + 1}
+                    for b, d in diffs.items() for metric, scale in (("bleu", 1), ("rougeL", 2))]
+    significance.append({"a": "base model", "b": "full adapter", "metric": "bleu", "diff": -9.0, "ci_low": -10.0,
+                         "ci_high": -8.0})
+    return {"variants": variants, "significance": significance}
+
+
+def test_a_cells_test_curve_holds_every_pruned_boundary_and_only_those():
+    curve = study_module.curve_on_test(_report_with_curve({7: -0.5, 2: -4.0, 9: 0.0}), top=9)
+    assert [p["boundary"] for p in curve] == [2, 7]  # b = 9 keeps every layer: it is the full adapter
+    assert [p["share_kept"] for p in curve] == pytest.approx([0.3, 0.8])
+    assert curve[0]["diff"] == {"bleu": -4.0, "rougeL": -8.0} and curve[1]["ci"]["rougeL"] == [-2.0, 0.0]
+
+
+def test_the_pooled_test_curve_counts_each_cell_once_per_band():
+    rows = [{"task": "webnlg", "seed": seed,
+             "test_curve": study_module.curve_on_test(_report_with_curve({1: -6.0 - seed, 2: -4.0 - seed,
+                                                                       7: 0.5 * seed}), top=9)}
+            for seed in range(4)]
+    bands = {tuple(entry["share_kept"]): entry for entry in study_module.pool_curve_on_test(rows)}
+    low = bands[(0.0, 0.25)]  # b = 1 and b = 2 (20% and 30% kept)... only b = 1 is below 25%
+    assert low["cells"] == 4 and low["boundaries"] == [1]
+    assert low["bleu"]["mean_diff"] == pytest.approx(-7.5) and low["bleu"]["test_sets"] == 4
+    assert bands[(0.25, 0.5)]["bleu"]["mean_diff"] == pytest.approx(-5.5)
+    top = bands[(0.75, 1.0)]
+    assert top["boundaries"] == [7] and top["rougeL"]["mean_diff"] == pytest.approx(1.5)
+    assert top["bleu"]["ci_low"] < 0.75 < top["bleu"]["ci_high"] and top["bleu"]["mdd"] > 0
+    assert bands[(0.5, 0.75)]["cells"] == 0 and bands[(0.5, 0.75)]["bleu"] is None
 
 
 @pytest.mark.parametrize("low, high, verdict", [(0.5, 2.0, "reproduced"), (1.6, 3.0, "reproduced (a larger"),

@@ -398,8 +398,41 @@ class CellRow(_CellRowRequired, total=False):
     truncation: CellTruncation
     in_domain: CellComparison | None
     rules: CellRules
+    test_curve: list[CurvePoint]  # every pruned boundary evaluated on test
     training_run: TrainingRun  # when lorabound trained the adapter
     transfer: CellTransfer  # when the grid has a transfer task
+
+
+class CurvePoint(TypedDict):
+    """One pruned boundary of a cell on test (study.curve_on_test)."""
+    boundary: int  # LoRA kept on layers 0..boundary
+    share_kept: float  # share of the adapter's LoRA parameters kept, 0-1
+    diff: dict[str, float]  # metric -> test score minus the full adapter's, points
+    ci: dict[str, list[float]]  # metric -> [low, high] of that difference's 95% interval, points
+
+
+class CurveInterval(TypedDict):
+    """A pooled mean difference with its interval over independent test sets (study.pooled_interval)."""
+    n: int  # cells
+    test_sets: int  # independent test sets among them
+    mean_diff: float  # mean difference over cells, points
+    ci_low: float | None  # 95% interval over test sets, points; None: fewer than 3 test sets
+    ci_high: float | None
+    se: float | None  # standard error of mean_diff, points
+    mdd: float | None  # detectable mean difference (80% power), points
+    claim: str | None  # None on the curve (no claim is judged per band)
+
+
+class _CurveBandRequired(TypedDict):
+    share_kept: list[float]  # [low, high): the band of the share of LoRA parameters kept
+    cells: int  # cells with a boundary in the band
+    boundaries: list[int]  # the boundaries that fell in it, over all cells
+
+
+class CurveBand(_CurveBandRequired, total=False):
+    """One band of the pooled test-side curve (study.pool_curve_on_test)."""
+    bleu: CurveInterval | None
+    rougeL: CurveInterval | None
 
 
 class PooledMetric(TypedDict):
@@ -407,8 +440,9 @@ class PooledMetric(TypedDict):
     n: int  # cells with this test
     test_sets: int  # independent test sets among them
     mean_diff: float  # mean difference over cells, points
-    ci_low: float | None  # 95% bootstrap interval over test sets, points; None: fewer than 3 test sets
+    ci_low: float | None  # 95% interval over test sets (mean +- t x se), points; None: fewer than 3 test sets
     ci_high: float | None
+    se: float | None  # standard error of mean_diff (bootstrap over test sets, rescaled), points
     mdd: float | None  # detectable mean difference (80% power), points
     claim: str | None  # the paper's claim judged by the interval
     better: int  # cells significantly better after Holm's correction
@@ -477,6 +511,7 @@ class StudySummary(TypedDict):
     cells: list[CellRow]
     failed: list[FailedCell]
     pooled: Pooled  # the chosen b of each cell against the full adapter
+    test_curve: list[CurveBand]  # every evaluated boundary of every cell, pooled by share of LoRA kept
     rules: StudyRules
     paper: PaperComparison
     transfer: StudyTransfer | None  # None: the grid has no transfer task

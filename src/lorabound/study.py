@@ -43,6 +43,7 @@ from .boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
 from .errors import LoraboundError
 from .engines import check_engine_installed
 from .evaluate import METRIC_LABELS, format_p, paired_test
+from .stats import power, t_quantile
 from .executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
 from .files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, waiting_lock, write_bytes_atomic,
                     write_json_atomic, write_text_atomic)
@@ -61,7 +62,6 @@ METRICS = ("bleu", "rougeL", "chrf")
 TESTED = ("bleu", "rougeL")
 PAPER = {"params_dropped": 0.286, "bleu": 1.4, "rougeL": 0.9}  # arXiv 2503.23360, averages over its grid
 LEVEL = 0.05
-NORMAL_975, NORMAL_80 = 1.959964, 0.841621  # normal quantiles: two-sided 5% level, 80% power
 MIN_TEST_SETS = 3  # a pooled interval needs at least this many independent test sets
 CELL_BOOTSTRAP = 10_000  # resamples of the bootstrap over cells
 GRID_MARKER = "study-grid.json"
@@ -634,6 +634,7 @@ def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> CellRow:
     test_set = f"{record['cell']['task']}|seed {seed}"  # cells of one task and seed share their test examples
     if row["in_domain"] is not None:
         row["in_domain"]["test_set"] = test_set
+    row["test_curve"] = curve_on_test(report, top)
     row["rules"] = {}
     for rule, chosen in rule_decisions(report.get("search") or {}).items():
         compared = None if chosen is None else compare_with_full(report, cell_dir / "run", chosen, top, grid.bootstrap,
@@ -650,6 +651,51 @@ def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> CellRow:
         row["transfer"] = {"task": grid.transfer,
                            **(compare_with_full(evaluation, transfer_dir, b, top, grid.bootstrap, seed) or {})}
     return row
+
+
+def curve_on_test(report: dict, top: int) -> list[dict]:
+    """The cell's test-side curve: every pruned boundary the report evaluated on test (each validation
+    candidate, the chosen b and its comparisons), with the share of LoRA parameters it keeps and, per metric,
+    its test difference from the full adapter and that difference's 95% interval."""
+    variants = report.get("variants") or []
+    full = _pruned_row(variants, None, top)
+    total = (full or {}).get("lora_params") or report.get("lora_params_total")
+    tests = {(s.get("a"), s.get("metric")): s for s in report.get("significance") or [] if s.get("b") == FULL}
+    points = []
+    for v in variants:
+        b = v.get("boundary")
+        if b is None or b < 0 or b >= top or v.get("name") in (FULL, BASE) or not total:
+            continue
+        found = {m: tests[(v["name"], m)] for m in TESTED if (v["name"], m) in tests}
+        if found:
+            points.append({"boundary": b, "share_kept": (v.get("lora_params") or 0) / total,
+                           "diff": {m: t["diff"] for m, t in found.items()},
+                           "ci": {m: [t["ci_low"], t["ci_high"]] for m, t in found.items()}})
+    return sorted(points, key=lambda point: point["boundary"])
+
+
+CURVE_BINS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))  # share of the adapter's LoRA parameters kept
+
+
+def pool_curve_on_test(rows: list[dict]) -> list[dict]:
+    """The test-side curves of all cells, pooled by share of LoRA kept: in each bin, each cell's mean
+    difference over its boundaries there, then the mean over cells with its interval over independent test sets.
+
+    It answers "does any depth of dropping beat the full adapter on held-out data?" without any selection
+    rule: every boundary a cell evaluated counts, chosen or not."""
+    pooled = []
+    for low, high in CURVE_BINS:
+        cells = [(r, [p for p in r.get("test_curve") or [] if low <= p["share_kept"] < high]) for r in rows]
+        cells = [(r, points) for r, points in cells if points]
+        entry = {"share_kept": [low, high], "cells": len(cells),
+                 "boundaries": sorted({p["boundary"] for _, points in cells for p in points})}
+        for metric in TESTED:
+            values = [float(np.mean([p["diff"][metric] for p in points if metric in p["diff"]]))
+                      for _, points in cells if any(metric in p["diff"] for p in points)]
+            groups = [f"{r['task']}|seed {r['seed']}" for r, points in cells if any(metric in p["diff"] for p in points)]
+            entry[metric] = pooled_interval(values, groups, None) if values else None
+        pooled.append(entry)
+    return pooled
 
 
 RULES = {
@@ -691,20 +737,43 @@ def holm(p_values: list[float]) -> list[float]:
 
 def bootstrap_mean(values: list[float], groups: list[str] | None = None, *, resamples: int = CELL_BOOTSTRAP,
                    seed: int = 0) -> tuple[float, float, float, float]:
-    """Mean of `values`, the 2.5th / 97.5th percentiles of its bootstrap, and the bootstrap's SD.
+    """Mean of `values`, its 95% interval and standard error, from a bootstrap over independent units.
 
     With `groups`, whole groups are resampled (a cluster bootstrap): cells that share a test set are not
-    independent evidence, so the interval counts test sets, not cells."""
+    independent evidence, so the interval counts test sets, not cells. With k units the bootstrap's SD is
+    scaled by sqrt(k / (k - 1)) and the interval is mean +- t(k - 1) x that: a percentile interval over a few
+    test sets is too narrow (at 4 it covers the true mean about 80% of the time, not 95%)."""
     data = np.asarray(values, dtype=float)
     labels = list(range(len(data))) if groups is None else groups
     clusters = [np.flatnonzero([g == label for g in labels]) for label in dict.fromkeys(labels)]
+    k = len(clusters)
+    if k < 2:
+        return float(data.mean()), float(data.mean()), float(data.mean()), 0.0
     sums = np.array([data[c].sum() for c in clusters])
     sizes = np.array([len(c) for c in clusters], dtype=float)
     rng = np.random.default_rng(seed)
-    draw = rng.integers(0, len(clusters), size=(resamples, len(clusters)))
+    draw = rng.integers(0, k, size=(resamples, k))
     means = sums[draw].sum(axis=1) / sizes[draw].sum(axis=1)
-    return (float(data.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)),
-            float(means.std()))
+    se = float(means.std()) * math.sqrt(k / (k - 1))
+    half = t_quantile(k) * se
+    return float(data.mean()), float(data.mean() - half), float(data.mean() + half), se
+
+
+def pooled_interval(values: list[float], groups: list[str], effect: float | None) -> dict:
+    """The pooled mean of per-cell differences with its interval over independent test sets, what it could
+    detect (80% power, t with k - 1 degrees of freedom), and the paper's claim judged by it. Below
+    MIN_TEST_SETS test sets no interval is given: a bootstrap over one or two units has no width to speak of."""
+    mean, low, high, se = bootstrap_mean(values, groups)
+    independent = len(set(groups))
+    if independent < MIN_TEST_SETS:
+        return {"n": len(values), "test_sets": independent, "mean_diff": mean, "ci_low": None, "ci_high": None,
+                "se": None, "mdd": None,
+                "claim": None if effect is None else (f"not judged: {independent} independent test set(s), fewer "
+                                                      f"than {MIN_TEST_SETS}; see each cell's own interval")}
+    detect = power(se * math.sqrt((independent - 1) / independent), independent, effect or 1.0)
+    return {"n": len(values), "test_sets": independent, "mean_diff": mean, "ci_low": low, "ci_high": high,
+            "se": se, "mdd": detect["mdd"],
+            "claim": None if effect is None else claim_verdict(low, high, effect)}
 
 
 def claim_verdict(low: float, high: float, effect: float) -> str:
@@ -732,19 +801,11 @@ def pool(comparisons: list[dict], level: float = LEVEL) -> Pooled:
         if not tests:
             continue
         groups = [c.get("test_set") or str(i) for i, c in enumerate(cells)]
-        mean, low, high, spread = bootstrap_mean([t["diff"] for t in tests], groups)
         tested = [t for t in tests if t["source"] != "nothing dropped"]
         adjusted = holm([t["p_value"] for t in tested])
         better = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] > 0)
         worse = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] < 0)
-        effect, independent = PAPER.get(metric), len(set(groups))
-        if independent < MIN_TEST_SETS:  # a bootstrap over one or two test sets has no width to speak of
-            low = high = spread = None
-        pooled[metric] = {"n": len(tests), "test_sets": independent, "mean_diff": mean, "ci_low": low,
-                          "ci_high": high, "mdd": None if spread is None else (NORMAL_975 + NORMAL_80) * spread,
-                          "claim": (None if effect is None else claim_verdict(low, high, effect) if low is not None
-                                    else f"not judged: {independent} independent test set(s), fewer than "
-                                         f"{MIN_TEST_SETS}; see each cell's own interval"),
+        pooled[metric] = {**pooled_interval([t["diff"] for t in tests], groups, PAPER.get(metric)),
                           "better": better, "worse": worse, "not_different": len(tests) - better - worse,
                           "holm_family": len(tested), "holm_adjusted_p": adjusted}
     return pooled
@@ -787,6 +848,7 @@ def build_summary(grid: Grid, rows: list[dict], seconds: float | None) -> StudyS
         "cells": rows,
         "failed": [{"id": r["id"], "reason": r["reason"]} for r in rows if r["status"] != "ok"],
         "pooled": pooled,
+        "test_curve": pool_curve_on_test(ok),
         "rules": {rule: {"rule": RULES[rule], "pooled": by_rule[rule], "comparison": paper_line(by_rule[rule])}
                   for rule in RULES},
         "paper": {**PAPER, "comparison": paper_line(pooled)},
@@ -942,6 +1004,35 @@ def _rule_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
+CURVE_COLUMNS = ["LoRA kept (share of parameters)", "Cells (test sets)", "Boundaries", "BLEU Δ (95% CI)",
+                 "BLEU detectable", "ROUGE-L Δ (95% CI)", "ROUGE-L detectable"]
+
+
+def _curve_rows(summary: dict) -> list[list[str]]:
+    """The pooled test-side curve: per share of LoRA kept, the test difference from the full adapter."""
+    rows = []
+    for entry in summary.get("test_curve") or []:
+        if not entry["cells"]:
+            continue
+        low, high = entry["share_kept"]
+        cells = [f"{low:.0%} to {high:.0%}", f"{entry['cells']} ({(entry.get('bleu') or {}).get('test_sets', '—')})",
+                 ", ".join(map(str, entry["boundaries"]))]
+        for metric in TESTED:
+            p = entry.get(metric)
+            cells += (["—", "—"] if p is None else
+                      [f"{_num(p['mean_diff'], sign=True)}" + ("" if p["ci_low"] is None else
+                                                                f" ({_num(p['ci_low'], sign=True)} to "
+                                                                f"{_num(p['ci_high'], sign=True)})"),
+                       "—" if p["mdd"] is None else _num(p["mdd"])])
+        rows.append(cells)
+    return rows
+
+
+CURVE_NOTE = ("Every boundary each cell evaluated on test (its validation candidates, chosen or not), against the "
+              "full adapter: in each band of LoRA kept, a cell counts once (the mean over its boundaries there); "
+              "the interval is over independent test sets, as above.")
+
+
 def _rule_notes(summary: dict) -> list[str]:
     return [f"{rule}: {found['rule']}." for rule, found in (summary.get("rules") or {}).items()]
 
@@ -963,14 +1054,15 @@ def _method_notes(summary: dict) -> list[str]:
     notes = [
         "Δ = test score of the pruned variant (LoRA kept on layers 0..b, b chosen on validation) minus the full "
         f"adapter's; per cell a paired bootstrap over test examples ({grid['bootstrap']} resamples).",
-        f"Pooled: the mean Δ over finished cells, with a 95% interval from {CELL_BOOTSTRAP:,} seeded bootstrap "
-        "resamples of the independent test sets (cells of one task and seed share theirs, so they are resampled "
-        "together; unless [data] disjoint_tests = true, seeds reshuffle one pool of examples, so the test sets "
-        "of two seeds of a task can share examples, and the interval is then somewhat too narrow); detectable: "
-        "the difference the pooled "
-        "comparison finds with 80% power, 2.8 times the "
-        "bootstrap's spread. The paper's claim is reproduced when the interval lies above 0 and holds the "
-        "claimed gain, not reproduced when it lies below the claimed gain, inconclusive when it holds both.",
+        "Pooled: the mean Δ over finished cells (one adapter each, equal weight). Its standard error comes from "
+        f"{CELL_BOOTSTRAP:,} seeded bootstrap resamples of the k independent test sets (cells of one task and seed "
+        "share theirs, so they are resampled together; unless [data] disjoint_tests = true, seeds reshuffle one "
+        "pool of examples, so the test sets of two seeds of a task can share examples, and the interval is then "
+        "somewhat too narrow), scaled by sqrt(k / (k - 1)); the 95% interval is the mean +- t(k - 1) standard "
+        "errors, and detectable is the difference found with 80% power, (t(0.975) + t(0.8)) standard errors. "
+        "With fewer than 3 test sets nothing is judged. The paper's claim is reproduced when the interval lies "
+        "above 0 and holds the claimed gain, not reproduced when it lies below the claimed gain, inconclusive "
+        "when it holds both.",
         f"Better / worse: the cell's p-value stays below {LEVEL} after Holm correction across the cells where "
         "something was dropped (each metric its own family); cells that kept every layer count as not different.",
         "Per-cell tests cover BLEU and ROUGE-L (sacrebleu gives no per-sentence chrF statistics); a BLEU or "
@@ -995,7 +1087,9 @@ def render_study_markdown(summary: dict, plot_files: dict[str, str]) -> str:
     out = ["# lorabound study: does dropping upper-layer LoRA help?", "", _headline(summary), "",
            f"**{summary['paper']['comparison']}**", "", "## Three rules, pooled over independent test sets", "",
            _markdown_table(RULE_COLUMNS, _rule_rows(summary)), ""] + [f"- {n}" for n in _rule_notes(summary)] + [
-           "", "## Pooled across cells (each cell's own search)", "",
+           "", "## The test-side curve, pooled: does any depth of dropping beat the full adapter?", "",
+           _markdown_table(CURVE_COLUMNS, _curve_rows(summary)), "", CURVE_NOTE, "",
+           "## Pooled across cells (each cell's own search)", "",
            _markdown_table(POOLED_COLUMNS, _pooled_rows(pooled)), ""]
     if pooled.get("share_dropped") is not None:
         out += [f"Mean share of LoRA parameters dropped: {pooled['share_dropped']:.1%}.", ""]
@@ -1023,6 +1117,9 @@ def render_study_html(summary: dict, plots: dict[str, bytes]) -> str:
              "<h2>Three rules, pooled over independent test sets</h2>",
              _html_table(RULE_COLUMNS, _rule_rows(summary), table_id="rules"),
              "<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in _rule_notes(summary)) + "</ul>",
+             "<h2>The test-side curve, pooled: does any depth of dropping beat the full adapter?</h2>",
+             _html_table(CURVE_COLUMNS, _curve_rows(summary), table_id="test-curve"),
+             f"<p>{_esc(CURVE_NOTE)}</p>",
              "<h2>Pooled across cells (each cell's own search)</h2>",
              _html_table(POOLED_COLUMNS, _pooled_rows(pooled), table_id="pooled")]
     if pooled.get("share_dropped") is not None:
