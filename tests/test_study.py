@@ -417,6 +417,15 @@ def test_pool_on_made_up_cells():
     assert bleu["ci_high"] - bleu["mean_diff"] == pytest.approx(half, rel=0.03)
 
 
+def test_a_pool_where_nothing_was_dropped_judges_no_claim():
+    """Cells that kept every layer have a difference of 0 by construction: an interval of +0 to +0 there is a
+    property of the rule, not evidence against the paper's gain."""
+    nothing = {"diff": 0.0, "p_value": 1.0, "source": "nothing dropped"}
+    pooled = pool([{"share_dropped": 0.0, "test_set": str(i), "tests": {"bleu": nothing}} for i in range(5)])
+    assert pooled["bleu"]["ci_low"] == pooled["bleu"]["ci_high"] == 0.0
+    assert pooled["bleu"]["claim"].startswith("not judged: no cell dropped anything")
+
+
 def test_bootstrap_over_cells_is_seeded_and_sane():
     values = [1.0, 2.0, 3.0, 4.0, 10.0]
     assert bootstrap_mean(values) == bootstrap_mean(values)

@@ -669,7 +669,8 @@ def curve_on_test(report: dict, top: int) -> list[dict]:
         found = {m: tests[(v["name"], m)] for m in TESTED if (v["name"], m) in tests}
         if found:
             points.append({"boundary": b, "share_kept": (v.get("lora_params") or 0) / total,
-                           "diff": {m: t["diff"] for m, t in found.items()},
+                           # reports before the power fields carry no "diff": the corpus scores' difference
+                           "diff": {m: t["diff"] if "diff" in t else t["a_score"] - t["b_score"] for m, t in found.items()},
                            "ci": {m: [t["ci_low"], t["ci_high"]] for m, t in found.items()}})
     return sorted(points, key=lambda point: point["boundary"])
 
@@ -805,8 +806,11 @@ def pool(comparisons: list[dict], level: float = LEVEL) -> Pooled:
         adjusted = holm([t["p_value"] for t in tested])
         better = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] > 0)
         worse = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] < 0)
-        pooled[metric] = {**pooled_interval([t["diff"] for t in tests], groups, PAPER.get(metric)),
-                          "better": better, "worse": worse, "not_different": len(tests) - better - worse,
+        found = pooled_interval([t["diff"] for t in tests], groups, PAPER.get(metric))
+        if not tested and found["claim"] is not None:  # every difference is 0 by construction, not by measurement
+            found["claim"] = ("not judged: no cell dropped anything, so every pruned variant is the full adapter; "
+                              "see the test-side curve")
+        pooled[metric] = {**found, "better": better, "worse": worse, "not_different": len(tests) - better - worse,
                           "holm_family": len(tested), "holm_adjusted_p": adjusted}
     return pooled
 
