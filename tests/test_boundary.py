@@ -7,7 +7,7 @@ import pytest
 from lorabound.boundary import (SearchSettings, Validation, knee, local_maxima, max_likelihood, pick_by_metric,
                                 preselect, search)
 from lorabound.errors import LoraboundError
-from lorabound.evaluate import COMBINED
+from lorabound.metrics.scores import COMBINED
 
 # base 0.40, full 0.60: 90% of the gain is 0.58, first reached at b = 3.
 CURVE = {"boundary": [-1, 0, 1, 2, 3, 4, 5], "mean_prob": [0.40, 0.45, 0.50, 0.55, 0.58, 0.61, 0.60]}

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.pipeline import check_held_out
 from lorabound.errors import LoraboundError
 from lorabound.surgery import AdapterFiles

@@ -10,8 +10,8 @@ import sacrebleu
 import torch
 
 from lorabound.errors import LoraboundError
-from lorabound.evaluate import (COMBINED, MetricOptions, UnicodeTokenizer, available_bleu_tokenizers,
-                                describe_significance, paired_test, score, score_from_stats, segment_stats)
+from lorabound.metrics.scores import (COMBINED, MetricOptions, UnicodeTokenizer, available_bleu_tokenizers,
+                                      describe_significance, paired_test, score, score_from_stats, segment_stats)
 from lorabound.generation import generate
 
 SENTENCES = [

@@ -25,7 +25,7 @@ from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.pipeline import DataOptions, GenerationOptions, ModelOptions
 from lorabound.training import TrainSettings
-from lorabound.validation import RULES, Number, check_arguments
+from lorabound.rules import RULES, Number, check_arguments
 
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorabound.errors import LoraboundError
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.model import load_adapter, load_model
 from lorabound.surgery import AdapterFiles, prune_adapter
 

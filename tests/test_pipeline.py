@@ -10,8 +10,8 @@ from peft import PeftModel
 from lorabound import engines, generation_cache, pipeline
 from lorabound.cli import main
 from lorabound.data import Example, load_task
-from lorabound.files import folder_hashes
-from lorabound.files import write_marker
+from lorabound.runtime.files import folder_hashes
+from lorabound.runtime.files import write_marker
 from lorabound.model import load_model
 from lorabound.pipeline import DataOptions, GenerationOptions
 from lorabound.surgery import keep_up_to

@@ -11,7 +11,7 @@ import torch
 
 from lorabound import pipeline
 from lorabound.errors import LoraboundError
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.speed import (Job, SpeedSettings, build_model, greedy_steps, lora_module_count, prompt_batch,
                              variant_jobs)
 from lorabound.surgery import prune_adapter
@@ -149,7 +149,7 @@ def fake_run_folder(world, folder: Path, boundary: int) -> Path:
     """What `lorabound run` leaves that `speed --run` reads: run.json (the settings) and report.json."""
     from dataclasses import asdict
 
-    from lorabound.files import write_marker
+    from lorabound.runtime.files import write_marker
     from lorabound.report import write_report
 
     folder.mkdir()

@@ -19,7 +19,7 @@ from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.options import DataOptions, GenerationOptions
 from lorabound.study import Training, bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
-from lorabound.validation import check_arguments
+from lorabound.rules import check_arguments
 
 from test_report import chromium_binary, run_chromium
 from tiny import save_tiny_base

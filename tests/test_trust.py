@@ -30,7 +30,7 @@ import lorabound.analysis as analysis
 from lorabound.cli import main
 from lorabound.data import load_task, split_task
 from lorabound.errors import LoraboundError
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.model import load_adapter, load_model
 from lorabound.pipeline import DataOptions, ModelOptions
 from lorabound.pipeline import analyze as pipeline_analyze
@@ -703,7 +703,7 @@ def test_a_full_disk_during_the_work_is_one_line(capsys, tmp_path, world, monkey
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("lorabound.files.write_bytes_atomic", full)
+    monkeypatch.setattr("lorabound.runtime.files.write_bytes_atomic", full)
     line = refused(capsys, *command(world, "analyze", tmp_path / "a"))
     assert line.startswith("error: No space left on device (") and "free some space" in line
 
@@ -856,7 +856,7 @@ def test_run_killed_during_the_sweep_resumes_with_identical_numbers(tmp_path, wo
 HOLDER = """
 import sys
 from pathlib import Path
-from lorabound.files import holds_folder_locks, lock_output
+from lorabound.runtime.files import holds_folder_locks, lock_output
 
 @holds_folder_locks
 def hold(out):

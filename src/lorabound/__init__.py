@@ -5,7 +5,7 @@ The public API, imported on first use (so `import lorabound` loads neither torch
 - the commands, as functions with the CLI's names and defaults: train, analyze, search, prune, evaluate, run,
   demo, study, speed (lorabound.pipeline);
 - their options and results: DataOptions, ModelOptions, GenerationOptions (lorabound.options), MetricOptions
-  (lorabound.evaluate), SearchSettings and SearchResult (lorabound.boundary), TrainSettings and TrainResult
+  (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.boundary), TrainSettings and TrainResult
   (lorabound.training);
 - the values everything keys on: Selection (which LoRA modules are kept) and Variant (an adapter's selection,
   or no adapter);

@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from .runtime import distributed
 from .data import Encoded, batches, by_length
 from .errors import LoraboundError
-from .files import write_json_atomic
+from .runtime.files import write_json_atomic
 from .model import LayerStack, apply_head, find_layer_stack, unwrap_model
 from .selection import Selection
 from .surgery import adapter_layers, keep_lora, keep_selection, lora_modules, no_adapter, parts_outside_layers

@@ -17,7 +17,7 @@ How `auto` decides:
   LoRA helps generation, and generating for every b costs too much on a CPU, so the curve picks where to look
   and generation decides.
 - Score: the mean of validation BLEU and ROUGE-L (both 0-100, equal weight: one number). Each candidate is
-  compared with the full adapter on validation (:func:`lorabound.evaluate.paired_tests`): the difference, its
+  compared with the full adapter on validation (:func:`lorabound.metrics.scores.paired_tests`): the difference, its
   95% interval (t times the paired bootstrap's standard error), a paired sign-flip permutation p-value (exact up to 14
   examples, calibrated at any size), and the minimal detectable difference at 80% power, for BLEU, ROUGE-L and
   their mean.
@@ -50,8 +50,8 @@ from typing import Callable
 import numpy as np
 
 from .errors import LoraboundError
-from .evaluate import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
-from .stats import LEVEL, examples_needed, t_quantile, unseen_floor
+from .metrics.scores import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
+from .metrics.stats import LEVEL, examples_needed, t_quantile, unseen_floor
 
 CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf", "per-module", "greedy-drop")
 GOAL_CRITERIA = ("auto", "per-module")  # those deciding by --goal (greedy-drop decides as --goal size)

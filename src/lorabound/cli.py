@@ -17,13 +17,14 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import runtime
+from .runtime import threads as runtime
 
 runtime.offline_unless_asked()  # before any hub library is imported (they read it once)
 
-from . import __version__, distributed  # noqa: E402
+from . import __version__
+from .runtime import distributed  # noqa: E402
 from .errors import LoraboundError
-from .runtime import held_library_warnings, set_threads
+from .runtime.threads import held_library_warnings, set_threads
 from .selection import GROUPS
 
 RESUMING = ("run", "demo", "study", "train")  # a rerun continues where these stopped (stages, checkpoints)
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis import CURVES, OPTIONAL_CURVES
     from .boundary import CRITERIA, GOALS, SELECTION_CRITERIA
     from .engines import VLLMOptions
-    from .evaluate import MetricOptions
+    from .metrics.scores import MetricOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
     from .surgery import EXPORT_FORMATS
     from .training import TrainSettings
@@ -277,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="run only the cells at positions I, I+N, I+2N, ... of the grid's "
                    "order (0 <= I < N), for a SLURM array or separate jobs; no report: the same command without "
                    "--shard over the finished cells pools them")
-    from .executors import EXECUTORS, ExecutorOptions
+    from .runtime.executors import EXECUTORS, ExecutorOptions
     p.add_argument("--executor", choices=EXECUTORS, default="local", help="local: cells one after another in this "
                    "process (default); ray: each cell a Ray task ('pip install lorabound[ray]')")
     _add_fields(p, ExecutorOptions, skip=("executor",))
@@ -362,7 +363,7 @@ def _stop_if_interrupted() -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
     from .engines import VLLMOptions
-    from .evaluate import MetricOptions
+    from .metrics.scores import MetricOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
     from .training import TrainSettings
 
@@ -458,7 +459,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace, progress: bool) -> int:
-    from .executors import ExecutorOptions
+    from .runtime.executors import ExecutorOptions
     from .study import load_grid, study
 
     grid = load_grid(args.grid, models=args.models, tasks=args.tasks, seeds=args.seeds, epochs=args.epochs,
@@ -527,7 +528,7 @@ def _int_list(text: str) -> list[int]:
 
 def _os_error_line(error: OSError, args: argparse.Namespace | None = None) -> str:
     """One line naming the file (and the flag that gave it) and the fix, for an OSError no earlier check foresaw."""
-    from .files import CACHE_ENV, cache_root
+    from .runtime.files import CACHE_ENV, cache_root
 
     name = str(error.filename) if error.filename else ""
     shown = name if len(name) <= 80 else name[:60] + "..."
@@ -548,7 +549,7 @@ def _os_error_line(error: OSError, args: argparse.Namespace | None = None) -> st
 
 def _flag_of(args: argparse.Namespace, filename: str) -> str | None:
     """The flag whose value is `filename` or a folder holding it, e.g. --out for OUT/curves.json."""
-    from .validation import flag
+    from .rules import flag
 
     for dest, value in vars(args).items():
         for given in value if isinstance(value, list) else [value]:
@@ -582,7 +583,7 @@ def _margin(tests: dict) -> str:
 
 def _print_selection(result) -> None:
     """per-module / greedy-drop: the chosen selection, its candidates and the prefix of the same size."""
-    from .evaluate import COMBINED
+    from .metrics.scores import COMBINED
 
     print(f"selection: {result.selection_text} ({result.reason})")
     print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
@@ -607,7 +608,7 @@ def _print_selection(result) -> None:
 
 def _print_candidates(result) -> None:
     """The candidates' validation scores, and each one against the full adapter (difference [95% CI], p)."""
-    from .evaluate import COMBINED
+    from .metrics.scores import COMBINED
 
     tests = result.validation_tests
     if tests:

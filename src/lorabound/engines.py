@@ -23,12 +23,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from . import distributed
+from .runtime import distributed
 from .errors import LoraboundError
 from .generation import _clean, _eos_ids, generate, generate_variants
 from .model import read_adapter_config, resolve_model_dir
 from .surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
-from .validation import ENGINES
+from .rules import ENGINES
 from .variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
@@ -48,7 +48,7 @@ class VLLMOptions:
         "help": "vLLM: mp (one node) or ray (several nodes, a running Ray cluster); None: vLLM's choice"})
 
     def __post_init__(self):
-        from .validation import check_arguments
+        from .rules import check_arguments
 
         check_arguments(**{f.name: getattr(self, f.name) for f in fields(self)})
 

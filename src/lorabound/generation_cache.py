@@ -9,10 +9,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import distributed
+from .runtime import distributed
 from .data import Example, Task
 from .engines import HFEngine, VLLMEngine, VLLMOptions, check_engine
-from .files import input_identity, read_jsonl, write_text_atomic
+from .runtime.files import input_identity, read_jsonl, write_text_atomic
 from .generation import _eos_ids
 from .model import find_layer_stack, resolve_model_dir
 from .options import GenerationOptions, ModelOptions

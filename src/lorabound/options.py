@@ -10,7 +10,7 @@ from .data import Splits, Task, load_task, split_task
 from .errors import LoraboundError
 from .model import (DEFAULT_MODEL, check_adapter_files, load_adapter, load_model, model_num_layers,
                     resolve_model_dir)
-from .validation import check_arguments
+from .rules import check_arguments
 
 
 def check_fields(options) -> None:

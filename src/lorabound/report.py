@@ -21,8 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from .evaluate import describe_significance
-from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .metrics.scores import describe_significance
+from .runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 PLOT_FILES = {"truncation": "truncation_curve.png", "logit_lens": "logit_lens.png", "ablation": "layer_ablation.png",
               "joint": "joint_curve.png", "selection": "selection_layers.png"}

@@ -27,7 +27,7 @@ from typing import Callable
 from .analysis import joint_selection
 from .boundary import (COMPARED, KNEE_FRACTIONS, NO_GAIN, SearchResult, SearchSettings, Validation, knee, knee_label,
                        pick_for_goal, preselect, raises_probability, score_candidates, test_methods)
-from .evaluate import paired_tests
+from .metrics.scores import paired_tests
 from .selection import Selection
 from .surgery import lora_modules
 

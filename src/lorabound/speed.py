@@ -54,7 +54,7 @@ class SpeedSettings:
     isolate: bool = field(default=True, metadata={"help": "each variant in its own process (its peak memory)"})
 
     def __post_init__(self):
-        from .validation import check_arguments
+        from .rules import check_arguments
 
         check_arguments(batch_sizes=self.batch_sizes, new_tokens=self.new_tokens, repeats=self.repeats,
                         prompt_tokens=self.prompt_tokens)
@@ -224,7 +224,7 @@ class LocalVariant:
     """In this process: cheap (tests), but the variants' memory cannot be told apart, so it is not reported."""
 
     def __init__(self, job: Job, batch_sizes: list[int], new_tokens: int):
-        from .runtime import set_threads
+        from .runtime.threads import set_threads
 
         set_threads(job.threads)
         self.job, self.runner = job, Runner(job, batch_sizes, new_tokens)
@@ -469,7 +469,7 @@ def environment(device: str) -> dict:
     import torch
     import transformers
 
-    from .runtime import torch_threads
+    from .runtime.threads import torch_threads
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else (_cpu_name() or "CPU")
     return {"device": device, "device_name": name, "threads": torch_threads(), "torch_version": torch.__version__,
@@ -518,7 +518,7 @@ class Request:
 
 def run_folder_source(run_dir: str | Path) -> dict:
     """The model, adapter, data options, dtype and chosen boundary of a `lorabound run` folder."""
-    from .files import read_json
+    from .runtime.files import read_json
 
     run_dir = Path(run_dir)
     fix = "pass a folder written by 'lorabound run' (it holds run.json and report.json)"
@@ -578,7 +578,7 @@ def measure_request(request: Request, settings: SpeedSettings, folder: Path, pro
     return speed.json's content. The scratch folder is removed afterwards."""
     import shutil
 
-    from .runtime import torch_threads
+    from .runtime.threads import torch_threads
     from .surgery import prune_adapter
 
     options = request.model_options
@@ -616,7 +616,7 @@ def measure_request(request: Request, settings: SpeedSettings, folder: Path, pro
 
 def write_results(folder: Path, result: dict) -> None:
     """speed.json and speed.md, each atomically."""
-    from .files import write_json_atomic, write_text_atomic
+    from .runtime.files import write_json_atomic, write_text_atomic
 
     write_json_atomic(folder / "speed.json", result)
     write_text_atomic(folder / "speed.md", render_markdown(result))

@@ -38,21 +38,22 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed, pipeline
+from .runtime import distributed
+from . import pipeline
 from .boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
 from .errors import LoraboundError
 from .engines import check_engine_installed
-from .evaluate import METRIC_LABELS, format_p, paired_test
-from .executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
-from .files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, waiting_lock, write_bytes_atomic,
-                    write_json_atomic, write_text_atomic)
+from .metrics.scores import METRIC_LABELS, format_p, paired_test
+from .runtime.executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
+from .runtime.files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, waiting_lock, write_bytes_atomic,
+                            write_json_atomic, write_text_atomic)
 from .generation_cache import BASE, FULL
 from .model import DEFAULT_MODEL, model_num_layers
 from .options import DataOptions, GenerationOptions, ModelOptions
-from .run_folders import claim_shared_folder
+from .runtime.folders import claim_shared_folder
 from .surgery import ADAPTER_WEIGHTS
 from .training import TrainSettings
-from .validation import check_settings
+from .rules import check_settings
 
 METRICS = ("bleu", "rougeL", "chrf")
 # sacrebleu gives no public per-example chrF statistics, so the paired bootstrap (and the pooled test) covers

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .boundary import check_boundary
 from .errors import LoraboundError
-from .files import atomic_dir, check_not_input, write_json_atomic
+from .runtime.files import atomic_dir, check_not_input, write_json_atomic
 from .model import (adapter_tensor_names, check_adapter_files, check_adapter_fits_config, find_layer_stack,
                     layers_path_of_names, model_layers_path, model_num_layers, model_paths, module_layer_index,
                     read_adapter_config)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import LoraboundError
-from .files import sha256_file
+from .runtime.files import sha256_file
 from .model import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS
 from .selection import Selection
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .evaluate import describe_significance
+from .metrics.scores import describe_significance
 from .generation_cache import BASE, FULL, variant_name
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import LoraboundError
-from ..files import cache_dir
+from ..runtime.files import cache_dir
 from .errors import first_line as _first_line
 from .gguf import DEFAULT_MODEL, convert_gguf_once, gguf_cache_key
 from .layers import SUPPORTED_LAYOUTS, layers_path_of_config, num_hidden_layers

@@ -1,6 +1,6 @@
 """Paired comparisons of two systems on the same examples: an interval, a calibrated test, and power.
 
-Everything here works on per-example sufficient statistics (:func:`lorabound.evaluate.segment_stats`), never on
+Everything here works on per-example sufficient statistics (:func:`lorabound.metrics.scores.segment_stats`), never on
 text, so the decision rules can be checked on synthetic scores. A corpus score is recomputed from summed
 statistics: BLEU with sacrebleu's own formula (vectorised here, checked against sacrebleu in the tests), ROUGE-L
 as the mean of per-example F1; "bleu+rougeL" is the mean of the two.

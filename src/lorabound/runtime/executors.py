@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence, TypeVar
 
 from . import distributed
-from .errors import LoraboundError
-from .validation import check_arguments
+from ..errors import LoraboundError
+from ..rules import check_arguments
 
 EXECUTORS = ("local", "ray")
 INSTALL_RAY = "pip install 'lorabound[ray]'"
@@ -180,7 +180,7 @@ def run_ray(items: Sequence[Item], work: Callable[[Item], dict], options: Execut
 def _in_worker(work: Callable, item, cwd: str, threads: int) -> dict:
     """A task's body on a worker: the driver's working folder (relative grid paths mean the same on a shared file
     system) and as many torch threads as CPUs were reserved."""
-    from .runtime import set_threads
+    from .threads import set_threads
 
     if os.path.isdir(cwd):
         os.chdir(cwd)
