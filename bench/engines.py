@@ -26,8 +26,8 @@ def main() -> None:
 
     from common import random_adapter
     from lorabound.data import load_task, split_task
-    from lorabound.engines import HFEngine, Variant, VLLMEngine, VLLMOptions
-    from lorabound.generation import _eos_ids
+    from lorabound.generation.engines import HFEngine, Variant, VLLMEngine, VLLMOptions
+    from lorabound.generation.decode import _eos_ids
     from lorabound.model import find_layer_stack, load_model, resolve_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

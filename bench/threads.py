@@ -18,7 +18,7 @@ import time
 import torch
 
 from lorabound.data import load_task, split_task
-from lorabound.generation import generate
+from lorabound.generation.decode import generate
 from lorabound.model import load_model
 from lorabound.runtime.threads import default_threads
 

@@ -93,10 +93,10 @@ def interrupted_command(root, name: str, out) -> list[str]:
 
 # command, where it is stopped, whether SIGINT was ignored when it started (a shell script's `lorabound ... &`)
 INTERRUPTIONS = [
-    ("evaluate", "lorabound.evaluation_table", "generate_cached", False),
-    ("evaluate", "lorabound.evaluation_table", "generate_cached", True),
-    ("analyze", "lorabound.analysis", "score_batch", False),
-    ("run", "lorabound.analysis", "score_batch", True),
+    ("evaluate", "lorabound.evaluation", "generate_cached", False),
+    ("evaluate", "lorabound.evaluation", "generate_cached", True),
+    ("analyze", "lorabound.analysis.curves", "score_batch", False),
+    ("run", "lorabound.analysis.curves", "score_batch", True),
     ("train", "lorabound.training", "target_loss", False),
 ]
 

@@ -5,7 +5,7 @@ The public API, imported on first use (so `import lorabound` loads neither torch
 - the commands, as functions with the CLI's names and defaults: train, analyze, search, prune, evaluate, run,
   demo, study, speed (lorabound.pipeline);
 - their options and results: DataOptions, ModelOptions, GenerationOptions (lorabound.options), MetricOptions
-  (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.boundary), TrainSettings and TrainResult
+  (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.search.boundary), TrainSettings and TrainResult
   (lorabound.training);
 - the values everything keys on: Selection (which LoRA modules are kept) and Variant (an adapter's selection,
   or no adapter);
@@ -20,9 +20,9 @@ _WHERE = {
     **{name: "pipeline" for name in ("train", "analyze", "search", "prune", "evaluate", "run", "demo", "study",
                                      "speed")},
     "DataOptions": "options", "ModelOptions": "options", "GenerationOptions": "options",
-    "MetricOptions": "evaluate", "SearchSettings": "boundary", "SearchResult": "boundary",
+    "MetricOptions": "metrics.scores", "SearchSettings": "search.boundary", "SearchResult": "search.boundary",
     "TrainSettings": "training", "TrainResult": "training",
-    "Selection": "selection", "Variant": "variants", "LoraboundError": "errors",
+    "Selection": "lora.selection", "Variant": "lora.variants", "LoraboundError": "errors",
 }
 __all__ = ["__version__", *_WHERE]
 

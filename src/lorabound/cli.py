@@ -25,7 +25,7 @@ from . import __version__
 from .runtime import distributed  # noqa: E402
 from .errors import LoraboundError
 from .runtime.threads import held_library_warnings, set_threads
-from .selection import GROUPS
+from .lora.selection import GROUPS
 
 RESUMING = ("run", "demo", "study", "train")  # a rerun continues where these stopped (stages, checkpoints)
 
@@ -99,12 +99,12 @@ def _picked(args: argparse.Namespace, cls, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .analysis import CURVES, OPTIONAL_CURVES
-    from .boundary import CRITERIA, GOALS, SELECTION_CRITERIA
-    from .engines import VLLMOptions
+    from .analysis.curves import CURVES, OPTIONAL_CURVES
+    from .search.boundary import CRITERIA, GOALS, SELECTION_CRITERIA
+    from .generation.engines import VLLMOptions
     from .metrics.scores import MetricOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
-    from .surgery import EXPORT_FORMATS
+    from .lora.surgery import EXPORT_FORMATS
     from .training import TrainSettings
 
     parser = Parser(
@@ -362,7 +362,7 @@ def _stop_if_interrupted() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
-    from .engines import VLLMOptions
+    from .generation.engines import VLLMOptions
     from .metrics.scores import MetricOptions
     from .pipeline import DataOptions, GenerationOptions, ModelOptions
     from .training import TrainSettings
@@ -434,7 +434,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                                    group_boundaries=_group_boundaries(args), out=args.out, generation=generation,
                                    bootstrap=args.bootstrap, overwrite=args.overwrite, metric_options=metrics,
                                    **common)
-        from .report import format_table
+        from .report.document import format_table
         print(format_table(result))
         for test in result["significance"]:
             print(test["sentence"])
@@ -448,7 +448,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                               generation=generation, overwrite=args.overwrite, goal=args.goal,
                               metric_options=metrics, exact_curves=args.exact_curves,
                               keep_fraction=args.keep_fraction, **common)
-        from .report import format_table
+        from .report.document import format_table
         print(format_table(report))
         print(report["verdict"])
         if args.speed:
@@ -487,7 +487,7 @@ def _speed(args: argparse.Namespace, progress: bool) -> int:
     from .model import DEFAULT_MODEL
     from .pipeline import DataOptions, ModelOptions
     from .speed import SpeedSettings, describe, speed_table
-    from .report import _markdown_table
+    from .report.document import _markdown_table
 
     settings = _picked(args, SpeedSettings)
     data_options = _picked(args, DataOptions)
@@ -507,7 +507,7 @@ def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
     from . import pipeline
     from .pipeline import ModelOptions
     from .speed import SpeedSettings, describe, speed_table
-    from .report import _markdown_table
+    from .report.document import _markdown_table
 
     b, layers = report["search"]["boundary"], report["curves"]["meta"]["adapter_layers"]
     if not min(layers) <= b < max(layers):

@@ -126,7 +126,7 @@ def prompt_batch(job: Job, tokenizer, model, batch: int):
     """
     import torch
 
-    from .generation import _encode_batch, _tokenizer_sides
+    from .generation.decode import _encode_batch, _tokenizer_sides
 
     device = next(model.parameters()).device
     if not job.prompts:
@@ -146,7 +146,7 @@ def greedy_steps(model, input_ids, attention_mask, new_tokens: int) -> tuple[lis
     early, so every variant does the same amount of work."""
     import torch
 
-    from .generation import _cache_of, _forward_parameters
+    from .generation.decode import _cache_of, _forward_parameters
 
     takes = _forward_parameters(model)
     cache_arg = "cache" if "cache" in takes else "past_key_values"
@@ -456,7 +456,7 @@ def describe(result: dict) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    from .report import _markdown_table
+    from .report.document import _markdown_table
 
     header, rows = speed_table(result)
     return "\n".join([f"# Inference speed (measured): {result['model']}", "", describe(result), "",
@@ -540,10 +540,10 @@ def run_folder_source(run_dir: str | Path) -> dict:
 def check_request(model_options, data_options, adapter, boundary: int, origin: str,
                   settings: SpeedSettings) -> Request:
     """Every refusal before any work: the adapter, the boundary against the model and the adapter, the data."""
-    from .boundary import check_boundary
+    from .search.boundary import check_boundary
     from .data import require_nonempty
     from .model import model_layers_path, model_num_layers, read_adapter_config
-    from .surgery import AdapterFiles
+    from .lora.surgery import AdapterFiles
 
     from .model import DTYPES
 
@@ -579,7 +579,7 @@ def measure_request(request: Request, settings: SpeedSettings, folder: Path, pro
     import shutil
 
     from .runtime.threads import torch_threads
-    from .surgery import prune_adapter
+    from .lora.surgery import prune_adapter
 
     options = request.model_options
     scratch = folder / SCRATCH

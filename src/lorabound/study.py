@@ -40,18 +40,18 @@ import numpy as np
 
 from .runtime import distributed
 from . import pipeline
-from .boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
+from .search.boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
 from .errors import LoraboundError
-from .engines import check_engine_installed
+from .generation.engines import check_engine_installed
 from .metrics.scores import METRIC_LABELS, format_p, paired_test
 from .runtime.executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
 from .runtime.files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, waiting_lock, write_bytes_atomic,
                             write_json_atomic, write_text_atomic)
-from .generation_cache import BASE, FULL
+from .generation.cache import BASE, FULL
 from .model import DEFAULT_MODEL, model_num_layers
 from .options import DataOptions, GenerationOptions, ModelOptions
 from .runtime.folders import claim_shared_folder
-from .surgery import ADAPTER_WEIGHTS
+from .lora.surgery import ADAPTER_WEIGHTS
 from .training import TrainSettings
 from .rules import check_settings
 
@@ -804,7 +804,7 @@ def build_summary(grid: Grid, rows: list[dict], seconds: float | None) -> dict:
 
 def plot_overlay(rows: list[dict]) -> bytes | None:
     """Every cell's truncation curve, normalised to the full adapter's gain over the base (0 = base, 1 = full)."""
-    from .report import _figure, _png
+    from .report.document import _figure, _png
 
     curves = [r for r in rows if r.get("truncation", {}).get("mean_prob")]
     if not curves:
@@ -831,7 +831,7 @@ def plot_overlay(rows: list[dict]) -> bytes | None:
 
 def plot_differences(rows: list[dict], pooled: dict) -> bytes | None:
     """Per cell, pruned minus full with its 95% interval, for BLEU and ROUGE-L; the pooled mean as a line."""
-    from .report import _figure, _png
+    from .report.document import _figure, _png
 
     ok = [r for r in rows if r.get("in_domain")]
     if not ok:
@@ -989,7 +989,7 @@ def _headline(summary: dict) -> str:
 
 
 def render_study_markdown(summary: dict, plot_files: dict[str, str]) -> str:
-    from .report import _markdown_table
+    from .report.document import _markdown_table
 
     pooled = summary["pooled"]
     out = ["# lorabound study: does dropping upper-layer LoRA help?", "", _headline(summary), "",
@@ -1014,7 +1014,7 @@ def render_study_markdown(summary: dict, plot_files: dict[str, str]) -> str:
 def render_study_html(summary: dict, plots: dict[str, bytes]) -> str:
     import base64
 
-    from .report import CSS, _esc, _html_table
+    from .report.document import CSS, _esc, _html_table
 
     pooled = summary["pooled"]
     parts = ["<h1>lorabound study: does dropping upper-layer LoRA help?</h1>",

@@ -11,7 +11,7 @@ Read top to bottom:
    (:mod:`lorabound.metrics.stats`);
 4. :func:`describe_significance` says the result in plain words, with what the comparison could detect.
 
-Generation lives in :mod:`lorabound.generation`. All metric values are on a 0-100 scale.
+Generation lives in :mod:`lorabound.generation.decode`. All metric values are on a 0-100 scale.
 """
 
 from __future__ import annotations

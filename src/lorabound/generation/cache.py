@@ -9,16 +9,16 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .runtime import distributed
-from .data import Example, Task
+from ..runtime import distributed
+from ..data import Example, Task
 from .engines import HFEngine, VLLMEngine, VLLMOptions, check_engine
-from .runtime.files import input_identity, read_jsonl, write_text_atomic
-from .generation import _eos_ids
-from .model import find_layer_stack, resolve_model_dir
-from .options import GenerationOptions, ModelOptions
-from .selection import Selection
-from .surgery import parts_outside_layers
-from .variants import Variant, adapter_fingerprint
+from ..runtime.files import input_identity, read_jsonl, write_text_atomic
+from .decode import _eos_ids
+from ..model import find_layer_stack, resolve_model_dir
+from ..options import GenerationOptions, ModelOptions
+from ..lora.selection import Selection
+from ..lora.surgery import parts_outside_layers
+from ..lora.variants import Variant, adapter_fingerprint
 
 
 BASE, FULL = "base model", "full adapter"

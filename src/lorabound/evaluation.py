@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .boundary import check_boundary, knee, knee_label, raises_probability
+from .search.boundary import check_boundary, knee, knee_label, raises_probability
 from .data import require_nonempty
 from .errors import LoraboundError
 from .metrics.scores import MetricOptions, describe_significance, paired_tests, score
-from .generation_cache import (FULL, SelectionGenerator, boundary_variant, generate_cached, make_engine, model_identity,
+from .generation.cache import (FULL, SelectionGenerator, boundary_variant, generate_cached, make_engine, model_identity,
                                variant_name)
 from .model import ADAPTER_PICKLE, find_layer_stack
-from .selection import Selection
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, adapter_pairs, exported_bytes, lora_modules,
-                      lora_params_per_layer)
-from .variants import Variant
+from .lora.selection import Selection
+from .lora.surgery import (ADAPTER_WEIGHTS, AdapterFiles, adapter_pairs, exported_bytes, lora_modules,
+                           lora_params_per_layer)
+from .lora.variants import Variant
 
 
 REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every LoRA layer"}

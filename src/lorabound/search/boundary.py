@@ -49,9 +49,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import LoraboundError
-from .metrics.scores import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
-from .metrics.stats import LEVEL, examples_needed, t_quantile, unseen_floor
+from ..errors import LoraboundError
+from ..metrics.scores import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
+from ..metrics.stats import LEVEL, examples_needed, t_quantile, unseen_floor
 
 CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf", "per-module", "greedy-drop")
 GOAL_CRITERIA = ("auto", "per-module")  # those deciding by --goal (greedy-drop decides as --goal size)

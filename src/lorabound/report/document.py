@@ -21,8 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from .metrics.scores import describe_significance
-from .runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..metrics.scores import describe_significance
+from ..runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 PLOT_FILES = {"truncation": "truncation_curve.png", "logit_lens": "logit_lens.png", "ablation": "layer_ablation.png",
               "joint": "joint_curve.png", "selection": "selection_layers.png"}
@@ -186,7 +186,7 @@ def _plot_selection(search: dict, adapter_layers: list[int] | None) -> bytes:
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import MaxNLocator
 
-    from .selection import Selection
+    from ..lora.selection import Selection
 
     chosen = Selection.from_json(search.get("selection"))
     prefix = search.get("compared_prefix") or {}
@@ -584,13 +584,13 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
 
 
 def _speed_rows(speed: dict) -> tuple[list[str], list[list[str]]]:
-    from .speed import speed_table
+    from ..speed import speed_table
 
     return speed_table(speed)
 
 
 def _speed_intro(speed: dict) -> str:
-    from .speed import describe
+    from ..speed import describe
 
     return f"Written by 'lorabound speed' into speed.json ({speed.get('created', 'time not recorded')}). " \
         + describe(speed)

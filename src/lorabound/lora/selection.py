@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .errors import LoraboundError
+from ..errors import LoraboundError
 
 GROUPS = ("attention", "mlp", "other")
 EVERY = "*"  # the group key that stands for every module group
