@@ -17,15 +17,14 @@ import threading
 import warnings
 from pathlib import Path
 
-from .runtime import threads as runtime
+from .runtime.threads import held_library_warnings, offline_unless_asked, set_threads
 
-runtime.offline_unless_asked()  # before any hub library is imported (they read it once)
+offline_unless_asked()  # before any hub library is imported (they read it once)
 
-from . import __version__
+from . import __version__  # noqa: E402
+from .errors import LoraboundError  # noqa: E402
+from .lora.selection import GROUPS  # noqa: E402
 from .runtime import distributed  # noqa: E402
-from .errors import LoraboundError
-from .runtime.threads import held_library_warnings, set_threads
-from .lora.selection import GROUPS
 
 RESUMING = ("run", "demo", "study", "train")  # a rerun continues where these stopped (stages, checkpoints)
 
@@ -310,7 +309,7 @@ def _main(argv: list[str] | None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
     if not distributed.is_main():
         args.quiet = True  # under torchrun only rank 0 prints (an error only its own rank has comes from that rank)
-    runtime.offline_unless_asked()  # for main() called in-process (lorabound reads it at each load)
+    offline_unless_asked()  # for main() called in-process (lorabound reads it at each load)
     try:
         with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()), \
                 held_library_warnings(refusals=(LoraboundError, OSError)):
@@ -487,7 +486,7 @@ def _speed(args: argparse.Namespace, progress: bool) -> int:
     from .model import DEFAULT_MODEL
     from .pipeline import DataOptions, ModelOptions
     from .speed import SpeedSettings, describe, speed_table
-    from .report.document import _markdown_table
+    from .formatting import markdown_table
 
     settings = _picked(args, SpeedSettings)
     data_options = _picked(args, DataOptions)
@@ -497,7 +496,7 @@ def _speed(args: argparse.Namespace, progress: bool) -> int:
                                                   device="cpu"),
                             overwrite=args.overwrite, progress=progress)
     print(describe(result))
-    print(_markdown_table(*speed_table(result)))
+    print(markdown_table(*speed_table(result)))
     print(f"wrote {Path(args.out or args.run) / 'speed.json'} and speed.md")
     return 0
 
@@ -507,7 +506,7 @@ def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
     from . import pipeline
     from .pipeline import ModelOptions
     from .speed import SpeedSettings, describe, speed_table
-    from .report.document import _markdown_table
+    from .formatting import markdown_table
 
     b, layers = report["search"]["boundary"], report["curves"]["meta"]["adapter_layers"]
     if not min(layers) <= b < max(layers):
@@ -518,7 +517,7 @@ def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
     result = pipeline.speed(run=args.out, settings=SpeedSettings(device=options.device), progress=progress,
                             model_options=options)
     print(describe(result))
-    print(_markdown_table(*speed_table(result)))
+    print(markdown_table(*speed_table(result)))
 
 
 def _int_list(text: str) -> list[int]:

@@ -22,37 +22,37 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .runtime import distributed
 from .analysis.curves import CURVES, check_joint_groups
 from .analysis.curves import analyze as analyze_curves
-from .search.boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary, knee,
-                              raises_probability)
-from .search.boundary import search as search_boundary
+from .analysis.greedy import greedy_path, params_budget
 from .data import Splits, encode_pairs, first_reference_pairs, input_fingerprints, require_nonempty
-from .generation.engines import VLLMOptions
 from .errors import LoraboundError
-from .metrics.scores import MetricOptions
 from .evaluation import evaluate_variants, file_size, run_origins, selection_on_test
-from .runtime.files import (check_not_input, check_output_dir, existing_path, holds_folder_locks, input_identity,
-                            lock_folder, output_folder, read_json, write_json_atomic)
 from .generation.cache import (SelectionGenerator, boundary_variant, check_engine_options, generate_cached, make_engine,
                                model_identity)
-from .analysis.greedy import greedy_path, params_budget
+from .generation.engines import VLLMOptions
+from .lora.selection import GROUPS, Selection, check_boundary, parse_layers, per_group_over
+from .lora.surgery import (ADAPTER_WEIGHTS, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
+                           check_selection, lora_params_per_layer, prune_adapter)
+from .lora.variants import Variant
+from .metrics.scores import MetricOptions
 from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, check_sequence_room, find_layer_stack,
                     model_num_layers, model_paths, read_adapter_config)
 from .options import DataOptions, GenerationOptions, ModelOptions
 from .report.document import format_table, plot_curves, write_report
+from .report.verdict import report_notes, verdict
+from .rules import check_arguments
+from .runtime import distributed
+from .runtime.files import (check_not_input, check_output_dir, existing_path, holds_folder_locks, input_identity,
+                            lock_folder, output_folder, read_json, write_json_atomic)
 from .runtime.folders import claim_folder, claim_output, rank0_output_folder
 from .runtime.threads import torch_threads
-from .lora.selection import GROUPS, Selection, parse_layers, per_group_over
+from .search.boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, knee,
+                              raises_probability)
+from .search.boundary import search as search_boundary
 from .search.modules import pair_params, search_greedy, search_per_module
-from .lora.surgery import (ADAPTER_WEIGHTS, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
-                           check_selection, lora_params_per_layer, prune_adapter)
 from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
-from .rules import check_arguments
-from .lora.variants import Variant
-from .report.verdict import report_notes, verdict
 
 
 # ---------------------------------------------------------------------------
@@ -736,18 +736,3 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
         print(report["verdict"])
         print(f"\nreport: {out / 'run' / 'report.html'}")
     return report
-
-
-# ---------------------------------------------------------------------------
-# study (lives in study.py, on top of train and run)
-# ---------------------------------------------------------------------------
-
-def study(out: str | Path, grid=None, *, overwrite: bool = False, retry_failed: bool = False,
-          progress: bool = True, **where) -> dict:
-    """Train and run every cell of a grid (a study.Grid, or a TOML file's path) into OUT; see lorabound.study.
-    `where` takes study.study's shard, executor and device."""
-    from .study import Grid, load_grid
-    from .study import study as run_study
-
-    grid = grid if isinstance(grid, Grid) else load_grid(grid)
-    return run_study(out, grid, overwrite=overwrite, retry_failed=retry_failed, progress=progress, **where)

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from .data import (Encoded, Splits, Task, batches, by_length, encode_pairs, input_fingerprints, require_nonempty,
                    training_pairs)
 from .errors import LoraboundError
-from .runtime.files import atomic_dir, check_output_dir, write_json_atomic
 from .model import head_only_at
 from .rules import check_arguments
+from .runtime.files import atomic_dir, check_output_dir, write_json_atomic
 
 
 @dataclass

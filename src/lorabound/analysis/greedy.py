@@ -20,12 +20,12 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .curves import TokenScores, Targets, head_logits, run_layers, trace_layers
 from ..data import Encoded, batches
 from ..errors import LoraboundError
-from ..model import find_layer_stack
 from ..lora.selection import Selection
 from ..lora.surgery import adapter_layers, keep_selection
+from ..model import find_layer_stack
+from .curves import TokenScores, Targets, head_logits, run_layers, trace_layers
 
 
 def params_kept(layers, params_per_layer: dict[int, int]) -> int:

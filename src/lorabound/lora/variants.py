@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import LoraboundError
-from ..runtime.files import sha256_file
 from ..model import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS
+from ..runtime.files import sha256_file
 from .selection import Selection
 
 

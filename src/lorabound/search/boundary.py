@@ -50,6 +50,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import LoraboundError
+from ..lora.selection import check_boundary
 from ..metrics.scores import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
 from ..metrics.stats import LEVEL, examples_needed, t_quantile, unseen_floor
 
@@ -134,14 +135,6 @@ class SearchSettings:
         if self.criterion == "greedy-drop":
             return None if self.keep_fraction is not None else "size"
         return (self.goal or "quality") if self.criterion in GOAL_CRITERIA else None
-
-
-def check_boundary(boundary: int, num_layers: int) -> None:
-    if not -1 <= boundary <= num_layers - 1:
-        raise LoraboundError(
-            f"boundary {boundary} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
-            f"pass --boundary between -1 (base model) and {num_layers - 1} (full adapter)"
-        )
 
 
 # --------------------------------------------------------------------------------------------
