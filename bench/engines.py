@@ -26,7 +26,8 @@ def main() -> None:
 
     from common import random_adapter
     from lorabound.data import load_task, split_task
-    from lorabound.generation.engines import HFEngine, Variant, VLLMEngine, VLLMOptions
+    from lorabound.generation.engines import HFEngine, Variant, VLLMEngine
+    from lorabound.options import VLLMOptions
     from lorabound.generation.decode import eos_token_ids
     from lorabound.model import find_layer_stack, load_model, resolve_model_dir
 

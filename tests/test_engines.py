@@ -150,7 +150,7 @@ def _real_adapter(folder, layers: list[int] | None = None, scale: float = 0.02):
 def test_vllm_engine_matches_hf_engine_on_the_real_model(tmp_path):
     """Base, full adapter and two pruned boundaries: the same hypotheses files and metrics from both engines."""
     from lorabound import pipeline
-    from lorabound.generation.engines import VLLMOptions
+    from lorabound.options import VLLMOptions
     from lorabound.pipeline import DataOptions, GenerationOptions
 
     _real_adapter(tmp_path / "adapter")
@@ -200,7 +200,7 @@ def test_vllm_selection_searches_match_hf_engine_on_the_real_model(tmp_path, cri
     The teacher-forced part (the joint curve, the greedy path) runs on transformers whatever the engine, so the
     vLLM search takes the transformers search's instead of computing it again (minutes on a CPU)."""
     from lorabound import pipeline
-    from lorabound.generation.engines import VLLMOptions
+    from lorabound.options import VLLMOptions
     from lorabound.pipeline import DataOptions, GenerationOptions
     from lorabound.lora.selection import Selection
 

@@ -381,7 +381,8 @@ def test_real_demo_adapter_loads_every_tensor_and_null_targets_are_refused(tmp_p
     and v_proj: 921,600 of 4,884,480 parameters) is refused."""
     from peft import get_peft_model
 
-    from lorabound.training import TrainSettings, lora_config
+    from lorabound.options import TrainSettings
+    from lorabound.training import lora_config
 
     folder = tmp_path / "demo-like"
     model, _ = load_model("smollm2-135m")

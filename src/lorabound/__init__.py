@@ -4,8 +4,8 @@ The public API, imported on first use (so `import lorabound` loads neither torch
 
 - the commands, as functions with the CLI's names and defaults: train, analyze, search, prune, evaluate, run,
   demo, speed (lorabound.pipeline) and study (lorabound.study);
-- their options and results: DataOptions, ModelOptions, GenerationOptions (lorabound.options), MetricOptions
-  (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.search.boundary), TrainSettings and
+- their options and results: DataOptions, ModelOptions, GenerationOptions, TrainSettings (lorabound.options),
+  MetricOptions (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.search.boundary),
   TrainResult (lorabound.training);
 - the values everything keys on: Selection (which LoRA modules are kept) and Variant (an adapter's selection,
   or no adapter);
@@ -21,7 +21,7 @@ _WHERE = {
     "study": "study",
     "DataOptions": "options", "ModelOptions": "options", "GenerationOptions": "options",
     "MetricOptions": "metrics.scores", "SearchSettings": "search.boundary", "SearchResult": "search.boundary",
-    "TrainSettings": "training", "TrainResult": "training",
+    "TrainSettings": "options", "TrainResult": "training",
     "Selection": "lora.selection", "Variant": "lora.variants", "LoraboundError": "errors",
 }
 __all__ = ["__version__", *_WHERE]

@@ -98,13 +98,11 @@ def _picked(args: argparse.Namespace, cls, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .analysis.curves import CURVES, OPTIONAL_CURVES
-    from .search.boundary import CRITERIA, GOALS, SELECTION_CRITERIA
-    from .generation.engines import VLLMOptions
+    # imported here, and only modules free of torch: `lorabound --help` stays quick
     from .metrics.scores import MetricOptions
-    from .pipeline import DataOptions, GenerationOptions, ModelOptions
-    from .lora.surgery import EXPORT_FORMATS
-    from .training import TrainSettings
+    from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings, VLLMOptions
+    from .rules import CURVES, EXPORT_FORMATS, OPTIONAL_CURVES
+    from .search.boundary import CRITERIA, GOALS, SELECTION_CRITERIA
 
     parser = Parser(
         prog="lorabound",
@@ -361,10 +359,8 @@ def _stop_if_interrupted() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
-    from .generation.engines import VLLMOptions
     from .metrics.scores import MetricOptions
-    from .pipeline import DataOptions, GenerationOptions, ModelOptions
-    from .training import TrainSettings
+    from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings, VLLMOptions
 
     _stop_if_interrupted()  # before any work, should a Ctrl-C during those imports have been dropped
     progress = not args.quiet
@@ -483,10 +479,10 @@ def _study(args: argparse.Namespace, progress: bool) -> int:
 
 def _speed(args: argparse.Namespace, progress: bool) -> int:
     from . import pipeline
-    from .model import DEFAULT_MODEL
-    from .pipeline import DataOptions, ModelOptions
-    from .speed import SpeedSettings, describe, speed_table
     from .formatting import markdown_table
+    from .options import DataOptions, ModelOptions
+    from .rules import DEFAULT_MODEL
+    from .speed import SpeedSettings, describe, speed_table
 
     settings = _picked(args, SpeedSettings)
     data_options = _picked(args, DataOptions)

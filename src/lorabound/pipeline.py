@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
-from .analysis.curves import CURVES, check_joint_groups
+from .analysis.curves import check_joint_groups
 from .analysis.curves import analyze as analyze_curves
 from .analysis.greedy import greedy_path, params_budget
 from .data import Splits, encode_pairs, first_reference_pairs, input_fingerprints, require_nonempty
@@ -30,7 +30,6 @@ from .errors import LoraboundError
 from .evaluation import evaluate_variants, file_size, run_origins, selection_on_test
 from .generation.cache import (SelectionGenerator, boundary_variant, check_engine_options, generate_cached, make_engine,
                                model_identity)
-from .generation.engines import VLLMOptions
 from .lora.selection import GROUPS, Selection, check_boundary, parse_layers, per_group_over
 from .lora.surgery import (ADAPTER_WEIGHTS, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
                            check_selection, lora_params_per_layer, prune_adapter)
@@ -38,10 +37,10 @@ from .lora.variants import Variant
 from .metrics.scores import MetricOptions
 from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, check_sequence_room, find_layer_stack,
                     model_num_layers, model_paths, read_adapter_config)
-from .options import DataOptions, GenerationOptions, ModelOptions
+from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings, VLLMOptions
 from .report.document import format_table, plot_curves, write_report
 from .report.verdict import report_notes, verdict
-from .rules import check_arguments
+from .rules import CURVES, check_arguments
 from .runtime import distributed
 from .runtime.files import (check_not_input, check_output_dir, existing_path, holds_folder_locks, input_identity,
                             lock_folder, output_folder, read_json, write_json_atomic)
@@ -51,7 +50,7 @@ from .search.boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, 
                               raises_probability)
 from .search.boundary import search as search_boundary
 from .search.modules import pair_params, search_greedy, search_per_module
-from .training import TrainResult, TrainSettings
+from .training import TrainResult
 from .training import train as train_adapter
 
 

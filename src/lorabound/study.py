@@ -46,7 +46,7 @@ from .generation.engines import check_engine_installed
 from .lora.surgery import ADAPTER_WEIGHTS
 from .metrics.scores import METRIC_LABELS, format_p, paired_test
 from .model import DEFAULT_MODEL, model_num_layers
-from .options import DataOptions, GenerationOptions, ModelOptions
+from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings
 from .rules import check_settings
 from .runtime import distributed
 from .runtime.executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
@@ -54,7 +54,6 @@ from .runtime.files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_l
                             write_json_atomic, write_text_atomic)
 from .runtime.folders import claim_shared_folder
 from .search.boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
-from .training import TrainSettings
 
 METRICS = ("bleu", "rougeL", "chrf")
 # sacrebleu gives no public per-example chrF statistics, so the paired bootstrap (and the pooled test) covers

@@ -27,14 +27,13 @@ from tqdm.auto import tqdm
 
 from ..data import Encoded, batches, by_length
 from ..errors import LoraboundError
+from ..rules import CURVES, OPTIONAL_CURVES
 from ..lora.selection import Selection
 from ..lora.surgery import adapter_layers, keep_lora, keep_selection, lora_modules, no_adapter, parts_outside_layers
 from ..model import LayerStack, apply_head, find_layer_stack, unwrap_model
 from ..runtime import distributed
 from ..runtime.files import write_json_atomic
 
-CURVES = ("truncation", "logit_lens", "ablation")  # analyze's default
-OPTIONAL_CURVES = ("joint",)  # asked by name: the joint curve costs about 2L/3 truncation sweeps (README)
 JOINT_GROUPS = ("attention", "mlp")
 
 

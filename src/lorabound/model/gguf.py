@@ -15,8 +15,8 @@ from typing import Iterator
 import torch
 
 from ..errors import LoraboundError, first_line
+from ..rules import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
 # Written last into a converted folder; its presence marks a finished conversion.
 _CONVERSION_STAMP = "lorabound_conversion.json"
 
