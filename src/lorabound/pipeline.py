@@ -257,8 +257,8 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
            progress: bool = True, goal: str | None = None, bootstrap: int = 1000,
            metric_options: MetricOptions | None = None, keep_fraction: float | None = None) -> SearchResult:
-    """Pick the boundary b on the validation split (see boundary.py for the criteria; per-module and greedy-drop
-    pick a Selection, see selection_search.py)."""
+    """Pick the boundary b on the validation split (see search/boundary.py for the criteria; per-module and greedy-drop
+    pick a Selection, see search/modules.py)."""
     check_arguments(adapter=adapter, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
                     candidates=candidates, batch_size=batch_size, bootstrap=bootstrap, keep_fraction=keep_fraction,
                     **({} if out is None else {"out": out}))
@@ -409,7 +409,7 @@ def prune(adapter: str | Path, boundary: int | Selection | None, out: str | Path
 
 
 def _group_flags(group_boundaries: dict[str, int] | None) -> dict[str, int]:
-    """{"mlp": 9} -> {"boundary_mlp": 9}: the names validation.py's rules use. An unknown group is refused."""
+    """{"mlp": 9} -> {"boundary_mlp": 9}: the names rules.py's rules use. An unknown group is refused."""
     unknown = sorted(set(group_boundaries or {}) - set(GROUPS))
     if unknown:
         raise LoraboundError(f"unknown module group {unknown[0]}; the groups are {', '.join(GROUPS)}")

@@ -8,7 +8,7 @@ Read top to bottom:
    ``transfer`` also evaluates the chosen b on another task's test split. Cells run in the grid's fixed order;
    a rerun skips finished cells and `run` resumes a cell stage by stage. A cell that raises a LoraboundError
    (a diverged training, say) is marked failed with the reason, and the study goes on. Where cells run (this
-   process, or Ray tasks) and which (--shard I/N) is executors.py's; each cell runs under its own lock, so
+   process, or Ray tasks) and which (--shard I/N) is runtime/executors.py's; each cell runs under its own lock, so
    shards fill one study folder side by side;
 3. the summaries: per cell, read from its report.json; pooled across cells, the mean difference of pruned vs
    full with a bootstrap interval over cells, and Holm-corrected per-cell significance counts;
@@ -260,12 +260,12 @@ def grid_from_dict(values: dict) -> Grid:
     return grid
 
 
-# The grid's keys that follow another name's rule in validation.py (a list key, the rule of one item)
+# The grid's keys that follow another name's rule in rules.py (a list key, the rule of one item)
 GRID_RULES = {"models": "model", "tasks": "data", "seeds": "seed", "transfer": "data", "ranks": "rank"}
 
 
 def check_grid_values(grid: Grid) -> None:
-    """Every value of the grid against the rule of its flag in validation.py (ranges, NaN, the engine)."""
+    """Every value of the grid against the rule of its flag in rules.py (ranges, NaN, the engine)."""
     where = "the grid"
     for key in ("models", "tasks", "seeds"):
         for value in getattr(grid, key):
@@ -352,7 +352,7 @@ def study(out: str | Path, grid: Grid | str | Path | None = None, *, overwrite: 
     """Run every cell of `grid` (a Grid, or a TOML file's path) into OUT (resumable), then write study.json,
     study.md and study.html.
 
-    `executor` says where the cells run (this process, or Ray tasks: executors.py); with `shard` ("I/N") only
+    `executor` says where the cells run (this process, or Ray tasks: runtime/executors.py); with `shard` ("I/N") only
     the cells at positions I mod N run and no report is written: the unsharded call over the finished cells pools
     them. Processes (shards) share OUT; each cell runs under its own lock.
     """

@@ -355,7 +355,7 @@ def analysis_batches(encoded: Encoded, batch_size: int, pad_token_id: int, exact
 def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, curves: tuple[str, ...] = CURVES,
             checkpoint: str | Path | None = None, progress: bool = True, meta: dict | None = None,
             exact: bool = False) -> dict:
-    """Compute the curves over every encoded example. Returns the curves dict (see report.py for its shape).
+    """Compute the curves over every encoded example. Returns the curves dict (see report/document.py for its shape).
 
     The truncation curve is always exact and over every example. Unless `exact`, the logit lens and the
     ablation run on the first batches only (APPROXIMATE_SHARE of them) and the log-softmax normaliser is

@@ -205,7 +205,7 @@ def generate_variants(model, tokenizer, prompts: list[str],
                       batched: bool = True) -> dict[str, GenerationResult]:
     """:func:`generate` for several LoRA variants of a peft model: {variant key: result}.
 
-    `variants`: (key, what is kept) pairs: a Selection (any (layer, module group) pairs, see selection.py);
+    `variants`: (key, what is kept) pairs: a Selection (any (layer, module group) pairs, see lora/selection.py);
     None, the full adapter as loaded; a list of layers, LoRA on those stack layers only, the empty list being
     the base model (the adapter switched off). With `batched` (and an adapter for which it is exact, see
     _maskable_modules) all variants share each batch: `batch_size` prompts, each repeated once per variant.

@@ -56,7 +56,7 @@ from ..metrics.stats import LEVEL, examples_needed, t_quantile, unseen_floor
 
 CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf", "per-module", "greedy-drop")
 GOAL_CRITERIA = ("auto", "per-module")  # those deciding by --goal (greedy-drop decides as --goal size)
-SELECTION_CRITERIA = ("per-module", "greedy-drop")  # their result is a Selection (selection_search.py)
+SELECTION_CRITERIA = ("per-module", "greedy-drop")  # their result is a Selection (search/modules.py)
 GOALS = ("quality", "size")
 METRIC_CRITERIA = {"auto": COMBINED, "bleu": "bleu", "rougeL": "rougeL", "chrf": "chrf"}
 KNEE_FRACTIONS = (0.5, 0.75, 0.9, 0.95)
@@ -109,7 +109,7 @@ class SearchSettings:
             raise LoraboundError(f"--bootstrap {self.bootstrap} must be at least 1; 1000 is usual")
 
     def _check_selection_criteria(self) -> None:
-        """--keep-fraction and --candidates against per-module / greedy-drop (validation.py checks the ranges)."""
+        """--keep-fraction and --candidates against per-module / greedy-drop (rules.py checks the ranges)."""
         if self.keep_fraction is not None:
             if not 0.0 < self.keep_fraction <= 1.0:
                 raise LoraboundError(f"--keep-fraction {self.keep_fraction} must be in (0, 1]; for example 0.5")
@@ -438,7 +438,7 @@ class SearchResult:
     lora_params_total: int = 0
     goal: str | None = None
     validation_tests: dict | None = None  # how the candidates were compared with the full adapter
-    # per-module / greedy-drop (selection_search.py): the chosen Selection (Selection.to_json), said for people,
+    # per-module / greedy-drop (search/modules.py): the chosen Selection (Selection.to_json), said for people,
     # its comparison on validation with the prefix of the same size, and the greedy removal path
     selection: dict | None = None
     selection_text: str | None = None
