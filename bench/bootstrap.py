@@ -14,8 +14,8 @@ import time
 import numpy as np
 from sacrebleu.metrics import BLEU
 
-from lorabound.evaluate import paired_test
-from lorabound.stats import resample_counts
+from lorabound.metrics.scores import paired_test
+from lorabound.metrics.stats import resample_counts
 
 
 def plain_diffs(a, b, refs, n_resamples: int, seed: int) -> np.ndarray:

@@ -26,8 +26,9 @@ def main() -> None:
 
     from common import random_adapter
     from lorabound.data import load_task, split_task
-    from lorabound.engines import HFEngine, Variant, VLLMEngine, VLLMOptions
-    from lorabound.generation import _eos_ids
+    from lorabound.generation.engines import HFEngine, Variant, VLLMEngine
+    from lorabound.options import VLLMOptions
+    from lorabound.generation.decode import eos_token_ids
     from lorabound.model import find_layer_stack, load_model, resolve_model_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +61,7 @@ def main() -> None:
         model.save_pretrained(Path(scratch) / "adapter")
         engine = VLLMEngine(resolve_model_dir(args.model), Path(scratch) / "adapter", tokenizer, num_layers=layers,
                             max_new_tokens=args.max_new_tokens, stop_at_newline=True,
-                            eos_ids=_eos_ids(model, tokenizer), options=VLLMOptions(max_model_len=1024),
+                            eos_ids=eos_token_ids(model, tokenizer), options=VLLMOptions(max_model_len=1024),
                             scratch=Path(scratch) / "exports")
         start = time.perf_counter()
         engine.generate(variants[:1], prompts[:1], progress=False)  # start-up and warm-up, timed apart

@@ -19,7 +19,7 @@ import torch
 
 from common import random_adapter
 from lorabound.data import load_task, split_task
-from lorabound.generation import generate, generate_variants
+from lorabound.generation.decode import generate, generate_variants
 from lorabound.model import find_layer_stack, load_adapter, load_model
 
 

@@ -17,7 +17,7 @@ import torch
 
 from common import random_adapter
 from lorabound.data import load_task, split_task
-from lorabound.generation import generate_variants
+from lorabound.generation.decode import generate_variants
 from lorabound.model import load_adapter, load_model
 
 

@@ -17,9 +17,9 @@ import time
 import torch
 
 from common import analysis_arguments, analysis_setup
-from lorabound.analysis import analyze
-from lorabound.greedy import greedy_path
-from lorabound.surgery import lora_params_per_layer
+from lorabound.analysis.curves import analyze
+from lorabound.analysis.greedy import greedy_path
+from lorabound.lora.surgery import lora_params_per_layer
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lorabound.boundary import COMPARED, pick_for_goal
-from lorabound.evaluate import paired_statistics
-from lorabound.files import read_jsonl
-from lorabound.stats import COMBINED, PARTS, compare
+from lorabound.search.boundary import COMPARED, pick_for_goal
+from lorabound.metrics.scores import paired_statistics
+from lorabound.runtime.files import read_jsonl
+from lorabound.metrics.stats import COMBINED, PARTS, compare
 
 
 def saved_outputs(folder: Path, search: dict) -> tuple[dict[int, list[str]], list[list[str]]]:

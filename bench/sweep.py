@@ -18,7 +18,7 @@ import time
 import torch
 
 from common import analysis_arguments, analysis_setup
-from lorabound.analysis import analyze, truncation_curve_plain
+from lorabound.analysis.curves import analyze, truncation_curve_plain
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import time
 import torch
 
 from lorabound.data import load_task, split_task
-from lorabound.generation import generate
+from lorabound.generation.decode import generate
 from lorabound.model import load_model
-from lorabound.runtime import default_threads
+from lorabound.runtime.threads import default_threads
 
 SPIN = "while True: pass"
 

@@ -24,7 +24,8 @@ from peft import get_peft_model
 
 from lorabound.data import Splits, batches, encode_pairs, load_task, split_task, training_pairs
 from lorabound.model import load_model
-from lorabound.training import TrainSettings, lora_config, target_loss, train
+from lorabound.options import TrainSettings
+from lorabound.training import lora_config, target_loss, train
 
 
 def plain_loop(model, encoded, settings: TrainSettings, pad: int, profile: dict | None = None) -> int:

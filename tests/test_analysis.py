@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-from lorabound import analysis
-from lorabound.analysis import analyze, truncation_curve_plain
+from lorabound.analysis import curves as analysis
+from lorabound.analysis.curves import analyze, truncation_curve_plain
 from lorabound.data import batches
 
 from tiny import randomize_lora, real_sparse_lora, tiny_encoded, tiny_lora, tiny_tokenizer
@@ -148,7 +148,7 @@ def test_real_model_self_check_passes(real_model, monkeypatch):
     from lorabound.data import batches, encode_pairs, first_reference_pairs, load_task, split_task
     from lorabound.errors import LoraboundError
     from lorabound.model import apply_head, find_layer_stack
-    from lorabound.surgery import adapter_layers
+    from lorabound.lora.surgery import adapter_layers
 
     base, tokenizer = real_model
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -236,7 +236,7 @@ def test_analysis_batches_by_length_within_the_approximated_group_and_the_rest(t
 
 
 def test_approximated_plots_say_so(tok, tmp_path):
-    from lorabound.report import _approximated
+    from lorabound.report.document import _approximated
 
     model = tiny_lora()
     fast = analyze(model, tiny_encoded(tok), batch_size=2, pad_token_id=tok.pad_token_id, progress=False)
@@ -292,8 +292,8 @@ def test_joint_curve_every_cell_equals_a_direct_forward(tok, arch):
 
 def test_joint_curve_cell_is_keep_selection_with_per_group_boundaries(tok):
     """One cell against a forward with Selection.per_group built by hand (not via joint_selection)."""
-    from lorabound.selection import Selection
-    from lorabound.surgery import keep_selection
+    from lorabound.lora.selection import Selection
+    from lorabound.lora.surgery import keep_selection
 
     model = tiny_lora()
     encoded = tiny_encoded(tok)

@@ -26,13 +26,15 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, SiglipVisionConfig)
 
-from lorabound import analysis, cli, report
-from lorabound.analysis import analyze, truncation_curve_plain
+from lorabound.analysis import curves as analysis
+from lorabound import cli
+from lorabound.report import document as report
+from lorabound.analysis.curves import analyze, truncation_curve_plain
 from lorabound.data import batches
 from lorabound.errors import LoraboundError
 from lorabound.model import apply_head, find_layer_stack
 from lorabound.training import target_loss
-from lorabound.surgery import AdapterFiles, keep_lora, keep_up_to, lora_modules, prune_adapter
+from lorabound.lora.surgery import AdapterFiles, keep_lora, keep_up_to, lora_modules, prune_adapter
 
 from tiny import randomize_lora, tiny_encoded, tiny_tokenizer
 

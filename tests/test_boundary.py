@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from lorabound.boundary import (SearchSettings, Validation, knee, local_maxima, max_likelihood, pick_by_metric,
-                                preselect, search)
+from lorabound.search.boundary import (SearchSettings, Validation, knee, local_maxima, max_likelihood, pick_by_metric,
+                                       preselect, search)
 from lorabound.errors import LoraboundError
-from lorabound.evaluate import COMBINED
+from lorabound.metrics.scores import COMBINED
 
 # base 0.40, full 0.60: 90% of the gain is 0.58, first reached at b = 3.
 CURVE = {"boundary": [-1, 0, 1, 2, 3, 4, 5], "mean_prob": [0.40, 0.45, 0.50, 0.55, 0.58, 0.61, 0.60]}
@@ -201,7 +201,7 @@ def compared(bleu: tuple, rouge: tuple) -> dict:
 
 
 def test_goal_rules_refuse_a_gain_that_costs_a_significant_loss_on_one_metric():
-    from lorabound.boundary import pick_for_goal
+    from lorabound.search.boundary import pick_for_goal
 
     full = {"bleu": 30, "rougeL": 50, COMBINED: 40, "vs_full": None}
     # b = 1: a big BLEU gain, a significant ROUGE-L loss. b = 2: a modest gain on both, beyond noise.
@@ -353,7 +353,7 @@ def test_cli_search_with_a_given_boundary_prints_without_a_curve(tiny_world, cap
 
 
 def test_report_shows_candidate_intervals_and_metric_signatures():
-    from lorabound.report import render_markdown
+    from lorabound.report.document import render_markdown
 
     right = {0: 2, 3: 12, 5: 12}
     result = search(CURVE, SearchSettings(criterion="auto", candidates=[0, 3]), 6, PER_LAYER, validation(right))
@@ -398,7 +398,7 @@ NO_GAIN_CURVES = {
 
 @pytest.mark.parametrize("name", list(NO_GAIN_CURVES))
 def test_the_base_model_is_never_called_a_knee_when_the_adapter_does_not_raise_the_probability(name):
-    from lorabound.evaluation_table import run_origins
+    from lorabound.evaluation import run_origins
 
     curve = NO_GAIN_CURVES[name]
     top = curve["boundary"][-1]
@@ -420,7 +420,7 @@ def test_the_base_model_is_never_called_a_knee_when_the_adapter_does_not_raise_t
 
 
 def test_a_rising_curve_keeps_its_knee_labels():
-    from lorabound.evaluation_table import run_origins
+    from lorabound.evaluation import run_origins
 
     origins = run_origins({"boundary": 5, "criterion": "auto", "candidates": []}, {"truncation": CURVE}, 0.9, [], 5)
     assert origins[3] == ["for comparison: knee of the curve (90% of the gain)"]
@@ -443,7 +443,7 @@ def test_a_rising_curve_keeps_its_knee_labels():
      {(-1, 1): ["no attention LoRA: it does not raise the ground-truth probability (MLP LoRA on every layer)"]}),
 ])
 def test_per_module_candidates_name_a_missing_gain_for_what_it_is(joint, expected):
-    from lorabound.selection_search import preselect_pairs
+    from lorabound.search.modules import preselect_pairs
 
     params = {(0, "attention"): 10, (1, "attention"): 10, (0, "mlp"): 20, (1, "mlp"): 20}
     found = preselect_pairs(joint, params, num_layers=2)

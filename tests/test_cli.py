@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.pipeline import check_held_out
 from lorabound.errors import LoraboundError
-from lorabound.surgery import AdapterFiles
+from lorabound.lora.surgery import AdapterFiles
 
 from clitools import cli, ok, refused
 from tiny import tiny_lora, save_tiny_base
@@ -245,3 +245,24 @@ def test_skipped_validation_examples_are_warned_about(capsys, ws, tmp_path, long
 def test_no_warning_when_nothing_was_skipped(capsys, ws, tmp_path):
     code, _, err = cli(capsys, "analyze", *ws.common, "--adapter", ws.adapter, "--out", tmp_path / "o")
     assert code == 0 and "warning:" not in err
+
+
+def test_help_imports_no_torch():
+    """`lorabound --help` and every `lorabound COMMAND --help` build the parser from the option dataclasses alone:
+    torch, transformers and PEFT stay unimported (checked in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\n"
+            "from lorabound.cli import main\n"
+            "for argv in [['--help']] + [[c, '--help'] for c in ('train', 'analyze', 'search', 'prune', 'evaluate', "
+            "'run', 'demo', 'study', 'speed')]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            main(argv)\n"
+            "        except SystemExit as exit:\n"
+            "            assert exit.code == 0, (argv, exit.code)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]"]

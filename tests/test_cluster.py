@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorabound import executors, pipeline
+from lorabound.runtime import executors
+from lorabound import pipeline
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
-from lorabound.executors import ExecutorOptions, Shard, TaskFailure
-from lorabound.files import holds_folder_locks, lock_folder, waiting_lock
-from lorabound.run_folders import claim_shared_folder
+from lorabound.runtime.executors import ExecutorOptions, Shard, TaskFailure
+from lorabound.runtime.files import holds_folder_locks, lock_folder, waiting_lock
+from lorabound.runtime.folders import claim_shared_folder
 from lorabound.study import grid_from_dict, study
 
 from test_study import tiny_grid, workspace  # noqa: F401  (the tiny model and the two JSONL tasks)
@@ -140,7 +141,7 @@ def test_shards_share_the_folder_and_exclude_an_overwrite_or_other_settings(tmp_
 
 HOLDER = """import sys
 from pathlib import Path
-from lorabound.files import waiting_lock
+from lorabound.runtime.files import waiting_lock
 with waiting_lock(Path(sys.argv[1])):
     print("held", flush=True)
     sys.stdin.readline()  # until the test says go

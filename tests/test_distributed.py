@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import lorabound
-from lorabound import distributed
+from lorabound.runtime import distributed
 from lorabound.cli import main
 
 from tiny import tiny_llama, tiny_lora, save_tiny_base
@@ -211,7 +211,7 @@ def test_a_dying_rank_stops_the_others_and_a_rerun_resumes(workspace, tmp_path, 
 HOLDER = """
 import sys
 from pathlib import Path
-from lorabound.files import holds_folder_locks, lock_output
+from lorabound.runtime.files import holds_folder_locks, lock_output
 
 @holds_folder_locks
 def hold(out):

@@ -7,12 +7,12 @@ import json
 import pytest
 from peft import LoraConfig, get_peft_model
 
-from lorabound import engines
+from lorabound.generation import engines
 from lorabound.cli import main
-from lorabound.engines import HFEngine, Variant, check_adapter_for_vllm, length_batches, lora_rank_limit
+from lorabound.generation.engines import HFEngine, Variant, check_adapter_for_vllm, length_batches, lora_rank_limit
 from lorabound.errors import LoraboundError
-from lorabound.generation import generate
-from lorabound.surgery import keep_lora
+from lorabound.generation.decode import generate
+from lorabound.lora.surgery import keep_lora
 
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
 
@@ -157,7 +157,7 @@ def _real_adapter(folder, layers: list[int] | None = None, scale: float = 0.02, 
 def test_vllm_engine_matches_hf_engine_on_the_real_model(tmp_path):
     """Base, full adapter and two pruned boundaries: the same hypotheses files and metrics from both engines."""
     from lorabound import pipeline
-    from lorabound.engines import VLLMOptions
+    from lorabound.options import VLLMOptions
     from lorabound.pipeline import DataOptions, GenerationOptions
 
     _real_adapter(tmp_path / "adapter")
@@ -239,9 +239,9 @@ def test_vllm_selection_searches_match_hf_engine_on_the_real_model(tmp_path, cri
     The teacher-forced part (the joint curve, the greedy path) runs on transformers whatever the engine, so the
     vLLM search takes the transformers search's instead of computing it again (minutes on a CPU)."""
     from lorabound import pipeline
-    from lorabound.engines import VLLMOptions
+    from lorabound.options import VLLMOptions
     from lorabound.pipeline import DataOptions, GenerationOptions
-    from lorabound.selection import Selection
+    from lorabound.lora.selection import Selection
 
     # LoRA on the top 6 of 30 layers: the joint curve (7 x 7 cells) and the greedy path (6 steps) stay small.
     _real_adapter(tmp_path / "adapter", layers=list(range(24, 30)), scale=0.04)

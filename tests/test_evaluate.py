@@ -10,9 +10,9 @@ import sacrebleu
 import torch
 
 from lorabound.errors import LoraboundError
-from lorabound.evaluate import (COMBINED, MetricOptions, UnicodeTokenizer, available_bleu_tokenizers,
-                                describe_significance, paired_test, score, score_from_stats, segment_stats)
-from lorabound.generation import generate
+from lorabound.metrics.scores import (COMBINED, MetricOptions, UnicodeTokenizer, available_bleu_tokenizers,
+                                      describe_significance, paired_test, score, score_from_stats, segment_stats)
+from lorabound.generation.decode import generate
 
 SENTENCES = [
     "the cat sat on the mat", "a dog ran across the busy road", "we had fish and chips for dinner",

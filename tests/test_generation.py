@@ -16,10 +16,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, StoppingCriteria,
                           StoppingCriteriaList)
 
-from lorabound import generation, generation_cache
-from lorabound.generation import (StopRule, answer_line_ended, generate, generate_variants, newline_token_ids)
-from lorabound.selection import Selection
-from lorabound.surgery import adapter_pairs, keep_lora, keep_selection
+from lorabound.generation import decode as generation, cache as generation_cache
+from lorabound.generation.decode import StopRule, answer_line_ended, generate, generate_variants, newline_token_ids
+from lorabound.lora.selection import Selection
+from lorabound.lora.surgery import adapter_pairs, keep_lora, keep_selection
 
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
 
@@ -302,8 +302,8 @@ def test_real_tokenizer_id_rule_stops_where_the_text_rule_does(real_model):
 
 
 def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monkeypatch):
-    from lorabound import engines
-    from lorabound.engines import HFEngine
+    from lorabound.generation import engines
+    from lorabound.generation.engines import HFEngine
     from lorabound.pipeline import GenerationOptions
 
     from tiny import tiny_task
@@ -333,10 +333,10 @@ def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monk
 
 def test_equal_selections_share_cached_generations_and_different_ones_never_do(tmp_path, monkeypatch):
     """The cache key holds the selection stated on the adapter's own modules, not its name or how it was asked."""
-    from lorabound import engines
-    from lorabound.engines import HFEngine
+    from lorabound.generation import engines
+    from lorabound.generation.engines import HFEngine
     from lorabound.pipeline import GenerationOptions
-    from lorabound.variants import Variant
+    from lorabound.lora.variants import Variant
 
     from tiny import tiny_task
 

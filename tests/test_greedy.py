@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from lorabound import analysis
+from lorabound.analysis import curves as analysis
 from lorabound.errors import LoraboundError
-from lorabound.greedy import greedy_path, params_budget
-from lorabound.selection import Selection
-from lorabound.surgery import keep_selection, lora_params_per_layer
+from lorabound.analysis.greedy import greedy_path, params_budget
+from lorabound.lora.selection import Selection
+from lorabound.lora.surgery import keep_selection, lora_params_per_layer
 
 from tiny import tiny_encoded, tiny_lora, tiny_tokenizer
 

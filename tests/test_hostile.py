@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.pipeline import DataOptions, GenerationOptions, ModelOptions
-from lorabound.training import TrainSettings
-from lorabound.validation import RULES, Number, check_arguments
+from lorabound.options import TrainSettings
+from lorabound.rules import RULES, Number, check_arguments
 
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorabound.errors import LoraboundError
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.model import load_adapter, load_model
-from lorabound.surgery import AdapterFiles, prune_adapter
+from lorabound.lora.surgery import AdapterFiles, prune_adapter
 
 from clitools import refused_alone
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer, save_tiny_base
@@ -381,7 +381,8 @@ def test_real_demo_adapter_loads_every_tensor_and_null_targets_are_refused(tmp_p
     and v_proj: 921,600 of 4,884,480 parameters) is refused."""
     from peft import get_peft_model
 
-    from lorabound.training import TrainSettings, lora_config
+    from lorabound.options import TrainSettings
+    from lorabound.training import lora_config
 
     folder = tmp_path / "demo-like"
     model, _ = load_model("smollm2-135m")

@@ -31,7 +31,7 @@ from transformers import (
 from lorabound import model as M
 from lorabound.model import gguf as G
 from lorabound.errors import LoraboundError
-from lorabound.files import cache_dir, folder_hashes
+from lorabound.runtime.files import cache_dir, folder_hashes
 
 VOCAB = 96
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])

@@ -7,14 +7,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from lorabound import engines, generation_cache, pipeline
+from lorabound.generation import engines, cache as generation_cache
+from lorabound import pipeline
 from lorabound.cli import main
 from lorabound.data import Example, load_task
-from lorabound.files import folder_hashes
-from lorabound.files import write_marker
+from lorabound.runtime.files import folder_hashes
+from lorabound.runtime.files import write_marker
 from lorabound.model import load_model
 from lorabound.pipeline import DataOptions, GenerationOptions
-from lorabound.surgery import keep_up_to
+from lorabound.lora.surgery import keep_up_to
 
 from tiny import save_tiny_base
 
@@ -211,7 +212,7 @@ def hypotheses(folder, row) -> list[str]:
 
 
 def fresh_outputs(root, adapter, prompts) -> list[str]:
-    from lorabound.generation import generate
+    from lorabound.generation.decode import generate
     from lorabound.model import load_adapter
 
     model, tokenizer = load_model(str(root / "base"))
@@ -245,9 +246,9 @@ def test_adapters_whose_names_collide_get_their_own_outputs(light, tmp_path, mon
 
 
 def test_changed_adapter_files_are_regenerated_not_reused(light, tmp_path, monkeypatch):
-    from lorabound.engines import HFEngine, Variant
+    from lorabound.generation.engines import HFEngine, Variant
     from lorabound.model import load_adapter
-    from lorabound.surgery import adapter_pairs
+    from lorabound.lora.surgery import adapter_pairs
     from tiny import tiny_lora, tiny_task
 
     root, _ = light
@@ -275,8 +276,8 @@ def test_changed_adapter_files_are_regenerated_not_reused(light, tmp_path, monke
 
 
 def test_variant_keys_hold_content_not_names():
-    from lorabound.selection import Selection
-    from lorabound.variants import Variant
+    from lorabound.lora.selection import Selection
+    from lorabound.lora.variants import Variant
 
     pairs = [(layer, group) for layer in (0, 1, 2) for group in ("attention", "mlp")]
     prefix = Variant.at_boundary("a", 1)
@@ -307,7 +308,7 @@ def test_pruned_rows_show_the_export_size_in_the_stored_dtype(light, tmp_path):
     """An adapter stored in bf16 and loaded in float32: the in-memory pruned row is the bf16 export's size."""
     from safetensors.torch import load_file, save_file
 
-    from lorabound.surgery import prune_adapter
+    from lorabound.lora.surgery import prune_adapter
     from tiny import tiny_lora
 
     root, _ = light

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorabound.report import format_table, plot_curves, write_report
+from lorabound.report.document import format_table, plot_curves, write_report
 
 L = 6
 BOUNDARY = 3

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorabound.cli import main
-from lorabound.runtime import OFFLINE_VARIABLES, free_cores, offline_unless_asked, set_threads
+from lorabound.runtime.threads import OFFLINE_VARIABLES, free_cores, offline_unless_asked, set_threads
 
 
 def test_free_cores_leaves_busy_cores_alone():
@@ -37,7 +37,7 @@ def test_zero_threads_is_refused(capsys, tmp_path):
 
 
 def test_busy_cores_is_a_share_of_the_machine():
-    from lorabound.runtime import busy_cores
+    from lorabound.runtime.threads import busy_cores
 
     busy = busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1)
@@ -93,10 +93,10 @@ def interrupted_command(root, name: str, out) -> list[str]:
 
 # command, where it is stopped, whether SIGINT was ignored when it started (a shell script's `lorabound ... &`)
 INTERRUPTIONS = [
-    ("evaluate", "lorabound.evaluation_table", "generate_cached", False),
-    ("evaluate", "lorabound.evaluation_table", "generate_cached", True),
-    ("analyze", "lorabound.analysis", "score_batch", False),
-    ("run", "lorabound.analysis", "score_batch", True),
+    ("evaluate", "lorabound.evaluation", "generate_cached", False),
+    ("evaluate", "lorabound.evaluation", "generate_cached", True),
+    ("analyze", "lorabound.analysis.curves", "score_batch", False),
+    ("run", "lorabound.analysis.curves", "score_batch", True),
     ("train", "lorabound.training", "target_loss", False),
 ]
 
@@ -176,7 +176,7 @@ SCRIPT = """
 import sys
 import lorabound.cli  # the command's process: the libraries imported, their handlers set up
 from lorabound.errors import LoraboundError
-from lorabound.runtime import held_library_warnings
+from lorabound.runtime.threads import held_library_warnings
 
 def noise():
     {noise}

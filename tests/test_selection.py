@@ -3,7 +3,7 @@
 import pytest
 
 from lorabound.errors import LoraboundError
-from lorabound.selection import Selection
+from lorabound.lora.selection import Selection
 
 PAIRS = [(layer, group) for layer in range(4) for group in ("attention", "mlp")]
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from lorabound.errors import LoraboundError
 from lorabound.model import load_model
-from lorabound.selection import Selection
-from lorabound.surgery import AdapterFiles, keep_selection, prune_adapter
+from lorabound.lora.selection import Selection
+from lorabound.lora.surgery import AdapterFiles, keep_selection, prune_adapter
 
 from test_architectures import ARCHITECTURES, tiny_adapter, tiny_gemma3_vision, tiny_model
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
@@ -214,8 +214,8 @@ def test_vllm_engine_runs_a_selection_as_its_peft_export(tmp_path, monkeypatch):
     """Without vllm: a fake LLM shows that a per-group variant is requested as the peft export of its selection,
     and a selection equal to the full adapter as the adapter itself."""
 
-    from lorabound import engines
-    from lorabound.variants import Variant
+    from lorabound.generation import engines
+    from lorabound.lora.variants import Variant
 
     from test_engines import install_fake_vllm
 

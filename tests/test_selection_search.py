@@ -4,12 +4,11 @@ import json
 
 import pytest
 
-from lorabound.boundary import SearchSettings, Validation
+from lorabound.search.boundary import SearchSettings, Validation
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
-from lorabound.selection import Selection
-from lorabound.selection_search import (canonical, preselect_pairs, same_size_prefix, search_greedy,
-                                        search_per_module)
+from lorabound.lora.selection import Selection
+from lorabound.search.modules import canonical, preselect_pairs, same_size_prefix, search_greedy, search_per_module
 
 # Two layers; attention LoRA holds 10 parameters a layer, MLP LoRA 20.
 PARAMS = {(0, "attention"): 10, (1, "attention"): 10, (0, "mlp"): 20, (1, "mlp"): 20}
@@ -180,9 +179,10 @@ def test_cli_search_greedy_drop_with_a_budget(workspace, capsys):
 def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(workspace, tmp_path):
     """Selections that are no prefix go through the engine: outputs equal generate() under keep_selection,
     and a second request reads the file back instead of generating."""
-    from lorabound import generation_cache, pipeline
-    from lorabound.generation import generate
-    from lorabound.surgery import keep_selection
+    from lorabound.generation import cache as generation_cache
+    from lorabound import pipeline
+    from lorabound.generation.decode import generate
+    from lorabound.lora.surgery import keep_selection
     from tiny import tiny_task
 
     root, _ = workspace
@@ -192,7 +192,7 @@ def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(works
     engine = generation_cache.make_engine(generation, None, peft_model, tokenizer, model_options, root / "adapter", tmp_path)
     task = tiny_task()
     examples = task.examples[:4]
-    from lorabound.surgery import adapter_pairs
+    from lorabound.lora.surgery import adapter_pairs
 
     pairs = adapter_pairs(peft_model)
     make = lambda: generation_cache.SelectionGenerator(engine, peft_model, task, examples, tmp_path, generation,  # noqa: E731

@@ -11,10 +11,10 @@ import torch
 
 from lorabound import pipeline
 from lorabound.errors import LoraboundError
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.speed import (Job, SpeedSettings, build_model, greedy_steps, lora_module_count, prompt_batch,
                              variant_jobs)
-from lorabound.surgery import prune_adapter
+from lorabound.lora.surgery import prune_adapter
 
 from clitools import ok, refused_alone
 from tiny import tiny_lora, save_tiny_base
@@ -149,8 +149,8 @@ def fake_run_folder(world, folder: Path, boundary: int) -> Path:
     """What `lorabound run` leaves that `speed --run` reads: run.json (the settings) and report.json."""
     from dataclasses import asdict
 
-    from lorabound.files import write_marker
-    from lorabound.report import write_report
+    from lorabound.runtime.files import write_marker
+    from lorabound.report.document import write_report
 
     folder.mkdir()
     write_marker(folder, finished=True)
@@ -175,7 +175,7 @@ def test_speed_from_a_run_folder_goes_into_its_report(world, tmp_path):
     # --boundary overrides the run's b; a rerendered report (a resumed run) keeps showing speed.json
     again = pipeline.speed(run=run, boundary=1, settings=SpeedSettings(**FAST), progress=False)
     assert again["boundary_origin"] == "asked with --boundary"
-    from lorabound.report import write_report
+    from lorabound.report.document import write_report
     write_report(run, json.loads((run / "report.json").read_text()))
     assert "| pruned (b=1) " in (run / "report.md").read_text()
 

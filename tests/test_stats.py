@@ -1,4 +1,4 @@
-"""Paired comparisons (lorabound.stats) and the decision rules built on them, on synthetic per-example scores.
+"""Paired comparisons (lorabound.metrics.stats) and the decision rules built on them, on synthetic per-example scores.
 
 The properties a decision must have whatever the model: its test rejects a true null no more often than its
 level at the sample sizes users have; non-inferiority accepts a candidate that is truly worse than the margin
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorabound.boundary import COMPARED, pick_for_goal
-from lorabound.stats import (COMBINED, EXACT_MAX, Paired, bleu_from_sums, bootstrap_differences, compare,
-                             interval, power, sign_flip_test, smallest_p)
+from lorabound.search.boundary import COMPARED, pick_for_goal
+from lorabound.metrics.stats import (COMBINED, EXACT_MAX, Paired, bleu_from_sums, bootstrap_differences, compare,
+                                     interval, power, sign_flip_test, smallest_p)
 
 SIZES = (4, 8, 20, 40)
 
@@ -79,7 +79,7 @@ def bootstrap_p(pair: Paired, metric: str, resamples: int, seed: int) -> float:
 def few_swaps(monkeypatch):
     """Monte Carlo p-values with 200 random swaps instead of 10,000: (k + 1) / (R + 1) is valid at any R, and
     thousands of null draws then take seconds."""
-    monkeypatch.setattr("lorabound.stats.MIN_SWAPS", 200)
+    monkeypatch.setattr("lorabound.metrics.stats.MIN_SWAPS", 200)
 
 
 def null_rate(p_values: list[float], level: float) -> float:
@@ -238,7 +238,7 @@ REAL = Path(__file__).parent / "data" / "e2e-demo-validation-outputs.json"
 @pytest.fixture(scope="module")
 def real_statistics():
     """Per-example statistics of the full adapter's and b = 24's real outputs on 40 E2E validation inputs."""
-    from lorabound.evaluate import paired_statistics
+    from lorabound.metrics.scores import paired_statistics
 
     examples = json.loads(REAL.read_text())["examples"]
     refs = [e["references"] for e in examples]

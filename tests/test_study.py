@@ -20,7 +20,7 @@ from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.options import DataOptions, GenerationOptions
 from lorabound.study import Training, bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
-from lorabound.validation import check_arguments
+from lorabound.rules import check_arguments
 
 from test_report import chromium_binary, run_chromium
 from tiny import save_tiny_base
@@ -355,8 +355,8 @@ def test_another_grid_is_refused_unless_overwrite(finished, workspace, tmp_path,
     assert not (copy / "cells" / "base-places-short-s0").exists()
 
 
-def test_pipeline_study_takes_a_grid_file(finished, tmp_path, monkeypatch):
-    """pipeline.study(out, "grid.toml") reads the file and runs the same study (here: resumed, nothing recomputed)."""
+def test_study_takes_a_grid_file(finished, tmp_path, monkeypatch):
+    """study(out, "grid.toml") reads the file and runs the same study (here: resumed, nothing recomputed)."""
     out, grid, summary = finished
     monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("a finished cell was retrained"))
     grid_file = tmp_path / "grid.toml"
@@ -367,7 +367,7 @@ def test_pipeline_study_takes_a_grid_file(finished, tmp_path, monkeypatch):
     for table in ("data", "generation", "search"):
         lines += ["", f"[{table}]"] + [f"{k} = {json.dumps(v)}" for k, v in values[table].items()]
     grid_file.write_text("\n".join(lines) + "\n")
-    assert _numbers(pipeline.study(out, str(grid_file), progress=False)) == _numbers(summary)
+    assert _numbers(study(out, str(grid_file), progress=False)) == _numbers(summary)
 
 
 def test_given_adapters_are_used_not_trained(finished, workspace, monkeypatch):

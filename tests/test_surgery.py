@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorabound.errors import LoraboundError
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.model import load_model
-from lorabound.surgery import (AdapterFiles, adapter_layers, exported_bytes, keep_lora, keep_up_to,
-                              lora_modules, prune_adapter)
+from lorabound.lora.surgery import (AdapterFiles, adapter_layers, exported_bytes, keep_lora, keep_up_to, lora_modules,
+                                    prune_adapter)
 
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from lorabound.data import Splits, load_task, split_task
 from lorabound.errors import LoraboundError
 from lorabound.model import load_adapter, load_model
-from lorabound.surgery import adapter_layers
-from lorabound.training import TrainSettings, train
+from lorabound.lora.surgery import adapter_layers
+from lorabound.options import TrainSettings
+from lorabound.training import train
 
 from tiny import tiny_llama, tiny_task, tiny_tokenizer
 

@@ -26,15 +26,15 @@ from peft import IA3Config, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-import lorabound.analysis as analysis
+import lorabound.analysis.curves as analysis
 from lorabound.cli import main
 from lorabound.data import load_task, split_task
 from lorabound.errors import LoraboundError
-from lorabound.files import folder_hashes
+from lorabound.runtime.files import folder_hashes
 from lorabound.model import load_adapter, load_model
 from lorabound.pipeline import DataOptions, ModelOptions
 from lorabound.pipeline import analyze as pipeline_analyze
-from lorabound.surgery import adapter_layers, keep_up_to, prune_adapter
+from lorabound.lora.surgery import adapter_layers, keep_up_to, prune_adapter
 
 from clitools import cli, refused
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
@@ -649,7 +649,7 @@ def test_refused_or_crashed_command_does_not_block_its_rerun(capsys, tmp_path, w
     line = refused(capsys, *command(world, "evaluate", out), "--adapters", tmp_path / "missing")
     assert "does not exist" in line and not out.exists()
 
-    import lorabound.evaluation_table as evaluation_table
+    import lorabound.evaluation as evaluation_table
 
     real = evaluation_table.score
     calls = []
@@ -703,7 +703,7 @@ def test_a_full_disk_during_the_work_is_one_line(capsys, tmp_path, world, monkey
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("lorabound.files.write_bytes_atomic", full)
+    monkeypatch.setattr("lorabound.runtime.files.write_bytes_atomic", full)
     line = refused(capsys, *command(world, "analyze", tmp_path / "a"))
     assert line.startswith("error: No space left on device (") and "free some space" in line
 
@@ -732,7 +732,7 @@ def test_truncated_model_weights_are_one_line(capsys, tmp_path, world):
 SLOW_EXPORT = """
 import sys, time
 from pathlib import Path
-import lorabound.surgery as surgery
+import lorabound.lora.surgery as surgery
 
 real_save = surgery.save_file
 
@@ -792,7 +792,7 @@ def test_export_killed_mid_write_leaves_old_state_or_nothing(tmp_path, world, pr
 
 SLOW_SWEEP = """
 import sys, time
-import lorabound.analysis as analysis
+import lorabound.analysis.curves as analysis
 
 real = analysis.score_batch
 calls = [0]
@@ -856,7 +856,7 @@ def test_run_killed_during_the_sweep_resumes_with_identical_numbers(tmp_path, wo
 HOLDER = """
 import sys
 from pathlib import Path
-from lorabound.files import holds_folder_locks, lock_output
+from lorabound.runtime.files import holds_folder_locks, lock_output
 
 @holds_folder_locks
 def hold(out):

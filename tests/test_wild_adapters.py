@@ -25,11 +25,11 @@ from transformers import (BloomConfig, BloomForCausalLM, CodeGenConfig, CodeGenF
                           GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MptConfig,
                           MptForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from lorabound.analysis import analyze
+from lorabound.analysis.curves import analyze
 from lorabound.errors import LoraboundError
 from lorabound.model import check_adapter_files, load_adapter, load_model
-from lorabound.selection import Selection
-from lorabound.surgery import keep_selection, prune_adapter
+from lorabound.lora.selection import Selection
+from lorabound.lora.surgery import keep_selection, prune_adapter
 
 from test_architectures import mean_prob
 from test_selection_export import logits

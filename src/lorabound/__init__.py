@@ -3,10 +3,10 @@
 The public API, imported on first use (so `import lorabound` loads neither torch nor the model libraries):
 
 - the commands, as functions with the CLI's names and defaults: train, analyze, search, prune, evaluate, run,
-  demo, study, speed (lorabound.pipeline);
-- their options and results: DataOptions, ModelOptions, GenerationOptions (lorabound.options), MetricOptions
-  (lorabound.evaluate), SearchSettings and SearchResult (lorabound.boundary), TrainSettings and TrainResult
-  (lorabound.training);
+  demo, speed (lorabound.pipeline) and study (lorabound.study);
+- their options and results: DataOptions, ModelOptions, GenerationOptions, TrainSettings (lorabound.options),
+  MetricOptions (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.search.boundary),
+  TrainResult (lorabound.training);
 - the values everything keys on: Selection (which LoRA modules are kept) and Variant (an adapter's selection,
   or no adapter);
 - the one error type, LoraboundError.
@@ -17,12 +17,12 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _WHERE = {
-    **{name: "pipeline" for name in ("train", "analyze", "search", "prune", "evaluate", "run", "demo", "study",
-                                     "speed")},
+    **{name: "pipeline" for name in ("train", "analyze", "search", "prune", "evaluate", "run", "demo", "speed")},
+    "study": "study",
     "DataOptions": "options", "ModelOptions": "options", "GenerationOptions": "options",
-    "MetricOptions": "evaluate", "SearchSettings": "boundary", "SearchResult": "boundary",
-    "TrainSettings": "training", "TrainResult": "training",
-    "Selection": "selection", "Variant": "variants", "LoraboundError": "errors",
+    "MetricOptions": "metrics.scores", "SearchSettings": "search.boundary", "SearchResult": "search.boundary",
+    "TrainSettings": "options", "TrainResult": "training",
+    "Selection": "lora.selection", "Variant": "lora.variants", "LoraboundError": "errors",
 }
 __all__ = ["__version__", *_WHERE]
 

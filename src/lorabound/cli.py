@@ -17,14 +17,14 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import runtime
+from .runtime.threads import held_library_warnings, offline_unless_asked, set_threads
 
-runtime.offline_unless_asked()  # before any hub library is imported (they read it once)
+offline_unless_asked()  # before any hub library is imported (they read it once)
 
-from . import __version__, distributed  # noqa: E402
-from .errors import LoraboundError
-from .runtime import held_library_warnings, set_threads
-from .selection import GROUPS
+from . import __version__  # noqa: E402
+from .errors import LoraboundError  # noqa: E402
+from .lora.selection import GROUPS  # noqa: E402
+from .runtime import distributed  # noqa: E402
 
 RESUMING = ("run", "demo", "study", "train")  # a rerun continues where these stopped (stages, checkpoints)
 
@@ -98,13 +98,11 @@ def _picked(args: argparse.Namespace, cls, **overrides):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .analysis import CURVES, OPTIONAL_CURVES
-    from .boundary import CRITERIA, GOALS, SELECTION_CRITERIA
-    from .engines import VLLMOptions
-    from .evaluate import MetricOptions
-    from .pipeline import DataOptions, GenerationOptions, ModelOptions
-    from .surgery import EXPORT_FORMATS
-    from .training import TrainSettings
+    # imported here, and only modules free of torch: `lorabound --help` stays quick
+    from .metrics.scores import MetricOptions
+    from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings, VLLMOptions
+    from .rules import CURVES, EXPORT_FORMATS, OPTIONAL_CURVES
+    from .search.boundary import CRITERIA, GOALS, SELECTION_CRITERIA
 
     parser = Parser(
         prog="lorabound",
@@ -277,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", metavar="I/N", help="run only the cells at positions I, I+N, I+2N, ... of the grid's "
                    "order (0 <= I < N), for a SLURM array or separate jobs; no report: the same command without "
                    "--shard over the finished cells pools them")
-    from .executors import EXECUTORS, ExecutorOptions
+    from .runtime.executors import EXECUTORS, ExecutorOptions
     p.add_argument("--executor", choices=EXECUTORS, default="local", help="local: cells one after another in this "
                    "process (default); ray: each cell a Ray task ('pip install lorabound[ray]')")
     _add_fields(p, ExecutorOptions, skip=("executor",))
@@ -309,7 +307,7 @@ def _main(argv: list[str] | None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
     if not distributed.is_main():
         args.quiet = True  # under torchrun only rank 0 prints (an error only its own rank has comes from that rank)
-    runtime.offline_unless_asked()  # for main() called in-process (lorabound reads it at each load)
+    offline_unless_asked()  # for main() called in-process (lorabound reads it at each load)
     try:
         with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()), \
                 held_library_warnings(refusals=(LoraboundError, OSError)):
@@ -361,10 +359,8 @@ def _stop_if_interrupted() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
-    from .engines import VLLMOptions
-    from .evaluate import MetricOptions
-    from .pipeline import DataOptions, GenerationOptions, ModelOptions
-    from .training import TrainSettings
+    from .metrics.scores import MetricOptions
+    from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings, VLLMOptions
 
     _stop_if_interrupted()  # before any work, should a Ctrl-C during those imports have been dropped
     progress = not args.quiet
@@ -433,7 +429,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                                    group_boundaries=_group_boundaries(args), out=args.out, generation=generation,
                                    bootstrap=args.bootstrap, overwrite=args.overwrite, metric_options=metrics,
                                    **common)
-        from .report import format_table
+        from .report.document import format_table
         print(format_table(result))
         for test in result["significance"]:
             print(test["sentence"])
@@ -447,7 +443,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                               generation=generation, overwrite=args.overwrite, goal=args.goal,
                               metric_options=metrics, exact_curves=args.exact_curves,
                               keep_fraction=args.keep_fraction, **common)
-        from .report import format_table
+        from .report.document import format_table
         print(format_table(report))
         print(report["verdict"])
         if args.speed:
@@ -458,7 +454,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace, progress: bool) -> int:
-    from .executors import ExecutorOptions
+    from .runtime.executors import ExecutorOptions
     from .study import load_grid, study
 
     grid = load_grid(args.grid, models=args.models, tasks=args.tasks, seeds=args.seeds, epochs=args.epochs,
@@ -483,10 +479,10 @@ def _study(args: argparse.Namespace, progress: bool) -> int:
 
 def _speed(args: argparse.Namespace, progress: bool) -> int:
     from . import pipeline
-    from .model import DEFAULT_MODEL
-    from .pipeline import DataOptions, ModelOptions
+    from .formatting import markdown_table
+    from .options import DataOptions, ModelOptions
+    from .rules import DEFAULT_MODEL
     from .speed import SpeedSettings, describe, speed_table
-    from .report import _markdown_table
 
     settings = _picked(args, SpeedSettings)
     data_options = _picked(args, DataOptions)
@@ -496,7 +492,7 @@ def _speed(args: argparse.Namespace, progress: bool) -> int:
                                                   device="cpu"),
                             overwrite=args.overwrite, progress=progress)
     print(describe(result))
-    print(_markdown_table(*speed_table(result)))
+    print(markdown_table(*speed_table(result)))
     print(f"wrote {Path(args.out or args.run) / 'speed.json'} and speed.md")
     return 0
 
@@ -506,7 +502,7 @@ def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
     from . import pipeline
     from .pipeline import ModelOptions
     from .speed import SpeedSettings, describe, speed_table
-    from .report import _markdown_table
+    from .formatting import markdown_table
 
     b, layers = report["search"]["boundary"], report["curves"]["meta"]["adapter_layers"]
     if not min(layers) <= b < max(layers):
@@ -517,7 +513,7 @@ def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
     result = pipeline.speed(run=args.out, settings=SpeedSettings(device=options.device), progress=progress,
                             model_options=options)
     print(describe(result))
-    print(_markdown_table(*speed_table(result)))
+    print(markdown_table(*speed_table(result)))
 
 
 def _int_list(text: str) -> list[int]:
@@ -527,7 +523,7 @@ def _int_list(text: str) -> list[int]:
 
 def _os_error_line(error: OSError, args: argparse.Namespace | None = None) -> str:
     """One line naming the file (and the flag that gave it) and the fix, for an OSError no earlier check foresaw."""
-    from .files import CACHE_ENV, cache_root
+    from .runtime.files import CACHE_ENV, cache_root
 
     name = str(error.filename) if error.filename else ""
     shown = name if len(name) <= 80 else name[:60] + "..."
@@ -548,7 +544,7 @@ def _os_error_line(error: OSError, args: argparse.Namespace | None = None) -> st
 
 def _flag_of(args: argparse.Namespace, filename: str) -> str | None:
     """The flag whose value is `filename` or a folder holding it, e.g. --out for OUT/curves.json."""
-    from .validation import flag
+    from .rules import flag
 
     for dest, value in vars(args).items():
         for given in value if isinstance(value, list) else [value]:
@@ -582,7 +578,7 @@ def _margin(tests: dict) -> str:
 
 def _print_selection(result) -> None:
     """per-module / greedy-drop: the chosen selection, its candidates and the prefix of the same size."""
-    from .evaluate import COMBINED
+    from .metrics.scores import COMBINED
 
     print(f"selection: {result.selection_text} ({result.reason})")
     print(f"LoRA parameters kept: {result.lora_params_kept:,} of {result.lora_params_total:,} "
@@ -607,7 +603,7 @@ def _print_selection(result) -> None:
 
 def _print_candidates(result) -> None:
     """The candidates' validation scores, and each one against the full adapter (difference [95% CI], p)."""
-    from .evaluate import COMBINED
+    from .metrics.scores import COMBINED
 
     tests = result.validation_tests
     if tests:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoraboundError
-from .files import TEXT_ENCODING, cache_dir, sha256_file, write_text_atomic
+from .runtime.files import TEXT_ENCODING, cache_dir, sha256_file, write_text_atomic
 
 BUILTIN_TASKS: dict[str, str] = {
     "e2e": "Describe the restaurant.\nData: {input}\nText:",

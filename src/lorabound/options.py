@@ -1,20 +1,24 @@
-"""The options every command shares: which data, which model, how to generate. Each field carries its help text;
-validation.py holds the rule for each field, applied when an options object is made."""
+"""The options the commands share: which data, which model, how to generate, vLLM's settings and LoRA training's.
+Each field carries its help text; rules.py holds the rule for each field, applied when an options object is made.
+Free of torch at import (the CLI's parser is built from these dataclasses): data and model load inside the
+methods that need them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .data import Splits, Task, load_task, split_task
+from typing import TYPE_CHECKING
+
 from .errors import LoraboundError
-from .model import (DEFAULT_MODEL, check_adapter_files, load_adapter, load_model, model_num_layers,
-                    resolve_model_dir)
-from .validation import check_arguments
+from .rules import DEFAULT_MODEL, check_arguments
+
+if TYPE_CHECKING:
+    from .data import Splits, Task
 
 
 def check_fields(options) -> None:
-    """Every field of an options dataclass against its rule in validation.py."""
+    """Every field of an options dataclass against its rule in rules.py."""
     check_arguments(**{f.name: getattr(options, f.name) for f in fields(options)})
 
 
@@ -37,6 +41,8 @@ class DataOptions:
         check_fields(self)
 
     def load(self) -> tuple[Task, Splits]:
+        from .data import load_task, split_task  # here: the options (and so the CLI's parser) stay free of torch
+
         task = load_task(self.data, input_field=self.input_field, target_field=self.target_field,
                          template=self.template)
         train = self.train_size
@@ -58,6 +64,8 @@ class ModelOptions:
         check_fields(self)
 
     def load(self, adapter: str | Path | None = None):
+        from .model import check_adapter_files, load_adapter, load_model  # here: the options stay free of torch
+
         if adapter is not None:  # before the model (it may be large): the adapter, and its layers against the model's
             check_adapter_files(adapter, allow_pickle=self.allow_pickle, num_layers=self._num_layers())
         model, tokenizer = load_model(self.model, dtype=self.dtype, device=self.device,
@@ -70,6 +78,8 @@ class ModelOptions:
     def _num_layers(self) -> int | None:
         """The model's layer count from its local config alone; None for a hub id (no second trip to the network)
         or where the config cannot be read (load_model then says why)."""
+        from .model import model_num_layers, resolve_model_dir  # here: the options stay free of torch
+
         try:
             if not Path(resolve_model_dir(self.model)).is_dir():
                 return None
@@ -87,6 +97,48 @@ class GenerationOptions:
     generation_batch_size: int = field(default=32, metadata={"help": "examples per generation batch"})
     stop_at_newline: bool = field(default=True, metadata={"help": "stop at the end of the answer line"})
     engine: str = field(default="hf", metadata={"help": "generation engine: hf (transformers) or vllm"})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
+class VLLMOptions:
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs that split each layer (tensor parallelism)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take"})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest prompt + output in tokens; "
+                                                              "None: the model's"})
+    max_lora_rank: int | None = field(default=None, metadata={"help": "vLLM: largest LoRA rank it reserves; "
+                                                              "None: the adapters' largest rank"})
+    max_loras: int = field(default=4, metadata={"help": "vLLM: adapters batched together at once"})
+    distributed_executor_backend: str | None = field(default=None, metadata={
+        "help": "vLLM: mp (one node) or ray (several nodes, a running Ray cluster); None: vLLM's choice"})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
+class TrainSettings:
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] | str = field(default="all-linear", metadata={
+        "help": "modules to adapt: a list of names (q_proj v_proj ...) or all-linear"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (may be fractional)"})
+    batch_size: int = field(default=8, metadata={"help": "pairs per optimiser step"})
+    max_length: int = field(default=256, metadata={"help": "tokens per prompt + target; longer targets are cut"})
+    warmup: float = field(default=0.1, metadata={"help": "share of steps with a linearly rising learning rate"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling and dropout"})
+    checkpoint_every: int = field(default=10, metadata={"help": "steps between resumable checkpoints"})
+    early_stopping: int = field(default=0, metadata={
+        "help": "stop when the validation loss has not improved for this many evaluations, and save the adapter "
+                "of the lowest validation loss (0: off; --epochs is then the most it trains)"})
+    eval_every: int | None = field(default=None, metadata={
+        "help": "steps between validation-loss evaluations for --early-stopping (none: once an epoch)"})
 
     def __post_init__(self):
         check_fields(self)

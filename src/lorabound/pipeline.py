@@ -21,38 +21,38 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, distributed
-from .analysis import CURVES, check_joint_groups
-from .analysis import analyze as analyze_curves
-from .boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, check_boundary,
-                       knee, raises_probability)
-from .boundary import search as search_boundary
+from . import __version__
+from .analysis.curves import check_joint_groups
+from .analysis.curves import analyze as analyze_curves
+from .analysis.greedy import greedy_path, params_budget
 from .data import Splits, encode_pairs, first_reference_pairs, input_fingerprints, require_nonempty
-from .engines import VLLMOptions
 from .errors import LoraboundError
-from .evaluate import MetricOptions
-from .evaluation_table import evaluate_variants, file_size, run_origins, selection_on_test
-from .files import (check_not_input, check_output_dir, existing_path, holds_folder_locks, input_identity,
-                    lock_folder, output_folder, read_json, write_json_atomic)
-from .generation_cache import (SelectionGenerator, boundary_variant, check_engine_options, generate_cached,
-                               make_engine, model_identity)
-from .greedy import greedy_path, params_budget
+from .evaluation import evaluate_variants, file_size, run_origins, selection_on_test
+from .generation.cache import (SelectionGenerator, boundary_variant, check_engine_options, generate_cached, make_engine,
+                               model_identity)
+from .lora.selection import GROUPS, Selection, check_boundary, parse_layers, per_group_over
+from .lora.surgery import (ADAPTER_WEIGHTS, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
+                           check_selection, lora_params_per_layer, prune_adapter)
+from .lora.variants import Variant
+from .metrics.scores import MetricOptions
 from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, check_sequence_room, find_layer_stack,
                     model_num_layers, model_paths, read_adapter_config)
-from .options import DataOptions, GenerationOptions, ModelOptions
-from .report import format_table, plot_curves, write_report
+from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings, VLLMOptions
+from .report.document import format_table, plot_curves, write_report
+from .report.verdict import report_notes, verdict
+from .rules import CURVES, check_arguments
+from .runtime import distributed
+from .runtime.files import (check_not_input, check_output_dir, existing_path, holds_folder_locks, input_identity,
+                            lock_folder, output_folder, read_json, write_json_atomic)
+from .runtime.folders import claim_folder, claim_output, rank0_output_folder
+from .runtime.threads import torch_threads
+from .search.boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, knee,
+                              raises_probability)
+from .search.boundary import search as search_boundary
+from .search.modules import pair_params, search_greedy, search_per_module
+from .training import TrainResult
 from .results import Evaluation, Report
-from .run_folders import claim_folder, claim_output, rank0_output_folder
-from .runtime import torch_threads
-from .selection import GROUPS, Selection, parse_layers, per_group_over
-from .selection_search import pair_params, search_greedy, search_per_module
-from .surgery import (ADAPTER_WEIGHTS, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs, check_selection,
-                      lora_params_per_layer, prune_adapter)
-from .training import TrainResult, TrainSettings
 from .training import train as train_adapter
-from .validation import check_arguments
-from .variants import Variant
-from .verdict import report_notes, verdict
 
 
 # ---------------------------------------------------------------------------
@@ -258,8 +258,8 @@ def search(model: str = DEFAULT_MODEL, adapter: str | Path = "adapter", data: st
            generation: GenerationOptions | None = None, vllm: VLLMOptions | None = None, overwrite: bool = False,
            progress: bool = True, goal: str | None = None, bootstrap: int = 1000,
            metric_options: MetricOptions | None = None, keep_fraction: float | None = None) -> SearchResult:
-    """Pick the boundary b on the validation split (see boundary.py for the criteria; per-module and greedy-drop
-    pick a Selection, see selection_search.py)."""
+    """Pick the boundary b on the validation split (see search/boundary.py for the criteria; per-module and greedy-drop
+    pick a Selection, see search/modules.py)."""
     check_arguments(adapter=adapter, boundary=boundary, tolerance=tolerance, knee_fraction=knee_fraction,
                     candidates=candidates, batch_size=batch_size, bootstrap=bootstrap, keep_fraction=keep_fraction,
                     **({} if out is None else {"out": out}))
@@ -410,7 +410,7 @@ def prune(adapter: str | Path, boundary: int | Selection | None, out: str | Path
 
 
 def _group_flags(group_boundaries: dict[str, int] | None) -> dict[str, int]:
-    """{"mlp": 9} -> {"boundary_mlp": 9}: the names validation.py's rules use. An unknown group is refused."""
+    """{"mlp": 9} -> {"boundary_mlp": 9}: the names rules.py's rules use. An unknown group is refused."""
     unknown = sorted(set(group_boundaries or {}) - set(GROUPS))
     if unknown:
         raise LoraboundError(f"unknown module group {unknown[0]}; the groups are {', '.join(GROUPS)}")
@@ -736,18 +736,3 @@ def demo(out: str | Path = "lorabound-demo", *, train_size: int = 64, validation
         print(report["verdict"])
         print(f"\nreport: {out / 'run' / 'report.html'}")
     return report
-
-
-# ---------------------------------------------------------------------------
-# study (lives in study.py, on top of train and run)
-# ---------------------------------------------------------------------------
-
-def study(out: str | Path, grid=None, *, overwrite: bool = False, retry_failed: bool = False,
-          progress: bool = True, **where) -> dict:
-    """Train and run every cell of a grid (a study.Grid, or a TOML file's path) into OUT; see lorabound.study.
-    `where` takes study.study's shard, executor and device."""
-    from .study import Grid, load_grid
-    from .study import study as run_study
-
-    grid = grid if isinstance(grid, Grid) else load_grid(grid)
-    return run_study(out, grid, overwrite=overwrite, retry_failed=retry_failed, progress=progress, **where)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import LoraboundError
+from .errors import LoraboundError, first_line
 
 DEVICES = ("auto", "cpu", "cuda")
 PROMPT_SOURCES = ("test", "synthetic")
@@ -54,7 +54,7 @@ class SpeedSettings:
     isolate: bool = field(default=True, metadata={"help": "each variant in its own process (its peak memory)"})
 
     def __post_init__(self):
-        from .validation import check_arguments
+        from .rules import check_arguments
 
         check_arguments(batch_sizes=self.batch_sizes, new_tokens=self.new_tokens, repeats=self.repeats,
                         prompt_tokens=self.prompt_tokens)
@@ -126,7 +126,7 @@ def prompt_batch(job: Job, tokenizer, model, batch: int):
     """
     import torch
 
-    from .generation import _encode_batch, _tokenizer_sides
+    from .generation.decode import encode_batch, tokenizer_sides
 
     device = next(model.parameters()).device
     if not job.prompts:
@@ -135,8 +135,8 @@ def prompt_batch(job: Job, tokenizer, model, batch: int):
         return ids.to(device), torch.ones_like(ids).to(device)
     texts = [job.prompts[i % len(job.prompts)] for i in range(batch)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with _tokenizer_sides(tokenizer):
-        enc = _encode_batch(tokenizer, texts, None, pad_id)
+    with tokenizer_sides(tokenizer):
+        enc = encode_batch(tokenizer, texts, None, pad_id)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
@@ -146,9 +146,9 @@ def greedy_steps(model, input_ids, attention_mask, new_tokens: int) -> tuple[lis
     early, so every variant does the same amount of work."""
     import torch
 
-    from .generation import _cache_of, _forward_parameters
+    from .generation.decode import cache_of, forward_parameters
 
-    takes = _forward_parameters(model)
+    takes = forward_parameters(model)
     cache_arg = "cache" if "cache" in takes else "past_key_values"
     first = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
@@ -162,12 +162,12 @@ def greedy_steps(model, input_ids, attention_mask, new_tokens: int) -> tuple[lis
         sync()
         prefilled = time.perf_counter()
         steps = [chosen]
-        cache, position = _cache_of(out), position_ids[:, -1:] + 1
+        cache, position = cache_of(out), position_ids[:, -1:] + 1
         for _ in range(new_tokens):
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
             out = model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=position,
                         use_cache=True, **{cache_arg: cache})
-            cache, position = _cache_of(out), position + 1
+            cache, position = cache_of(out), position + 1
             chosen = out.logits[:, -1].argmax(-1)
             steps.append(chosen)
         sync()
@@ -224,7 +224,7 @@ class LocalVariant:
     """In this process: cheap (tests), but the variants' memory cannot be told apart, so it is not reported."""
 
     def __init__(self, job: Job, batch_sizes: list[int], new_tokens: int):
-        from .runtime import set_threads
+        from .runtime.threads import set_threads
 
         set_threads(job.threads)
         self.job, self.runner = job, Runner(job, batch_sizes, new_tokens)
@@ -259,10 +259,9 @@ def _serve(job: Job, batch_sizes: list[int], new_tokens: int, conn) -> None:
                 return
             conn.send(("timing", runner.measure(batch)))
     except BaseException as error:  # reported to the parent, which refuses in one line
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error, limit=10_000, typed=not isinstance(error, LoraboundError))
         try:
-            conn.send(("error", f"{type(error).__name__}: {message}" if not isinstance(error, LoraboundError)
-                       else message, traceback.format_exc(limit=3)))
+            conn.send(("error", message, traceback.format_exc(limit=3)))
         except OSError:  # the parent is gone (it was interrupted): nothing to tell
             pass
 
@@ -456,11 +455,11 @@ def describe(result: dict) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    from .report import _markdown_table
+    from .formatting import markdown_table
 
     header, rows = speed_table(result)
     return "\n".join([f"# Inference speed (measured): {result['model']}", "", describe(result), "",
-                      _markdown_table(header, rows), ""])
+                      markdown_table(header, rows), ""])
 
 
 def environment(device: str) -> dict:
@@ -469,7 +468,7 @@ def environment(device: str) -> dict:
     import torch
     import transformers
 
-    from .runtime import torch_threads
+    from .runtime.threads import torch_threads
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else (_cpu_name() or "CPU")
     return {"device": device, "device_name": name, "threads": torch_threads(), "torch_version": torch.__version__,
@@ -518,7 +517,7 @@ class Request:
 
 def run_folder_source(run_dir: str | Path) -> dict:
     """The model, adapter, data options, dtype and chosen boundary of a `lorabound run` folder."""
-    from .files import read_json
+    from .runtime.files import read_json
 
     run_dir = Path(run_dir)
     fix = "pass a folder written by 'lorabound run' (it holds run.json and report.json)"
@@ -540,10 +539,10 @@ def run_folder_source(run_dir: str | Path) -> dict:
 def check_request(model_options, data_options, adapter, boundary: int, origin: str,
                   settings: SpeedSettings) -> Request:
     """Every refusal before any work: the adapter, the boundary against the model and the adapter, the data."""
-    from .boundary import check_boundary
+    from .lora.selection import check_boundary
     from .data import require_nonempty
     from .model import model_layers_path, model_num_layers, read_adapter_config
-    from .surgery import AdapterFiles
+    from .lora.surgery import AdapterFiles
 
     from .model import DTYPES
 
@@ -598,8 +597,8 @@ def measure_request(request: Request, settings: SpeedSettings, folder: Path, pro
     return speed.json's content. The scratch folder is removed afterwards."""
     import shutil
 
-    from .runtime import torch_threads
-    from .surgery import prune_adapter
+    from .runtime.threads import torch_threads
+    from .lora.surgery import prune_adapter
 
     options = request.model_options
     scratch = folder / SCRATCH
@@ -636,7 +635,7 @@ def measure_request(request: Request, settings: SpeedSettings, folder: Path, pro
 
 def write_results(folder: Path, result: dict) -> None:
     """speed.json and speed.md, each atomically."""
-    from .files import write_json_atomic, write_text_atomic
+    from .runtime.files import write_json_atomic, write_text_atomic
 
     write_json_atomic(folder / "speed.json", result)
     write_text_atomic(folder / "speed.md", render_markdown(result))

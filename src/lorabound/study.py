@@ -8,7 +8,7 @@ Read top to bottom:
    ``transfer`` also evaluates the chosen b on another task's test split. Cells run in the grid's fixed order;
    a rerun skips finished cells and `run` resumes a cell stage by stage. A cell that raises a LoraboundError
    (a diverged training, say) is marked failed with the reason, and the study goes on. Where cells run (this
-   process, or Ray tasks) and which (--shard I/N) is executors.py's; each cell runs under its own lock, so
+   process, or Ray tasks) and which (--shard I/N) is runtime/executors.py's; each cell runs under its own lock, so
    shards fill one study folder side by side;
 3. the summaries: per cell, read from its report.json; pooled across cells, the mean difference of pruned vs
    full with a bootstrap interval over cells, and Holm-corrected per-cell significance counts;
@@ -38,23 +38,24 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed, pipeline
-from .boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
+from . import pipeline
 from .errors import LoraboundError
-from .engines import check_engine_installed
-from .evaluate import METRIC_LABELS, format_p, paired_test
-from .stats import power, t_quantile
-from .executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
-from .files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, waiting_lock, write_bytes_atomic,
-                    write_json_atomic, write_text_atomic)
-from .generation_cache import BASE, FULL
+from .formatting import slug
+from .generation.cache import BASE, FULL
+from .generation.engines import check_engine_installed
+from .lora.surgery import ADAPTER_WEIGHTS
+from .metrics.scores import METRIC_LABELS, format_p, paired_test
 from .model import DEFAULT_MODEL, model_num_layers
-from .options import DataOptions, GenerationOptions, ModelOptions
+from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings
+from .rules import check_settings
+from .runtime import distributed
+from .runtime.executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
+from .runtime.files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, waiting_lock, write_bytes_atomic,
+                            write_json_atomic, write_text_atomic)
+from .runtime.folders import claim_shared_folder
+from .search.boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
+from .metrics.stats import power, t_quantile
 from .results import CellComparison, CellRow, Pooled, StudySummary
-from .run_folders import claim_shared_folder
-from .surgery import ADAPTER_WEIGHTS
-from .training import TrainSettings
-from .validation import check_settings
 
 METRICS = ("bleu", "rougeL", "chrf")
 # sacrebleu gives no public per-example chrF statistics, so the paired bootstrap (and the pooled test) covers
@@ -145,17 +146,13 @@ class Cell:
                     .replace("{seed}", str(self.seed)))
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
-
-
 def model_label(spec: str) -> str:
     """A short name for folders and tables: the alias, or the folder / file name."""
-    return _slug(Path(spec).stem if Path(spec).suffix == ".gguf" else Path(spec).name)
+    return slug(Path(spec).stem if Path(spec).suffix == ".gguf" else Path(spec).name)
 
 
 def task_label(spec: str) -> str:
-    return _slug(Path(spec).stem)
+    return slug(Path(spec).stem)
 
 
 GRID_KEYS = {f.name for f in fields(Grid)} | {"epochs", "ranks"}
@@ -264,12 +261,12 @@ def grid_from_dict(values: dict) -> Grid:
     return grid
 
 
-# The grid's keys that follow another name's rule in validation.py (a list key, the rule of one item)
+# The grid's keys that follow another name's rule in rules.py (a list key, the rule of one item)
 GRID_RULES = {"models": "model", "tasks": "data", "seeds": "seed", "transfer": "data", "ranks": "rank"}
 
 
 def check_grid_values(grid: Grid) -> None:
-    """Every value of the grid against the rule of its flag in validation.py (ranges, NaN, the engine)."""
+    """Every value of the grid against the rule of its flag in rules.py (ranges, NaN, the engine)."""
     where = "the grid"
     for key in ("models", "tasks", "seeds"):
         for value in getattr(grid, key):
@@ -350,16 +347,18 @@ def check_grid(grid: Grid) -> dict[str, int]:
 # ---------------------------------------------------------------------------
 
 @holds_folder_locks  # the study folder's shared lock, taken in claim_shared_folder
-def study(out: str | Path, grid: Grid, *, overwrite: bool = False, retry_failed: bool = False,
+def study(out: str | Path, grid: Grid | str | Path | None = None, *, overwrite: bool = False, retry_failed: bool = False,
           progress: bool = True, shard: str | Shard | None = None, executor: ExecutorOptions | None = None,
           device: str = "cpu") -> dict:
-    """Run every cell of `grid` into OUT (resumable), then write study.json, study.md and study.html.
+    """Run every cell of `grid` (a Grid, or a TOML file's path) into OUT (resumable), then write study.json,
+    study.md and study.html.
 
-    `executor` says where the cells run (this process, or Ray tasks: executors.py); with `shard` ("I/N") only
+    `executor` says where the cells run (this process, or Ray tasks: runtime/executors.py); with `shard` ("I/N") only
     the cells at positions I mod N run and no report is written: the unsharded call over the finished cells pools
     them. Processes (shards) share OUT; each cell runs under its own lock.
     """
     out = Path(out)
+    grid = grid if isinstance(grid, Grid) else load_grid(grid)
     shard = shard if isinstance(shard, Shard) else Shard.parse(shard)
     executor = executor or ExecutorOptions()
     if overwrite and not shard.whole:
@@ -870,13 +869,13 @@ def build_summary(grid: Grid, rows: list[dict], seconds: float | None) -> StudyS
 
 def plot_overlay(rows: list[dict]) -> bytes | None:
     """Every cell's truncation curve, normalised to the full adapter's gain over the base (0 = base, 1 = full)."""
-    from .report import _figure, _png
+    from .formatting import figure, png
 
     curves = [r for r in rows if r.get("truncation", {}).get("mean_prob")]
     if not curves:
         return None
     same_depth = len({r["num_layers"] for r in curves}) == 1
-    fig, (ax,) = _figure()
+    fig, (ax,) = figure()
     for r in curves:
         bs, ps = r["truncation"]["boundary"], r["truncation"]["mean_prob"]
         gain = ps[-1] - ps[0]
@@ -892,17 +891,17 @@ def plot_overlay(rows: list[dict]) -> bytes | None:
     ax.set_title("Truncation curves of every cell, normalised (dot: the chosen b)", fontsize=10)
     if len(curves) <= 12:
         ax.legend(fontsize=6, ncol=2)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_differences(rows: list[dict], pooled: dict) -> bytes | None:
     """Per cell, pruned minus full with its 95% interval, for BLEU and ROUGE-L; the pooled mean as a line."""
-    from .report import _figure, _png
+    from .formatting import figure, png
 
     ok = [r for r in rows if r.get("in_domain")]
     if not ok:
         return None
-    fig, axes = _figure(rows=2)
+    fig, axes = figure(rows=2)
     for ax, metric in zip(axes, ("bleu", "rougeL")):
         tests = [(r["id"], r["in_domain"]["tests"].get(metric)) for r in ok]
         tests = [(name, t) for name, t in tests if t]
@@ -915,7 +914,7 @@ def plot_differences(rows: list[dict], pooled: dict) -> bytes | None:
         ax.set_yticks(ys, [name for name, _ in tests], fontsize=6)
         ax.set_ylabel(METRIC_LABELS[metric])
     axes[-1].set_xlabel("pruned minus full adapter on test (points; bars: 95% paired-bootstrap interval)")
-    return _png(fig)
+    return png(fig)
 
 
 PLOT_FILES = {"overlay": "truncation_overlay.png", "differences": "differences.png"}
@@ -1085,26 +1084,26 @@ def _headline(summary: dict) -> str:
 
 
 def render_study_markdown(summary: dict, plot_files: dict[str, str]) -> str:
-    from .report import _markdown_table
+    from .formatting import markdown_table
 
     pooled = summary["pooled"]
     out = ["# lorabound study: does dropping upper-layer LoRA help?", "", _headline(summary), "",
            f"**{summary['paper']['comparison']}**", "", "## Three rules, pooled over independent test sets", "",
-           _markdown_table(RULE_COLUMNS, _rule_rows(summary)), ""] + [f"- {n}" for n in _rule_notes(summary)] + [
+           markdown_table(RULE_COLUMNS, _rule_rows(summary)), ""] + [f"- {n}" for n in _rule_notes(summary)] + [
            "", "## The test-side curve, pooled: does any depth of dropping beat the full adapter?", "",
-           _markdown_table(CURVE_COLUMNS, _curve_rows(summary)), "", CURVE_NOTE, "",
+           markdown_table(CURVE_COLUMNS, _curve_rows(summary)), "", CURVE_NOTE, "",
            "## Pooled across cells (each cell's own search)", "",
-           _markdown_table(POOLED_COLUMNS, _pooled_rows(pooled)), ""]
+           markdown_table(POOLED_COLUMNS, _pooled_rows(pooled)), ""]
     if pooled.get("share_dropped") is not None:
         out += [f"Mean share of LoRA parameters dropped: {pooled['share_dropped']:.1%}.", ""]
     transfer = summary.get("transfer")
     if transfer and transfer["pooled"].get("n_cells"):
         out += [f"## Transfer: each cell's b applied on {task_label(transfer['task'])} test", "",
-                _markdown_table(POOLED_COLUMNS, _pooled_rows(transfer["pooled"])), ""]
-    out += ["## Cells", "", _markdown_table(CELL_COLUMNS, _cell_rows(summary), right=range(4, len(CELL_COLUMNS))), ""]
+                markdown_table(POOLED_COLUMNS, _pooled_rows(transfer["pooled"])), ""]
+    out += ["## Cells", "", markdown_table(CELL_COLUMNS, _cell_rows(summary), right=range(4, len(CELL_COLUMNS))), ""]
     for name, file in plot_files.items():
         out += [f"![{name}]({file})", "", PLOT_CAPTIONS[name], ""]
-    out += ["## Time", "", _markdown_table(["Stage", "Time", "Share"], _timing_rows(summary)), ""]
+    out += ["## Time", "", markdown_table(["Stage", "Time", "Share"], _timing_rows(summary)), ""]
     out += ["## Notes", ""] + [f"- {n}" for n in _method_notes(summary)]
     return "\n".join(out) + "\n"
 
@@ -1112,33 +1111,33 @@ def render_study_markdown(summary: dict, plot_files: dict[str, str]) -> str:
 def render_study_html(summary: dict, plots: dict[str, bytes]) -> str:
     import base64
 
-    from .report import CSS, _esc, _html_table
+    from .formatting import CSS, esc, html_table
 
     pooled = summary["pooled"]
     parts = ["<h1>lorabound study: does dropping upper-layer LoRA help?</h1>",
-             f'<p class="meta">{_esc(_headline(summary))}</p>',
-             f'<p class="verdict" id="paper">{_esc(summary["paper"]["comparison"])}</p>',
+             f'<p class="meta">{esc(_headline(summary))}</p>',
+             f'<p class="verdict" id="paper">{esc(summary["paper"]["comparison"])}</p>',
              "<h2>Three rules, pooled over independent test sets</h2>",
-             _html_table(RULE_COLUMNS, _rule_rows(summary), table_id="rules"),
-             "<ul>" + "".join(f"<li>{_esc(n)}</li>" for n in _rule_notes(summary)) + "</ul>",
+             html_table(RULE_COLUMNS, _rule_rows(summary), table_id="rules"),
+             "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in _rule_notes(summary)) + "</ul>",
              "<h2>The test-side curve, pooled: does any depth of dropping beat the full adapter?</h2>",
-             _html_table(CURVE_COLUMNS, _curve_rows(summary), table_id="test-curve"),
-             f"<p>{_esc(CURVE_NOTE)}</p>",
+             html_table(CURVE_COLUMNS, _curve_rows(summary), table_id="test-curve"),
+             f"<p>{esc(CURVE_NOTE)}</p>",
              "<h2>Pooled across cells (each cell's own search)</h2>",
-             _html_table(POOLED_COLUMNS, _pooled_rows(pooled), table_id="pooled")]
+             html_table(POOLED_COLUMNS, _pooled_rows(pooled), table_id="pooled")]
     if pooled.get("share_dropped") is not None:
         parts.append(f"<p>Mean share of LoRA parameters dropped: {pooled['share_dropped']:.1%}.</p>")
     transfer = summary.get("transfer")
     if transfer and transfer["pooled"].get("n_cells"):
-        parts += [f"<h2>Transfer: each cell's b applied on {_esc(task_label(transfer['task']))} test</h2>",
-                  _html_table(POOLED_COLUMNS, _pooled_rows(transfer["pooled"]), table_id="transfer")]
-    parts += ["<h2>Cells</h2>", _html_table(CELL_COLUMNS, _cell_rows(summary), table_id="cells", numeric=range(4, len(CELL_COLUMNS)))]
+        parts += [f"<h2>Transfer: each cell's b applied on {esc(task_label(transfer['task']))} test</h2>",
+                  html_table(POOLED_COLUMNS, _pooled_rows(transfer["pooled"]), table_id="transfer")]
+    parts += ["<h2>Cells</h2>", html_table(CELL_COLUMNS, _cell_rows(summary), table_id="cells", numeric=range(4, len(CELL_COLUMNS)))]
     for name, data in plots.items():
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-        parts.append(f'<figure><img src="{uri}" alt="{_esc(name)}"><figcaption>{_esc(PLOT_CAPTIONS[name])}'
+        parts.append(f'<figure><img src="{uri}" alt="{esc(name)}"><figcaption>{esc(PLOT_CAPTIONS[name])}'
                      "</figcaption></figure>")
-    parts += ["<h2>Time</h2>", _html_table(["Stage", "Time", "Share"], _timing_rows(summary), table_id="time"),
-              "<h2>Notes</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in _method_notes(summary)) + "</ul>"]
+    parts += ["<h2>Time</h2>", html_table(["Stage", "Time", "Share"], _timing_rows(summary), table_id="time"),
+              "<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in _method_notes(summary)) + "</ul>"]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'

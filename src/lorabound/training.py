@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,35 +23,9 @@ from tqdm.auto import tqdm
 from .data import (Encoded, Splits, Task, batches, by_length, encode_pairs, input_fingerprints, require_nonempty,
                    training_pairs)
 from .errors import LoraboundError
-from .files import atomic_dir, check_output_dir, write_json_atomic
 from .model import head_only_at
-from .validation import check_arguments
-
-
-@dataclass
-class TrainSettings:
-    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    target_modules: list[str] | str = field(default="all-linear", metadata={
-        "help": "modules to adapt: a list of names (q_proj v_proj ...) or all-linear"})
-    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
-    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (DoRA)"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (may be fractional)"})
-    batch_size: int = field(default=8, metadata={"help": "pairs per optimiser step"})
-    max_length: int = field(default=256, metadata={"help": "tokens per prompt + target; longer targets are cut"})
-    warmup: float = field(default=0.1, metadata={"help": "share of steps with a linearly rising learning rate"})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation, shuffling and dropout"})
-    checkpoint_every: int = field(default=10, metadata={"help": "steps between resumable checkpoints"})
-    early_stopping: int = field(default=0, metadata={
-        "help": "stop when the validation loss has not improved for this many evaluations, and save the adapter "
-                "of the lowest validation loss (0: off; --epochs is then the most it trains)"})
-    eval_every: int | None = field(default=None, metadata={
-        "help": "steps between validation-loss evaluations for --early-stopping (none: once an epoch)"})
-
-    def __post_init__(self):
-        check_arguments(**{f.name: getattr(self, f.name) for f in fields(self)})
+from .options import TrainSettings
+from .runtime.files import atomic_dir, check_output_dir, write_json_atomic
 
 
 @dataclass

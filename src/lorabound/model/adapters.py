@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import LoraboundError
-from .errors import first_line as _first_line
+from ..errors import LoraboundError, first_line
 from .layers import LayerStack, find_layer_stack, layers_path_of_names, module_layer_index, unwrap_model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,7 +39,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise LoraboundError(f"cannot parse {path} ({_first_line(err)}); restore the adapter's {ADAPTER_CONFIG}") from err
+        raise LoraboundError(f"cannot parse {path} ({first_line(err)}); restore the adapter's {ADAPTER_CONFIG}") from err
     if not isinstance(config, dict):
         raise LoraboundError(f"{path} is not a JSON object; restore the adapter's {ADAPTER_CONFIG}")
     check_config_types(config, path)
@@ -113,7 +112,7 @@ def adapter_tensor_shapes(adapter_dir: str | Path, *, allow_pickle: bool = False
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise LoraboundError(
-            f"cannot read adapter weights {path} ({type(err).__name__}: {_first_line(err)}); "
+            f"cannot read adapter weights {path} ({first_line(err, typed=True)}); "
             "restore the file from the adapter's source"
         ) from err
     if not isinstance(state, dict):
@@ -137,7 +136,7 @@ def read_adapter_tensors(adapter_dir: str | Path, *, allow_pickle: bool = False)
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors raises its own error type on a truncated or altered file
-        raise LoraboundError(f"cannot read adapter weights {path} ({type(err).__name__}: {_first_line(err)}); "
+        raise LoraboundError(f"cannot read adapter weights {path} ({first_line(err, typed=True)}); "
                              "restore the file from the adapter's source") from err
     if not isinstance(tensors, dict):
         raise LoraboundError(f"{path} does not hold a state dict; restore the file from the adapter's source")
@@ -185,7 +184,7 @@ def load_adapter(model, adapter_dir: str | Path, *, allow_pickle: bool = False, 
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         raise LoraboundError(
-            f"PEFT could not load the adapter {adapter_dir} ({type(err).__name__}: {_first_line(err)}); "
+            f"PEFT could not load the adapter {adapter_dir} ({first_line(err, typed=True)}); "
             "check that it was saved by PEFT for this --model"
         ) from err
     try:

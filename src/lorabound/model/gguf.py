@@ -14,10 +14,9 @@ from typing import Iterator
 
 import torch
 
-from ..errors import LoraboundError
-from .errors import first_line as _first_line
+from ..errors import LoraboundError, first_line
+from ..rules import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
 # Written last into a converted folder; its presence marks a finished conversion.
 _CONVERSION_STAMP = "lorabound_conversion.json"
 
@@ -81,7 +80,7 @@ def load_gguf_model(gguf_path: str | Path):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as err:  # the gguf reader raises many kinds on a bad file
         raise LoraboundError(
-            f"cannot read {gguf_path} as a GGUF language model ({type(err).__name__}: {_first_line(err)}); "
+            f"cannot read {gguf_path} as a GGUF language model ({first_line(err, typed=True)}); "
             f"pass a .gguf of an architecture transformers supports (llama, qwen2, mistral, phi3, gemma, ...), "
             f"a model folder, or {DEFAULT_MODEL}"
         ) from err

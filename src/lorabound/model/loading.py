@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..errors import LoraboundError
-from ..files import cache_dir
-from .errors import first_line as _first_line
+from ..errors import LoraboundError, first_line
+from ..runtime.files import cache_dir
 from .gguf import DEFAULT_MODEL, convert_gguf_once, gguf_cache_key
 from .layers import SUPPORTED_LAYOUTS, layers_path_of_config, num_hidden_layers
 
@@ -73,7 +72,7 @@ def check_config_file(path: Path, spec: str) -> None:
     try:
         config = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
-        raise LoraboundError(f"cannot parse {path} ({_first_line(err)}); restore the model's config.json") from None
+        raise LoraboundError(f"cannot parse {path} ({first_line(err)}); restore the model's config.json") from None
     if not isinstance(config, dict):
         raise LoraboundError(f"{path} is not a JSON object; restore the model's config.json")
     for where, values in (("", config), ("text_config.", config.get("text_config"))):
@@ -134,16 +133,16 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str = "float32", device: str
     except (OSError, ConnectionError, TimeoutError, SafetensorError) as err:  # SafetensorError: a truncated file
         raise _unreadable(spec, source, err) from err
     except ArithmeticError as err:  # a config size of 0 that check_config_file could not see (a hub model)
-        raise LoraboundError(f"the config of model '{spec}' is not valid [{type(err).__name__}: {_first_line(err)}]; "
+        raise LoraboundError(f"the config of model '{spec}' is not valid [{first_line(err, typed=True)}]; "
                              "restore the model's config.json, or pass another model") from err
     except ValueError as err:  # e.g. an architecture transformers does not know
         raise LoraboundError(
-            f"transformers cannot load '{spec}' as a causal language model [{_first_line(err)}]: "
+            f"transformers cannot load '{spec}' as a causal language model [{first_line(err)}]: "
             f"pass a decoder-only model (Llama, Qwen2, Mistral, Phi-3, Gemma, GPT-2, ...) or {DEFAULT_MODEL}"
         ) from err
     except RuntimeError as err:  # e.g. a weight whose shape disagrees with config.json
         raise LoraboundError(
-            f"could not load the model weights of '{spec}' [{_first_line(err)}]: restore the model files "
+            f"could not load the model weights of '{spec}' [{first_line(err)}]: restore the model files "
             f"(config.json and *.safetensors from the same save_pretrained), or pass {DEFAULT_MODEL}"
         ) from err
 
@@ -176,7 +175,7 @@ def _unreadable(spec: str, source: str, err: BaseException) -> LoraboundError:
     if not Path(source).is_dir():
         return LoraboundError(_hub_refusal(spec, err))
     return LoraboundError(
-        f"could not load the model in {source} [{_first_line(err)}]: pass a folder written by save_pretrained "
+        f"could not load the model in {source} [{first_line(err)}]: pass a folder written by save_pretrained "
         f"(config.json, *.safetensors, tokenizer files), a .gguf file, or {DEFAULT_MODEL}")
 
 
@@ -291,7 +290,7 @@ def check_causal(model, spec: str) -> None:
                     for ids in (first, second))
         except Exception as err:  # a model that cannot run a 3-token forward pass cannot be analysed either
             raise LoraboundError(f"model '{spec}' fails a 3-token forward pass ({type(err).__name__}: "
-                                 f"{_first_line(err)}); pass a causal language model or {DEFAULT_MODEL}") from err
+                                 f"{first_line(err)}); pass a causal language model or {DEFAULT_MODEL}") from err
     scale = float(a.abs().max()) or 1.0
     if float((a - b).abs().max()) > 1e-5 * scale:  # a decoder gives equal logits (masked keys weigh 0)
         raise LoraboundError(
@@ -357,7 +356,7 @@ def _read_config(spec: str, trust_remote_code: bool):
         if not Path(source).is_dir() and isinstance(err, OSError):
             raise LoraboundError(_hub_refusal(spec, err)) from err
         raise LoraboundError(
-            f"cannot read the config of model '{spec}' [{_first_line(err)}]: pass a local model folder, "
+            f"cannot read the config of model '{spec}' [{first_line(err)}]: pass a local model folder, "
             f"a .gguf file, or {DEFAULT_MODEL}"
         ) from err
 
@@ -409,7 +408,7 @@ def _hub_refusal(spec: str, err: BaseException) -> str:
         return (f"model '{spec}' is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE, "
                 f"which lorabound sets unless you do); set HF_HUB_OFFLINE=0 to download it, or "
                 f"pass a local model folder, a .gguf file, or {DEFAULT_MODEL}")
-    return (f"could not load model '{spec}' from the Hugging Face Hub (no network?) [{_first_line(err)}]: "
+    return (f"could not load model '{spec}' from the Hugging Face Hub (no network?) [{first_line(err)}]: "
             f"pass a local model folder, a .gguf file, or {DEFAULT_MODEL}")
 
 

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 
 from .errors import LoraboundError
 
-ENGINES = ("hf", "vllm")  # the generation engines (engines.py runs them)
+ENGINES = ("hf", "vllm")  # the generation engines (generation/engines.py runs them)
+CURVES = ("truncation", "logit_lens", "ablation")  # analyze's default
+OPTIONAL_CURVES = ("joint",)  # asked by name: the joint curve costs about 2L/3 truncation sweeps (README)
+EXPORT_FORMATS = ("peft", "zero-fill", "merged")  # prune --format (lora/surgery.py writes them)
+DEFAULT_MODEL = "smollm2-135m"  # the embedded model (model/gguf.py)
 
 SEED_MAX = 2**32 - 1  # numpy and torch accept it, and seed * 1_000_003 + step stays within torch's range
 BOOTSTRAP_MAX = 100_000  # the resampling table is bootstrap x examples integers

@@ -20,17 +20,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import save_file
 
-from .boundary import check_boundary
-from .errors import LoraboundError
-from .files import atomic_dir, check_not_input, write_json_atomic
-from .model import (adapter_tensor_names, check_adapter_files, check_adapter_fits_config, find_layer_stack,
-                    layers_path_of_names, model_layers_path, model_num_layers, model_paths, module_layer_index,
-                    read_adapter_config)
-from .selection import EVERY, GROUPS, Selection
+from ..errors import LoraboundError
+from ..rules import EXPORT_FORMATS
+from ..model import (adapter_tensor_names, check_adapter_files, check_adapter_fits_config, find_layer_stack,
+                     layers_path_of_names, model_layers_path, model_num_layers, model_paths, module_layer_index,
+                     read_adapter_config)
+from ..runtime.files import atomic_dir, check_not_input, write_json_atomic
+from .selection import EVERY, GROUPS, Selection, check_boundary, layer_ranges
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-EXPORT_FORMATS = ("peft", "zero-fill", "merged")
 MODULE_GROUPS = {"attention": ("attn", "attention"), "mlp": ("mlp", "feed_forward", "ffn")}
 
 
@@ -398,7 +397,7 @@ def prune_adapter(adapter_dir: str | Path, selection: Selection | int, out_dir: 
     pairs = [pair for pair in source.pairs() if selection.keeps(*pair)]
     kept = sorted({layer for layer, _ in pairs})
     what = selection.describe() if isinstance(asked, Selection) else f"boundary {asked}"
-    notes = [f"note: the adapter's layers are {_ranges(source.layers())}; {what} keeps all of them"] \
+    notes = [f"note: the adapter's layers are {layer_ranges(source.layers())}; {what} keeps all of them"] \
         if pairs == source.pairs() else []
     saved_whole = source.config.get("modules_to_save") or []
     if saved_whole:
@@ -546,7 +545,7 @@ def _write_merged(source: AdapterFiles, tensors, selection: Selection, model_spe
 
     Returns the base model's weights bytes on disk (None for a hub id), to compare model bytes with model bytes.
     """
-    from .model import load_adapter, load_model, resolve_model_dir
+    from ..model import load_adapter, load_model, resolve_model_dir
 
     model, tokenizer = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     # The whole source adapter against this model first (layer count, shapes, every tensor used): the pruned one
@@ -596,11 +595,3 @@ def _untie_changed_head(model) -> None:
         return
     if outputs.weight is not inputs.weight and not torch.equal(outputs.weight, inputs.weight):
         model.config.tie_word_embeddings = False
-
-
-def _ranges(layers: list[int]) -> str:
-    if not layers:
-        return "none"
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}..{layers[-1]}"
-    return ",".join(map(str, layers))

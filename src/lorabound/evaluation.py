@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .boundary import check_boundary, knee, knee_label, raises_probability
 from .data import require_nonempty
 from .errors import LoraboundError
-from .evaluate import MetricOptions, describe_significance, paired_tests, score
-from .generation_cache import FULL, SelectionGenerator, boundary_variant, generate_cached, make_engine, \
-    model_identity, variant_name
+from .generation.cache import (FULL, SelectionGenerator, boundary_variant, generate_cached, make_engine, model_identity,
+                               variant_name)
+from .lora.selection import Selection, check_boundary
+from .lora.surgery import (ADAPTER_WEIGHTS, AdapterFiles, adapter_pairs, exported_bytes, lora_modules,
+                           lora_params_per_layer)
+from .lora.variants import Variant
+from .metrics.scores import MetricOptions, describe_significance, paired_tests, score
 from .model import ADAPTER_PICKLE, find_layer_stack
+from .search.boundary import knee, knee_label, raises_probability
 from .results import Evaluation, SelectionTest, VariantRow
-from .selection import Selection
-from .surgery import (ADAPTER_WEIGHTS, AdapterFiles, adapter_pairs, exported_bytes, lora_modules,
-                      lora_params_per_layer)
-from .variants import Variant
 
 
 REFERENCE_ORIGINS = {"base": "reference: no adapter", "full": "reference: every LoRA layer"}

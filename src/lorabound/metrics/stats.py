@@ -1,6 +1,6 @@
 """Paired comparisons of two systems on the same examples: an interval, a calibrated test, and power.
 
-Everything here works on per-example sufficient statistics (:func:`lorabound.evaluate.segment_stats`), never on
+Everything here works on per-example sufficient statistics (:func:`lorabound.metrics.scores.segment_stats`), never on
 text, so the decision rules can be checked on synthetic scores. A corpus score is recomputed from summed
 statistics: BLEU with sacrebleu's own formula (vectorised here, checked against sacrebleu in the tests), ROUGE-L
 as the mean of per-example F1; "bleu+rougeL" is the mean of the two.
@@ -35,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import stats as scipy_stats
 
-from .results import Comparison
+from ..results import Comparison
 
 LEVEL = 0.05  # two-sided level of every test, and 1 - the coverage of every interval
 POWER = 0.8

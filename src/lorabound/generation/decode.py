@@ -18,8 +18,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import LoraboundError
-from .selection import Selection
+from ..errors import LoraboundError
+from ..lora.selection import Selection
 
 # Generation-config settings that make transformers' greedy search differ from a plain argmax loop: a model
 # that sets any of them goes through model.generate (still with the token-id stopping check).
@@ -75,7 +75,7 @@ class StopRule:
             self.tokenizer.decode(tokens, skip_special_tokens=True))
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
     """Every token id that ends a sequence: the model's generation config and the tokenizer's EOS."""
     ids = []
     config = getattr(model, "generation_config", None)
@@ -163,7 +163,7 @@ def _maskable_modules(model):
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
 
-    from .surgery import lora_modules
+    from ..lora.surgery import lora_modules
 
     modules = lora_modules(model)
     in_stack = {id(m.module) for m in modules}
@@ -205,13 +205,13 @@ def generate_variants(model, tokenizer, prompts: list[str],
                       batched: bool = True) -> dict[str, GenerationResult]:
     """:func:`generate` for several LoRA variants of a peft model: {variant key: result}.
 
-    `variants`: (key, what is kept) pairs: a Selection (any (layer, module group) pairs, see selection.py);
+    `variants`: (key, what is kept) pairs: a Selection (any (layer, module group) pairs, see lora/selection.py);
     None, the full adapter as loaded; a list of layers, LoRA on those stack layers only, the empty list being
     the base model (the adapter switched off). With `batched` (and an adapter for which it is exact, see
     _maskable_modules) all variants share each batch: `batch_size` prompts, each repeated once per variant.
     Otherwise, or with `batched=False`, one run per variant. Either way the outputs are those of separate runs.
     """
-    from .surgery import keep_selection
+    from ..lora.surgery import keep_selection
 
     variants = [(key, _as_selection(spec)) for key, spec in variants]
     keys = [key for key, _ in variants]
@@ -241,7 +241,7 @@ def generate_variants(model, tokenizer, prompts: list[str],
 
 @contextlib.contextmanager
 def _variant_set(model, selection: Selection | None):
-    from .surgery import keep_selection
+    from ..lora.surgery import keep_selection
 
     if selection is None:
         with model.disable_adapter():
@@ -273,7 +273,7 @@ def _generate_rows(model, tokenizer, prompts: list[str], *, copies: int, mask: R
                              "or None")
     if not prompts:
         return [GenerationResult(texts=[], n_prompt_truncated=0) for _ in range(copies)]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
     if pad_id is None:
         raise LoraboundError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token before "
@@ -291,10 +291,10 @@ def _generate_rows(model, tokenizer, prompts: list[str], *, copies: int, mask: R
     bar = tqdm(total=len(prompts) * copies, unit="ex", desc=label, disable=not progress)
     try:
         model.eval()
-        with _tokenizer_sides(tokenizer), torch.inference_mode():
+        with tokenizer_sides(tokenizer), torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                enc = _encode_batch(tokenizer, [prompts[i] for i in chunk], max_prompt_length, pad_id)
+                enc = encode_batch(tokenizer, [prompts[i] for i in chunk], max_prompt_length, pad_id)
                 input_ids = enc["input_ids"].to(device).repeat(copies, 1)
                 attention_mask = enc["attention_mask"].to(device).repeat(copies, 1)
                 copy_of_row = torch.arange(copies).repeat_interleave(len(chunk))
@@ -302,7 +302,7 @@ def _generate_rows(model, tokenizer, prompts: list[str], *, copies: int, mask: R
                 new_tokens = decode(model, input_ids, attention_mask, max_new_tokens, rule, pad_id, on_rows)
                 for row, ids in enumerate(new_tokens):
                     text = tokenizer.decode(_until_eos(ids, rule.eos_ids), skip_special_tokens=True)
-                    texts[row // len(chunk)][chunk[row % len(chunk)]] = _clean(text, stop_at_newline)
+                    texts[row // len(chunk)][chunk[row % len(chunk)]] = clean_output(text, stop_at_newline)
                 bar.update(len(chunk) * copies)
     finally:
         bar.close()
@@ -330,12 +330,12 @@ def _greedy_loop(model, input_ids, attention_mask, max_new_tokens: int, rule: St
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # as transformers
     if on_rows:
         on_rows(alive)
-    takes = _forward_parameters(model)
+    takes = forward_parameters(model)
     cache_arg = "cache" if "cache" in takes else "past_key_values"  # renamed in transformers 5.x
     first = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # the head at the last position only
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 **first)
-    cache, next_position = _cache_of(out), position_ids[:, -1:] + 1
+    cache, next_position = cache_of(out), position_ids[:, -1:] + 1
     for _ in range(max_new_tokens):
         chosen = out.logits[:, -1].float().argmax(-1)
         finished = []
@@ -355,20 +355,22 @@ def _greedy_loop(model, input_ids, attention_mask, max_new_tokens: int, rule: St
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_position,
                     use_cache=True, **{cache_arg: cache})
-        cache = _cache_of(out)
+        cache = cache_of(out)
         next_position = next_position + 1
     return tokens
 
 
-def _forward_parameters(model) -> set[str]:
+def forward_parameters(model) -> set[str]:
+    """The names of the parameters the model's forward() takes."""
     import inspect
 
-    from .model import unwrap_model
+    from ..model import unwrap_model
 
     return set(inspect.signature(unwrap_model(model).forward).parameters)
 
 
-def _cache_of(output):
+def cache_of(output):
+    """The key/value cache a forward pass returned, under either attribute name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
 
@@ -400,7 +402,7 @@ def _hf_generate(model, input_ids, attention_mask, max_new_tokens: int, rule: St
 
 
 @contextlib.contextmanager
-def _tokenizer_sides(tokenizer):
+def tokenizer_sides(tokenizer):
     """Left padding and left truncation while generating; the tokenizer's own settings come back afterwards."""
     padding, truncation = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
@@ -410,13 +412,14 @@ def _tokenizer_sides(tokenizer):
         tokenizer.padding_side, tokenizer.truncation_side = padding, truncation
 
 
-def _clean(text: str, stop_at_newline: bool) -> str:
+def clean_output(text: str, stop_at_newline: bool) -> str:
+    """A generated text as scored: its first line when generation stops at a newline, stripped."""
     if stop_at_newline:
         text = text.lstrip().split("\n", 1)[0]
     return text.strip()
 
 
-def _encode_batch(tokenizer, prompts: list[str], max_prompt_length: int | None, pad_id: int):
+def encode_batch(tokenizer, prompts: list[str], max_prompt_length: int | None, pad_id: int):
     """Left-padded (and, past max_prompt_length, left-truncated) tensors; works without a tokenizer pad token."""
     truncation = {"truncation": True, "max_length": max_prompt_length} if max_prompt_length else {}
     pad_token = tokenizer.pad_token

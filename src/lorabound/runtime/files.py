@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import LoraboundError
+from ..errors import LoraboundError
 
 MARKER = ".lorabound"        # {"written_by": "lorabound", "finished": bool}
 LOCK = ".lorabound.lock"     # flock'ed by the process writing an output folder; holds its pid

@@ -15,14 +15,13 @@ Every part of the report dict except ``meta`` is optional: what is missing is le
 from __future__ import annotations
 
 import base64
-import html
-import io
 import json
 import math
 from pathlib import Path
 
-from .evaluate import describe_significance
-from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..formatting import CSS, esc, figure, html_table, markdown_table, png
+from ..metrics.scores import describe_significance
+from ..runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 PLOT_FILES = {"truncation": "truncation_curve.png", "logit_lens": "logit_lens.png", "ablation": "layer_ablation.png",
               "joint": "joint_curve.png", "selection": "selection_layers.png"}
@@ -59,16 +58,6 @@ def _shown_references(example: dict, most: int = 3) -> list[str]:
     return refs[:most] + ([f"(+{len(refs) - most} more)"] if len(refs) > most else [])
 
 
-def _figure(rows: int = 1):
-    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend switch)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 3.0 + 2.2 * (rows - 1)), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
-
-
 def _mark_boundary(ax, x: float, boundary: int, shade_from: float | None = None) -> None:
     """A dashed vertical line labelled 'b = N'; optionally shade the layers whose LoRA is dropped."""
     ax.axvline(x, color="#c0392b", linestyle="--", linewidth=1.3)
@@ -80,15 +69,9 @@ def _mark_boundary(ax, x: float, boundary: int, shade_from: float | None = None)
             ha="left", va="top", fontsize=9, fontweight="bold")
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 def _plot_truncation(curve: dict, boundary: int | None) -> bytes:
     x = curve["boundary"]
-    fig, (top, bottom) = _figure(rows=2)
+    fig, (top, bottom) = figure(rows=2)
     top.plot(x, curve["mean_prob"], marker="o", markersize=3, color="#1f77b4", label="mean ground-truth prob")
     if curve.get("accuracy"):
         top.plot(x, curve["accuracy"], marker=".", markersize=3, color="#2ca02c", alpha=0.7,
@@ -109,11 +92,11 @@ def _plot_truncation(curve: dict, boundary: int | None) -> bytes:
         ax.grid(alpha=0.3)
         if boundary is not None:
             _mark_boundary(ax, boundary, boundary)
-    return _png(fig)
+    return png(fig)
 
 
 def _plot_logit_lens(curve: dict, boundary: int | None) -> bytes:
-    fig, (ax,) = _figure()
+    fig, (ax,) = figure()
     ax.plot(curve["layer"], curve["base_prob"], marker="o", markersize=3, color="#7f7f7f", label="base model")
     ax.plot(curve["layer"], curve["full_prob"], marker="o", markersize=3, color="#1f77b4", label="full adapter")
     ax.set_xlabel("layer")
@@ -123,7 +106,7 @@ def _plot_logit_lens(curve: dict, boundary: int | None) -> bytes:
     ax.grid(alpha=0.3)
     if boundary is not None:
         _mark_boundary(ax, boundary + 0.5, boundary, shade_from=boundary + 0.5)
-    return _png(fig)
+    return png(fig)
 
 
 def _approximated(curve: dict) -> str:
@@ -142,7 +125,7 @@ def _ablation_deltas(curve: dict) -> list[float] | None:
 
 def _plot_ablation(curve: dict, boundary: int | None) -> bytes:
     deltas = _ablation_deltas(curve)
-    fig, (ax,) = _figure()
+    fig, (ax,) = figure()
     colors = ["#1f77b4" if d > 0 else "#9467bd" for d in deltas]
     ax.bar(curve["layer"], deltas, color=colors, width=0.8)
     ax.axhline(0, color="black", linewidth=0.8)
@@ -152,7 +135,7 @@ def _plot_ablation(curve: dict, boundary: int | None) -> bytes:
     ax.grid(alpha=0.3, axis="y")
     if boundary is not None:
         _mark_boundary(ax, boundary + 0.5, boundary, shade_from=boundary + 0.5)
-    return _png(fig)
+    return png(fig)
 
 
 def _plot_joint(joint: dict, search: dict | None) -> bytes:
@@ -179,14 +162,14 @@ def _plot_joint(joint: dict, search: dict | None) -> bytes:
     ax.set_xlabel("Bm: MLP LoRA kept on layers 0..Bm")
     ax.set_ylabel("Ba: attention LoRA kept on layers 0..Ba")
     ax.set_title(PLOT_TITLES["joint"], fontsize=10)
-    return _png(fig)
+    return png(fig)
 
 
 def _plot_selection(search: dict, adapter_layers: list[int] | None) -> bytes:
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import MaxNLocator
 
-    from .selection import Selection
+    from ..lora.selection import Selection
 
     chosen = Selection.from_json(search.get("selection"))
     prefix = search.get("compared_prefix") or {}
@@ -197,7 +180,7 @@ def _plot_selection(search: dict, adapter_layers: list[int] | None) -> bytes:
     groups = ["attention", "mlp"] + (["other"] if "other" in named else [])
     num_layers = search.get("num_layers") or (max(adapter_layers or [0]) + 1)
     has_lora = set(adapter_layers) if adapter_layers else set(range(num_layers))
-    fig, axes = _figure(rows=len(panels))
+    fig, axes = figure(rows=len(panels))
     for ax, (title, selection) in zip(axes, panels):
         for y, group in enumerate(groups):
             for layer in range(num_layers):
@@ -215,7 +198,7 @@ def _plot_selection(search: dict, adapter_layers: list[int] | None) -> bytes:
         ax.set_title(title, fontsize=9)
     axes[-1].set_xlabel("layer")
     axes[0].figure.suptitle(PLOT_TITLES["selection"], fontsize=10)
-    return _png(fig)
+    return png(fig)
 
 
 def _plot_bytes(curves: dict, boundary: int | None, search: dict | None = None) -> dict[str, bytes]:
@@ -281,30 +264,10 @@ def _as_float(value):
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def _markdown_table(header: list[str], rows: list[list[str]], right: range | None = None) -> str:
-    """A padded markdown table (readable as plain text too); columns in `right` (default: all but the first)
-    are right-aligned."""
-    right = range(1, len(header)) if right is None else right
-    cells = [[_md_cell(c) for c in row] for row in [header] + rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-
-    def line(row):
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2))
-                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
-
-
-def _md_cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
-
-
 def format_table(report: dict) -> str:
     """Variant x BLEU, ROUGE-L, chrF, LoRA parameters, adapter size (MB) and why the row is there, as a
     markdown table."""
-    return _markdown_table(list(TABLE_COLUMNS), _table_rows(report), right=NUMERIC_COLUMNS)
+    return markdown_table(list(TABLE_COLUMNS), _table_rows(report), right=NUMERIC_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,14 +419,14 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     out += ["", "## Metrics", "", format_table(report), ""]
     savings = _savings(report)
     if savings:
-        out += ["## Savings", "", _markdown_table(["Quantity", "Value"], [list(r) for r in savings], right=range(0)), ""]
+        out += ["## Savings", "", markdown_table(["Quantity", "Value"], [list(r) for r in savings], right=range(0)), ""]
     search = report.get("search") or {}
     if search:
         out += ["## Boundary search", ""]
         if search.get("criterion"):
             out += [f"Criterion: {search['criterion']}. {search.get('reason', '')}".strip(), ""]
         if _candidate_rows(report):
-            out += [_markdown_table(_candidate_columns(report), _candidate_rows(report)), ""]
+            out += [markdown_table(_candidate_columns(report), _candidate_rows(report)), ""]
         out += [f"{sentence}\n" for sentence in _prefix_comparison(report)]
     if plot_files:
         out += ["## Curves", ""]
@@ -471,13 +434,13 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     speed = report.get("speed")
     if speed:
         header, rows = _speed_rows(speed)
-        out += ["## Inference speed (measured)", "", _speed_intro(speed), "", _markdown_table(header, rows), ""]
+        out += ["## Inference speed (measured)", "", _speed_intro(speed), "", markdown_table(header, rows), ""]
     examples = (report.get("examples") or [])[:MAX_EXAMPLES]
     if examples:
         columns = _example_columns(report)
         rows = [[e.get("input", ""), " / ".join(_shown_references(e))]
                 + [(e.get("outputs") or {}).get(c, "") for c in columns] for e in examples]
-        out += ["## Example generations", "", _markdown_table(["Input", "References"] + columns, rows, right=range(0)),
+        out += ["## Example generations", "", markdown_table(["Input", "References"] + columns, rows, right=range(0)),
                 ""]
     notes = _notes(report)
     if notes:
@@ -485,84 +448,50 @@ def render_markdown(report: dict, plot_files: dict[str, str]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
-       max-width: 1100px; margin: 2em auto; padding: 0 1em; line-height: 1.45; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; }
-h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
-.meta { color: #666; font-size: 0.9em; }
-.verdict { background: #eef6ff; border-left: 5px solid #1f77b4; padding: 0.8em 1em; font-size: 1.1em; }
-.significance li { margin: 0.3em 0; }
-table { border-collapse: collapse; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; vertical-align: top; }
-th { background: #f4f4f4; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-table.examples td { max-width: 260px; font-size: 0.9em; white-space: pre-wrap; }
-figure { margin: 1em 0; }
-figure img { max-width: 100%; border: 1px solid #eee; }
-figcaption { color: #555; font-size: 0.9em; }
-"""
-
-
-def _esc(text) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _html_table(header: list[str], rows: list[list[str]], *, table_id: str | None = None,
-                css_class: str | None = None, numeric: range | None = None) -> str:
-    numeric = range(1, len(header)) if numeric is None else numeric
-    attrs = (f' id="{_esc(table_id)}"' if table_id else "") + (f' class="{_esc(css_class)}"' if css_class else "")
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="num">{_esc(c)}</td>' if i in numeric else f"<td>{_esc(c)}</td>"
-                         for i, c in enumerate(row)) + "</tr>\n" for row in rows)
-    return f"<table{attrs}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
-
-
 def render_html(report: dict, plots: dict[str, bytes]) -> str:
     """report.html: one file, inline CSS, plots as data URIs, every text from the data escaped."""
     meta = report.get("meta") or {}
     title = _title(meta)
-    parts = [f"<h1>{_esc(title)}</h1>"]
+    parts = [f"<h1>{esc(title)}</h1>"]
     if _meta_line(meta):
-        parts.append(f'<p class="meta">{_esc(_meta_line(meta))}</p>')
+        parts.append(f'<p class="meta">{esc(_meta_line(meta))}</p>')
     if report.get("verdict"):
-        parts.append(f'<p class="verdict" id="verdict"><strong>Verdict:</strong> {_esc(report["verdict"])}</p>')
+        parts.append(f'<p class="verdict" id="verdict"><strong>Verdict:</strong> {esc(report["verdict"])}</p>')
     sentences = _significance_sentences(report)
     if sentences:
-        parts.append('<ul class="significance">' + "".join(f"<li>{_esc(s)}</li>" for s in sentences) + "</ul>")
+        parts.append('<ul class="significance">' + "".join(f"<li>{esc(s)}</li>" for s in sentences) + "</ul>")
 
     parts.append("<h2>Metrics</h2>")
-    parts.append(_html_table(list(TABLE_COLUMNS), _table_rows(report), table_id="metrics",
+    parts.append(html_table(list(TABLE_COLUMNS), _table_rows(report), table_id="metrics",
                              numeric=NUMERIC_COLUMNS))
     savings = _savings(report)
     if savings:
         parts.append("<h2>Savings</h2>")
-        parts.append(_html_table(["Quantity", "Value"], [list(r) for r in savings], table_id="savings",
+        parts.append(html_table(["Quantity", "Value"], [list(r) for r in savings], table_id="savings",
                                  numeric=range(0)))
 
     search = report.get("search") or {}
     if search:
         parts.append("<h2>Boundary search</h2>")
         if search.get("criterion"):
-            parts.append(f"<p>Criterion: <strong>{_esc(search['criterion'])}</strong>. "
-                         f"{_esc(search.get('reason', ''))}</p>")
+            parts.append(f"<p>Criterion: <strong>{esc(search['criterion'])}</strong>. "
+                         f"{esc(search.get('reason', ''))}</p>")
         if _candidate_rows(report):
-            parts.append(_html_table(_candidate_columns(report), _candidate_rows(report), table_id="candidates"))
-        parts += [f'<p class="prefix">{_esc(sentence)}</p>' for sentence in _prefix_comparison(report)]
+            parts.append(html_table(_candidate_columns(report), _candidate_rows(report), table_id="candidates"))
+        parts += [f'<p class="prefix">{esc(sentence)}</p>' for sentence in _prefix_comparison(report)]
 
     if plots:
         parts.append("<h2>Curves</h2>")
         for name, data in plots.items():
             uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-            parts.append(f'<figure><img src="{uri}" alt="{_esc(PLOT_TITLES[name])}">'
-                         f"<figcaption>{_esc(PLOT_CAPTIONS[name])}</figcaption></figure>")
+            parts.append(f'<figure><img src="{uri}" alt="{esc(PLOT_TITLES[name])}">'
+                         f"<figcaption>{esc(PLOT_CAPTIONS[name])}</figcaption></figure>")
 
     speed = report.get("speed")
     if speed:
         parts.append("<h2>Inference speed (measured)</h2>")
-        parts.append(f"<p>{_esc(_speed_intro(speed))}</p>")
-        parts.append(_html_table(*_speed_rows(speed), table_id="speed"))
+        parts.append(f"<p>{esc(_speed_intro(speed))}</p>")
+        parts.append(html_table(*_speed_rows(speed), table_id="speed"))
 
     examples = (report.get("examples") or [])[:MAX_EXAMPLES]
     if examples:
@@ -570,27 +499,27 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
         rows = [[e.get("input", ""), "\n".join(_shown_references(e))]
                 + [(e.get("outputs") or {}).get(c, "") for c in columns] for e in examples]
         parts.append("<h2>Example generations</h2>")
-        parts.append(_html_table(["Input", "References"] + columns, rows, table_id="examples",
+        parts.append(html_table(["Input", "References"] + columns, rows, table_id="examples",
                                  css_class="examples", numeric=range(0)))
 
     notes = _notes(report)
     if notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
 
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+            f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
 def _speed_rows(speed: dict) -> tuple[list[str], list[list[str]]]:
-    from .speed import speed_table
+    from ..speed import speed_table
 
     return speed_table(speed)
 
 
 def _speed_intro(speed: dict) -> str:
-    from .speed import describe
+    from ..speed import describe
 
     return f"Written by 'lorabound speed' into speed.json ({speed.get('created', 'time not recorded')}). " \
         + describe(speed)

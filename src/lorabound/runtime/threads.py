@@ -76,7 +76,7 @@ def set_threads(threads: int | None) -> int:
     """Use `threads` torch threads (None: the cores free now). Returns the number set."""
     import torch
 
-    from .validation import check_arguments
+    from ..rules import check_arguments
 
     check_arguments(threads=threads)
     chosen = threads or default_threads()

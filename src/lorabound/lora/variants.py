@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import LoraboundError
-from .files import sha256_file
-from .model import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS
+from ..errors import LoraboundError
+from ..model import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS
+from ..runtime.files import sha256_file
 from .selection import Selection
 
 

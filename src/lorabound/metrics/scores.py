@@ -8,10 +8,10 @@ Read top to bottom:
    reference of each example;
 3. :func:`paired_test` compares two systems on the same examples from per-sentence sufficient statistics
    (sacrebleu's public ``sentence_score`` counts): an interval, a calibrated test and power
-   (:mod:`lorabound.stats`);
+   (:mod:`lorabound.metrics.stats`);
 4. :func:`describe_significance` says the result in plain words, with what the comparison could detect.
 
-Generation lives in :mod:`lorabound.generation`. All metric values are on a 0-100 scale.
+Generation lives in :mod:`lorabound.generation.decode`. All metric values are on a 0-100 scale.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from importlib.metadata import version
 
 import numpy as np
 
-from .errors import LoraboundError
+from ..errors import LoraboundError
 from .stats import COMBINED, PARTS, Paired, compare, conclusion, corpus_scores
 
 METRICS = ("bleu", "chrf", "rougeL")
@@ -292,7 +292,7 @@ def paired_tests(hyps_a: list[str], hyps_b: list[str], references: list[list[str
     Per metric: the difference score(A) - score(B) with a 95% interval from the paired bootstrap's standard error (the
     same resamples for every metric), the two-sided p-value of a paired sign-flip permutation test (exact up to
     14 examples), and the minimal detectable difference at 80% power with the examples that would detect the
-    paper's gain; see :mod:`lorabound.stats`. Identical systems give p = 1. chrF is not offered: sacrebleu has
+    paper's gain; see :mod:`lorabound.metrics.stats`. Identical systems give p = 1. chrF is not offered: sacrebleu has
     no public per-sentence chrF statistics. Deterministic for a given seed.
     """
     if n_resamples < 1:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .evaluate import describe_significance
-from .generation_cache import BASE, FULL, variant_name
+from ..generation.cache import BASE, FULL, variant_name
+from ..metrics.scores import describe_significance
 
 
 def verdict(search: dict, evaluation: dict, top: int) -> str:

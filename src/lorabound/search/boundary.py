@@ -17,7 +17,7 @@ How `auto` decides:
   LoRA helps generation, and generating for every b costs too much on a CPU, so the curve picks where to look
   and generation decides.
 - Score: the mean of validation BLEU and ROUGE-L (both 0-100, equal weight: one number). Each candidate is
-  compared with the full adapter on validation (:func:`lorabound.evaluate.paired_tests`): the difference, its
+  compared with the full adapter on validation (:func:`lorabound.metrics.scores.paired_tests`): the difference, its
   95% interval (t times the paired bootstrap's standard error), a paired sign-flip permutation p-value (exact up to 14
   examples, calibrated at any size), and the minimal detectable difference at 80% power, for BLEU, ROUGE-L and
   their mean.
@@ -49,14 +49,15 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import LoraboundError
-from .results import SearchDocument
-from .evaluate import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
-from .stats import LEVEL, examples_needed, t_quantile, unseen_floor
+from ..errors import LoraboundError
+from ..lora.selection import check_boundary
+from ..metrics.scores import COMBINED, METRIC_LABELS, MetricOptions, format_p, paired_tests, score
+from ..metrics.stats import LEVEL, examples_needed, t_quantile, unseen_floor
+from ..results import SearchDocument
 
 CRITERIA = ("auto", "knee", "max-likelihood", "bleu", "rougeL", "chrf", "per-module", "greedy-drop")
 GOAL_CRITERIA = ("auto", "per-module")  # those deciding by --goal (greedy-drop decides as --goal size)
-SELECTION_CRITERIA = ("per-module", "greedy-drop")  # their result is a Selection (selection_search.py)
+SELECTION_CRITERIA = ("per-module", "greedy-drop")  # their result is a Selection (search/modules.py)
 GOALS = ("quality", "size")
 METRIC_CRITERIA = {"auto": COMBINED, "bleu": "bleu", "rougeL": "rougeL", "chrf": "chrf"}
 KNEE_FRACTIONS = (0.5, 0.75, 0.9, 0.95)
@@ -109,7 +110,7 @@ class SearchSettings:
             raise LoraboundError(f"--bootstrap {self.bootstrap} must be at least 1; 1000 is usual")
 
     def _check_selection_criteria(self) -> None:
-        """--keep-fraction and --candidates against per-module / greedy-drop (validation.py checks the ranges)."""
+        """--keep-fraction and --candidates against per-module / greedy-drop (rules.py checks the ranges)."""
         if self.keep_fraction is not None:
             if not 0.0 < self.keep_fraction <= 1.0:
                 raise LoraboundError(f"--keep-fraction {self.keep_fraction} must be in (0, 1]; for example 0.5")
@@ -135,14 +136,6 @@ class SearchSettings:
         if self.criterion == "greedy-drop":
             return None if self.keep_fraction is not None else "size"
         return (self.goal or "quality") if self.criterion in GOAL_CRITERIA else None
-
-
-def check_boundary(boundary: int, num_layers: int) -> None:
-    if not -1 <= boundary <= num_layers - 1:
-        raise LoraboundError(
-            f"boundary {boundary} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
-            f"pass --boundary between -1 (base model) and {num_layers - 1} (full adapter)"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +439,7 @@ class SearchResult:
     lora_params_total: int = 0
     goal: str | None = None
     validation_tests: dict | None = None  # how the candidates were compared with the full adapter
-    # per-module / greedy-drop (selection_search.py): the chosen Selection (Selection.to_json), said for people,
+    # per-module / greedy-drop (search/modules.py): the chosen Selection (Selection.to_json), said for people,
     # its comparison on validation with the prefix of the same size, and the greedy removal path
     selection: dict | None = None
     selection_text: str | None = None

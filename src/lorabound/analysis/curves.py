@@ -25,16 +25,15 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from .data import Encoded, batches, by_length
-from .errors import LoraboundError
-from .files import write_json_atomic
-from .model import LayerStack, apply_head, find_layer_stack, unwrap_model
-from .selection import Selection
-from .surgery import adapter_layers, keep_lora, keep_selection, lora_modules, no_adapter, parts_outside_layers
+from ..data import Encoded, batches, by_length
+from ..errors import LoraboundError
+from ..rules import CURVES, OPTIONAL_CURVES
+from ..lora.selection import Selection
+from ..lora.surgery import adapter_layers, keep_lora, keep_selection, lora_modules, no_adapter, parts_outside_layers
+from ..model import LayerStack, apply_head, find_layer_stack, unwrap_model
+from ..runtime import distributed
+from ..runtime.files import write_json_atomic
 
-CURVES = ("truncation", "logit_lens", "ablation")  # analyze's default
-OPTIONAL_CURVES = ("joint",)  # asked by name: the joint curve costs about 2L/3 truncation sweeps (README)
 JOINT_GROUPS = ("attention", "mlp")
 
 
@@ -356,7 +355,7 @@ def analysis_batches(encoded: Encoded, batch_size: int, pad_token_id: int, exact
 def analyze(model, encoded: Encoded, *, batch_size: int = 8, pad_token_id: int, curves: tuple[str, ...] = CURVES,
             checkpoint: str | Path | None = None, progress: bool = True, meta: dict | None = None,
             exact: bool = False) -> dict:
-    """Compute the curves over every encoded example. Returns the curves dict (see report.py for its shape).
+    """Compute the curves over every encoded example. Returns the curves dict (see report/document.py for its shape).
 
     The truncation curve is always exact and over every example. Unless `exact`, the logit lens and the
     ablation run on the first batches only (APPROXIMATE_SHARE of them) and the log-softmax normaliser is

@@ -4,7 +4,7 @@
 each layer l in S the mean ground-truth probability with LoRA on S without l (teacher-forced, every validation
 example); the layer whose removal leaves the highest probability goes (ties: the higher layer). The result is a
 path of nested layer sets from the full adapter down to no LoRA layer, each with its curve values, which the
-search (selection_search.py) reads like the truncation curve.
+search (search/modules.py) reads like the truncation curve.
 
 Work is shared as in the truncation sweep: one pass with LoRA on S records every layer's input, and removing l
 reruns only layers l..L-1. A step with S kept costs L + sum over l in S of (L - l) layer passes per batch. The
@@ -20,12 +20,12 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import TokenScores, Targets, head_logits, run_layers, trace_layers
-from .data import Encoded, batches
-from .errors import LoraboundError
-from .model import find_layer_stack
-from .selection import Selection
-from .surgery import adapter_layers, keep_selection
+from ..data import Encoded, batches
+from ..errors import LoraboundError
+from ..lora.selection import Selection
+from ..lora.surgery import adapter_layers, keep_selection
+from ..model import find_layer_stack
+from .curves import TokenScores, Targets, head_logits, run_layers, trace_layers
 
 
 def params_kept(layers, params_per_layer: dict[int, int]) -> int:

@@ -16,13 +16,13 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .errors import LoraboundError
+from ..errors import LoraboundError
 
 GROUPS = ("attention", "mlp", "other")
 EVERY = "*"  # the group key that stands for every module group
 
 
-def _ranges(layers: Iterable[int]) -> str:
+def layer_ranges(layers: Iterable[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> "0..2,5,7..8"; [] -> "none"."""
     layers = sorted(layers)
     if not layers:
@@ -129,8 +129,8 @@ class Selection:
             return "every LoRA layer"
         if len(self.kept) == 1 and self.kept[0][0] == EVERY:
             layers = self.kept[0][1]
-            return "no LoRA layer" if not layers else f"LoRA on layers {_ranges(layers)}"
-        return ", ".join(f"{group} {_ranges(layers)}" for group, layers in self.kept)
+            return "no LoRA layer" if not layers else f"LoRA on layers {layer_ranges(layers)}"
+        return ", ".join(f"{group} {layer_ranges(layers)}" for group, layers in self.kept)
 
 
 # -- from the command line ---------------------------------------------------
@@ -165,3 +165,12 @@ def per_group_over(boundaries: Mapping[str, int], pairs: Iterable[tuple[int, str
         if group not in boundaries:
             others.setdefault(group, []).append(layer)
     return Selection(tuple(sorted(list(given.kept) + [(g, tuple(layers)) for g, layers in others.items()])))
+
+
+def check_boundary(boundary: int, num_layers: int) -> None:
+    """Refuse a boundary outside -1 (the base model) .. num_layers - 1 (the full adapter)."""
+    if not -1 <= boundary <= num_layers - 1:
+        raise LoraboundError(
+            f"boundary {boundary} is outside -1..{num_layers - 1} for this {num_layers}-layer model; "
+            f"pass --boundary between -1 (base model) and {num_layers - 1} (full adapter)"
+        )
