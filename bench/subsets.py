@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorabound.search.boundary import COMPARED, pick_for_goal
+from lorabound.decision.boundary import COMPARED, pick_for_goal
 from lorabound.metrics.scores import paired_statistics
 from lorabound.runtime.files import read_jsonl
 from lorabound.metrics.stats import COMBINED, PARTS, compare

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from lorabound.search.boundary import (SearchSettings, Validation, knee, local_maxima, max_likelihood, pick_by_metric,
+from lorabound.decision.boundary import (SearchSettings, Validation, knee, local_maxima, max_likelihood, pick_by_metric,
                                        preselect, search)
 from lorabound.errors import LoraboundError
 from lorabound.metrics.scores import COMBINED
@@ -201,7 +201,7 @@ def compared(bleu: tuple, rouge: tuple) -> dict:
 
 
 def test_goal_rules_refuse_a_gain_that_costs_a_significant_loss_on_one_metric():
-    from lorabound.search.boundary import pick_for_goal
+    from lorabound.decision.boundary import pick_for_goal
 
     full = {"bleu": 30, "rougeL": 50, COMBINED: 40, "vs_full": None}
     # b = 1: a big BLEU gain, a significant ROUGE-L loss. b = 2: a modest gain on both, beyond noise.
@@ -443,7 +443,7 @@ def test_a_rising_curve_keeps_its_knee_labels():
      {(-1, 1): ["no attention LoRA: it does not raise the ground-truth probability (MLP LoRA on every layer)"]}),
 ])
 def test_per_module_candidates_name_a_missing_gain_for_what_it_is(joint, expected):
-    from lorabound.search.modules import preselect_pairs
+    from lorabound.decision.modules import preselect_pairs
 
     params = {(0, "attention"): 10, (1, "attention"): 10, (0, "mlp"): 20, (1, "mlp"): 20}
     found = preselect_pairs(joint, params, num_layers=2)

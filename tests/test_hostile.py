@@ -406,7 +406,7 @@ def test_the_table_covers_every_command_and_is_large():
 def test_speed_room_is_checked_against_the_position_table_and_only_it(world):
     """Prompts plus --new-tokens that fit the 16 positions pass; one token more is refused; a rotary model (no
     table) is never refused, whatever the lengths."""
-    from lorabound.speed import SpeedSettings, check_speed_room
+    from lorabound.timing import SpeedSettings, check_speed_room
 
     gpt2 = ModelOptions(model=str(world.root / "gpt2-16"))
     check_speed_room(gpt2, (), SpeedSettings(prompts="synthetic", prompt_tokens=8, new_tokens=8))

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from lorabound.search.boundary import SearchSettings, Validation
+from lorabound.decision.boundary import SearchSettings, Validation
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.lora.selection import Selection
-from lorabound.search.modules import canonical, preselect_pairs, same_size_prefix, search_greedy, search_per_module
+from lorabound.decision.modules import canonical, preselect_pairs, same_size_prefix, search_greedy, search_per_module
 
 # Two layers; attention LoRA holds 10 parameters a layer, MLP LoRA 20.
 PARAMS = {(0, "attention"): 10, (1, "attention"): 10, (0, "mlp"): 20, (1, "mlp"): 20}

@@ -12,7 +12,7 @@ import torch
 from lorabound import pipeline
 from lorabound.errors import LoraboundError
 from lorabound.runtime.files import folder_hashes
-from lorabound.speed import (Job, SpeedSettings, build_model, greedy_steps, lora_module_count, prompt_batch,
+from lorabound.timing import (Job, SpeedSettings, build_model, greedy_steps, lora_module_count, prompt_batch,
                              variant_jobs)
 from lorabound.lora.surgery import prune_adapter
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorabound.search.boundary import COMPARED, pick_for_goal
+from lorabound.decision.boundary import COMPARED, pick_for_goal
 from lorabound.metrics.stats import (COMBINED, EXACT_MAX, Paired, bleu_from_sums, bootstrap_differences, compare,
                                      interval, power, sign_flip_test, smallest_p)
 

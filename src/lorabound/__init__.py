@@ -5,7 +5,7 @@ The public API, imported on first use (so `import lorabound` loads neither torch
 - the commands, as functions with the CLI's names and defaults: train, analyze, search, prune, evaluate, run,
   demo, speed (lorabound.pipeline) and study (lorabound.study);
 - their options and results: DataOptions, ModelOptions, GenerationOptions, TrainSettings (lorabound.options),
-  MetricOptions (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.search.boundary),
+  MetricOptions (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.decision.boundary),
   TrainResult (lorabound.training);
 - the values everything keys on: Selection (which LoRA modules are kept) and Variant (an adapter's selection,
   or no adapter);
@@ -20,7 +20,7 @@ _WHERE = {
     **{name: "pipeline" for name in ("train", "analyze", "search", "prune", "evaluate", "run", "demo", "speed")},
     "study": "study",
     "DataOptions": "options", "ModelOptions": "options", "GenerationOptions": "options",
-    "MetricOptions": "metrics.scores", "SearchSettings": "search.boundary", "SearchResult": "search.boundary",
+    "MetricOptions": "metrics.scores", "SearchSettings": "decision.boundary", "SearchResult": "decision.boundary",
     "TrainSettings": "options", "TrainResult": "training",
     "Selection": "lora.selection", "Variant": "lora.variants", "LoraboundError": "errors",
 }

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .metrics.scores import MetricOptions
     from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings, VLLMOptions
     from .rules import CURVES, EXPORT_FORMATS, OPTIONAL_CURVES
-    from .search.boundary import CRITERIA, GOALS, SELECTION_CRITERIA
+    from .decision.boundary import CRITERIA, GOALS, SELECTION_CRITERIA
 
     parser = Parser(
         prog="lorabound",
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-curves", action="store_true", help=EXACT_HELP)
 
     p = command("speed")
-    from .speed import DEVICES, PROMPT_SOURCES, SpeedSettings
+    from .timing import DEVICES, PROMPT_SOURCES, SpeedSettings
     p.add_argument("--model", help="smollm2-135m, a model folder, a .gguf file or a hub id (default: smollm2-135m, "
                    "or the run's with --run)")
     _add_fields(p, ModelOptions, skip=("model", "device"))
@@ -482,7 +482,7 @@ def _speed(args: argparse.Namespace, progress: bool) -> int:
     from .formatting import markdown_table
     from .options import DataOptions, ModelOptions
     from .rules import DEFAULT_MODEL
-    from .speed import SpeedSettings, describe, speed_table
+    from .timing import SpeedSettings, describe, speed_table
 
     settings = _picked(args, SpeedSettings)
     data_options = _picked(args, DataOptions)
@@ -501,7 +501,7 @@ def _run_speed(report: dict, args: argparse.Namespace, progress: bool) -> None:
     """run --speed: measure at the chosen b, unless it drops nothing (or everything): then say so."""
     from . import pipeline
     from .pipeline import ModelOptions
-    from .speed import SpeedSettings, describe, speed_table
+    from .timing import SpeedSettings, describe, speed_table
     from .formatting import markdown_table
 
     b, layers = report["search"]["boundary"], report["curves"]["meta"]["adapter_layers"]

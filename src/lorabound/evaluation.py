@@ -19,7 +19,7 @@ from .lora.surgery import (ADAPTER_WEIGHTS, AdapterFiles, adapter_pairs, exporte
 from .lora.variants import Variant
 from .metrics.scores import MetricOptions, describe_significance, paired_tests, score
 from .model import ADAPTER_PICKLE, find_layer_stack
-from .search.boundary import knee, knee_label, raises_probability
+from .decision.boundary import knee, knee_label, raises_probability
 from .results import Evaluation, SelectionTest, VariantRow
 
 

@@ -46,10 +46,10 @@ from .runtime.files import (check_not_input, check_output_dir, existing_path, ho
                             lock_folder, output_folder, read_json, write_json_atomic)
 from .runtime.folders import claim_folder, claim_output, rank0_output_folder
 from .runtime.threads import torch_threads
-from .search.boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, knee,
+from .decision.boundary import (SELECTION_CRITERIA, SearchResult, SearchSettings, Validation, knee,
                               raises_probability)
-from .search.boundary import search as search_boundary
-from .search.modules import pair_params, search_greedy, search_per_module
+from .decision.boundary import search as search_boundary
+from .decision.modules import pair_params, search_greedy, search_per_module
 from .training import TrainResult
 from .results import Evaluation, Report
 from .training import train as train_adapter
@@ -507,7 +507,7 @@ def speed(model: str | None = None, adapter: str | Path | None = None, *, bounda
     """Latency, throughput and peak memory of the base model, the full and the pruned adapter (LoRA on layers
     0..boundary), unmerged and merged. `run`: take model, adapter, data and boundary from a run folder (a
     `boundary` given too overrides its b) and, without `out`, write speed.json there and add it to its report."""
-    from . import speed as measuring
+    from . import timing as measuring
 
     settings = settings or measuring.SpeedSettings()
     check_arguments(boundary=boundary, **{k: v for k, v in (("adapter", adapter), ("out", out), ("model", model),

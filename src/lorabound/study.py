@@ -53,7 +53,7 @@ from .runtime.executors import ExecutorOptions, Shard, TaskFailure, run_local, r
 from .runtime.files import (LOCK, TEXT_ENCODING, check_not_input, holds_folder_locks, waiting_lock, write_bytes_atomic,
                             write_json_atomic, write_text_atomic)
 from .runtime.folders import claim_shared_folder
-from .search.boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
+from .decision.boundary import COMBINED, DEFAULT_MARGIN, SearchSettings, pick_for_goal
 from .metrics.stats import power, t_quantile
 from .results import CellComparison, CellRow, Pooled, StudySummary
 

@@ -513,13 +513,13 @@ def render_html(report: dict, plots: dict[str, bytes]) -> str:
 
 
 def _speed_rows(speed: dict) -> tuple[list[str], list[list[str]]]:
-    from ..speed import speed_table
+    from ..timing import speed_table
 
     return speed_table(speed)
 
 
 def _speed_intro(speed: dict) -> str:
-    from ..speed import describe
+    from ..timing import describe
 
     return f"Written by 'lorabound speed' into speed.json ({speed.get('created', 'time not recorded')}). " \
         + describe(speed)
