@@ -197,7 +197,7 @@ def test_vllm_runs_the_export_of_an_exact_path_adapter_as_the_hf_engine(tmp_path
     LoRA on exactly layers 22-25 when vLLM loads it, so both engines give the same pruned outputs, and those
     differ from the full adapter's."""
     from lorabound import pipeline
-    from lorabound.engines import VLLMOptions
+    from lorabound.options import VLLMOptions
     from lorabound.pipeline import DataOptions, GenerationOptions
 
     _real_adapter(tmp_path / "adapter", layers=list(range(22, 30)), scale=0.05, exact_paths=True)

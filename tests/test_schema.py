@@ -15,7 +15,7 @@ import torch
 jsonschema = pytest.importorskip("jsonschema")
 
 from lorabound import pipeline, results  # noqa: E402
-from lorabound.boundary import CRITERIA, SearchResult  # noqa: E402
+from lorabound.decision.boundary import CRITERIA, SearchResult  # noqa: E402
 from lorabound.options import DataOptions, GenerationOptions  # noqa: E402
 from lorabound.results import schema  # noqa: E402
 from lorabound.study import grid_from_dict, study  # noqa: E402
