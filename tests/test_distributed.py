@@ -138,7 +138,7 @@ def test_more_ranks_than_batches_is_handled(workspace):
 
 DYING_RANK = """
 import atexit, os, sys, time
-from lorabound import analysis
+from lorabound.analysis import curves as analysis
 from lorabound.cli import main
 
 real = analysis.score_batch

@@ -410,7 +410,7 @@ def test_real_demo_adapter_loads_every_tensor_and_null_targets_are_refused(tmp_p
 @pytest.mark.parametrize("case", ["nan", "r differs"])
 def test_adapter_files_are_checked_before_the_model_is_loaded(capsys, tmp_path, world, monkeypatch, case):
     """What needs no model is refused before one is loaded (a large model takes minutes)."""
-    import lorabound.options as options
+    import lorabound.model as model  # ModelOptions.load imports load_model from here when it runs
 
     if case == "nan":
         folder = altered(world, tmp_path, "qv", tensors=poison(float("nan")))
@@ -420,6 +420,6 @@ def test_adapter_files_are_checked_before_the_model_is_loaded(capsys, tmp_path, 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the adapter files were checked")
 
-    monkeypatch.setattr(options, "load_model", no_model)
+    monkeypatch.setattr(model, "load_model", no_model)
     line = refused_alone(capsys, "analyze", *world.small, "--adapter", folder, "--out", tmp_path / "out")
     assert ("holds non-finite weights" if case == "nan" else "has rank 4 but adapter_config.json gives it r 8") in line
