@@ -19,7 +19,7 @@ import torch
 from common import analysis_arguments, analysis_setup
 from lorabound.analysis.curves import analyze
 from lorabound.analysis.greedy import greedy_path
-from lorabound.lora.surgery import lora_params_per_layer
+from lorabound.lora.masking import lora_params_per_layer
 
 
 def main() -> None:

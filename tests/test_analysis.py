@@ -148,7 +148,7 @@ def test_real_model_self_check_passes(real_model, monkeypatch):
     from lorabound.data import batches, encode_pairs, first_reference_pairs, load_task, split_task
     from lorabound.errors import LoraboundError
     from lorabound.model import apply_head, find_layer_stack
-    from lorabound.lora.surgery import adapter_layers
+    from lorabound.lora.masking import adapter_layers
 
     base, tokenizer = real_model
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -293,7 +293,7 @@ def test_joint_curve_every_cell_equals_a_direct_forward(tok, arch):
 def test_joint_curve_cell_is_keep_selection_with_per_group_boundaries(tok):
     """One cell against a forward with Selection.per_group built by hand (not via joint_selection)."""
     from lorabound.lora.selection import Selection
-    from lorabound.lora.surgery import keep_selection
+    from lorabound.lora.masking import keep_selection
 
     model = tiny_lora()
     encoded = tiny_encoded(tok)

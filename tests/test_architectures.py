@@ -34,7 +34,8 @@ from lorabound.data import batches
 from lorabound.errors import LoraboundError
 from lorabound.model import apply_head, find_layer_stack
 from lorabound.training import target_loss
-from lorabound.lora.surgery import AdapterFiles, keep_lora, keep_up_to, lora_modules, prune_adapter
+from lorabound.lora.masking import keep_lora, keep_up_to, lora_modules
+from lorabound.lora.export import AdapterFiles, prune_adapter
 
 from tiny import randomize_lora, tiny_encoded, tiny_tokenizer
 

@@ -13,7 +13,7 @@ import pytest
 from lorabound.runtime.files import folder_hashes
 from lorabound.pipeline import check_held_out
 from lorabound.errors import LoraboundError
-from lorabound.lora.surgery import AdapterFiles
+from lorabound.lora.export import AdapterFiles
 
 from clitools import cli, ok, refused
 from tiny import tiny_lora, save_tiny_base

@@ -12,7 +12,7 @@ from lorabound.cli import main
 from lorabound.generation.engines import HFEngine, Variant, check_adapter_for_vllm, length_batches, lora_rank_limit
 from lorabound.errors import LoraboundError
 from lorabound.generation.decode import generate
-from lorabound.lora.surgery import keep_lora
+from lorabound.lora.masking import keep_lora
 
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
 

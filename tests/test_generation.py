@@ -19,7 +19,7 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2L
 from lorabound.generation import decode as generation, cache as generation_cache
 from lorabound.generation.decode import StopRule, answer_line_ended, generate, generate_variants, newline_token_ids
 from lorabound.lora.selection import Selection
-from lorabound.lora.surgery import adapter_pairs, keep_lora, keep_selection
+from lorabound.lora.masking import adapter_pairs, keep_lora, keep_selection
 
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
 

@@ -7,7 +7,7 @@ from lorabound.analysis import curves as analysis
 from lorabound.errors import LoraboundError
 from lorabound.analysis.greedy import greedy_path, params_budget
 from lorabound.lora.selection import Selection
-from lorabound.lora.surgery import keep_selection, lora_params_per_layer
+from lorabound.lora.masking import keep_selection, lora_params_per_layer
 
 from tiny import tiny_encoded, tiny_lora, tiny_tokenizer
 

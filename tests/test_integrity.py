@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from lorabound.errors import LoraboundError
 from lorabound.runtime.files import folder_hashes
 from lorabound.model import load_adapter, load_model
-from lorabound.lora.surgery import AdapterFiles, prune_adapter
+from lorabound.lora.export import AdapterFiles, prune_adapter
 
 from clitools import refused_alone
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer, save_tiny_base

@@ -15,7 +15,7 @@ from lorabound.runtime.files import folder_hashes
 from lorabound.runtime.files import write_marker
 from lorabound.model import load_model
 from lorabound.pipeline import DataOptions, GenerationOptions
-from lorabound.lora.surgery import keep_up_to
+from lorabound.lora.masking import keep_up_to
 
 from tiny import save_tiny_base
 
@@ -248,7 +248,7 @@ def test_adapters_whose_names_collide_get_their_own_outputs(light, tmp_path, mon
 def test_changed_adapter_files_are_regenerated_not_reused(light, tmp_path, monkeypatch):
     from lorabound.generation.engines import HFEngine, Variant
     from lorabound.model import load_adapter
-    from lorabound.lora.surgery import adapter_pairs
+    from lorabound.lora.masking import adapter_pairs
     from tiny import tiny_lora, tiny_task
 
     root, _ = light
@@ -308,7 +308,7 @@ def test_pruned_rows_show_the_export_size_in_the_stored_dtype(light, tmp_path):
     """An adapter stored in bf16 and loaded in float32: the in-memory pruned row is the bf16 export's size."""
     from safetensors.torch import load_file, save_file
 
-    from lorabound.lora.surgery import prune_adapter
+    from lorabound.lora.export import prune_adapter
     from tiny import tiny_lora
 
     root, _ = light

@@ -12,7 +12,7 @@ from peft import PeftModel
 from lorabound.generation.decode import generate
 from lorabound.model import load_adapter, load_model
 from lorabound.lora.selection import Selection, parse_layers, per_group_over
-from lorabound.lora.surgery import keep_selection
+from lorabound.lora.masking import keep_selection
 
 from clitools import ok
 from test_cli import TEMPLATE, rows, table_rows, write_jsonl

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from lorabound.errors import LoraboundError
 from lorabound.model import load_model
 from lorabound.lora.selection import Selection
-from lorabound.lora.surgery import AdapterFiles, keep_selection, prune_adapter
+from lorabound.lora.masking import keep_selection
+from lorabound.lora.export import AdapterFiles, prune_adapter
 
 from test_architectures import ARCHITECTURES, tiny_adapter, tiny_gemma3_vision, tiny_model
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer

@@ -182,7 +182,7 @@ def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(works
     from lorabound.generation import cache as generation_cache
     from lorabound import pipeline
     from lorabound.generation.decode import generate
-    from lorabound.lora.surgery import keep_selection
+    from lorabound.lora.masking import keep_selection
     from tiny import tiny_task
 
     root, _ = workspace
@@ -192,7 +192,7 @@ def test_selections_generate_as_a_direct_keep_selection_run_and_are_cached(works
     engine = generation_cache.make_engine(generation, None, peft_model, tokenizer, model_options, root / "adapter", tmp_path)
     task = tiny_task()
     examples = task.examples[:4]
-    from lorabound.lora.surgery import adapter_pairs
+    from lorabound.lora.masking import adapter_pairs
 
     pairs = adapter_pairs(peft_model)
     make = lambda: generation_cache.SelectionGenerator(engine, peft_model, task, examples, tmp_path, generation,  # noqa: E731

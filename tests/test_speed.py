@@ -14,7 +14,7 @@ from lorabound.errors import LoraboundError
 from lorabound.runtime.files import folder_hashes
 from lorabound.timing import (Job, SpeedSettings, build_model, greedy_steps, lora_module_count, prompt_batch,
                              variant_jobs)
-from lorabound.lora.surgery import prune_adapter
+from lorabound.lora.export import prune_adapter
 
 from clitools import ok, refused_alone
 from tiny import tiny_lora, save_tiny_base

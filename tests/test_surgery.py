@@ -12,8 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorabound.errors import LoraboundError
 from lorabound.runtime.files import folder_hashes
 from lorabound.model import load_model
-from lorabound.lora.surgery import (AdapterFiles, adapter_layers, exported_bytes, keep_lora, keep_up_to, lora_modules,
-                                    prune_adapter)
+from lorabound.lora.masking import adapter_layers, keep_lora, keep_up_to, lora_modules
+from lorabound.lora.export import AdapterFiles, exported_bytes, prune_adapter
 
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
 

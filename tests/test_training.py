@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from lorabound.data import Splits, load_task, split_task
 from lorabound.errors import LoraboundError
 from lorabound.model import load_adapter, load_model
-from lorabound.lora.surgery import adapter_layers
+from lorabound.lora.masking import adapter_layers
 from lorabound.options import TrainSettings
 from lorabound.training import train
 

@@ -34,7 +34,8 @@ from lorabound.runtime.files import folder_hashes
 from lorabound.model import load_adapter, load_model
 from lorabound.pipeline import DataOptions, ModelOptions
 from lorabound.pipeline import analyze as pipeline_analyze
-from lorabound.lora.surgery import adapter_layers, keep_up_to, prune_adapter
+from lorabound.lora.masking import adapter_layers, keep_up_to
+from lorabound.lora.export import prune_adapter
 
 from clitools import cli, refused
 from tiny import tiny_llama, tiny_lora, tiny_tokenizer
@@ -732,7 +733,7 @@ def test_truncated_model_weights_are_one_line(capsys, tmp_path, world):
 SLOW_EXPORT = """
 import sys, time
 from pathlib import Path
-import lorabound.lora.surgery as surgery
+import lorabound.lora.export as surgery
 
 real_save = surgery.save_file
 

@@ -29,7 +29,8 @@ from lorabound.analysis.curves import analyze
 from lorabound.errors import LoraboundError
 from lorabound.model import check_adapter_files, load_adapter, load_model
 from lorabound.lora.selection import Selection
-from lorabound.lora.surgery import keep_selection, prune_adapter
+from lorabound.lora.masking import keep_selection
+from lorabound.lora.export import prune_adapter
 
 from test_architectures import mean_prob
 from test_selection_export import logits

@@ -14,8 +14,8 @@ from .errors import LoraboundError
 from .generation.cache import (FULL, SelectionGenerator, boundary_variant, generate_cached, make_engine, model_identity,
                                variant_name)
 from .lora.selection import Selection, check_boundary
-from .lora.surgery import (ADAPTER_WEIGHTS, AdapterFiles, adapter_pairs, exported_bytes, lora_modules,
-                           lora_params_per_layer)
+from .lora.masking import adapter_pairs, lora_modules, lora_params_per_layer
+from .lora.export import ADAPTER_WEIGHTS, AdapterFiles, exported_bytes
 from .lora.variants import Variant
 from .metrics.scores import MetricOptions, describe_significance, paired_tests, score
 from .model import ADAPTER_PICKLE, find_layer_stack

@@ -31,8 +31,8 @@ from .evaluation import evaluate_variants, file_size, run_origins, selection_on_
 from .generation.cache import (SelectionGenerator, boundary_variant, check_engine_options, generate_cached, make_engine,
                                model_identity)
 from .lora.selection import GROUPS, Selection, check_boundary, parse_layers, per_group_over
-from .lora.surgery import (ADAPTER_WEIGHTS, PruneResult, adapter_file_pairs, adapter_layers, adapter_pairs,
-                           check_selection, lora_params_per_layer, prune_adapter)
+from .lora.masking import adapter_layers, adapter_pairs, lora_params_per_layer
+from .lora.export import ADAPTER_WEIGHTS, PruneResult, adapter_file_pairs, check_selection, prune_adapter
 from .lora.variants import Variant
 from .metrics.scores import MetricOptions
 from .model import (DEFAULT_MODEL, adapter_weights_file, check_lora_config, check_sequence_room, find_layer_stack,

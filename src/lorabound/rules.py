@@ -21,7 +21,7 @@ from .errors import LoraboundError
 ENGINES = ("hf", "vllm")  # the generation engines (generation/engines.py runs them)
 CURVES = ("truncation", "logit_lens", "ablation")  # analyze's default
 OPTIONAL_CURVES = ("joint",)  # asked by name: the joint curve costs about 2L/3 truncation sweeps (README)
-EXPORT_FORMATS = ("peft", "zero-fill", "merged")  # prune --format (lora/surgery.py writes them)
+EXPORT_FORMATS = ("peft", "zero-fill", "merged")  # prune --format (lora/export.py writes them)
 DEFAULT_MODEL = "smollm2-135m"  # the embedded model (model/gguf.py)
 
 SEED_MAX = 2**32 - 1  # numpy and torch accept it, and seed * 1_000_003 + step stays within torch's range

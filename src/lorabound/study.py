@@ -43,7 +43,7 @@ from .errors import LoraboundError
 from .formatting import slug
 from .generation.cache import BASE, FULL
 from .generation.engines import check_engine_installed
-from .lora.surgery import ADAPTER_WEIGHTS
+from .lora.export import ADAPTER_WEIGHTS
 from .metrics.scores import METRIC_LABELS, format_p, paired_test
 from .model import DEFAULT_MODEL, model_num_layers
 from .options import DataOptions, GenerationOptions, ModelOptions, TrainSettings

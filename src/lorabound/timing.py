@@ -1,7 +1,7 @@
 """What dropping LoRA buys at inference, measured: latency, throughput and memory of five variants.
 
 The variants: the base model; the full adapter and the pruned adapter (LoRA on layers 0..b, a real PEFT export
-written by surgery.prune_adapter, so the dropped layers carry no LoRA module at all), each run unmerged (PEFT
+written by export.prune_adapter, so the dropped layers carry no LoRA module at all), each run unmerged (PEFT
 adds the LoRA product to every adapted linear layer) and merged (merge_and_unload folds it into the weights).
 
 Read top to bottom:
@@ -542,7 +542,7 @@ def check_request(model_options, data_options, adapter, boundary: int, origin: s
     from .lora.selection import check_boundary
     from .data import require_nonempty
     from .model import model_layers_path, model_num_layers, read_adapter_config
-    from .lora.surgery import AdapterFiles
+    from .lora.export import AdapterFiles
 
     from .model import DTYPES
 
@@ -598,7 +598,7 @@ def measure_request(request: Request, settings: SpeedSettings, folder: Path, pro
     import shutil
 
     from .runtime.threads import torch_threads
-    from .lora.surgery import prune_adapter
+    from .lora.export import prune_adapter
 
     options = request.model_options
     scratch = folder / SCRATCH

@@ -29,7 +29,7 @@ from ..data import Encoded, batches, by_length
 from ..errors import LoraboundError
 from ..rules import CURVES, OPTIONAL_CURVES
 from ..lora.selection import Selection
-from ..lora.surgery import adapter_layers, keep_lora, keep_selection, lora_modules, no_adapter, parts_outside_layers
+from ..lora.masking import adapter_layers, keep_lora, keep_selection, lora_modules, no_adapter, parts_outside_layers
 from ..model import LayerStack, apply_head, find_layer_stack, unwrap_model
 from ..runtime import distributed
 from ..runtime.files import write_json_atomic

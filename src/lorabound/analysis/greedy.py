@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..data import Encoded, batches
 from ..errors import LoraboundError
 from ..lora.selection import Selection
-from ..lora.surgery import adapter_layers, keep_selection
+from ..lora.masking import adapter_layers, keep_selection
 from ..model import find_layer_stack
 from .curves import TokenScores, Targets, head_logits, run_layers, trace_layers
 

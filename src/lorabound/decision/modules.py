@@ -26,7 +26,7 @@ from typing import Callable
 
 from ..analysis.curves import joint_selection
 from ..lora.selection import Selection
-from ..lora.surgery import lora_modules
+from ..lora.masking import lora_modules
 from ..metrics.scores import paired_tests
 from .boundary import (COMPARED, KNEE_FRACTIONS, NO_GAIN, SearchResult, SearchSettings, Validation, knee, knee_label,
                        pick_for_goal, preselect, raises_probability, score_candidates, test_methods)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..data import Example, Task
 from ..formatting import slug
 from ..lora.selection import Selection
-from ..lora.surgery import parts_outside_layers
+from ..lora.masking import parts_outside_layers
 from ..lora.variants import Variant, adapter_fingerprint
 from ..model import find_layer_stack, resolve_model_dir
 from ..options import GenerationOptions, ModelOptions, VLLMOptions

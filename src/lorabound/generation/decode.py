@@ -163,7 +163,7 @@ def _maskable_modules(model):
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
 
-    from ..lora.surgery import lora_modules
+    from ..lora.masking import lora_modules
 
     modules = lora_modules(model)
     in_stack = {id(m.module) for m in modules}
@@ -211,7 +211,7 @@ def generate_variants(model, tokenizer, prompts: list[str],
     _maskable_modules) all variants share each batch: `batch_size` prompts, each repeated once per variant.
     Otherwise, or with `batched=False`, one run per variant. Either way the outputs are those of separate runs.
     """
-    from ..lora.surgery import keep_selection
+    from ..lora.masking import keep_selection
 
     variants = [(key, _as_selection(spec)) for key, spec in variants]
     keys = [key for key, _ in variants]
@@ -241,7 +241,7 @@ def generate_variants(model, tokenizer, prompts: list[str],
 
 @contextlib.contextmanager
 def _variant_set(model, selection: Selection | None):
-    from ..lora.surgery import keep_selection
+    from ..lora.masking import keep_selection
 
     if selection is None:
         with model.disable_adapter():

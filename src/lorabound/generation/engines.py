@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LoraboundError, first_line
-from ..lora.surgery import ADAPTER_WEIGHTS, AdapterFiles, keep_selection, prune_adapter
+from ..lora.masking import keep_selection
+from ..lora.export import ADAPTER_WEIGHTS, AdapterFiles, prune_adapter
 from ..lora.variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
 from ..model import read_adapter_config, resolve_model_dir
 from ..options import VLLMOptions

@@ -4,9 +4,9 @@ The paper keeps LoRA on layers 0..b for every module. A selection also says "att
 up to Bm" or "LoRA on layers {0..9, 12, 15}". Surgery (in memory and on export), generation's per-row masks,
 cache keys and reports all take a Selection, so a variant means the same thing everywhere.
 
-A module belongs to a group by its path inside its transformer layer (surgery.LoraModule.group): "attention",
+A module belongs to a group by its path inside its transformer layer (masking.LoraModule.group): "attention",
 "mlp" or "other". LoRA outside the layer stack (on the head, modules_to_save) is never selected away; the base
-model (no adapter at all) is a separate thing, see surgery.no_adapter.
+model (no adapter at all) is a separate thing, see masking.no_adapter.
 """
 
 from __future__ import annotations
