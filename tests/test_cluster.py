@@ -20,7 +20,7 @@ from lorabound.errors import LoraboundError
 from lorabound.runtime.executors import ExecutorOptions, Shard, TaskFailure
 from lorabound.runtime.files import holds_folder_locks, lock_folder, waiting_lock
 from lorabound.runtime.folders import claim_shared_folder
-from lorabound.study import grid_from_dict, study
+from lorabound.studies import grid_from_dict, study
 
 from test_study import tiny_grid, workspace  # noqa: F401  (the tiny model and the two JSONL tasks)
 

@@ -207,7 +207,7 @@ BOM_FILES = {  # a file as a user's editor may save it, and what reading it must
     "template.txt": ("Say: {input}\n", lambda p: data.resolve_template(str(p), "{input}"), "Say: {input}"),
     "rows.csv": ("input,target\na,b\n", lambda p: load_task(str(p)).examples, [Example("a", ("b",))]),
     "rows.jsonl": ('{"input": "a", "target": "b"}\n', lambda p: load_task(str(p)).examples, [Example("a", ("b",))]),
-    "grid.toml": ('seeds = [4]\n', lambda p: __import__("lorabound.study").study.load_grid(p).seeds, [4]),
+    "grid.toml": ('seeds = [4]\n', lambda p: __import__("lorabound.studies").studies.load_grid(p).seeds, [4]),
     "state.json": ('{"a": 1}\n', lambda p: importlib.import_module("lorabound.runtime.files").read_json(p, "fix"), {"a": 1}),
 }
 

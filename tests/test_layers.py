@@ -26,7 +26,7 @@ LAYERS = [  # lowest first
     ["evaluation", "timing"],
     ["report"],
     ["pipeline"],
-    ["study"],
+    ["studies"],
     ["cli"],
 ]
 LAYER_OF = {unit: position for position, units in enumerate(LAYERS) for unit in units}

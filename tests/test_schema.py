@@ -18,7 +18,7 @@ from lorabound import pipeline, results  # noqa: E402
 from lorabound.decision.boundary import CRITERIA, SearchResult  # noqa: E402
 from lorabound.options import DataOptions, GenerationOptions  # noqa: E402
 from lorabound.results import schema  # noqa: E402
-from lorabound.study import grid_from_dict, study  # noqa: E402
+from lorabound.studies import grid_from_dict, study  # noqa: E402
 
 from test_study import tiny_grid, workspace  # noqa: E402,F401  (workspace: a tiny model folder and two tasks)
 from tiny import tiny_llama, tiny_lora  # noqa: E402

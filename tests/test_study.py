@@ -14,12 +14,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import lorabound.study as study_module
 from lorabound import pipeline
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.options import DataOptions, GenerationOptions
-from lorabound.study import Training, bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
+from lorabound.studies import Training, bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
+from lorabound.studies import pooling, render
 from lorabound.rules import check_arguments
 
 from test_report import chromium_binary, run_chromium
@@ -464,7 +464,7 @@ def test_cells_sharing_a_test_set_are_resampled_together():
     two = pool([{"share_dropped": 0.2, "test_set": g, "tests": {"bleu": {"diff": v, "p_value": 0.5, "source": "r"}}}
                 for v, g in zip(values, ["a", "a", "a", "b", "b"])])
     assert two["bleu"]["ci_low"] is None and two["bleu"]["claim"].startswith("not judged: 2 independent test set(s)")
-    assert "not judged" in study_module.paper_line(two)
+    assert "not judged" in pooling.paper_line(two)
 
 
 def _report_with_curve(diffs: dict[int, float]) -> dict:
@@ -482,7 +482,7 @@ def _report_with_curve(diffs: dict[int, float]) -> dict:
 
 
 def test_a_cells_test_curve_holds_every_pruned_boundary_and_only_those():
-    curve = study_module.curve_on_test(_report_with_curve({7: -0.5, 2: -4.0, 9: 0.0}), top=9)
+    curve = pooling.curve_on_test(_report_with_curve({7: -0.5, 2: -4.0, 9: 0.0}), top=9)
     assert [p["boundary"] for p in curve] == [2, 7]  # b = 9 keeps every layer: it is the full adapter
     assert [p["share_kept"] for p in curve] == pytest.approx([0.3, 0.8])
     assert curve[0]["diff"] == {"bleu": -4.0, "rougeL": -8.0} and curve[1]["ci"]["rougeL"] == [-2.0, 0.0]
@@ -490,10 +490,10 @@ def test_a_cells_test_curve_holds_every_pruned_boundary_and_only_those():
 
 def test_the_pooled_test_curve_counts_each_cell_once_per_band():
     rows = [{"task": "webnlg", "seed": seed,
-             "test_curve": study_module.curve_on_test(_report_with_curve({1: -6.0 - seed, 2: -4.0 - seed,
+             "test_curve": pooling.curve_on_test(_report_with_curve({1: -6.0 - seed, 2: -4.0 - seed,
                                                                        7: 0.5 * seed}), top=9)}
             for seed in range(4)]
-    bands = {tuple(entry["share_kept"]): entry for entry in study_module.pool_curve_on_test(rows)}
+    bands = {tuple(entry["share_kept"]): entry for entry in pooling.pool_curve_on_test(rows)}
     low = bands[(0.0, 0.25)]  # b = 1 and b = 2 (20% and 30% kept)... only b = 1 is below 25%
     assert low["cells"] == 4 and low["boundaries"] == [1]
     assert low["bleu"]["mean_diff"] == pytest.approx(-7.5) and low["bleu"]["test_sets"] == 4
@@ -507,16 +507,16 @@ def test_the_pooled_test_curve_counts_each_cell_once_per_band():
 @pytest.mark.parametrize("low, high, verdict", [(0.5, 2.0, "reproduced"), (1.6, 3.0, "reproduced (a larger"),
                                                 (-1.0, 0.8, "not reproduced"), (-0.5, 2.0, "inconclusive")])
 def test_the_paper_claim_is_judged_by_the_interval(low, high, verdict):
-    assert study_module.claim_verdict(low, high, 1.4).startswith(verdict)
+    assert pooling.claim_verdict(low, high, 1.4).startswith(verdict)
 
 
 def test_paper_line_says_where_the_claim_falls():
     pooled = {"n_cells": 2, "share_dropped": 0.1,
               "bleu": {"mean_diff": -0.5, "ci_low": -1.0, "ci_high": 0.2, "test_sets": 2, "mdd": 1.7,
-                       "claim": study_module.claim_verdict(-1.0, 0.2, 1.4)},
+                       "claim": pooling.claim_verdict(-1.0, 0.2, 1.4)},
               "rougeL": {"mean_diff": 0.5, "ci_low": -0.5, "ci_high": 1.5, "test_sets": 2, "mdd": 2.8,
-                         "claim": study_module.claim_verdict(-0.5, 1.5, 0.9)}}
-    line = study_module.paper_line(pooled)
+                         "claim": pooling.claim_verdict(-0.5, 1.5, 0.9)}}
+    line = pooling.paper_line(pooled)
     assert "10.0% of LoRA parameters dropped" in line and "paper: 28.6% fewer" in line
     assert "BLEU -0.50" in line and "paper: +1.4: not reproduced" in line and "detects 1.70" in line
     assert "ROUGE-L +0.50" in line and "paper: +0.9: inconclusive" in line
@@ -643,12 +643,12 @@ def test_three_rules_read_one_search_and_can_disagree():
     # and b = 24 is the smallest shown within 1 point (size takes it; b = 16 fails).
     search = {"candidates": [_candidate(11, 30.0, -8.0, low=-12.0, p=0.001), _candidate(16, 41.0, 0.5, low=-2.0),
                              _candidate(24, 40.5, -0.1, low=-0.8), _candidate(29, 40.6, None)]}
-    assert study_module.rule_decisions(search) == {"plain": 16, "quality": 29, "size": 24}
+    assert pooling.rule_decisions(search) == {"plain": 16, "quality": 29, "size": 24}
     # A report written before the candidates carried their spread: said, not guessed.
     old = {"candidates": [{**c, "vs_full": c["vs_full"] and {m: {k: v for k, v in t.items() if k != "se"}
                                                               for m, t in c["vs_full"].items()}}
                           for c in search["candidates"]]}
-    assert study_module.rule_decisions(old) == {"plain": None, "quality": None, "size": None}
+    assert pooling.rule_decisions(old) == {"plain": None, "quality": None, "size": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +693,7 @@ def test_a_cell_that_chose_a_selection_says_what_it_dropped(selection_cell, work
     assert search["boundary"] is None and search["kept_fraction"] <= 0.5  # the search dropped modules
     grid = grid_from_dict(tiny_grid(workspace, search={"criterion": "greedy-drop"}))
     if member == "as run":
-        row = study_module.summarise_cell(record, cell_dir, grid)
+        row = pooling.summarise_cell(record, cell_dir, grid)
         d = row["in_domain"]
         assert d["share_dropped"] == pytest.approx(1 - search["kept_fraction"]) and d["share_dropped"] >= 0.5
         assert d["selection"] == on_test["describe"] and d["metrics"]["pruned"] == on_test["metrics"]
@@ -702,20 +702,20 @@ def test_a_cell_that_chose_a_selection_says_what_it_dropped(selection_cell, work
             assert d["tests"][metric]["source"] == "report"
             assert d["tests"][metric]["diff"] == pytest.approx(test["a_score"] - test["b_score"])
             assert d["tests"][metric]["p_value"] == test["p_value"]
-        cells = study_module._cell_rows({"cells": [row]})[0]
+        cells = render._cell_rows({"cells": [row]})[0]
         assert cells[4] == on_test["describe"] and "nothing dropped" not in " ".join(cells)
         return
     top = max(report["curves"]["meta"]["adapter_layers"])
     if member == "only the prefix compared":  # the full adapter's comparison missing from an older report
         changed = _with(report, lambda r: r["selection_test"]["against"].pop("full adapter"))
         changed["search"]["kept_fraction"] = 1.0  # selection_on_test skips the full adapter only when it is chosen
-        d = study_module.compare_with_full(changed, cell_dir / "run", None, top, 50, 0)
+        d = pooling.compare_with_full(changed, cell_dir / "run", None, top, 50, 0)
         assert d["share_dropped"] == 0.0 and d["tests"]["bleu"]["source"] == "nothing dropped"
     elif member == "keeps every module":
         changed = _with(report, lambda r: r["selection_test"].update(against={}))
         changed["search"]["kept_fraction"] = 1.0
-        d = study_module.compare_with_full(changed, cell_dir / "run", None, top, 50, 0)
+        d = pooling.compare_with_full(changed, cell_dir / "run", None, top, 50, 0)
         assert d["share_dropped"] == 0.0 and {t["source"] for t in d["tests"].values()} == {"nothing dropped"}
     else:  # an evaluation.json (the transfer task) holds no comparison of the selection: none is made up
         changed = _with(report, lambda r: r.pop("selection_test"))
-        assert study_module.compare_with_full(changed, cell_dir / "run", None, top, 50, 0) is None
+        assert pooling.compare_with_full(changed, cell_dir / "run", None, top, 50, 0) is None

@@ -3,7 +3,7 @@
 The public API, imported on first use (so `import lorabound` loads neither torch nor the model libraries):
 
 - the commands, as functions with the CLI's names and defaults: train, analyze, search, prune, evaluate, run,
-  demo, speed (lorabound.pipeline) and study (lorabound.study);
+  demo, speed (lorabound.pipeline) and study (lorabound.studies.runner);
 - their options and results: DataOptions, ModelOptions, GenerationOptions, TrainSettings (lorabound.options),
   MetricOptions (lorabound.metrics.scores), SearchSettings and SearchResult (lorabound.decision.boundary),
   TrainResult (lorabound.training);
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _WHERE = {
     **{name: "pipeline" for name in ("train", "analyze", "search", "prune", "evaluate", "run", "demo", "speed")},
-    "study": "study",
+    "study": "studies.runner",
     "DataOptions": "options", "ModelOptions": "options", "GenerationOptions": "options",
     "MetricOptions": "metrics.scores", "SearchSettings": "decision.boundary", "SearchResult": "decision.boundary",
     "TrainSettings": "options", "TrainResult": "training",

@@ -455,7 +455,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace, progress: bool) -> int:
     from .runtime.executors import ExecutorOptions
-    from .study import load_grid, study
+    from .studies import load_grid, study
 
     grid = load_grid(args.grid, models=args.models, tasks=args.tasks, seeds=args.seeds, epochs=args.epochs,
                      ranks=args.ranks, train_size=args.train_size, validation_size=args.validation_size,

@@ -303,7 +303,7 @@ class Report(Evaluation):
 
 
 # --------------------------------------------------------------------------------------------
-# study.json (study.build_summary)
+# study.json (studies.pooling.build_summary)
 # --------------------------------------------------------------------------------------------
 
 class _CellTestRequired(TypedDict):
@@ -337,7 +337,7 @@ class _CellComparisonRequired(TypedDict):
 
 
 class CellComparison(_CellComparisonRequired, total=False):
-    """A cell's pruned variant against the full adapter on test (study.compare_with_full)."""
+    """A cell's pruned variant against the full adapter on test (studies.pooling.compare_with_full)."""
     selection: str | None  # a chosen selection, in words
     test_set: str  # "TASK|seed S": cells with the same one share test examples
 
@@ -383,7 +383,7 @@ class _CellRowRequired(TypedDict):
     id: str  # the cell's folder name
     model: str  # model spec
     task: str  # task
-    training: dict[str, Any]  # the training setting (study.Training)
+    training: dict[str, Any]  # the training setting (studies.grid.Training)
     seed: int
     status: str  # "ok" or "failed"
     reason: str | None  # why it failed
@@ -391,7 +391,7 @@ class _CellRowRequired(TypedDict):
 
 
 class CellRow(_CellRowRequired, total=False):
-    """One cell of the study (study.summarise_cell); the optional keys only for finished cells."""
+    """One cell of the study (studies.pooling.summarise_cell); the optional keys only for finished cells."""
     num_layers: int
     boundary: int | None  # the chosen b
     criterion: str | None
@@ -404,7 +404,7 @@ class CellRow(_CellRowRequired, total=False):
 
 
 class CurvePoint(TypedDict):
-    """One pruned boundary of a cell on test (study.curve_on_test)."""
+    """One pruned boundary of a cell on test (studies.pooling.curve_on_test)."""
     boundary: int  # LoRA kept on layers 0..boundary
     share_kept: float  # share of the adapter's LoRA parameters kept, 0-1
     diff: dict[str, float]  # metric -> test score minus the full adapter's, points
@@ -412,7 +412,7 @@ class CurvePoint(TypedDict):
 
 
 class CurveInterval(TypedDict):
-    """A pooled mean difference with its interval over independent test sets (study.pooled_interval)."""
+    """A pooled mean difference with its interval over independent test sets (studies.pooling.pooled_interval)."""
     n: int  # cells
     test_sets: int  # independent test sets among them
     mean_diff: float  # mean difference over cells, points
@@ -430,7 +430,7 @@ class _CurveBandRequired(TypedDict):
 
 
 class CurveBand(_CurveBandRequired, total=False):
-    """One band of the pooled test-side curve (study.pool_curve_on_test)."""
+    """One band of the pooled test-side curve (studies.pooling.pool_curve_on_test)."""
     bleu: CurveInterval | None
     rougeL: CurveInterval | None
 
@@ -458,7 +458,7 @@ class _PooledRequired(TypedDict):
 
 
 class Pooled(_PooledRequired, total=False):
-    """Pooled across cells (study.pool); a metric is present when some cell tested it."""
+    """Pooled across cells (studies.pooling.pool); a metric is present when some cell tested it."""
     bleu: PooledMetric
     rougeL: PooledMetric
     chrf: PooledMetric
@@ -507,7 +507,7 @@ class StudyRules(TypedDict):
 
 class StudySummary(TypedDict):
     """study.json: the grid, every cell, and the pooled results."""
-    grid: dict[str, Any]  # the grid (study.Grid)
+    grid: dict[str, Any]  # the grid (studies.grid.Grid)
     cells: list[CellRow]
     failed: list[FailedCell]
     pooled: Pooled  # the chosen b of each cell against the full adapter
