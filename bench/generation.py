@@ -20,6 +20,8 @@ import torch
 from common import random_adapter
 from lorabound.data import load_task, split_task
 from lorabound.generation.decode import generate, generate_variants
+from lorabound.lora.selection import Selection
+from lorabound.lora.variants import Variant
 from lorabound.model import find_layer_stack, load_adapter, load_model
 
 
@@ -67,7 +69,7 @@ def main() -> None:
     single, single_s = timed(lambda: generate(merged, tokenizer, prompts, max_new_tokens=tokens,
                                               batch_size=args.batch_size, progress=False).texts)
     top = find_layer_stack(peft_model).num_layers
-    variants = [("base", []), ("half", range(top // 2)), ("full", None)]
+    variants = [Variant("base", None), Variant("half", Selection.layers(range(top // 2))), Variant("full")]
     several, several_s = timed(lambda: generate_variants(peft_model, tokenizer, prompts, variants,
                                                          max_new_tokens=tokens, batch_size=args.batch_size,
                                                          progress=False))

@@ -18,6 +18,8 @@ import torch
 from common import random_adapter
 from lorabound.data import load_task, split_task
 from lorabound.generation.decode import generate_variants
+from lorabound.lora.selection import Selection
+from lorabound.lora.variants import Variant
 from lorabound.model import load_adapter, load_model
 
 
@@ -36,7 +38,7 @@ def main() -> None:
     model = load_adapter(model, args.adapter) if args.adapter else random_adapter(model)
     task = load_task("e2e")
     prompts = [task.prompt(e) for e in split_task(task, train=0, validation=0, test=args.examples, seed=0).test]
-    variants = [("base", []), ("LoRA on 0..24", list(range(25))), ("full", None)]
+    variants = [Variant("base", None), Variant("LoRA on 0..24", Selection.layers(range(25))), Variant("full")]
     generate_variants(model, tokenizer, prompts[:4], variants, max_new_tokens=4, progress=False)  # warm-up
     print(f"{len(prompts)} E2E test prompts x {len(variants)} variants, 48 new tokens, "
           f"{torch.get_num_threads()} threads", flush=True)
@@ -47,7 +49,7 @@ def main() -> None:
         outputs = generate_variants(model, tokenizer, prompts, variants, max_new_tokens=48, batch_size=size,
                                     progress=False)
         seconds = time.perf_counter() - start
-        texts = [t for key, _ in variants for t in outputs[key].texts]
+        texts = [t for v in variants for t in outputs[v.name].texts]
         first, first_seconds = first or texts, first_seconds or seconds
         equal = sum(a == b for a, b in zip(texts, first))
         print(f"batch {size:3d}: {seconds:6.1f} s  ({first_seconds / seconds:.2f}x batch {args.batch_sizes[0]}); "

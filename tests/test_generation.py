@@ -20,6 +20,7 @@ from lorabound.generation import decode as generation, cache as generation_cache
 from lorabound.generation.decode import StopRule, answer_line_ended, generate, generate_variants, newline_token_ids
 from lorabound.lora.selection import Selection
 from lorabound.lora.masking import adapter_pairs, keep_lora, keep_selection
+from lorabound.lora.variants import Variant
 
 from tiny import randomize_lora, tiny_llama, tiny_lora, tiny_tokenizer
 
@@ -155,20 +156,27 @@ def test_generation_config_with_a_penalty_goes_through_model_generate(tiny):
 # Several variants in one batch
 # ---------------------------------------------------------------------------
 
-VARIANTS = [("base", []), ("b=0", [0]), ("b=1", [0, 1]), ("full", None)]
+VARIANTS = [Variant("base", None), Variant("b=0", Selection.layers([0])), Variant("b=1", Selection.layers([0, 1])),
+            Variant("full")]
 
 
 def _separate(model, tokenizer, variants, prompts, **settings):
+    """One run per variant: the base model with the adapter off, a layer set with keep_lora (every module of those
+    layers), any other Selection with keep_selection, the full adapter as loaded."""
     out = {}
-    for key, layers in variants:
-        if layers is None:
-            out[key] = generate(model, tokenizer, prompts, progress=False, **settings).texts
-        elif not layers:
+    for v in variants:
+        layers = v.selection.layers_of("attention") if v.selection is not None else None
+        if v.selection is None:
             with model.disable_adapter():
-                out[key] = generate(model, tokenizer, prompts, progress=False, **settings).texts
-        else:
+                out[v.name] = generate(model, tokenizer, prompts, progress=False, **settings).texts
+        elif v.selection.is_full:
+            out[v.name] = generate(model, tokenizer, prompts, progress=False, **settings).texts
+        elif v.selection == Selection.layers(layers or ()):
             with keep_lora(model, layers):
-                out[key] = generate(model, tokenizer, prompts, progress=False, **settings).texts
+                out[v.name] = generate(model, tokenizer, prompts, progress=False, **settings).texts
+        else:
+            with keep_selection(model, v.selection):
+                out[v.name] = generate(model, tokenizer, prompts, progress=False, **settings).texts
     return out
 
 
@@ -209,9 +217,10 @@ def test_variants_in_one_batch_equal_separate_runs(arch, monkeypatch):
     assert len(set(ends)) > 1, "rows should leave the batch at different steps"
 
 
-SELECTIONS = [("base", []), ("attention 0..2, mlp 0", Selection.per_group({"attention": 2, "mlp": 0})),
-              ("mlp 0..2", Selection.per_group({"mlp": 2})), ("layers 0,2", Selection.layers([0, 2])),
-              ("full", None)]
+SELECTIONS = [Variant("base", None),
+              Variant("attention 0..2, mlp 0", Selection.per_group({"attention": 2, "mlp": 0})),
+              Variant("mlp 0..2", Selection.per_group({"mlp": 2})), Variant("layers 0,2", Selection.layers([0, 2])),
+              Variant("full", Selection.full())]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -229,15 +238,15 @@ def test_per_group_and_layer_set_variants_in_one_batch_equal_separate_runs(arch)
     settings = dict(max_new_tokens=12, batch_size=4)
     batched = generate_variants(model, tokenizer, PROMPTS, SELECTIONS, progress=False, **settings)
     separate = {}
-    for key, selection in SELECTIONS:
-        if selection is None:
-            separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
-        elif selection == []:
+    for v in SELECTIONS:
+        if v.selection is None:
             with model.disable_adapter():
-                separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+                separate[v.name] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+        elif v.selection.is_full:
+            separate[v.name] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
         else:
-            with keep_selection(model, selection):
-                separate[key] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+            with keep_selection(model, v.selection):
+                separate[v.name] = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
     assert {k: r.texts for k, r in batched.items()} == separate
     assert len({tuple(t) for t in separate.values()}) == len(SELECTIONS), "every variant should generate differently"
 
@@ -262,11 +271,40 @@ def test_variant_masks_are_removed_and_adapters_restored():
     assert generate(model, tokenizer, PROMPTS[:3], max_new_tokens=8, progress=False).texts == before
 
 
-def test_repeated_variant_keys_are_refused():
+def test_repeated_variant_names_are_refused():
     from lorabound.errors import LoraboundError
 
     with pytest.raises(LoraboundError, match="repeat"):
-        generate_variants(tiny_lora(num_layers=2), tiny_tokenizer(), ["a"], [("x", []), ("x", None)])
+        generate_variants(tiny_lora(num_layers=2), tiny_tokenizer(), ["a"], [Variant("x", None), Variant("x")])
+
+
+def test_variants_of_another_adapter_folder_or_old_spec_forms_are_refused(tmp_path):
+    """Only selections of the loaded adapter share batches; the old (key, layers) tuples are no variants."""
+    from lorabound.errors import LoraboundError
+
+    model, tokenizer = tiny_lora(num_layers=2), tiny_tokenizer()
+    with pytest.raises(LoraboundError, match="another adapter folder"):
+        generate_variants(model, tokenizer, ["a"], [Variant("full"), Variant("other", adapter=tmp_path)])
+    with pytest.raises(LoraboundError, match="takes lora.variants.Variant"):
+        generate_variants(model, tokenizer, ["a"], [("full", None)])
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_none_selection_is_the_base_model_never_the_full_adapter(batched):
+    """Variant.selection None is the base model in generate_variants as everywhere: the outputs of the model with
+    the adapter switched off, not those of the full adapter (which differ on this tiny LoRA)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_lora(chatty(tiny_llama(num_layers=3), tokenizer))
+    settings = dict(max_new_tokens=8, batch_size=4)
+    full = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+    with model.disable_adapter():
+        base = generate(model, tokenizer, PROMPTS, progress=False, **settings).texts
+    assert base != full, "the tiny adapter should change the outputs"
+    both = generate_variants(model, tokenizer, PROMPTS, [Variant("none", None), Variant("full")], batched=batched,
+                             progress=False, **settings)
+    alone = generate_variants(model, tokenizer, PROMPTS, [Variant("none", None)], progress=False, **settings)
+    assert both["none"].texts == base and alone["none"].texts == base
+    assert both["full"].texts == full
 
 
 # ---------------------------------------------------------------------------
@@ -281,7 +319,8 @@ def test_real_model_variants_in_one_batch_equal_separate_runs(real_model):
     peft_model.eval()
     prompts = ["Describe the restaurant.\nData: name: The Eagle, food: French\nText:", "The capital of France is",
                "List three colours:", "Translate to German: good morning\nGerman:", "2 + 2 ="]
-    variants = [("base", []), ("b=9", range(10)), ("b=19", range(20)), ("full", None)]
+    variants = [Variant("base", None), Variant("b=9", Selection.layers(range(10))),
+                Variant("b=19", Selection.layers(range(20))), Variant("full")]
     settings = dict(max_new_tokens=16, batch_size=5)
     batched = generate_variants(peft_model, tokenizer, prompts, variants, progress=False, **settings)
     separate = _separate(peft_model, tokenizer, variants, prompts, **settings)
@@ -314,7 +353,7 @@ def test_pipeline_generates_boundaries_that_name_one_variant_once(tmp_path, monk
     asked = []
     real = engines.generate_variants
     monkeypatch.setattr(engines, "generate_variants",
-                        lambda m, t, p, variants, **k: asked.append([v[0] for v in variants]) or real(m, t, p, variants, **k))
+                        lambda m, t, p, variants, **k: asked.append([v.name for v in variants]) or real(m, t, p, variants, **k))
 
     def generate(boundaries):
         requests = {b: generation_cache.boundary_variant(b, 1) for b in boundaries}

@@ -78,6 +78,21 @@ def test_variants_differ_as_intended(world, tmp_path):
     assert (logits[pruned.name] - logits[base.name]).abs().max() > 1e-2
 
 
+def test_jobs_state_their_variant_as_variant_does(world, tmp_path):
+    """A job's adapter None is the base model, as Variant's selection None is; a folder is a Variant(adapter=...);
+    a selection of a loaded adapter is no folder to measure and is refused."""
+    from lorabound.lora.selection import Selection
+    from lorabound.lora.variants import Variant
+
+    base, full, pruned, full_merged, _ = jobs_for(world, tmp_path)
+    assert base.adapter is None and base.variant().is_base and base.variant() == Variant("base model", None)
+    assert full.variant() == Variant("full adapter", adapter=world / "adapter") and not full.variant().is_base
+    assert full_merged.merged and full_merged.adapter == full.adapter and pruned.adapter != full.adapter
+    assert Job.for_variant(base, full.variant()) == full
+    with pytest.raises(LoraboundError, match="selection of a loaded adapter"):
+        Job.for_variant(base, Variant("b=1", Selection.prefix(1)))
+
+
 def test_timed_loop_decodes_exactly_the_asked_steps_as_generate_does(world, tmp_path):
     """The timed work is greedy decoding with no early stop: the same tokens as transformers' generate forced to
     the same length, one prefill token plus `new_tokens` decoding steps for every row."""

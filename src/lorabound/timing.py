@@ -3,6 +3,8 @@
 The variants: the base model; the full adapter and the pruned adapter (LoRA on layers 0..b, a real PEFT export
 written by export.prune_adapter, so the dropped layers carry no LoRA module at all), each run unmerged (PEFT
 adds the LoRA product to every adapted linear layer) and merged (merge_and_unload folds it into the weights).
+Each is a lora/variants.Variant of an adapter folder, or of none (the base model); a :class:`Job` carries it to
+the process that measures it.
 
 Read top to bottom:
 
@@ -10,8 +12,8 @@ Read top to bottom:
 2. :func:`build_model` and :func:`greedy_steps`: one variant, and the timed work (one prefill forward over
    the prompts, then exactly `new_tokens` greedy decoding steps over the KV cache: no early stop, so every
    variant does the same work);
-3. :class:`LocalVariant` / :class:`ProcessVariant`: a variant measured in this process, or in a process of its
-   own (the honest way to get each variant's peak memory on CPU: the peak RSS of that process);
+3. :class:`LocalRunner` / :class:`ProcessRunner`: where a variant is measured: in this process, or in a process
+   of its own (the honest way to get each variant's peak memory on CPU: the peak RSS of that process);
 4. :func:`measure`: warm-up, then repetitions interleaved across variants (ABCDE, BCDEA, ...), so machine noise
    that drifts over time spreads over all of them instead of biasing a ratio; medians with min and max;
 5. :func:`speed_table` / :func:`render_markdown`: the table printed, written to speed.md and shown by the report;
@@ -29,8 +31,12 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import LoraboundError, first_line
+
+if TYPE_CHECKING:  # imported where used: `lorabound --help` reads SpeedSettings without torch
+    from .lora.variants import Variant
 
 DEVICES = ("auto", "cpu", "cuda")
 PROMPT_SOURCES = ("test", "synthetic")
@@ -84,11 +90,16 @@ def resolve_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a (possibly separate) process needs to build one variant and its prompts."""
-    name: str
+    """Everything a (possibly separate) process needs to build one variant and its prompts.
+
+    The variant is stated as lora/variants.Variant states one: `adapter` an adapter folder loaded as it is (the full
+    adapter, or the pruned export), None the base model (no adapter at all); :meth:`variant` is that Variant and
+    :meth:`for_variant` the job of one (on the settings of another job).
+    """
+    name: str                    # the variant's name
     model: str
-    adapter: str | None          # an adapter folder (the full adapter, or the pruned export); None: base model
-    merged: bool
+    adapter: str | None          # an adapter folder (the full adapter, or the pruned export); None: the base model
+    merged: bool                 # the adapter merged into the weights (merge_and_unload)
     dtype: str
     device: str
     threads: int
@@ -97,6 +108,23 @@ class Job:
     prompts: tuple[str, ...] = ()   # texts; empty: synthetic prompts
     prompt_tokens: int = 64         # per synthetic prompt
     seed: int = 0
+
+    def variant(self) -> "Variant":
+        """The variant this job builds, as a Variant: another adapter folder, or the base model (selection None)."""
+        from .lora.variants import Variant
+
+        return Variant(self.name, None) if self.adapter is None else Variant(self.name, adapter=Path(self.adapter))
+
+    @classmethod
+    def for_variant(cls, base: "Job", variant: "Variant", merged: bool = False) -> "Job":
+        """`base`'s job (model, device, prompts, ...) for `variant`: its adapter folder, or none for the base model.
+        A selection of a loaded adapter is no folder to load: it is refused (export it with `lorabound prune`)."""
+        if variant.adapter is None and not variant.is_base:
+            raise LoraboundError(f"variant {variant.name!r} keeps a selection of a loaded adapter, but the speed "
+                                 "measurement loads adapter folders; export it with lorabound prune and pass the "
+                                 "folder")
+        adapter = None if variant.adapter is None else str(variant.adapter)
+        return cls(**{**asdict(base), "name": variant.name, "adapter": adapter, "merged": merged})
 
 
 def build_model(job: Job):
@@ -191,8 +219,8 @@ def memory_mib(device: str) -> dict:
         return {"now": None, "peak": None, "kind": "not measured (no /proc/self/status)"}
 
 
-class Runner:
-    """One variant loaded, with its prompt batches ready: `measure(batch)` times one prefill + decode."""
+class LoadedModel:
+    """One job's variant loaded, with its prompt batches ready: `measure(batch)` times one prefill + decode."""
 
     def __init__(self, job: Job, batch_sizes: list[int], new_tokens: int):
         self.memory_before = memory_mib(job.device)
@@ -217,25 +245,26 @@ class Runner:
 
 
 # ---------------------------------------------------------------------------
-# 3. A variant in this process, or in its own
+# 3. Where a variant is measured: in this process, or in its own
 # ---------------------------------------------------------------------------
 
-class LocalVariant:
-    """In this process: cheap (tests), but the variants' memory cannot be told apart, so it is not reported."""
+class LocalRunner:
+    """Measures a job's variant in this process: cheap (tests), but the variants' memory cannot be told apart, so
+    it is not reported."""
 
     def __init__(self, job: Job, batch_sizes: list[int], new_tokens: int):
         from .runtime.threads import set_threads
 
         set_threads(job.threads)
-        self.job, self.runner = job, Runner(job, batch_sizes, new_tokens)
+        self.job, self.loaded = job, LoadedModel(job, batch_sizes, new_tokens)
 
     def measure(self, batch: int) -> dict:
-        return self.runner.measure(batch)
+        return self.loaded.measure(batch)
 
     def finish(self) -> dict:
-        info = self.runner.info(self.job.device)
+        info = self.loaded.info(self.job.device)
         info["memory_mib"] = {"how": "not measured: every variant ran in one process (isolate=False)"}
-        self.runner = None
+        self.loaded = None
         return info
 
 
@@ -250,14 +279,14 @@ def _serve(job: Job, batch_sizes: list[int], new_tokens: int, conn) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)  # as the parent (cli.main) does
         transformers_logging.disable_progress_bar()  # the parent's bar is the one to read
         torch.set_num_threads(job.threads)
-        runner = Runner(job, batch_sizes, new_tokens)
+        loaded = LoadedModel(job, batch_sizes, new_tokens)
         conn.send(("ready", None))
         while True:
             command, batch = conn.recv()
             if command == "finish":
-                conn.send(("info", runner.info(job.device)))
+                conn.send(("info", loaded.info(job.device)))
                 return
-            conn.send(("timing", runner.measure(batch)))
+            conn.send(("timing", loaded.measure(batch)))
     except BaseException as error:  # reported to the parent, which refuses in one line
         message = first_line(error, limit=10_000, typed=not isinstance(error, LoraboundError))
         try:
@@ -266,8 +295,9 @@ def _serve(job: Job, batch_sizes: list[int], new_tokens: int, conn) -> None:
             pass
 
 
-class ProcessVariant:
-    """A variant in a process of its own (spawned, so no state is shared): its peak memory is its own."""
+class ProcessRunner:
+    """Measures a job's variant in a process of its own (spawned, so no state is shared): its peak memory is its
+    own."""
 
     def __init__(self, job: Job, batch_sizes: list[int], new_tokens: int):
         context = multiprocessing.get_context("spawn")
@@ -316,14 +346,16 @@ class ProcessVariant:
 # ---------------------------------------------------------------------------
 
 def variant_jobs(base: Job, full_adapter: str, pruned_adapter: str, boundary: int) -> list[Job]:
-    """The five variants, in table order."""
-    def job(name, adapter, merged):
-        return Job(**{**asdict(base), "name": name, "adapter": adapter, "merged": merged})
+    """The five variants, in table order: the base model, then the full and the pruned adapter folders, unmerged
+    and merged."""
+    from .lora.variants import Variant
 
     pruned = f"pruned (b={boundary})"
-    return [job("base model", None, False), job("full adapter", full_adapter, False),
-            job(pruned, pruned_adapter, False), job("full adapter, merged", full_adapter, True),
-            job(f"{pruned}, merged", pruned_adapter, True)]
+    variants = [(Variant("base model", None), False), (Variant("full adapter", adapter=Path(full_adapter)), False),
+                (Variant(pruned, adapter=Path(pruned_adapter)), False),
+                (Variant("full adapter, merged", adapter=Path(full_adapter)), True),
+                (Variant(f"{pruned}, merged", adapter=Path(pruned_adapter)), True)]
+    return [Job.for_variant(base, variant, merged) for variant, merged in variants]
 
 
 def summary(values: list[float]) -> dict:
@@ -336,33 +368,33 @@ def measure(jobs: list[Job], settings: SpeedSettings, progress: bool = True) -> 
     (raw seconds, medians with min/max, memory) and each variant's time ratio to its full adapter."""
     from tqdm.auto import tqdm
 
-    kind = ProcessVariant if settings.isolate else LocalVariant
+    kind = ProcessRunner if settings.isolate else LocalRunner
     sizes = list(settings.batch_sizes)
     runs: dict[str, list[dict]] = {}
-    variants, info = [], {}
+    runners, info = [], {}
     bar = tqdm(total=len(jobs) * (1 + (1 + settings.repeats) * len(sizes)), desc="speed", unit="step",
                disable=not progress)
     try:
         for job in jobs:
             bar.set_postfix_str(f"loading {job.name}")
-            variants.append(kind(job, sizes, settings.new_tokens))
+            runners.append(kind(job, sizes, settings.new_tokens))
             bar.update(1)
         for round_ in range(1 + settings.repeats):  # round 0 warms up and is not recorded
-            order = variants[round_ % len(variants):] + variants[:round_ % len(variants)]
+            order = runners[round_ % len(runners):] + runners[:round_ % len(runners)]
             for batch in sizes:
-                for variant in order:
-                    bar.set_postfix_str(f"{variant.job.name}, batch {batch}")
-                    timing = variant.measure(batch)
+                for runner in order:
+                    bar.set_postfix_str(f"{runner.job.name}, batch {batch}")
+                    timing = runner.measure(batch)
                     if round_:
-                        runs.setdefault(f"{variant.job.name}|{batch}", []).append({**timing, "round": round_})
+                        runs.setdefault(f"{runner.job.name}|{batch}", []).append({**timing, "round": round_})
                     bar.update(1)
-        for variant in variants:
-            info[variant.job.name] = variant.finish()
+        for runner in runners:
+            info[runner.job.name] = runner.finish()
     finally:
         bar.close()
-        for variant in variants:
-            if isinstance(variant, ProcessVariant):
-                variant.close()
+        for runner in runners:
+            if isinstance(runner, ProcessRunner):
+                runner.close()
     results = [_variant_result(job, sizes, runs, info[job.name]) for job in jobs]
     return {"variants": results, "ratios": _ratios(jobs, sizes, runs)}
 

@@ -2,10 +2,10 @@
 
 :func:`generate` decodes greedily, stopping each row at the end of its answer line (leading blank lines
 skipped), at EOS, or at max_new_tokens, and returns the cleaned outputs in the prompts' order.
-:func:`generate_variants` does the same for several LoRA variants of one adapter at once (base model,
-LoRA on layers 0..b, any Selection of (layer, module group) pairs, full adapter): every prompt is repeated once
-per variant in the same batch and each LoRA module's update is zeroed on the rows of the variants that drop that
-module. That is exact: the variants differ only in which modules apply their LoRA.
+:func:`generate_variants` does the same for several variants (lora/variants.Variant) of the loaded adapter at
+once (the base model, LoRA on layers 0..b, any Selection of (layer, module group) pairs, the full adapter): every
+prompt is repeated once per variant in the same batch and each LoRA module's update is zeroed on the rows of the
+variants that drop that module. That is exact: the variants differ only in which modules apply their LoRA.
 
 Speed (see bench/generation.py): the stopping check works on token ids (a row's text is decoded only when
 it emits a token that holds a newline), and a plain greedy loop over the KV cache drops finished rows from
@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 from ..errors import LoraboundError
 from ..lora.selection import Selection
+from ..lora.variants import Variant
 
 # Generation-config settings that make transformers' greedy search differ from a plain argmax loop: a model
 # that sets any of them goes through model.generate (still with the token-id stopping check).
@@ -93,10 +94,11 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 class RowLoraMask:
     """Forward hooks that zero LoRA updates on the rows of variants that drop the module.
 
-    `variants[v]`: the Selection variant v keeps (None: the base model, no LoRA module at all). Hooks sit on
-    lora_B of every module that some variants keep and others drop (per module, so attention and MLP LoRA of one
-    layer can differ); the update of a dropped row becomes exactly 0, so the row computes base_layer(x) + 0, the
-    same as a disabled module. :meth:`set_rows` says which variant each current batch row belongs to.
+    `variants[v]`: the Selection variant v keeps, as Variant.selection (None: the base model, no LoRA module at
+    all). Hooks sit on lora_B of every module that some variants keep and others drop (per module, so attention and
+    MLP LoRA of one layer can differ); the update of a dropped row becomes exactly 0, so the row computes
+    base_layer(x) + 0, the same as a disabled module. :meth:`set_rows` says which variant each current batch row
+    belongs to.
     """
 
     def __init__(self, modules, variants: Sequence[Selection | None]):
@@ -128,20 +130,6 @@ class RowLoraMask:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def _as_selection(spec) -> Selection | None:
-    """A variant as generate_variants takes it -> a Selection, or None for the base model.
-
-    None: the full adapter; a Selection as it is; a list of layers: LoRA on those layers (every module), the
-    empty list being the base model (the adapter switched off, also outside the layer stack).
-    """
-    if spec is None:
-        return Selection.full()
-    if isinstance(spec, Selection):
-        return spec
-    layers = sorted(set(spec))
-    return Selection.layers(layers) if layers else None
 
 
 def _union(selections: Sequence[Selection | None], modules) -> Selection:
@@ -198,37 +186,46 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     return results[0]
 
 
-def generate_variants(model, tokenizer, prompts: list[str],
-                      variants: Sequence[tuple[str, Selection | Iterable[int] | None]], *,
+def generate_variants(model, tokenizer, prompts: list[str], variants: Sequence[Variant], *,
                       max_new_tokens: int = 64, batch_size: int = 32, stop_at_newline: bool = True,
                       max_prompt_length: int | None = None, progress: bool | str = True,
                       batched: bool = True) -> dict[str, GenerationResult]:
-    """:func:`generate` for several LoRA variants of a peft model: {variant key: result}.
+    """:func:`generate` for several variants of the loaded peft adapter: {variant name: result}.
 
-    `variants`: (key, what is kept) pairs: a Selection (any (layer, module group) pairs, see lora/selection.py);
-    None, the full adapter as loaded; a list of layers, LoRA on those stack layers only, the empty list being
-    the base model (the adapter switched off). With `batched` (and an adapter for which it is exact, see
-    _maskable_modules) all variants share each batch: `batch_size` prompts, each repeated once per variant.
-    Otherwise, or with `batched=False`, one run per variant. Either way the outputs are those of separate runs.
+    `variants`: lora/variants.Variant values, in its one convention: `selection` is the LoRA kept of the loaded
+    adapter (a Selection: any (layer, module group) pairs, see lora/selection.py; Selection.full() the adapter as
+    loaded) and None is the base model (the adapter switched off, also outside the layer stack). A Variant of
+    another adapter folder (`adapter=`) is refused: it is another model, not a mask of this one (load it and
+    call :func:`generate`). With `batched` (and an adapter for which it is exact, see _maskable_modules) all
+    variants share each batch: `batch_size` prompts, each repeated once per variant. Otherwise, or with
+    `batched=False`, one run per variant. Either way the outputs are those of separate runs.
     """
     from ..lora.masking import keep_selection
 
-    variants = [(key, _as_selection(spec)) for key, spec in variants]
-    keys = [key for key, _ in variants]
-    if len(set(keys)) != len(keys):
-        raise LoraboundError(f"variant keys {keys} repeat; give every variant its own key")
+    variants = list(variants)
+    for v in variants:
+        if not isinstance(v, Variant):
+            raise LoraboundError(f"generate_variants takes lora.variants.Variant values, not {v!r}; pass "
+                                 "Variant(name, selection), Variant(name) for the full adapter or "
+                                 "Variant(name, None) for the base model")
+        if v.adapter is not None:
+            raise LoraboundError(f"variant {v.name!r} is another adapter folder ({v.adapter}), which cannot share "
+                                 "batches with the loaded adapter; load it and call generate, or use an engine")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise LoraboundError(f"variant names {names} repeat; give every variant its own name")
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, stop_at_newline=stop_at_newline,
                     max_prompt_length=max_prompt_length)
     modules = _maskable_modules(model) if batched and len(variants) > 1 else None
     if modules is None:
         results = {}
-        for key, selection in variants:
-            label = f"{progress}: {key}" if isinstance(progress, str) else progress
-            with _variant_set(model, selection):
-                results[key] = generate(model, tokenizer, prompts, progress=label, **settings)
+        for v in variants:
+            label = f"{progress}: {v.name}" if isinstance(progress, str) else progress
+            with _variant_set(model, v.selection):
+                results[v.name] = generate(model, tokenizer, prompts, progress=label, **settings)
         return results
 
-    selections = [selection for _, selection in variants]
+    selections = [v.selection for v in variants]
     mask = RowLoraMask(modules, selections)
     try:
         with keep_selection(model, _union(selections, modules)):
@@ -236,11 +233,12 @@ def generate_variants(model, tokenizer, prompts: list[str],
                                   **settings)
     finally:
         mask.remove()
-    return dict(zip(keys, rows))
+    return dict(zip(names, rows))
 
 
 @contextlib.contextmanager
 def _variant_set(model, selection: Selection | None):
+    """The model as the variant runs: `selection` kept of the loaded adapter; None: the base model."""
     from ..lora.masking import keep_selection
 
     if selection is None:

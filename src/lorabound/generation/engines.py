@@ -25,7 +25,8 @@ from typing import Callable
 from ..errors import LoraboundError, first_line
 from ..lora.masking import keep_selection
 from ..lora.export import ADAPTER_WEIGHTS, AdapterFiles, prune_adapter
-from ..lora.variants import Variant  # what an engine generates with: a Selection of the loaded adapter, or a folder
+from ..lora.variants import Variant  # what an engine generates with: a Selection of the loaded adapter, None (the
+                                    # base model), or another adapter folder
 from ..model import read_adapter_config, resolve_model_dir
 from ..options import VLLMOptions
 from ..rules import ENGINES
@@ -139,8 +140,7 @@ class HFEngine:
         in_memory = [v for v in variants if v.adapter is None]
         if len(in_memory) > 1 and distributed.world_size() == 1:
             # Every in-memory variant in one batched pass (per-row LoRA module masks; exact, see generate_variants).
-            results = generate_variants(self.model, self.tokenizer, prompts,
-                                        [(v.name, [] if v.is_base else v.selection) for v in in_memory],
+            results = generate_variants(self.model, self.tokenizer, prompts, in_memory,
                                         max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                         stop_at_newline=self.stop_at_newline, progress=label if progress else False)
             outputs.update({name: result.texts for name, result in results.items()})

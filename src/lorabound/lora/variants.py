@@ -29,7 +29,9 @@ class Variant:
 
     @classmethod
     def at_boundary(cls, name: str, boundary: int | None) -> "Variant":
-        """LoRA kept on layers 0..boundary; None: the full adapter; below 0: the base model (no adapter at all)."""
+        """LoRA kept on layers 0..boundary; below 0: the base model (no adapter at all). `boundary` None is no
+        boundary (the full adapter, as when --boundary is left out); it is a boundary, not a selection: a Variant's
+        selection None is always the base model."""
         if boundary is None:
             return cls(name)
         return cls(name, Selection.prefix(boundary) if boundary >= 0 else None)
