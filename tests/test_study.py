@@ -230,6 +230,22 @@ def test_cli_refusal_is_one_line_and_exit_2(workspace, tmp_path, capsys):
 # Cells: order, identical reruns, resuming, failures, another grid
 # ---------------------------------------------------------------------------------------------
 
+def test_a_copied_study_folder_pools_with_its_cells_training_records(finished, tmp_path):
+    """Cells committed or copied elsewhere record an adapter path that no longer exists: the pooled report
+    reads the training record from the cell's own adapter folder, and nothing is run again."""
+    import shutil
+
+    out, grid, summary = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for record_file in copy.glob("cells/*/cell.json"):
+        record = json.loads(record_file.read_text())
+        record_file.write_text(json.dumps({**record, "adapter": str(tmp_path / "gone" / "adapter")}))
+    again = study(copy, grid, progress=False)
+    assert [c["training_run"]["steps"] for c in again["cells"]] == [6, 6]
+    assert again["pooled"] == summary["pooled"] and again["test_curve"] == summary["test_curve"]
+
+
 def test_study_writes_every_cell_and_the_report(finished):
     out, grid, summary = finished
     assert [c["id"] for c in summary["cells"]] == [c.id for c in grid.cells()] == ["base-places-short-s0",

@@ -142,6 +142,8 @@ def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> CellRow:
                                                                  seed)
         row["rules"][rule] = None if compared is None else {**compared, "test_set": test_set}
     train_file = Path(record.get("adapter") or cell_dir / "adapter") / "lorabound_train.json"
+    if not train_file.is_file():  # a study folder copied elsewhere (committed cells): the cell's own adapter folder
+        train_file = cell_dir / "adapter" / "lorabound_train.json"
     if train_file.is_file():
         info = json.loads(train_file.read_text())
         row["training_run"] = {k: info.get(k) for k in ("steps", "train_pairs", "train_loss_first", "train_loss_last",
