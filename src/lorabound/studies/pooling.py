@@ -132,7 +132,7 @@ def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> CellRow:
     row.update({"num_layers": num_layers, "boundary": b, "criterion": (report.get("search") or {}).get("criterion"),
                 "truncation": {k: (curves.get("truncation") or {}).get(k) for k in ("boundary", "mean_prob")},
                 "in_domain": compare_with_full(report, cell_dir / "run", b, top, grid.bootstrap, seed)})
-    test_set = f"{record['cell']['task']}|seed {seed}"  # cells of one task and seed share their test examples
+    test_set = test_set_of(record["cell"]["task"], seed)
     if row["in_domain"] is not None:
         row["in_domain"]["test_set"] = test_set
     row["test_curve"] = curve_on_test(report, top)
@@ -154,6 +154,11 @@ def summarise_cell(record: dict, cell_dir: Path, grid: Grid) -> CellRow:
         row["transfer"] = {"task": grid.transfer,
                            **(compare_with_full(evaluation, transfer_dir, b, top, grid.bootstrap, seed) or {})}
     return row
+
+
+def test_set_of(task: str, seed: int) -> str:
+    """The test set a cell is evaluated on: cells of one task and seed share their test examples."""
+    return f"{task}|seed {seed}"
 
 
 def curve_on_test(report: dict, top: int) -> list[dict]:
@@ -194,9 +199,10 @@ def pool_curve_on_test(rows: list[dict]) -> list[dict]:
         entry = {"share_kept": [low, high], "cells": len(cells),
                  "boundaries": sorted({p["boundary"] for _, points in cells for p in points})}
         for metric in TESTED:
-            values = [float(np.mean([p["diff"][metric] for p in points if metric in p["diff"]]))
-                      for _, points in cells if any(metric in p["diff"] for p in points)]
-            groups = [f"{r['task']}|seed {r['seed']}" for r, points in cells if any(metric in p["diff"] for p in points)]
+            measured = [(r, [p["diff"][metric] for p in points if metric in p["diff"]]) for r, points in cells]
+            measured = [(r, diffs) for r, diffs in measured if diffs]
+            values = [float(np.mean(diffs)) for _, diffs in measured]
+            groups = [test_set_of(r["task"], r["seed"]) for r, _ in measured]
             entry[metric] = pooled_interval(values, groups, None) if values else None
         pooled.append(entry)
     return pooled
