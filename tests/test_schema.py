@@ -115,7 +115,7 @@ def test_real_study_validates(study_folder):
 ADDED_SINCE_THE_COMMITTED_STUDIES = [
     ": 'rules' is a required property", ": 'test_curve' is a required property",
     *(f"pooled/{metric}: '{key}' is a required property" for metric in ("bleu", "rougeL")
-      for key in ("claim", "mdd", "se", "test_sets")),
+      for key in ("claim", "mdd", "se", "test_sets", "test_sets_for_effect")),
 ]
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from lorabound.decision.boundary import COMPARED, pick_for_goal
 from lorabound.metrics.stats import (COMBINED, EXACT_MAX, Paired, bleu_from_sums, bootstrap_differences, compare,
-                                     interval, power, sign_flip_test, smallest_p)
+                                     interval, power, sign_flip_test, smallest_p, units_needed)
 
 SIZES = (4, 8, 20, 40)
 
@@ -267,3 +268,23 @@ def test_the_real_outputs_differ_where_they_should(real_statistics):
     assert result["differing"] == 29 and result["n"] == 40
     assert result["ci_low"] < result["diff"] < result["ci_high"] and result["mdd"] > 1.15
     assert result["n_for_effect"] > 40  # 40 examples cannot detect the paper's gain here
+
+
+@pytest.mark.parametrize("spread, effect", [(1.2, 1.4), (2.0, 1.4), (0.9, 0.9)])
+def test_units_needed_gives_the_power_it_promises(spread, effect):
+    """A study pooled over k independent test sets: units_needed(se at k0 sets) test sets detect `effect` with
+    about 80% power (checked by simulating t tests on that many sets, 4,000 times), and one set fewer does not
+    reach it: the t quantiles' cost at few sets is counted, which a normal approximation would miss."""
+    k0 = 3
+    needed = units_needed(spread / math.sqrt(k0), k0, effect)
+    rng = np.random.default_rng(7)
+
+    def simulated_power(k: int) -> float:
+        draws = rng.normal(effect, spread, size=(4000, k))
+        t = draws.mean(axis=1) / (draws.std(axis=1, ddof=1) / math.sqrt(k))
+        return float(np.mean(np.abs(t) > scipy_stats.t.ppf(0.975, k - 1)))
+
+    assert 0.78 <= simulated_power(needed) <= 0.9
+    assert simulated_power(needed - 1) < 0.82
+    assert units_needed(0.0, k0, effect) is None and units_needed(spread, 1, effect) is None
+    assert units_needed(100.0, k0, 0.01) is None  # beyond the limit: no number rather than a made-up one

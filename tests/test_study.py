@@ -4,12 +4,14 @@ the report in a real browser, and one real-model cell."""
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from dataclasses import fields
 
 import numpy as np
 import pytest
+from scipy import stats
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -18,7 +20,7 @@ from lorabound import pipeline
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.options import DataOptions, GenerationOptions
-from lorabound.studies import Training, bootstrap_mean, grid_from_dict, holm, load_grid, pool, study
+from lorabound.studies import Training, bootstrap_mean, check_grid, grid_from_dict, holm, load_grid, pool, study
 from lorabound.studies import pooling, render
 from lorabound.rules import check_arguments
 
@@ -81,6 +83,20 @@ def test_grid_file_and_flags(tmp_path):
     assert grid.search_settings().criterion == "knee" and len(grid.cells()) == 16
 
 
+def test_a_task_can_have_its_own_seeds():
+    """seeds_by_task gives one task more seeds than the grid's `seeds` (e.g. WebNLG holds more disjoint test blocks
+    than E2E); the other tasks keep `seeds`, and the cells keep the order models > tasks > training > seeds."""
+    grid = grid_from_dict({"tasks": ["webnlg", "e2e"], "seeds": [0, 1], "seeds_by_task": {"webnlg": [0, 1, 2]},
+                           "training": [{"name": "t"}]})
+    assert [(c.task, c.seed) for c in grid.cells()] == [("webnlg", 0), ("webnlg", 1), ("webnlg", 2), ("e2e", 0),
+                                                        ("e2e", 1)]
+    assert grid.seeds_of("e2e") == [0, 1] and grid.seeds_of("webnlg") == [0, 1, 2]
+    # A table for a task the grid does not run is refused before any work (check_grid, like [data.TASK]).
+    stray = grid_from_dict({"tasks": ["e2e"], "seeds_by_task": {"webnlg": [4]}})
+    with pytest.raises(LoraboundError, match="seeds_by_task.webnlg names no task of the grid"):
+        check_grid(stray)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"modles": ["x"]}, "unknown key 'modles'"),
     ({"training": [{"name": "a"}], "epochs": [1]}, "both [[training]] tables and epochs/ranks"),
@@ -98,6 +114,9 @@ def test_grid_file_and_flags(tmp_path):
     ({"data": {"xsum": {"max_length": 5.5}}}, "max_length = 5.5 in [data.xsum] must be int"),
     ({"training": [{"name": "a", "epochs": "4"}]}, "epochs = '4' in [[training]] 'a' must be float"),
     ({"search": {"tolerance": "1"}}, "tolerance = '1' in [search] must be float"),
+    ({"seeds_by_task": [0, 1]}, "seeds_by_task must be a table of task = [seeds]"),
+    ({"seeds_by_task": {"e2e": [1, 1]}}, "seeds_by_task.e2e lists a value twice"),
+    ({"seeds_by_task": {"e2e": []}}, "seeds_by_task.e2e must be a non-empty list"),
 ])
 def test_grid_refusals(values, message):
     with pytest.raises(LoraboundError) as refused:
@@ -125,6 +144,7 @@ HOSTILE_GRIDS = [
     ({"epochs": [1.0, float("nan")]}, "epochs = nan in the grid"),
     ({"seeds": [0, -1]}, "seeds = -1 in the grid"),
     ({"seeds": [2**40]}, "seeds = 1099511627776 in the grid"),
+    ({"seeds_by_task": {"e2e": [0, -2]}}, "seeds = -2 in seeds_by_task.e2e"),
     ({"data": {"max_length": 10**12}}, "max_length = 1000000000000 in [data]"),
     ({"data": {"test_size": -1}}, "test_size = -1 in [data]"),
     ({"data": {"e2e": {"validation_size": 10**12}}}, "validation_size = 1000000000000 in [data.e2e]"),
@@ -431,15 +451,25 @@ def test_pool_on_made_up_cells():
     # by hand: the 4 cells' sample SD over sqrt(4), times t(3) = 3.182 (the bootstrap's SD, rescaled, within 3%)
     half = 3.182 * np.std([2.0, -3.0, 0.0, 0.5], ddof=1) / 2
     assert bleu["ci_high"] - bleu["mean_diff"] == pytest.approx(half, rel=0.03)
+    # The pool cannot detect the paper's 1.4 BLEU, so more test sets than its 4 would be needed, and at that many
+    # (the spread between test sets held) the detectable difference falls to 1.4: (t(.975) + t(.8)) x SD / sqrt(k).
+    needed = bleu["test_sets_for_effect"]
+    assert bleu["mdd"] > 1.4 and needed > 4
+    spread = np.std([2.0, -3.0, 0.0, 0.5], ddof=1)
+    detects = lambda k: (stats.t.ppf(0.975, k - 1) + stats.t.ppf(0.8, k - 1)) * spread / math.sqrt(k)
+    assert detects(needed) <= 1.4 * 1.03 and detects(needed - 1) > 1.4 * 0.97  # 3%: the bootstrap's SD
 
 
 def test_a_pool_where_nothing_was_dropped_judges_no_claim():
     """Cells that kept every layer have a difference of 0 by construction: an interval of +0 to +0 there is a
-    property of the rule, not evidence against the paper's gain."""
+    property of the rule, not evidence against the paper's gain, and "detects 0.00" would be false."""
     nothing = {"diff": 0.0, "p_value": 1.0, "source": "nothing dropped"}
     pooled = pool([{"share_dropped": 0.0, "test_set": str(i), "tests": {"bleu": nothing}} for i in range(5)])
-    assert pooled["bleu"]["ci_low"] == pooled["bleu"]["ci_high"] == 0.0
+    assert pooled["bleu"]["mean_diff"] == 0.0
+    assert pooled["bleu"]["ci_low"] is pooled["bleu"]["ci_high"] is pooled["bleu"]["mdd"] is None
     assert pooled["bleu"]["claim"].startswith("not judged: no cell dropped anything")
+    line = pooling.paper_line(pooled)
+    assert "detects" not in line and "CI" not in line and "not judged: no cell dropped anything" in line
 
 
 def test_bootstrap_over_cells_is_seeded_and_sane():
@@ -611,7 +641,7 @@ def test_paper_grid_parses_and_its_splits_fit_the_data():
 
 
 def test_powered_grid_has_independent_test_sets_of_the_sizes_it_asks():
-    """studies/powered.toml: 4 seeds x WebNLG / E2E, each seed's test block disjoint from the others', every cell
+    """studies/powered.toml: 7 WebNLG and 4 E2E seeds, each seed's test block disjoint from the others', every cell
     trained with early stopping; the test examples per task match the file's sizing comment."""
     import tomllib
     from pathlib import Path
@@ -619,11 +649,11 @@ def test_powered_grid_has_independent_test_sets_of_the_sizes_it_asks():
     path = Path(__file__).parent.parent / "studies" / "powered.toml"
     raw = tomllib.loads(path.read_text())
     grid = load_grid(path)
-    assert len(grid.cells()) == 8 and all(c.training.early_stopping == 1 for c in grid.cells())
-    assert [c.task for c in grid.cells()][:4] == ["webnlg"] * 4  # the better-powered task lands first
+    assert len(grid.cells()) == 11 and all(c.training.early_stopping == 1 for c in grid.cells())
+    assert [c.task for c in grid.cells()][:7] == ["webnlg"] * 7  # the better-powered task lands first
     for task in grid.tasks:
         tests = []
-        for seed in grid.seeds:
+        for seed in grid.seeds_of(task):
             _, splits = grid.data_options(task, seed).load()
             assert len(splits.test) == raw["data"][task]["test_size"]
             tests.append({e.input for e in splits.test})

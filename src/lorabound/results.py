@@ -420,6 +420,7 @@ class CurveInterval(TypedDict):
     ci_high: float | None
     se: float | None  # standard error of mean_diff, points
     mdd: float | None  # detectable mean difference (80% power), points
+    test_sets_for_effect: int | None  # independent test sets that would detect the paper's gain (80% power)
     claim: str | None  # None on the curve (no claim is judged per band)
 
 
@@ -444,6 +445,7 @@ class PooledMetric(TypedDict):
     ci_high: float | None
     se: float | None  # standard error of mean_diff (bootstrap over test sets, rescaled), points
     mdd: float | None  # detectable mean difference (80% power), points
+    test_sets_for_effect: int | None  # independent test sets that would detect the paper's gain (80% power)
     claim: str | None  # the paper's claim judged by the interval
     better: int  # cells significantly better after Holm's correction
     worse: int  # cells significantly worse

@@ -241,6 +241,29 @@ def examples_needed(se: float, n: int, effect: float, level: float = LEVEL, targ
 # One comparison
 # --------------------------------------------------------------------------------------------
 
+def units_needed(se: float, n: int, effect: float, level: float = LEVEL, target: float = POWER,
+                 limit: int = 100_000) -> int | None:
+    """The fewest independent units (test sets of a study) whose mean detects a true difference of `effect` with
+    `target` power at two-sided `level`, from the standard error `se` of the mean over n units: the spread between
+    units held fixed, t with (units - 1) degrees of freedom, so the cost of few units is counted (unlike
+    examples_needed's normal approximation). None without a spread, or beyond `limit` units."""
+    if not se or effect <= 0 or n < 2 or not math.isfinite(se):
+        return None
+    spread = se * math.sqrt(n)  # between units
+
+    def detects(units: int) -> bool:
+        factor = scipy_stats.t.ppf(1 - level / 2, units - 1) + scipy_stats.t.ppf(target, units - 1)
+        return factor * spread / math.sqrt(units) <= effect
+
+    if not detects(limit):
+        return None
+    low, high = 2, limit  # detects() only turns true as units grow: bisect for the first
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if detects(middle) else (middle + 1, high)
+    return low
+
+
 def differing(paired: Paired, metric: str) -> int:
     """How many examples' statistics differ between A and B (identical outputs have identical statistics)."""
     parts = [np.any(paired.stats[p][0] != paired.stats[p][1], axis=1) for p in PARTS[metric]]

@@ -49,6 +49,9 @@ class Grid:
     models: list[str] = field(default_factory=lambda: [DEFAULT_MODEL], metadata={"help": "model specs"})
     tasks: list[str] = field(default_factory=lambda: ["e2e"], metadata={"help": "built-in tasks or .jsonl/.csv files"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds (split, training, bootstrap)"})
+    seeds_by_task: dict = field(default_factory=dict, metadata={
+        "help": "a task's own seeds instead of `seeds` (a table: task = [seeds]); e.g. more seeds for a task whose "
+                "data holds more disjoint test blocks than another's"})
     training: list[Training] = field(default_factory=lambda: [Training("e1-r16")],
                                      metadata={"help": "training settings"})
     data: dict = field(default_factory=dict, metadata={
@@ -62,8 +65,12 @@ class Grid:
 
     def cells(self) -> list["Cell"]:
         """Every cell, in the fixed order models > tasks > training settings > seeds."""
-        return [Cell(m, t, tr, s) for m, t, tr, s in itertools.product(self.models, self.tasks, self.training,
-                                                                        self.seeds)]
+        return [Cell(m, t, tr, s) for m, t, tr in itertools.product(self.models, self.tasks, self.training)
+                for s in self.seeds_of(t)]
+
+    def seeds_of(self, task: str) -> list[int]:
+        """The seeds a task runs with: its own from `seeds_by_task`, else the grid's."""
+        return self.seeds_by_task.get(task_label(task), self.seeds)
 
     def data_options(self, task: str, seed: int) -> DataOptions:
         shared = {k: v for k, v in self.data.items() if not isinstance(v, dict)}
@@ -192,6 +199,11 @@ def grid_from_dict(values: dict) -> Grid:
     for key, kind in (("models", str), ("tasks", str), ("seeds", int)):
         if key in given:
             given[key] = _list_of(given[key], kind, key)
+    by_task = given.get("seeds_by_task", {})
+    if not isinstance(by_task, dict):
+        raise LoraboundError(f"seeds_by_task must be a table of task = [seeds], got {by_task!r}; for example "
+                             "[seeds_by_task] then webnlg = [0, 1, 2]")
+    given["seeds_by_task"] = {name: _list_of(seeds, int, f"seeds_by_task.{name}") for name, seeds in by_task.items()}
     for key, known in (("data", DATA_KEYS), ("generation", GENERATION_KEYS), ("search", SEARCH_KEYS)):
         table = given.get(key, {})
         if not isinstance(table, dict):
@@ -221,6 +233,9 @@ def check_grid_values(grid: Grid) -> None:
     for key in ("models", "tasks", "seeds"):
         for value in getattr(grid, key):
             check_settings({key: value}, where, GRID_RULES)
+    for task, seeds in grid.seeds_by_task.items():
+        for value in seeds:
+            check_settings({"seeds": value}, f"seeds_by_task.{task}", GRID_RULES)
     check_settings({"bootstrap": grid.bootstrap}, where)
     if grid.transfer is not None:
         check_settings({"transfer": grid.transfer}, where, GRID_RULES)
@@ -271,10 +286,16 @@ def check_grid(grid: Grid) -> dict[str, int]:
         if isinstance(grid.data[task], dict) and task not in {task_label(t) for t in grid.tasks + [grid.transfer or ""]}:
             raise LoraboundError(f"[data.{task}] names no task of the grid ({', '.join(grid.tasks)}); "
                                  "name a sub-table after a task")
+    for task in grid.seeds_by_task:
+        if task not in {task_label(t) for t in grid.tasks}:
+            raise LoraboundError(f"seeds_by_task.{task} names no task of the grid ({', '.join(grid.tasks)}); "
+                                 "name a task of `tasks`")
     layers = {model: model_num_layers(model) for model in grid.models}  # an unknown model is refused here
     grid.generation_options(), grid.search_settings()
-    tasks = grid.tasks + ([grid.transfer] if grid.transfer else [])
-    for task, seed in itertools.product(tasks, grid.seeds):
+    checks = [(task, seed) for task in grid.tasks for seed in grid.seeds_of(task)]
+    if grid.transfer:  # its test split is read with every cell's seed
+        checks += [(grid.transfer, seed) for seed in dict.fromkeys(cell.seed for cell in grid.cells())]
+    for task, seed in checks:
         options = grid.data_options(task, seed)
         _, splits = options.load()  # an unknown task, a bad file or sizes that do not fit are refused here
         for name in ("validation", "test") if task in grid.tasks else ("test",):

@@ -15,7 +15,7 @@ import numpy as np
 from ..generation.cache import BASE, FULL
 from ..metrics.scores import METRIC_LABELS, paired_test
 from ..decision.boundary import COMBINED, DEFAULT_MARGIN, pick_for_goal
-from ..metrics.stats import power, t_quantile
+from ..metrics.stats import power, t_quantile, units_needed
 from ..results import CellComparison, CellRow, Pooled, StudySummary
 from .grid import Grid, task_label
 
@@ -203,7 +203,7 @@ def pool_curve_on_test(rows: list[dict]) -> list[dict]:
             measured = [(r, diffs) for r, diffs in measured if diffs]
             values = [float(np.mean(diffs)) for _, diffs in measured]
             groups = [test_set_of(r["task"], r["seed"]) for r, _ in measured]
-            entry[metric] = pooled_interval(values, groups, None) if values else None
+            entry[metric] = pooled_interval(values, groups, None, size_for=PAPER.get(metric)) if values else None
         pooled.append(entry)
     return pooled
 
@@ -269,20 +269,24 @@ def bootstrap_mean(values: list[float], groups: list[str] | None = None, *, resa
     return float(data.mean()), float(data.mean() - half), float(data.mean() + half), se
 
 
-def pooled_interval(values: list[float], groups: list[str], effect: float | None) -> dict:
+def pooled_interval(values: list[float], groups: list[str], effect: float | None,
+                    size_for: float | None = None) -> dict:
     """The pooled mean of per-cell differences with its interval over independent test sets, what it could
-    detect (80% power, t with k - 1 degrees of freedom), and the paper's claim judged by it. Below
-    MIN_TEST_SETS test sets no interval is given: a bootstrap over one or two units has no width to speak of."""
+    detect (80% power, t with k - 1 degrees of freedom), the test sets that would detect `size_for` (default:
+    `effect`, the claimed gain judged by the interval) at this spread, and the claim judged. Below MIN_TEST_SETS
+    test sets no interval is given: a bootstrap over one or two units has no width to speak of."""
     mean, low, high, se = bootstrap_mean(values, groups)
     independent = len(set(groups))
+    size_for = effect if size_for is None else size_for
     if independent < MIN_TEST_SETS:
         return {"n": len(values), "test_sets": independent, "mean_diff": mean, "ci_low": None, "ci_high": None,
-                "se": None, "mdd": None,
+                "se": None, "mdd": None, "test_sets_for_effect": None,
                 "claim": None if effect is None else (f"not judged: {independent} independent test set(s), fewer "
                                                       f"than {MIN_TEST_SETS}; see each cell's own interval")}
     detect = power(se * math.sqrt((independent - 1) / independent), independent, effect or 1.0)
     return {"n": len(values), "test_sets": independent, "mean_diff": mean, "ci_low": low, "ci_high": high,
             "se": se, "mdd": detect["mdd"],
+            "test_sets_for_effect": None if size_for is None else units_needed(se, independent, size_for),
             "claim": None if effect is None else claim_verdict(low, high, effect)}
 
 
@@ -316,9 +320,11 @@ def pool(comparisons: list[dict], level: float = LEVEL) -> Pooled:
         better = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] > 0)
         worse = sum(1 for t, p in zip(tested, adjusted) if p < level and t["diff"] < 0)
         found = pooled_interval([t["diff"] for t in tests], groups, PAPER.get(metric))
-        if not tested and found["claim"] is not None:  # every difference is 0 by construction, not by measurement
-            found["claim"] = ("not judged: no cell dropped anything, so every pruned variant is the full adapter; "
-                              "see the test-side curve")
+        if not tested:  # every difference is 0 by construction, not by measurement: no interval, nothing detected
+            found.update(ci_low=None, ci_high=None, se=None, mdd=None, test_sets_for_effect=None)
+            found["claim"] = None if PAPER.get(metric) is None else (
+                "not judged: no cell dropped anything, so every pruned variant is the full adapter; see the "
+                "test-side curve")
         pooled[metric] = {**found, "better": better, "worse": worse, "not_different": len(tests) - better - worse,
                           "holm_family": len(tested), "holm_adjusted_p": adjusted}
     return pooled
@@ -339,9 +345,11 @@ def paper_line(pooled: dict) -> str:
         if p.get("ci_low") is None:
             parts.append(f"{METRIC_LABELS[metric]} {p['mean_diff']:+.2f} (paper: {PAPER[metric]:+.1f}: {p['claim']})")
             continue
+        needed = p.get("test_sets_for_effect")
+        sizing = f"; {PAPER[metric]:g} would need {needed:,} independent test sets" if needed else ""
         parts.append(f"{METRIC_LABELS[metric]} {p['mean_diff']:+.2f} (95% CI {p['ci_low']:+.2f} to {p['ci_high']:+.2f} "
-                     f"over {p['test_sets']} independent test sets; detects {p['mdd']:.2f} with 80% power; paper: "
-                     f"{PAPER[metric]:+.1f}: {p['claim']})")
+                     f"over {p['test_sets']} independent test sets; detects {p['mdd']:.2f} with 80% power{sizing}; "
+                     f"paper: {PAPER[metric]:+.1f}: {p['claim']})")
     return (f"Against the paper's claims (arXiv 2503.23360), pooled over {pooled['n_cells']} cells, pruned vs full "
             "adapter: " + "; ".join(parts) + ".")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..metrics.scores import METRIC_LABELS, format_p
 from ..runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .grid import task_label
-from .pooling import CELL_BOOTSTRAP, LEVEL, METRICS, TESTED
+from .pooling import CELL_BOOTSTRAP, LEVEL, METRICS, PAPER, TESTED
 
 
 def plot_overlay(rows: list[dict]) -> bytes | None:
@@ -115,6 +115,19 @@ def _transfer_text(row: dict) -> str:
     return f"{task_label(row['transfer']['task'])}: {_test_text(t)}" if t else "—"
 
 
+def _detectable(p: dict, metric: str) -> str:
+    """What a pooled comparison detects (80% power) and the test sets that would detect the paper's gain."""
+    if p.get("mdd") is None:
+        return "—"
+    needed = p.get("test_sets_for_effect")
+    effect = PAPER.get(metric)
+    if effect is None:
+        return _num(p["mdd"])
+    return _num(p["mdd"]) + (f"; {effect:g} needs {needed:,} test sets" if needed else
+                             f"; {effect:g}: no spread to size from" if not p.get("se") else
+                             f"; {effect:g}: beyond 100,000 test sets")
+
+
 POOLED_COLUMNS = ["Metric", "Cells (test sets)", "Mean Δ pruned − full", "95% CI (bootstrap over test sets)",
                   "Detectable (80% power)", "The paper's claim", "Better / not different / worse (Holm)"]
 
@@ -125,7 +138,7 @@ def _pooled_rows(pooled: dict) -> list[list[str]]:
         p = pooled.get(metric)
         if p:
             rows.append([METRIC_LABELS[metric], f"{p['n']} ({p['test_sets']})", _num(p["mean_diff"], sign=True),
-                         f"{_num(p['ci_low'], sign=True)} to {_num(p['ci_high'], sign=True)}", _num(p["mdd"]),
+                         f"{_num(p['ci_low'], sign=True)} to {_num(p['ci_high'], sign=True)}", _detectable(p, metric),
                          p.get("claim") or "—", f"{p['better']} / {p['not_different']} / {p['worse']}"])
     return rows
 
@@ -148,7 +161,7 @@ def _rule_rows(summary: dict) -> list[list[str]]:
             p = pooled.get(metric)
             cells += (["—", "—", "—"] if p is None else
                       [f"{_num(p['mean_diff'], sign=True)} ({_num(p['ci_low'], sign=True)} to "
-                       f"{_num(p['ci_high'], sign=True)})", _num(p["mdd"]), p.get("claim") or "—"])
+                       f"{_num(p['ci_high'], sign=True)})", _detectable(p, metric), p.get("claim") or "—"])
         rows.append(cells)
     return rows
 
@@ -172,7 +185,7 @@ def _curve_rows(summary: dict) -> list[list[str]]:
                       [f"{_num(p['mean_diff'], sign=True)}" + ("" if p["ci_low"] is None else
                                                                 f" ({_num(p['ci_low'], sign=True)} to "
                                                                 f"{_num(p['ci_high'], sign=True)})"),
-                       "—" if p["mdd"] is None else _num(p["mdd"])])
+                       _detectable(p, metric)])
         rows.append(cells)
     return rows
 
@@ -208,7 +221,9 @@ def _method_notes(summary: dict) -> list[str]:
         "share theirs, so they are resampled together; unless [data] disjoint_tests = true, seeds reshuffle one "
         "pool of examples, so the test sets of two seeds of a task can share examples, and the interval is then "
         "somewhat too narrow), scaled by sqrt(k / (k - 1)); the 95% interval is the mean +- t(k - 1) standard "
-        "errors, and detectable is the difference found with 80% power, (t(0.975) + t(0.8)) standard errors. "
+        "errors, and detectable is the difference found with 80% power, (t(0.975) + t(0.8)) standard errors; "
+        "'needs N test sets' is how many independent test sets, at the spread between these, would detect the "
+        "paper's gain (t with N - 1 degrees of freedom). "
         "With fewer than 3 test sets nothing is judged. The paper's claim is reproduced when the interval lies "
         "above 0 and holds the claimed gain, not reproduced when it lies below the claimed gain, inconclusive "
         "when it holds both.",
