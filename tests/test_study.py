@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 from dataclasses import fields
 
@@ -20,7 +21,7 @@ from lorabound import pipeline
 from lorabound.cli import main
 from lorabound.errors import LoraboundError
 from lorabound.options import DataOptions, GenerationOptions
-from lorabound.studies import Training, bootstrap_mean, check_grid, grid_from_dict, holm, load_grid, pool, study
+from lorabound.studies import Training, adopt_cells, bootstrap_mean, check_grid, grid_from_dict, holm, load_grid, pool, study
 from lorabound.studies import pooling, render
 from lorabound.rules import check_arguments
 
@@ -63,6 +64,31 @@ def finished(workspace):
 # ---------------------------------------------------------------------------------------------
 # The grid
 # ---------------------------------------------------------------------------------------------
+
+def test_adopted_cells_are_pooled_not_rerun(finished, tmp_path):
+    """adopt_cells: the cells of a finished study, copied into a new folder, pool to the original's numbers without
+    running again; copied for a grid with one more seed, they are kept while only the new seed's cell runs.
+    A cell of another grid, or a folder in use, is refused before anything is copied."""
+    out, grid, summary = finished
+    copied = adopt_cells(tmp_path / "same", grid, out)
+    assert copied == sorted(c.id for c in grid.cells())
+    again = study(tmp_path / "same", grid, progress=False)
+    assert again["pooled"] == summary["pooled"] and again["test_curve"] == summary["test_curve"]
+    assert {r["id"]: r["seconds"] for r in again["cells"]} == {r["id"]: r["seconds"] for r in summary["cells"]}
+    root = Path(grid.models[0]).parent
+    more = grid_from_dict(tiny_grid(root, transfer=grid.transfer, seeds=[0, 1, 2]))
+    adopt_cells(tmp_path / "more", more, out)
+    grown = study(tmp_path / "more", more, progress=False)
+    seconds = {r["id"]: r["seconds"] for r in grown["cells"]}
+    assert [r["status"] for r in grown["cells"]] == ["ok"] * 3 and "train" in seconds["base-places-short-s2"]
+    assert all(seconds[r["id"]] == r["seconds"] for r in summary["cells"])  # the adopted cells did not run again
+    other = grid_from_dict(tiny_grid(root, transfer=grid.transfer, seeds=[1]))
+    with pytest.raises(LoraboundError, match="not a cell of this grid"):
+        adopt_cells(tmp_path / "other", other, out)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(LoraboundError, match="is not empty"):
+        adopt_cells(tmp_path / "same", grid, out)
+
 
 def test_grid_file_and_flags(tmp_path):
     grid_file = tmp_path / "grid.toml"

@@ -8,7 +8,8 @@ training settings?
 - :mod:`.render`: the report: study.json, study.md and a self-contained study.html with the plots embedded;
 - :mod:`.runner`: :func:`study`, the command: each cell trains an adapter (or takes a given one), then
   `pipeline.run` into its own folder of one resumable study folder, in this process or as Ray tasks, whole or by
-  shard; then it pools the cells and writes the report.
+  shard; then it pools the cells and writes the report. :func:`adopt_cells` makes a new study folder of cells
+  copied from another (a committed study, or one of a grid with fewer cells).
 
 Each module imports only those before it in grid <- pooling <- render <- runner. The package is not named after
 the command: ``lorabound.study`` is the function of the curated API, which a submodule of that name would replace.
@@ -18,7 +19,7 @@ from .grid import Cell, Grid, Training, check_grid, grid_from_dict, load_grid, m
 from .pooling import (RULES, bootstrap_mean, build_summary, claim_verdict, compare_with_full, curve_on_test, holm,
                       paper_line, pool, pool_curve_on_test, pooled_interval, rule_decisions, summarise_cell)
 from .render import write_study_report
-from .runner import run_cell, study
+from .runner import adopt_cells, run_cell, study
 
 __all__ = [
     "Cell",
@@ -43,6 +44,7 @@ __all__ = [
     "rule_decisions",
     "summarise_cell",
     "write_study_report",
+    "adopt_cells",
     "run_cell",
     "study",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +33,8 @@ from ..lora.export import ADAPTER_WEIGHTS
 from ..options import ModelOptions
 from ..runtime import distributed
 from ..runtime.executors import ExecutorOptions, Shard, TaskFailure, run_local, run_ray
-from ..runtime.files import LOCK, check_not_input, holds_folder_locks, waiting_lock, write_json_atomic
+from ..runtime.files import (LOCK, check_not_input, holds_folder_locks, waiting_lock, write_json_atomic,
+                             write_marker)
 from ..runtime.folders import claim_shared_folder
 from .grid import Cell, Grid, check_grid, load_grid, task_label
 from .pooling import build_summary, summarise_cell
@@ -66,7 +68,7 @@ def study(out: str | Path, grid: Grid | str | Path | None = None, *, overwrite: 
     shard.check_fits(len(cells))
     given = [c.given_adapter() for c in cells]
     check_not_input(out, [*grid.models, *grid.tasks, grid.transfer, *given])
-    claim_shared_folder(out, GRID_MARKER, _grid_record(grid), overwrite)
+    claim_shared_folder(out, GRID_MARKER, grid_record(grid), overwrite)
     started = time.time()
     mine = shard.pick(cells)
     records = _execute(mine, grid, out, executor, device, retry_failed, progress)
@@ -117,9 +119,35 @@ def run_cell(cell: Cell, *, grid: Grid, out: Path, retry_failed: bool, progress:
         return _run_cell(cell, grid, folder, retry_failed, progress, device)
 
 
-def _grid_record(grid: Grid) -> dict:
+def grid_record(grid: Grid) -> dict:
     """What the study folder was made for (resuming needs the same); each cell's run checks its own inputs."""
     return {"grid": asdict(grid), "cells": [c.id for c in grid.cells()]}
+
+
+def adopt_cells(out: str | Path, grid: Grid | str | Path, cells_from: str | Path) -> list[str]:
+    """Copy the cell folders of another study folder (a committed study, or one made for a grid that had fewer
+    cells) into OUT and make OUT a study folder of `grid`, so that `study(out, grid)` runs only the cells not yet
+    finished, then pools them all. Returns the ids copied.
+
+    OUT must be new (or empty), and every copied cell a cell of `grid`: a cell of other settings would be pooled
+    as if it were this grid's. The cells' own run folders still check their inputs when a cell is resumed."""
+    out, source = Path(out), Path(cells_from) / "cells"
+    grid = grid if isinstance(grid, Grid) else load_grid(grid)
+    if not source.is_dir():
+        raise LoraboundError(f"{cells_from} has no cells/ folder; pass a study folder (e.g. studies/powered-2026-12-02)")
+    if out.exists() and any(out.iterdir()):
+        raise LoraboundError(f"--out {out} is not empty; adopt cells into a new folder")
+    ids = {cell.id for cell in grid.cells()}
+    found = sorted(p.name for p in source.iterdir() if p.is_dir())
+    stray = [name for name in found if name not in ids]
+    if stray:
+        raise LoraboundError(f"{source} holds cell {stray[0]}, which is not a cell of this grid; adopt it with the "
+                             "grid that made it")
+    for name in found:
+        shutil.copytree(source / name, out / "cells" / name, ignore=shutil.ignore_patterns(LOCK))
+    write_json_atomic(out / GRID_MARKER, grid_record(grid))
+    write_marker(out, finished=True)
+    return found
 
 
 def _run_cell(cell: Cell, grid: Grid, folder: Path, retry_failed: bool, progress: bool, device: str = "cpu") -> dict:
