@@ -117,6 +117,9 @@ def test_a_task_can_have_its_own_seeds():
     assert [(c.task, c.seed) for c in grid.cells()] == [("webnlg", 0), ("webnlg", 1), ("webnlg", 2), ("e2e", 0),
                                                         ("e2e", 1)]
     assert grid.seeds_of("e2e") == [0, 1] and grid.seeds_of("webnlg") == [0, 1, 2]
+    # --seeds on the command line is every task's: `--seeds 7` runs seed 7 only, not WebNLG's own list as well.
+    flags = load_grid(Path(__file__).parent.parent / "studies" / "powered.toml", seeds=[7])
+    assert {c.seed for c in flags.cells()} == {7} and flags.seeds_by_task == {}
     # A table for a task the grid does not run is refused before any work (check_grid, like [data.TASK]).
     stray = grid_from_dict({"tasks": ["e2e"], "seeds_by_task": {"webnlg": [4]}})
     with pytest.raises(LoraboundError, match="seeds_by_task.webnlg names no task of the grid"):

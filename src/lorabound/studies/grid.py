@@ -258,12 +258,14 @@ def load_grid(path: str | Path | None = None, **given) -> Grid:
 
     `given` takes the top-level keys (models, tasks, seeds, epochs, ranks, transfer, bootstrap), DataOptions
     fields (train_size, ...), GenerationOptions fields (max_new_tokens, ...) and search keys (criterion, ...).
-    epochs or ranks replace the file's [[training]] tables.
+    epochs or ranks replace the file's [[training]] tables, seeds its [seeds_by_task] table.
     """
     values = read_grid_file(path) if path is not None else {}
     given = {k: v for k, v in given.items() if v is not None}
     if {"epochs", "ranks"} & set(given):
         values.pop("training", None)
+    if "seeds" in given:  # seeds asked for on the command line are every task's
+        values.pop("seeds_by_task", None)
     for key, value in given.items():
         table = "data" if key in DATA_KEYS else "generation" if key in GENERATION_KEYS else \
             "search" if key in SEARCH_KEYS else None

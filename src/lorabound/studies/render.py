@@ -115,6 +115,13 @@ def _transfer_text(row: dict) -> str:
     return f"{task_label(row['transfer']['task'])}: {_test_text(t)}" if t else "—"
 
 
+def _with_interval(p: dict) -> str:
+    """The pooled mean difference and its interval; the mean alone where there is none (too few test sets, or
+    nothing dropped)."""
+    mean = _num(p["mean_diff"], sign=True)
+    return mean if p["ci_low"] is None else f"{mean} ({_num(p['ci_low'], sign=True)} to {_num(p['ci_high'], sign=True)})"
+
+
 def _detectable(p: dict, metric: str) -> str:
     """What a pooled comparison detects (80% power) and the test sets that would detect the paper's gain."""
     if p.get("mdd") is None:
@@ -160,8 +167,7 @@ def _rule_rows(summary: dict) -> list[list[str]]:
         for metric in TESTED:
             p = pooled.get(metric)
             cells += (["—", "—", "—"] if p is None else
-                      [f"{_num(p['mean_diff'], sign=True)} ({_num(p['ci_low'], sign=True)} to "
-                       f"{_num(p['ci_high'], sign=True)})", _detectable(p, metric), p.get("claim") or "—"])
+                      [_with_interval(p), _detectable(p, metric), p.get("claim") or "—"])
         rows.append(cells)
     return rows
 
@@ -182,10 +188,7 @@ def _curve_rows(summary: dict) -> list[list[str]]:
         for metric in TESTED:
             p = entry.get(metric)
             cells += (["—", "—"] if p is None else
-                      [f"{_num(p['mean_diff'], sign=True)}" + ("" if p["ci_low"] is None else
-                                                                f" ({_num(p['ci_low'], sign=True)} to "
-                                                                f"{_num(p['ci_high'], sign=True)})"),
-                       _detectable(p, metric)])
+                      [_with_interval(p), _detectable(p, metric)])
         rows.append(cells)
     return rows
 
