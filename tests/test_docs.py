@@ -76,3 +76,22 @@ def test_import_lorabound_is_light_and_its_api_resolves():
     assert lorabound.train.__module__ == "lorabound.pipeline" and lorabound.Selection.__name__ == "Selection"
     with pytest.raises(AttributeError):
         lorabound.no_such_name
+
+
+def test_the_readme_quotes_the_committed_powered_study():
+    """The README's answer in general is the committed pool's, figure for figure (the plain rule and the curve's
+    top band, as the README words them): rerunning the pool and forgetting the README fails here."""
+    import json
+
+    summary = json.loads((ROOT / "studies" / "powered-2026-12-02" / "study.json").read_text())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+
+    def quoted(p: dict) -> str:
+        return f"{p['mean_diff']:+.2f} ({p['ci_low']:+.2f} to {p['ci_high']:+.2f}; detects {p['mdd']:.2f})"
+
+    plain = summary["rules"]["plain"]["pooled"]
+    top = next(band for band in summary["test_curve"] if band["share_kept"] == [0.75, 1.0])
+    assert f"dropped {plain['share_dropped']:.1%} of LoRA" in readme
+    for figure in (quoted(plain["bleu"]), quoted(plain["rougeL"]), quoted(top["bleu"])):
+        assert figure in readme, figure
+    assert len(summary["cells"]) == 13 and "13 independent" in readme

@@ -257,3 +257,13 @@ def test_results_imports_nothing_from_lorabound_nor_torch():
     imported += [("." * node.level) + (node.module or "") for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom)]
     assert imported and not [m for m in imported if m.startswith((".", "lorabound", "torch"))]
+
+
+def test_the_powered_study_validates_in_full():
+    """studies/powered-2026-12-02, pooled by the current code: every field, the cells' report.json included."""
+    folder = ROOT / "studies" / "powered-2026-12-02"
+    summary = read(folder / "study.json")
+    assert errors(summary, "study") == []
+    assert len(summary["cells"]) == 13 and all(cell["status"] == "ok" for cell in summary["cells"])
+    for cell in summary["cells"]:
+        assert errors(read(folder / "cells" / cell["id"] / "run" / "report.json"), "report") == []
