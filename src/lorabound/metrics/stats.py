@@ -241,8 +241,11 @@ def examples_needed(se: float, n: int, effect: float, level: float = LEVEL, targ
 # One comparison
 # --------------------------------------------------------------------------------------------
 
+UNITS_LIMIT = 100_000  # units_needed answers None beyond this many units
+
+
 def units_needed(se: float, n: int, effect: float, level: float = LEVEL, target: float = POWER,
-                 limit: int = 100_000) -> int | None:
+                 limit: int = UNITS_LIMIT) -> int | None:
     """The fewest independent units (test sets of a study) whose mean detects a true difference of `effect` with
     `target` power at two-sided `level`, from the standard error `se` of the mean over n units: the spread between
     units held fixed, t with (units - 1) degrees of freedom, so the cost of few units is counted (unlike

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..metrics.scores import METRIC_LABELS, format_p
+from ..metrics.stats import UNITS_LIMIT
 from ..runtime.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .grid import task_label
 from .pooling import CELL_BOOTSTRAP, LEVEL, METRICS, PAPER, TESTED
@@ -132,7 +133,7 @@ def _detectable(p: dict, metric: str) -> str:
         return _num(p["mdd"])
     return _num(p["mdd"]) + (f"; {effect:g} needs {needed:,} test sets" if needed else
                              f"; {effect:g}: no spread to size from" if not p.get("se") else
-                             f"; {effect:g}: beyond 100,000 test sets")
+                             f"; {effect:g}: beyond {UNITS_LIMIT:,} test sets")
 
 
 POOLED_COLUMNS = ["Metric", "Cells (test sets)", "Mean Δ pruned − full", "95% CI (bootstrap over test sets)",
